@@ -1,0 +1,160 @@
+"""Configuration: the one typed home of every endpoint, path and limit.
+
+The launcher builds a :class:`HeraldConfig`, writes it as JSON next to the data
+and starts each role with ``--config FILE``; a role started by hand reads the
+same file (JSON or TOML), so the roles can run on different hosts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal
+
+import orjson
+
+from clients.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+
+DEFAULT_HOST: Final = "127.0.0.1"
+DEFAULT_PORT: Final = 5555
+DEFAULT_DATA_DIR: Final = "./herald-data"
+DEFAULT_FRONTENDS: Final = 2  # one per core on the reference 2-core machine
+DEFAULT_SENDERS: Final = 2
+# Group commit: a frontend writes whatever arrived while the last fsync ran,
+# up to this many messages per WriteBatch, which bounds one batch's latency.
+DEFAULT_MAX_BATCH_MESSAGES: Final = 20_000
+# ZeroMQ high-water marks. Internal PUSH sockets block (never drop) at the HWM,
+# so a slow peer applies back-pressure; PUB sockets drop at the HWM, which is
+# why the at-least-once path never relies on PUB alone (acks + redelivery).
+DEFAULT_SNDHWM: Final = 100_000
+DEFAULT_RCVHWM: Final = 100_000
+HEARTBEAT_INTERVAL_S: Final = 0.5
+HEARTBEAT_LIVENESS: Final = 6  # missed beats before a peer is presumed dead
+PEER_EXPIRY_S: Final = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
+METADATA_SYNC_TIMEOUT_S: Final = 2.0  # how long a change waits for frontends to apply it
+REQUEST_TIMEOUT_S: Final = 10.0
+
+Durability = Literal["fsync", "async"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class HeraldConfig:
+    """Every endpoint, path and limit of one Herald installation.
+
+    ``durability="fsync"`` (the default) acknowledges a publish only after the
+    write-ahead log is fsync'd; ``"async"`` acknowledges after the write reached
+    the operating system, which survives a process crash but not a power loss.
+    """
+
+    data_dir: str = DEFAULT_DATA_DIR
+    host: str = DEFAULT_HOST
+    client_endpoint: str = f"tcp://{DEFAULT_HOST}:{DEFAULT_PORT}"
+    live_endpoint: str = ""
+    live_intake_endpoint: str = ""
+    proxy_backend_endpoint: str = ""
+    metadata_rpc_endpoint: str = ""
+    metadata_events_endpoint: str = ""
+    frontend_control_endpoints: tuple[str, ...] = ()
+    sender_intake_endpoints: tuple[str, ...] = ()
+    sender_deliver_endpoints: tuple[str, ...] = ()
+    sender_ack_endpoints: tuple[str, ...] = ()
+    durability: Durability = "fsync"
+    max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
+    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
+    sndhwm: int = DEFAULT_SNDHWM
+    rcvhwm: int = DEFAULT_RCVHWM
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def frontends(self) -> int:
+        return len(self.frontend_control_endpoints)
+
+    @property
+    def senders(self) -> int:
+        return len(self.sender_intake_endpoints)
+
+    def validate(self) -> None:
+        """Check cross-field rules; raise ValueError naming both values."""
+        if self.durability not in ("fsync", "async"):
+            raise ValueError(f"durability = {self.durability!r}; must be 'fsync' or 'async'")
+        if self.frontends < 1:
+            raise ValueError("at least one frontend control endpoint is required")
+        if self.senders < 1:
+            raise ValueError("at least one sender is required")
+        lengths = {len(self.sender_intake_endpoints), len(self.sender_deliver_endpoints), len(self.sender_ack_endpoints)}
+        if len(lengths) != 1:
+            raise ValueError(
+                f"sender endpoint lists differ in length: intake {len(self.sender_intake_endpoints)}, "
+                f"deliver {len(self.sender_deliver_endpoints)}, ack {len(self.sender_ack_endpoints)}"
+            )
+        if self.max_payload_bytes <= 0:
+            raise ValueError(f"max_payload_bytes = {self.max_payload_bytes} must be positive")
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(dataclasses.asdict(self), option=orjson.OPT_INDENT_2)
+
+    @classmethod
+    def from_mapping(cls, raw: dict[str, Any]) -> HeraldConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        config = cls(**values)
+        config.validate()
+        return config
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> HeraldConfig:
+        """Read a config written by the launcher (JSON) or by a person (TOML)."""
+        data = Path(path).read_bytes()
+        raw = tomllib.loads(data.decode()) if str(path).endswith(".toml") else orjson.loads(data)
+        return cls.from_mapping(raw)
+
+
+def free_tcp_endpoint(host: str = DEFAULT_HOST) -> str:
+    """An endpoint on a port the kernel reports free right now.
+
+    Ports are chosen once by the launcher and kept across child restarts, so
+    clients and peers find a restarted process where it was.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind((host, 0))
+        port = probe.getsockname()[1]
+    return f"tcp://{host}:{port}"
+
+
+def build_local_config(
+    *, data_dir: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, frontends: int = DEFAULT_FRONTENDS, senders: int = DEFAULT_SENDERS, **overrides: Any
+) -> HeraldConfig:
+    """A config for the whole system on one machine, internal ports picked free.
+
+    ``port=0`` picks a free client port too (tests use it).
+    """
+    client = free_tcp_endpoint(host) if port == 0 else f"tcp://{host}:{port}"
+    config = HeraldConfig(
+        data_dir=data_dir,
+        host=host,
+        client_endpoint=client,
+        live_endpoint=free_tcp_endpoint(host),
+        live_intake_endpoint=free_tcp_endpoint(host),
+        proxy_backend_endpoint=free_tcp_endpoint(host),
+        metadata_rpc_endpoint=free_tcp_endpoint(host),
+        metadata_events_endpoint=free_tcp_endpoint(host),
+        frontend_control_endpoints=tuple(free_tcp_endpoint(host) for _ in range(frontends)),
+        sender_intake_endpoints=tuple(free_tcp_endpoint(host) for _ in range(senders)),
+        sender_deliver_endpoints=tuple(free_tcp_endpoint(host) for _ in range(senders)),
+        sender_ack_endpoints=tuple(free_tcp_endpoint(host) for _ in range(senders)),
+        **overrides,
+    )
+    config.validate()
+    return config
+
+
+def bind_endpoint(endpoint: str) -> str:
+    """The address to bind for an endpoint that clients connect to (same for tcp)."""
+    return endpoint

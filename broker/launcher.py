@@ -1,0 +1,296 @@
+"""``herald up``: run and supervise the whole system on one machine.
+
+Starts metadata, the senders, the frontends and the proxy as child processes
+(``python -m ROLE``, so ``ps`` shows which is which), waits until each printed
+its ready line and a PING answers through the proxy, prints
+``herald ready on tcp://HOST:PORT``, restarts a child that dies (with
+exponential backoff, giving up on a crash loop), and on SIGINT/SIGTERM stops
+the children in order: the proxy first so no new request arrives, then the
+frontends (they commit and acknowledge what they accepted), the senders, and
+metadata last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any, Final
+
+import orjson
+import zmq
+
+from broker.config import DEFAULT_DATA_DIR, DEFAULT_FRONTENDS, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SENDERS, HeraldConfig, build_local_config
+from broker.runtime import READY_PREFIX, configure_logging
+from clients.protocol import Command, HeraldError, decode, encode, split_envelope
+
+log = logging.getLogger("herald.launcher")
+
+CHILD_READY_TIMEOUT_S: Final = 30.0
+STOP_GRACE_S: Final = 10.0  # SIGTERM, then SIGKILL after this long
+RESTART_BACKOFF_MIN_S: Final = 0.2
+RESTART_BACKOFF_MAX_S: Final = 10.0
+HEALTHY_AFTER_S: Final = 30.0  # a child up this long has its backoff reset
+CRASH_LOOP_RESTARTS: Final = 20  # restarts within CRASH_LOOP_WINDOW_S that mean "give up"
+CRASH_LOOP_WINDOW_S: Final = 120.0
+SUPERVISE_INTERVAL_S: Final = 0.1
+RUNTIME_CONFIG_NAME: Final = "herald-runtime.json"
+STATUS_FILE_NAME: Final = "herald-status.json"
+LOCK_FILE_NAME: Final = "LOCK"
+PROJECT_ROOT: Final = str(Path(__file__).resolve().parent.parent)
+
+
+@dataclass
+class Child:
+    """One supervised role process."""
+
+    name: str
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    started_at: float = 0.0
+    restarts: int = 0
+    restart_times: list[float] = field(default_factory=list)
+    next_start: float = 0.0
+    backoff_s: float = RESTART_BACKOFF_MIN_S
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class DataDirInUse(Exception):
+    """Another launcher holds the data folder's lock."""
+
+
+class Launcher:
+    """Starts, watches and stops the children of one Herald installation."""
+
+    def __init__(self, config: HeraldConfig) -> None:
+        self.config = config
+        self.data_dir = Path(config.data_dir)
+        self.config_path = self.data_dir / RUNTIME_CONFIG_NAME
+        self.children: list[Child] = []
+        self.stopping = False
+        self.gave_up: str | None = None
+        self.started_at = time.time()
+        self._lock_file: IO[bytes] | None = None
+
+    def lock_data_dir(self) -> None:
+        """Take an exclusive lock so a second launcher cannot share the folder."""
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(self.data_dir / LOCK_FILE_NAME, "wb")  # noqa: SIM115 - held for the launcher's life
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.close()
+            raise DataDirInUse(f"data folder {self.data_dir} is in use by another herald; stop it or pick another --data-dir") from None
+        lock.write(str(os.getpid()).encode())
+        lock.flush()
+        self._lock_file = lock
+
+    def plan(self) -> None:
+        self.config_path.write_bytes(self.config.to_json())
+        (self.data_dir / "FRONTENDS").write_text(str(self.config.frontends))
+        config = ["--config", str(self.config_path)]
+        self.children = [Child("metadata", ["-m", "metadata", *config])]
+        self.children += [Child(f"sender-{i}", ["-m", "sender", *config, "--index", str(i)]) for i in range(self.config.senders)]
+        self.children += [Child(f"frontend-{i}", ["-m", "frontend", *config, "--index", str(i)]) for i in range(self.config.frontends)]
+        self.children.append(Child("proxy", ["-m", "broker", *config]))
+
+    def _spawn(self, child: Child) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = PROJECT_ROOT + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else PROJECT_ROOT
+        child.ready.clear()
+        child.process = subprocess.Popen(
+            [sys.executable, *child.args],
+            stdout=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,  # a Ctrl-C reaches the launcher, which stops children in order
+        )
+        child.started_at = time.monotonic()
+        threading.Thread(target=self._watch_stdout, args=(child, child.process), daemon=True).start()
+        log.info("started %s (pid %d)", child.name, child.process.pid)
+
+    @staticmethod
+    def _watch_stdout(child: Child, process: subprocess.Popen[bytes]) -> None:
+        assert process.stdout is not None  # noqa: S101 - we created the pipe ourselves
+        for line in process.stdout:
+            if line.startswith(READY_PREFIX.encode()):
+                child.ready.set()
+
+    def start_all(self) -> None:
+        for child in self.children:
+            self._spawn(child)
+            if not child.ready.wait(CHILD_READY_TIMEOUT_S):
+                raise RuntimeError(f"{child.name} did not print its ready line within {CHILD_READY_TIMEOUT_S} s (exit code {child.process.poll() if child.process else None})")
+        self.wait_answering(CHILD_READY_TIMEOUT_S)
+
+    def wait_answering(self, timeout_s: float) -> None:
+        """Poll PING through the proxy until a frontend answers, or raise."""
+        deadline = time.monotonic() + timeout_s
+        context: zmq.Context[Any] = zmq.Context()
+        try:
+            attempt = 0
+            while time.monotonic() < deadline:
+                attempt += 1
+                sock = context.socket(zmq.DEALER)
+                sock.setsockopt(zmq.LINGER, 0)
+                sock.connect(self.config.client_endpoint)
+                sock.send_multipart([b"", *encode(Command.PING, attempt.to_bytes(4, "big"))])
+                if sock.poll(500):
+                    _, body = split_envelope(sock.recv_multipart())
+                    sock.close()
+                    if decode(body).command is Command.OK:
+                        return
+                sock.close()
+            raise RuntimeError(f"no frontend answered PING through {self.config.client_endpoint} within {timeout_s} s")
+        finally:
+            context.term()
+
+    def supervise_once(self) -> None:
+        now = time.monotonic()
+        for child in self.children:
+            process = child.process
+            if process is None:
+                if now >= child.next_start:
+                    self._spawn(child)
+                continue
+            code = process.poll()
+            if code is None:
+                if now - child.started_at > HEALTHY_AFTER_S:
+                    child.backoff_s = RESTART_BACKOFF_MIN_S
+                continue
+            child.restart_times = [t for t in child.restart_times if now - t < CRASH_LOOP_WINDOW_S]
+            if len(child.restart_times) >= CRASH_LOOP_RESTARTS:
+                self.gave_up = f"{child.name} crashed {len(child.restart_times)} times in {CRASH_LOOP_WINDOW_S:.0f} s (last exit code {code}); giving up"
+                log.error(self.gave_up)
+                self.stopping = True
+                return
+            child.restarts += 1
+            child.restart_times.append(now)
+            child.process = None
+            child.next_start = now + child.backoff_s
+            log.warning("%s exited with code %s; restarting in %.1f s", child.name, code, child.backoff_s)
+            child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+
+    def write_status(self) -> None:
+        status = {
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "client_endpoint": self.config.client_endpoint,
+            "children": [
+                {
+                    "name": child.name,
+                    "pid": child.process.pid if child.process else None,
+                    "running": child.process is not None and child.process.poll() is None,
+                    "uptime_s": round(time.monotonic() - child.started_at, 1) if child.process else 0.0,
+                    "restarts": child.restarts,
+                }
+                for child in self.children
+            ],
+        }
+        tmp = self.data_dir / (STATUS_FILE_NAME + ".tmp")
+        tmp.write_bytes(orjson.dumps(status, option=orjson.OPT_INDENT_2))
+        tmp.replace(self.data_dir / STATUS_FILE_NAME)
+
+    def stop_all(self) -> None:
+        """Stop children in the reverse of start order: proxy, frontends, senders, metadata."""
+        for child in reversed(self.children):
+            process = child.process
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(STOP_GRACE_S)
+            except subprocess.TimeoutExpired:
+                log.warning("%s did not stop within %.0f s; killing it", child.name, STOP_GRACE_S)
+                process.kill()
+                process.wait()
+            log.info("stopped %s (exit code %s)", child.name, process.returncode)
+
+    def run(self) -> int:
+        def on_signal(signum: int, _frame: Any) -> None:
+            log.info("received %s; stopping", signal.Signals(signum).name)
+            self.stopping = True
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        self.lock_data_dir()
+        self.plan()
+        try:
+            self.start_all()
+            print(f"herald ready on {self.config.client_endpoint}", flush=True)
+            last_status = 0.0
+            while not self.stopping:
+                self.supervise_once()
+                now = time.monotonic()
+                if now - last_status > 1.0:
+                    self.write_status()
+                    last_status = now
+                time.sleep(SUPERVISE_INTERVAL_S)
+        finally:
+            self.stop_all()
+            self.write_status()
+        if self.gave_up:
+            print(f"herald stopped: {self.gave_up}", file=sys.stderr, flush=True)
+            return 1
+        return 0
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="herald up", description="Run the whole Herald system on this machine.")
+    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR})")
+    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"client port (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--frontends", type=int, default=DEFAULT_FRONTENDS, help=f"frontend processes (default {DEFAULT_FRONTENDS})")
+    parser.add_argument("--senders", type=int, default=DEFAULT_SENDERS, help=f"sender processes (default {DEFAULT_SENDERS})")
+    parser.add_argument(
+        "--durability",
+        choices=["fsync", "async"],
+        default="fsync",
+        help="fsync: acknowledge after the WAL is fsync'd (default); async: after the OS has it (survives a process crash, not a power loss)",
+    )
+    parser.add_argument("--config", help="a TOML config file; flags given here override it")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging("launcher")
+    data_dir = str(Path(args.data_dir).resolve())
+    shard_count_file = Path(data_dir) / "FRONTENDS"
+    if shard_count_file.exists() and int(shard_count_file.read_text().strip() or 0) != args.frontends:
+        # Topics are placed by crc32(name) % frontends: changing the count would strand stored messages.
+        print(
+            f"error: {data_dir} was created with {shard_count_file.read_text().strip()} frontends; "
+            f"--frontends {args.frontends} would strand its messages. Use the same count.",
+            file=sys.stderr,
+        )
+        return 2
+    overrides: dict[str, Any] = {}
+    if args.config:
+        file_config = HeraldConfig.load(args.config)
+        overrides = {"max_payload_bytes": file_config.max_payload_bytes, "max_batch_messages": file_config.max_batch_messages}
+    config = build_local_config(
+        data_dir=data_dir, host=args.host, port=args.port, frontends=args.frontends, senders=args.senders, durability=args.durability, **overrides
+    )
+    launcher = Launcher(config)
+    try:
+        code = launcher.run()
+    except DataDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except (RuntimeError, HeraldError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

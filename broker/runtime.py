@@ -1,0 +1,159 @@
+"""Shared plumbing of the server roles: sockets, readiness, signals, caches.
+
+Every role runs one single-threaded poll loop: it waits on all its sockets at
+once, then drains each ready socket with NOBLOCK until it is empty, so the
+Python cost is paid per burst rather than per message.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeVar
+
+import zmq
+
+READY_PREFIX: Final = "READY"
+DRAIN_BURST: Final = 5000  # messages taken from one socket before others get a turn
+
+K = TypeVar("K")
+V = TypeVar("V")
+
+log = logging.getLogger("herald")
+
+
+def configure_logging(role: str) -> None:
+    """Log lines to stderr with the role and pid, level from HERALD_LOG_LEVEL."""
+    level = os.environ.get("HERALD_LOG_LEVEL", "INFO").upper()
+    logging.basicConfig(
+        level=getattr(logging, level, logging.INFO),
+        stream=sys.stderr,
+        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
+    )
+
+
+def make_socket(
+    context: zmq.Context[Any],
+    kind: int,
+    *,
+    bind: str | None = None,
+    connect: str | list[str] | tuple[str, ...] | None = None,
+    sndhwm: int = 100_000,
+    rcvhwm: int = 100_000,
+    linger_ms: int = 0,
+    subscribe: bytes | None = None,
+    identity: bytes | None = None,
+) -> zmq.Socket[Any]:
+    """Create a socket with options set before bind and connect, in one place.
+
+    Linger defaults to 0: a dying process must not hang on unsent messages,
+    since everything that matters is either in RocksDB or will be retried.
+    """
+    sock = context.socket(kind)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.setsockopt(zmq.LINGER, linger_ms)
+    if identity is not None:
+        sock.setsockopt(zmq.IDENTITY, identity)
+    if kind == zmq.SUB:
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe if subscribe is not None else b"")
+    if bind:
+        sock.bind(bind)
+    if connect:
+        for endpoint in [connect] if isinstance(connect, str) else connect:
+            sock.connect(endpoint)
+    return sock
+
+
+def drain(sock: zmq.Socket[Any], limit: int = DRAIN_BURST) -> Iterator[list[bytes]]:
+    """Yield the multipart messages already queued on ``sock``, without waiting."""
+    for _ in range(limit):
+        try:
+            yield sock.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return
+
+
+def announce_ready(role: str, **details: Any) -> None:
+    """Print the ready line the launcher and test fixtures wait for."""
+    fields = " ".join(f"{key}={value}" for key, value in details.items())
+    print(f"{READY_PREFIX} {role} pid={os.getpid()} {fields}".rstrip(), flush=True)
+
+
+class StopFlag:
+    """Set by SIGTERM or SIGINT; the poll loop checks it between bursts."""
+
+    def __init__(self) -> None:
+        self.stopping = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        log.info("received %s, stopping", signal.Signals(signum).name)
+        self.stopping = True
+
+
+class LRUCache(Generic[K, V]):
+    """A bounded mapping that forgets the least recently used entry first."""
+
+    def __init__(self, capacity: int) -> None:
+        if capacity < 1:
+            raise ValueError(f"LRU capacity = {capacity} must be at least 1")
+        self.capacity = capacity
+        self._entries: OrderedDict[K, V] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+        self.evictions = 0
+
+    def get(self, key: K) -> V | None:
+        try:
+            value = self._entries[key]
+        except KeyError:
+            self.misses += 1
+            return None
+        self._entries.move_to_end(key)
+        self.hits += 1
+        return value
+
+    def put(self, key: K, value: V) -> None:
+        self._entries[key] = value
+        self._entries.move_to_end(key)
+        if len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+            self.evictions += 1
+
+    def discard(self, key: K) -> None:
+        self._entries.pop(key, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def statistics(self) -> dict[str, int]:
+        return {"size": len(self._entries), "hits": self.hits, "misses": self.misses, "evictions": self.evictions}
+
+
+@dataclass
+class Timer:
+    """A periodic action run from the poll loop when its interval has passed."""
+
+    interval_s: float
+    action: Callable[[], None]
+    due: float = 0.0
+
+    def run_if_due(self, now: float) -> None:
+        if now >= self.due:
+            self.due = now + self.interval_s
+            self.action()
+
+
+def monotonic() -> float:
+    return time.monotonic()

@@ -1,0 +1,582 @@
+"""The Herald wire protocol: the one place that knows how frames are laid out.
+
+Every Herald process and the client library import this module; no call site
+builds frames by hand. docs/protocol.md is the prose version of this file.
+
+A Herald message is a ZeroMQ multipart message::
+
+    [SIGNATURE, command, request_id, header, *payloads]
+
+- ``SIGNATURE`` is ``b"HRLD1"``: the protocol name and version in one frame.
+- ``command`` is an ASCII verb (``b"PUBLISH"``) or, in replies, ``b"OK"`` /
+  ``b"ERROR"``.
+- ``request_id`` is 1-64 opaque bytes chosen by the requester and echoed in the
+  reply, so many requests can be in flight on one DEALER socket. Unsolicited
+  messages (deliveries, events) carry an empty request id.
+- ``header`` is a JSON object (orjson-encoded) with the command's fields.
+- ``payloads`` are raw bytes, one frame per message body, never inside JSON.
+
+Requests through the proxy are preceded by an empty delimiter frame (a REQ
+socket adds it by itself; a DEALER client sends it explicitly), and messages on
+PUB sockets are preceded by a topic frame that SUB sockets filter on.
+"""
+
+from __future__ import annotations
+
+import enum
+import re
+import zlib
+from dataclasses import dataclass, field
+from typing import Any, Final, NamedTuple
+
+import orjson
+
+SIGNATURE: Final = b"HRLD1"
+PROTOCOL_VERSION: Final = 1
+SERVER_VERSION: Final = "0.1.0"
+
+MAX_REQUEST_ID_BYTES: Final = 64
+MAX_NAME_BYTES: Final = 255
+DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024  # 1 MiB, the usual broker default
+MAX_HEADER_BYTES: Final = 4 * 1024 * 1024  # a batch header of ~10k messages fits
+MAX_BATCH_MESSAGES: Final = 10_000  # bounds one request's memory and fsync size
+MAX_ATTRIBUTES: Final = 64
+MAX_ATTRIBUTE_BYTES: Final = 1024
+MAX_MESSAGE_ID_BYTES: Final = 128
+LIVE_TOPIC_TERMINATOR: Final = b"\x00"
+
+# Names: printable, no spaces or control characters; dots, dashes, underscores
+# and slashes allowed so families of topics ("orders.eu") can share a prefix.
+_NAME_PATTERN: Final = re.compile(r"[A-Za-z0-9._\-/:@]+")
+
+
+class Command(bytes, enum.Enum):
+    """Every command verb on the wire. Replies use OK and ERROR."""
+
+    # client -> frontend (through the proxy)
+    INFO = b"INFO"
+    PING = b"PING"
+    TOPIC_CREATE = b"TOPIC_CREATE"
+    TOPIC_DELETE = b"TOPIC_DELETE"
+    TOPIC_LIST = b"TOPIC_LIST"
+    TOPIC_DESCRIBE = b"TOPIC_DESCRIBE"
+    PUBLISH = b"PUBLISH"
+    SUB_CREATE = b"SUB_CREATE"
+    SUB_DELETE = b"SUB_DELETE"
+    SUB_LIST = b"SUB_LIST"
+    SUB_DESCRIBE = b"SUB_DESCRIBE"
+    STATUS = b"STATUS"
+    # replies
+    OK = b"OK"
+    ERROR = b"ERROR"
+    # consumer -> sender (PUSH to the sender's ack endpoint)
+    ATTACH = b"ATTACH"
+    DETACH = b"DETACH"
+    ACK = b"ACK"
+    NACK = b"NACK"
+    # sender -> consumer (PUB, topic frame = consumer id + NUL)
+    WELCOME = b"WELCOME"
+    DELIVER = b"DELIVER"
+    ACK_REPLY = b"ACK_REPLY"
+    # live feed (PUB, topic frame = topic name + NUL)
+    MESSAGE = b"MESSAGE"
+    # internal: frontend <-> metadata
+    REGISTER = b"REGISTER"
+    LOOKUP_TOPIC = b"LOOKUP_TOPIC"
+    EVENT = b"EVENT"
+    EVENT_ACK = b"EVENT_ACK"
+    # internal: frontend -> sender, sender -> frontend
+    DISPATCH = b"DISPATCH"
+    CREDIT = b"CREDIT"
+    COMPLETE = b"COMPLETE"
+    ATTEMPTED = b"ATTEMPTED"
+    DEAD = b"DEAD"
+    # internal: frontend -> frontend (publish forwarded to the topic's shard)
+    FORWARD = b"FORWARD"
+
+
+_COMMANDS_BY_VALUE: Final = {c.value: c for c in Command}
+
+CLIENT_COMMANDS: Final = frozenset(
+    {
+        Command.INFO,
+        Command.PING,
+        Command.TOPIC_CREATE,
+        Command.TOPIC_DELETE,
+        Command.TOPIC_LIST,
+        Command.TOPIC_DESCRIBE,
+        Command.PUBLISH,
+        Command.SUB_CREATE,
+        Command.SUB_DELETE,
+        Command.SUB_LIST,
+        Command.SUB_DESCRIBE,
+        Command.STATUS,
+    }
+)
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class ErrorSpec(NamedTuple):
+    """One row of the error catalog: stable name, unique number, retriable, text."""
+
+    name: str
+    number: int
+    retriable: bool
+    description: str
+
+
+# The catalog is data: exceptions and the table in docs/protocol.md derive
+# from it, and tests reject duplicate names or numbers. Never renumber.
+ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
+    ErrorSpec("malformed", 400, False, "the message does not have the frames the protocol requires"),
+    ErrorSpec("unsupported_version", 401, False, "the signature frame names a protocol version this server does not speak"),
+    ErrorSpec("unknown_command", 402, False, "the command frame is not a command this endpoint accepts"),
+    ErrorSpec("invalid_header", 403, False, "the header frame is not a JSON object or a field has the wrong type"),
+    ErrorSpec("invalid_name", 404, False, "a topic or subscription name is empty, too long or has forbidden characters"),
+    ErrorSpec("invalid_setting", 405, False, "a topic or subscription setting is unknown or out of range"),
+    ErrorSpec("payload_too_large", 406, False, "a payload exceeds the configured maximum"),
+    ErrorSpec("batch_too_large", 407, False, "a publish carries more messages than allowed in one request"),
+    ErrorSpec("topic_not_found", 410, False, "the topic does not exist"),
+    ErrorSpec("topic_exists", 411, False, "a topic with this name already exists"),
+    ErrorSpec("subscription_not_found", 412, False, "the subscription does not exist"),
+    ErrorSpec("subscription_exists", 413, False, "a subscription with this name already exists with other settings"),
+    ErrorSpec("unknown_delivery", 414, False, "an ack or nack names a delivery this sender does not know"),
+    ErrorSpec("unauthenticated", 420, False, "the request carries no valid credential"),
+    ErrorSpec("forbidden", 421, False, "the credential may not do this"),
+    ErrorSpec("rate_limited", 429, True, "the client sends faster than its limit allows"),
+    ErrorSpec("internal", 500, True, "the server failed while handling the request"),
+    ErrorSpec("unavailable", 503, True, "a process the request needs is not answering; retry later"),
+    ErrorSpec("storage_failed", 507, True, "the store refused the write (disk full or not writable); nothing was acknowledged"),
+    ErrorSpec("timeout", 504, True, "no reply arrived before the deadline (raised by clients, never sent)"),
+)
+
+ERRORS_BY_NAME: Final = {spec.name: spec for spec in ERROR_CATALOG}
+
+
+class HeraldError(Exception):
+    """An error reply from Herald, or a client-side failure with a catalog code.
+
+    Attributes:
+        code: the stable error name, e.g. ``"topic_not_found"``.
+        number: the stable error number from the catalog, e.g. ``410``.
+        retriable: whether the same request may succeed if sent again later.
+        details: extra fields from the error header.
+    """
+
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
+        spec = ERRORS_BY_NAME.get(code, ERRORS_BY_NAME["internal"])
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.number = spec.number
+        self.retriable = spec.retriable
+        self.message = message
+        self.details = details or {}
+
+    def to_header(self) -> dict[str, Any]:
+        """The header of the ERROR reply that carries this error."""
+        return {
+            "code": self.code,
+            "number": self.number,
+            "retriable": self.retriable,
+            "message": self.message,
+            **({"details": self.details} if self.details else {}),
+        }
+
+    @classmethod
+    def from_header(cls, header: dict[str, Any]) -> HeraldError:
+        """Rebuild the error carried by an ERROR reply's header."""
+        code = header.get("code")
+        message = header.get("message")
+        details = header.get("details")
+        return cls(
+            code if isinstance(code, str) else "internal",
+            message if isinstance(message, str) else "error reply without a message",
+            details if isinstance(details, dict) else None,
+        )
+
+
+class ProtocolError(HeraldError):
+    """Raised by :func:`decode` and the validators when a peer breaks the protocol."""
+
+
+# --------------------------------------------------------------------------- codec
+
+
+class Frames(NamedTuple):
+    """A decoded Herald message (without envelope or PUB topic frame)."""
+
+    command: Command
+    request_id: bytes
+    header: dict[str, Any]
+    payloads: list[bytes]
+
+
+def encode(
+    command: Command,
+    request_id: bytes = b"",
+    header: dict[str, Any] | None = None,
+    payloads: list[bytes] | tuple[bytes, ...] = (),
+) -> list[bytes]:
+    """Build the frames of one Herald message.
+
+    Args:
+        command: the verb.
+        request_id: echoed by the peer in its reply; empty for unsolicited messages.
+        header: the JSON header fields.
+        payloads: raw payload frames.
+
+    Returns:
+        The frames, ready for ``send_multipart``.
+    """
+    return [SIGNATURE, command.value, request_id, orjson.dumps(header or {}), *payloads]
+
+
+def encode_ok(request_id: bytes, header: dict[str, Any] | None = None, payloads: list[bytes] | tuple[bytes, ...] = ()) -> list[bytes]:
+    """An OK reply to the request ``request_id``."""
+    return encode(Command.OK, request_id, header, payloads)
+
+
+def encode_error(request_id: bytes, error: HeraldError) -> list[bytes]:
+    """An ERROR reply carrying ``error``."""
+    return encode(Command.ERROR, request_id, error.to_header())
+
+
+def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Frames:
+    """Parse and check the fixed part of a Herald message.
+
+    Validation runs in a fixed order: frame count, signature, command, request
+    id, header. The request id is recovered as early as possible so that an
+    error reply can still be matched by the peer.
+
+    Raises:
+        ProtocolError: with a catalog code naming the first thing wrong.
+    """
+    if len(frames) < 4:
+        raise ProtocolError("malformed", f"message has {len(frames)} frames; at least 4 are required (signature, command, request id, header)")
+    signature, raw_command, request_id, raw_header = frames[0], frames[1], frames[2], frames[3]
+    if signature != SIGNATURE:
+        if signature[:4] == SIGNATURE[:4]:
+            raise ProtocolError("unsupported_version", f"protocol {signature[4:]!r} is not supported; this server speaks {SIGNATURE!r}")
+        raise ProtocolError("malformed", f"first frame must be the signature {SIGNATURE!r}, got {signature[:16]!r}")
+    if len(request_id) > MAX_REQUEST_ID_BYTES:
+        raise ProtocolError("malformed", f"request id of {len(request_id)} bytes exceeds {MAX_REQUEST_ID_BYTES} bytes")
+    command = _COMMANDS_BY_VALUE.get(raw_command)
+    if command is None:
+        raise ProtocolError("unknown_command", f"unknown command {raw_command[:32]!r}")
+    if len(raw_header) > max_header_bytes:
+        raise ProtocolError("invalid_header", f"header of {len(raw_header)} bytes exceeds {max_header_bytes} bytes")
+    try:
+        header = orjson.loads(raw_header) if raw_header else {}
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError("invalid_header", f"header is not valid JSON: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("invalid_header", f"header must be a JSON object, got {type(header).__name__}")
+    return Frames(command, request_id, header, frames[4:])
+
+
+def request_id_of(frames: list[bytes]) -> bytes:
+    """The request id of a possibly broken message, or b"" when there is none usable."""
+    if len(frames) >= 3 and len(frames[2]) <= MAX_REQUEST_ID_BYTES:
+        return frames[2]
+    return b""
+
+
+def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+    """Split routing frames (up to and including the empty delimiter) from the body.
+
+    A message without a delimiter keeps its first frame (the routing identity
+    the proxy added) as envelope, so an error can still be routed back.
+    """
+    for index, frame in enumerate(frames):
+        if not frame:
+            return frames[: index + 1], frames[index + 1 :]
+    return frames[:1] + [b""], frames[1:]
+
+
+def live_topic_frame(topic: str) -> bytes:
+    """The first frame of a live-feed message: the topic name and one NUL byte."""
+    return topic.encode() + LIVE_TOPIC_TERMINATOR
+
+
+def consumer_topic_frame(consumer_id: str) -> bytes:
+    """The first frame of a message a sender directs at one consumer."""
+    return consumer_id.encode() + LIVE_TOPIC_TERMINATOR
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def check_name(value: Any, what: str = "name") -> str:
+    """Return ``value`` if it is a valid topic or subscription name.
+
+    Raises:
+        ProtocolError: ``invalid_name`` with the value and the rule it breaks.
+    """
+    if not isinstance(value, str):
+        raise ProtocolError("invalid_name", f"{what} must be a string, got {type(value).__name__}")
+    if not value:
+        raise ProtocolError("invalid_name", f"{what} must not be empty")
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > MAX_NAME_BYTES:
+        raise ProtocolError("invalid_name", f"{what} of {size} bytes exceeds {MAX_NAME_BYTES} bytes")
+    if not _NAME_PATTERN.fullmatch(value):
+        raise ProtocolError(
+            "invalid_name",
+            f"{what} {value[:64]!r} may only contain letters, digits and . _ - / : @ (no spaces or control characters)",
+        )
+    return value
+
+
+def get_field(header: dict[str, Any], key: str, kind: type | tuple[type, ...], *, required: bool = True, default: Any = None) -> Any:
+    """Read a typed header field, raising ``invalid_header`` when it is missing or mistyped."""
+    if key not in header or header[key] is None:
+        if required:
+            raise ProtocolError("invalid_header", f"header field {key!r} is required")
+        return default
+    value = header[key]
+    # bool is an int in Python; a JSON true is never a valid number here.
+    if isinstance(value, bool) and kind is not bool and (kind is int or kind is float or (isinstance(kind, tuple) and bool not in kind)):
+        raise ProtocolError("invalid_header", f"header field {key!r} must be {_kind_name(kind)}, got bool")
+    if not isinstance(value, kind):
+        raise ProtocolError("invalid_header", f"header field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def check_attributes(value: Any) -> dict[str, str]:
+    """Return message attributes if they are a small dict of strings."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ProtocolError("invalid_header", f"attributes must be an object of strings, got {type(value).__name__}")
+    if len(value) > MAX_ATTRIBUTES:
+        raise ProtocolError("invalid_header", f"{len(value)} attributes exceed the limit of {MAX_ATTRIBUTES}")
+    for key, item in value.items():
+        if not isinstance(item, str):
+            raise ProtocolError("invalid_header", f"attribute {key[:64]!r} must be a string, got {type(item).__name__}")
+        if len(key) + len(item) > MAX_ATTRIBUTE_BYTES:
+            raise ProtocolError("invalid_header", f"attribute {key[:64]!r} is longer than {MAX_ATTRIBUTE_BYTES} bytes")
+    return value
+
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True, slots=True)
+class SettingSpec:
+    """One topic or subscription setting: type, default, bounds, meaning."""
+
+    kind: type | tuple[type, ...]
+    default: Any
+    minimum: float | None = None
+    maximum: float | None = None
+    description: str = ""
+
+
+DEFAULT_RETENTION_S: Final = 7 * 24 * 3600.0  # a week: long enough to ride out a weekend outage
+DEFAULT_DEDUP_WINDOW_S: Final = 600.0  # ten minutes covers any sane client retry loop
+
+TOPIC_SETTINGS: Final[dict[str, SettingSpec]] = {
+    "retention": SettingSpec((int, float), DEFAULT_RETENTION_S, 1.0, 10 * 365 * 86400.0, "seconds an unacknowledged message is kept"),
+    "dedup_window": SettingSpec((int, float), DEFAULT_DEDUP_WINDOW_S, 0.0, 7 * 86400.0, "seconds a client-given message id is remembered"),
+    "max_payload": SettingSpec(int, DEFAULT_MAX_PAYLOAD_BYTES, 0, 64 * 1024 * 1024, "largest payload accepted, in bytes"),
+}
+
+DEFAULT_ACK_DEADLINE_S: Final = 30.0
+DEFAULT_MAX_ATTEMPTS: Final = 5  # a poison message must not loop forever
+DEFAULT_BACKOFF_MIN_S: Final = 1.0
+DEFAULT_BACKOFF_MAX_S: Final = 60.0
+DEFAULT_MAX_UNACKED: Final = 1000
+
+SUBSCRIPTION_SETTINGS: Final[dict[str, SettingSpec]] = {
+    "ack_deadline": SettingSpec((int, float), DEFAULT_ACK_DEADLINE_S, 0.01, 86400.0, "seconds before an unacknowledged delivery is redelivered"),
+    "max_attempts": SettingSpec(int, DEFAULT_MAX_ATTEMPTS, 1, 1000, "deliveries before a message goes to the dead-letter topic"),
+    "backoff_min": SettingSpec((int, float), DEFAULT_BACKOFF_MIN_S, 0.0, 3600.0, "first redelivery delay, seconds"),
+    "backoff_max": SettingSpec((int, float), DEFAULT_BACKOFF_MAX_S, 0.0, 86400.0, "largest redelivery delay, seconds"),
+    "max_unacked": SettingSpec(int, DEFAULT_MAX_UNACKED, 1, 100_000, "unacknowledged deliveries one consumer may hold"),
+    "dead_letter_topic": SettingSpec(str, None, description="topic for messages that exhaust max_attempts; default '<subscription>.dead'"),
+    "filter": SettingSpec(dict, None, description="attribute values a message must carry to be delivered"),
+}
+
+
+def check_settings(raw: Any, specs: dict[str, SettingSpec], what: str) -> dict[str, Any]:
+    """Validate settings against their specs and fill in defaults.
+
+    Raises:
+        ProtocolError: ``invalid_setting`` naming the setting, the value and the rule.
+    """
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ProtocolError("invalid_setting", f"{what} settings must be an object, got {type(raw).__name__}")
+    unknown = sorted(set(raw) - set(specs))
+    if unknown:
+        raise ProtocolError("invalid_setting", f"unknown {what} setting {unknown[0]!r}; known: {', '.join(sorted(specs))}")
+    settings: dict[str, Any] = {}
+    for key, spec in specs.items():
+        value = raw.get(key, spec.default)
+        if value is None:
+            settings[key] = None
+            continue
+        if isinstance(value, bool) or not isinstance(value, spec.kind):
+            raise ProtocolError("invalid_setting", f"{what} setting {key!r} must be {_kind_name(spec.kind)}, got {value!r}")
+        if spec.minimum is not None and value < spec.minimum:
+            raise ProtocolError("invalid_setting", f"{what} setting {key!r} = {value} is below the minimum {spec.minimum}")
+        if spec.maximum is not None and value > spec.maximum:
+            raise ProtocolError("invalid_setting", f"{what} setting {key!r} = {value} exceeds the maximum {spec.maximum}")
+        settings[key] = value
+    return settings
+
+
+def check_subscription_settings(raw: Any) -> dict[str, Any]:
+    """Subscription settings with cross-field rules checked."""
+    settings = check_settings(raw, SUBSCRIPTION_SETTINGS, "subscription")
+    if settings["backoff_min"] > settings["backoff_max"]:
+        raise ProtocolError(
+            "invalid_setting",
+            f"backoff_min = {settings['backoff_min']} must not exceed backoff_max = {settings['backoff_max']}",
+        )
+    if settings["dead_letter_topic"] is not None:
+        check_name(settings["dead_letter_topic"], "dead_letter_topic")
+    if settings["filter"] is not None:
+        for key, item in settings["filter"].items():
+            if not isinstance(item, str):
+                raise ProtocolError("invalid_setting", f"filter value for {key!r} must be a string, got {item!r}")
+    return settings
+
+
+def dead_letter_topic_of(subscription: str, settings: dict[str, Any]) -> str:
+    """The dead-letter topic of a subscription: its setting, or '<name>.dead'."""
+    configured = settings.get("dead_letter_topic")
+    return configured if isinstance(configured, str) else f"{subscription}.dead"
+
+
+def matches_filter(attributes: dict[str, str], subscription_filter: dict[str, str] | None) -> bool:
+    """Whether a message with ``attributes`` passes a subscription's filter."""
+    if not subscription_filter:
+        return True
+    return all(attributes.get(key) == value for key, value in subscription_filter.items())
+
+
+def shard_of(name: str, count: int) -> int:
+    """The owner index of a topic (frontend shard) or subscription (sender).
+
+    crc32 is stable across processes and languages, unlike Python's hash().
+    """
+    return zlib.crc32(name.encode()) % count if count > 0 else 0
+
+
+@dataclass(slots=True)
+class PublishItem:
+    """One message of a publish request, as the frontend validated it."""
+
+    message_id: str | None
+    attributes: dict[str, str]
+    payload: bytes
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, str | None]], request_id: bytes) -> list[bytes]:
+    """Frames of a PUBLISH request for ``items`` of (payload, attributes, message id)."""
+    messages: list[dict[str, Any]] = []
+    payloads: list[bytes] = []
+    for payload, attributes, message_id in items:
+        entry: dict[str, Any] = {}
+        if message_id is not None:
+            entry["id"] = message_id
+        if attributes:
+            entry["attributes"] = attributes
+        messages.append(entry)
+        payloads.append(payload)
+    return encode(Command.PUBLISH, request_id, {"topic": topic, "messages": messages}, payloads)
+
+
+def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishItem]]:
+    """Validate a PUBLISH request: topic name, one header entry per payload, sizes.
+
+    Raises:
+        ProtocolError: the first problem found, with the offending index.
+    """
+    topic = check_name(get_field(frames.header, "topic", str), "topic")
+    messages = frames.header.get("messages")
+    payloads = frames.payloads
+    if messages is None:
+        messages = [{}] * len(payloads)
+    if not isinstance(messages, list):
+        raise ProtocolError("invalid_header", f"header field 'messages' must be a list, got {type(messages).__name__}")
+    if not payloads:
+        raise ProtocolError("malformed", "PUBLISH carries no payload frame; send one frame per message (an empty frame is an empty payload)")
+    if len(messages) != len(payloads):
+        raise ProtocolError("malformed", f"PUBLISH header lists {len(messages)} messages but {len(payloads)} payload frames follow")
+    if len(payloads) > MAX_BATCH_MESSAGES:
+        raise ProtocolError("batch_too_large", f"{len(payloads)} messages in one PUBLISH exceed {MAX_BATCH_MESSAGES}; split the batch")
+    items: list[PublishItem] = []
+    for index, (entry, payload) in enumerate(zip(messages, payloads, strict=True)):
+        if len(payload) > max_payload:
+            raise ProtocolError(
+                "payload_too_large",
+                f"payload {index} of {len(payload)} bytes exceeds max_payload of {max_payload} bytes",
+                {"index": index, "size": len(payload), "limit": max_payload},
+            )
+        if not isinstance(entry, dict):
+            raise ProtocolError("invalid_header", f"messages[{index}] must be an object, got {type(entry).__name__}")
+        message_id = entry.get("id")
+        if message_id is not None:
+            if not isinstance(message_id, str) or not message_id:
+                raise ProtocolError("invalid_header", f"messages[{index}].id must be a non-empty string")
+            if len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+                raise ProtocolError("invalid_header", f"messages[{index}].id exceeds {MAX_MESSAGE_ID_BYTES} bytes")
+        items.append(PublishItem(message_id, check_attributes(entry.get("attributes")), payload))
+    return topic, items
+
+
+# --------------------------------------------------------------------------- consumers
+
+# A consumer re-sends ATTACH every CONSUMER_HEARTBEAT_S; a sender that hears
+# nothing from it for CONSUMER_EXPIRY_S hands its unacknowledged messages to
+# the subscription's other consumers.
+CONSUMER_HEARTBEAT_S: Final = 1.0
+CONSUMER_LIVENESS: Final = 5
+CONSUMER_EXPIRY_S: Final = CONSUMER_HEARTBEAT_S * CONSUMER_LIVENESS
+# Until its first WELCOME arrives, a consumer re-sends ATTACH this often: the
+# SUB socket's subscription may not have reached the sender yet (slow joiner).
+ATTACH_RETRY_S: Final = 0.1
+
+ACK_OK: Final = "ok"
+ACK_STALE: Final = "stale"
+ACK_UNKNOWN: Final = "unknown"
+
+
+def delivery_ref(shard: int, seq: int) -> str:
+    """The handle a consumer acknowledges a delivery by: '<shard>.<seq>'."""
+    return f"{shard}.{seq}"
+
+
+def parse_delivery_ref(ref: Any) -> tuple[int, int]:
+    """(shard, seq) of a delivery ref, or ProtocolError ``invalid_header``."""
+    if isinstance(ref, str):
+        shard, dot, seq = ref.partition(".")
+        if dot and shard.isdigit() and seq.isdigit():
+            return int(shard), int(seq)
+    raise ProtocolError("invalid_header", f"delivery ref {str(ref)[:40]!r} is not '<shard>.<seq>'")
+
+
+def encode_attach(subscription: str, consumer: str, *, ready: bool, request_id: bytes = b"", max_unacked: int | None = None) -> list[bytes]:
+    """ATTACH (also the consumer heartbeat), sent on the consumer's PUSH socket."""
+    header: dict[str, Any] = {"subscription": subscription, "consumer": consumer, "ready": ready}
+    if max_unacked is not None:
+        header["max_unacked"] = max_unacked
+    return encode(Command.ATTACH, request_id, header)
+
+
+def encode_acks(command: Command, subscription: str, consumer: str, refs: list[tuple[str, int]], request_id: bytes = b"") -> list[bytes]:
+    """ACK or NACK of (ref, attempt) pairs; a non-empty request id asks for an ACK_REPLY."""
+    key = "acks" if command is Command.ACK else "nacks"
+    return encode(command, request_id, {"subscription": subscription, "consumer": consumer, key: [[ref, attempt] for ref, attempt in refs]})

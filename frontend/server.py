@@ -1,0 +1,711 @@
+"""The frontend role: validate, de-duplicate, persist, acknowledge, dispatch.
+
+One frontend owns one RocksDB shard. A client publish is stored by the shard
+that owns its topic (``shard_of(topic, frontends)``): a frontend that receives
+a publish for another shard forwards it, and the owner replies through the
+proxy directly. Keeping a topic in one shard makes the de-duplication window
+exact (a retried publish lands where the first one did) and keeps per-topic
+order.
+
+Each pass of the poll loop drains every ready socket, validates what arrived,
+writes all accepted messages in one WriteBatch with one fsync (group commit),
+then replies to every publisher of the batch and dispatches to the senders.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import zmq
+
+from broker.config import HEARTBEAT_INTERVAL_S, PEER_EXPIRY_S, HeraldConfig
+from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from clients.protocol import (
+    CLIENT_COMMANDS,
+    PROTOCOL_VERSION,
+    SERVER_VERSION,
+    Command,
+    Frames,
+    HeraldError,
+    ProtocolError,
+    PublishItem,
+    decode,
+    decode_publish,
+    encode,
+    encode_error,
+    encode_ok,
+    live_topic_frame,
+    matches_filter,
+    request_id_of,
+    shard_of,
+    split_envelope,
+)
+from frontend.store import DedupEntry, ShardStore, StorageError, StoredMessage
+from metadata.server import EVENTS_TOPIC
+
+log = logging.getLogger("herald.frontend")
+
+TOPIC_CACHE_ENTRIES: Final = 100_000
+METADATA_CALL_TIMEOUT_S: Final = 5.0
+RETENTION_SWEEP_INTERVAL_S: Final = 1.0
+DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
+_ADMIN_COMMANDS: Final = frozenset(
+    {
+        Command.TOPIC_CREATE,
+        Command.TOPIC_DELETE,
+        Command.TOPIC_LIST,
+        Command.TOPIC_DESCRIBE,
+        Command.SUB_CREATE,
+        Command.SUB_DELETE,
+        Command.SUB_LIST,
+        Command.SUB_DESCRIBE,
+    }
+)
+
+
+@dataclass
+class PendingPublish:
+    """An accepted publish waiting for the group commit that makes it durable."""
+
+    envelope: list[bytes]
+    request_id: bytes
+    message_ids: list[str]
+    duplicate: list[bool]
+
+
+@dataclass
+class SubscriptionCursor:
+    """Dispatch state of one subscription in this shard (memory only).
+
+    ``outstanding`` holds seqs handed to the sender and not yet settled; the
+    sender's credit bounds it, so the rest of a backlog stays on disk.
+    ``scanned_to`` is the highest seq already handed out or skipped, and
+    ``backlog`` says whether entries after it may be waiting on disk.
+    """
+
+    sub_id: int
+    sender: int
+    window: int = 0
+    outstanding: set[int] = field(default_factory=set)
+    scanned_to: int = 0
+    backlog: bool = True
+
+    @property
+    def free(self) -> int:
+        return self.window - len(self.outstanding)
+
+    def reset(self) -> None:
+        self.outstanding.clear()
+        self.scanned_to = 0
+        self.backlog = True
+
+
+@dataclass
+class SenderPeer:
+    epoch: int = 0
+    last_seen: float = 0.0
+
+
+@dataclass
+class MetadataCall:
+    on_reply: Callable[[Frames], None]
+    on_failure: Callable[[HeraldError], None]
+    deadline: float
+
+
+class FrontendServer:
+    """The frontend role's poll loop and handlers."""
+
+    def __init__(self, config: HeraldConfig, index: int) -> None:
+        if not 0 <= index < config.frontends:
+            raise ValueError(f"frontend index {index} is outside 0..{config.frontends - 1}")
+        self.config = config
+        self.index = index
+        self.epoch = secrets.randbits(63)
+        self.store = ShardStore(Path(config.data_dir) / f"shard-{index}", sync=config.durability == "fsync")
+        self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
+        self.context: zmq.Context[Any] = zmq.Context()
+        hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
+        self.backend = make_socket(self.context, zmq.DEALER, connect=config.proxy_backend_endpoint, **hwm)
+        self.control = make_socket(self.context, zmq.PULL, bind=config.frontend_control_endpoints[index], **hwm)
+        self.peers = {
+            i: make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm)
+            for i, endpoint in enumerate(config.frontend_control_endpoints)
+            if i != index
+        }
+        self.senders = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.sender_intake_endpoints]
+        self.meta_rpc = make_socket(self.context, zmq.DEALER, connect=config.metadata_rpc_endpoint, **hwm)
+        self.meta_events = make_socket(self.context, zmq.SUB, connect=config.metadata_events_endpoint, subscribe=EVENTS_TOPIC)
+        self.live = make_socket(self.context, zmq.PUB, connect=config.live_intake_endpoint, **hwm)
+        self.stop = StopFlag()
+        self.meta_version = 0
+        self.meta_calls: dict[bytes, MetadataCall] = {}
+        self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
+        self.next_call_id = 0
+        self.batch_messages: list[StoredMessage] = []
+        self.batch_dedup: list[DedupEntry] = []
+        self.batch_replies: list[PendingPublish] = []
+        self.batch_ids: dict[tuple[str, str], str] = {}
+        self.cursors: dict[int, SubscriptionCursor] = {}
+        self.sender_peers = [SenderPeer() for _ in config.sender_intake_endpoints]
+        self.counters: dict[str, int] = {
+            "requests": 0,
+            "errors": 0,
+            "published": 0,
+            "duplicates": 0,
+            "forwarded": 0,
+            "dispatched": 0,
+            "completed": 0,
+            "dead_lettered": 0,
+            "commits": 0,
+            "storage_failures": 0,
+        }
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        self._send_to_metadata(Command.REGISTER, {"frontend": self.index, "version": self.meta_version})
+        announce_ready("frontend", index=self.index, shard=self.store.last_seq, control=self.config.frontend_control_endpoints[self.index])
+        timers = [
+            Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
+            Timer(RETENTION_SWEEP_INTERVAL_S, self._sweep_retention),
+        ]
+        poller = zmq.Poller()
+        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events):
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while not self.stop.stopping:
+                ready = dict(poller.poll(timeout=50))
+                if self.meta_events in ready:
+                    for frames in drain(self.meta_events):
+                        self._on_metadata_event(frames)
+                if self.meta_rpc in ready:
+                    for frames in drain(self.meta_rpc):
+                        self._on_metadata_reply(frames)
+                if self.control in ready:
+                    for frames in drain(self.control):
+                        self._on_control(frames)
+                if self.backend in ready:
+                    for frames in drain(self.backend, self.config.max_batch_messages):
+                        self._on_client_request(frames)
+                self._commit_batch()
+                self._dispatch_backlogs()
+                now = time.monotonic()
+                for timer in timers:
+                    timer.run_if_due(now)
+                self._expire_metadata_calls(now)
+        finally:
+            self._shutdown()
+
+    def _shutdown(self) -> None:
+        # Drain: whatever was accepted is committed and acknowledged; requests
+        # still waiting for metadata are refused cleanly.
+        self._commit_batch()
+        for call in list(self.meta_calls.values()):
+            call.on_failure(HeraldError("unavailable", "frontend is shutting down; retry"))
+        self.meta_calls.clear()
+        self._commit_batch()
+        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live, *self.senders, *self.peers.values()):
+            sock.close(linger=200)
+        self.context.term()
+        self.store.close()
+        log.info("stopped")
+
+    def _heartbeat(self) -> None:
+        self._send_to_metadata(Command.EVENT_ACK, {"frontend": self.index, "version": self.meta_version})
+        cutoff = time.monotonic() - PEER_EXPIRY_S
+        for sender_index, peer in enumerate(self.sender_peers):
+            if peer.epoch and peer.last_seen < cutoff:
+                log.warning("sender %d stopped answering; its deliveries will be handed out again", sender_index)
+                peer.epoch = 0
+                for cursor in self.cursors.values():
+                    if cursor.sender == sender_index:
+                        cursor.reset()
+                        cursor.window = 0
+
+    def _sweep_retention(self) -> None:
+        try:
+            removed = self.store.expire(int(time.time() * 1000))
+        except StorageError as exc:
+            log.error("retention sweep failed: %s", exc)
+            return
+        if removed:
+            log.info("retention removed %d expired messages", removed)
+            for cursor in self.cursors.values():
+                cursor.backlog = True
+
+    # ------------------------------------------------------------------ client requests
+
+    def _reply(self, envelope: list[bytes], frames: list[bytes]) -> None:
+        self.backend.send_multipart(envelope + frames)
+
+    def _reply_error(self, envelope: list[bytes], request_id: bytes, error: HeraldError) -> None:
+        self.counters["errors"] += 1
+        self._reply(envelope, encode_error(request_id, error))
+
+    def _on_client_request(self, raw: list[bytes]) -> None:
+        envelope, body = split_envelope(raw)
+        self.counters["requests"] += 1
+        try:
+            frames = decode(body)
+            if frames.command not in CLIENT_COMMANDS:
+                raise ProtocolError("unknown_command", f"{frames.command.name} is not a client command; see docs/protocol.md")
+            self._handle_client_frames(envelope, body, frames)
+        except HeraldError as error:
+            self._reply_error(envelope, request_id_of(body), error)
+        except Exception as exc:
+            log.exception("internal error")
+            self._reply_error(envelope, request_id_of(body), HeraldError("internal", f"{type(exc).__name__}: {exc}"))
+
+    def _handle_client_frames(self, envelope: list[bytes], body: list[bytes], frames: Frames) -> None:
+        match frames.command:
+            case Command.PUBLISH:
+                self._on_publish(envelope, body, frames)
+            case Command.PING:
+                self._reply(envelope, encode_ok(frames.request_id, {"frontend": self.index}))
+            case Command.INFO:
+                self._reply(envelope, encode_ok(frames.request_id, self._info()))
+            case Command.STATUS:
+                self._reply(envelope, encode_ok(frames.request_id, self.statistics()))
+            case command if command in _ADMIN_COMMANDS:
+                self._relay_to_metadata(envelope, frames)
+            case _:
+                raise ProtocolError("unknown_command", f"unknown command {frames.command.name}")
+
+    def _info(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "version": SERVER_VERSION,
+            "protocol": PROTOCOL_VERSION,
+            "frontend": self.index,
+            "frontends": config.frontends,
+            "durability": config.durability,
+            "max_payload": config.max_payload_bytes,
+            "endpoints": {
+                "requests": config.client_endpoint,
+                "live": config.live_endpoint,
+                "senders": [{"deliver": d, "ack": a} for d, a in zip(config.sender_deliver_endpoints, config.sender_ack_endpoints, strict=True)],
+            },
+            "live": config.live_endpoint,
+        }
+
+    def statistics(self) -> dict[str, Any]:
+        """A snapshot of this frontend's counters."""
+        return {
+            "frontend": self.index,
+            "pid": os.getpid(),
+            "last_seq": self.store.last_seq,
+            "meta_version": self.meta_version,
+            "topic_cache": self.topics.statistics(),
+            "subscriptions_dispatching": len(self.cursors),
+            "outstanding": sum(len(c.outstanding) for c in self.cursors.values()),
+            **self.counters,
+        }
+
+    def _relay_to_metadata(self, envelope: list[bytes], frames: Frames) -> None:
+        client_rid = frames.request_id
+
+        def on_reply(reply: Frames) -> None:
+            if reply.command is Command.OK:
+                self._reply(envelope, encode_ok(client_rid, reply.header))
+            else:
+                self._reply(envelope, encode(Command.ERROR, client_rid, reply.header))
+
+        def on_failure(error: HeraldError) -> None:
+            self._reply_error(envelope, client_rid, error)
+
+        self._call_metadata(frames.command, frames.header, on_reply, on_failure)
+
+    # ------------------------------------------------------------------ publish
+
+    def _on_publish(self, envelope: list[bytes], body: list[bytes], frames: Frames) -> None:
+        topic, items = decode_publish(frames, self.config.max_payload_bytes)
+        owner = shard_of(topic, self.config.frontends)
+        if owner != self.index:
+            self._forward(owner, envelope, body)
+            return
+        self._with_topic(topic, lambda info: self._accept_publish(envelope, frames.request_id, topic, items, info))
+
+    def _forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> None:
+        try:
+            self.peers[owner].send_multipart(encode(Command.FORWARD, b"", {"envelope": len(envelope)}, envelope + body), zmq.NOBLOCK)
+            self.counters["forwarded"] += 1
+        except zmq.Again:
+            raise HeraldError("unavailable", f"frontend {owner}, which owns this topic, is not keeping up; retry") from None
+
+    def _with_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
+        """Run ``then`` with the topic's lookup (topic and subscriptions), from cache or metadata."""
+        cached = self.topics.get(topic)
+        if cached is not None:
+            then(cached)
+            return
+        waiters = self.waiting_for_topic.get(topic)
+        if waiters is not None:
+            waiters.append(then)
+            return
+        self.waiting_for_topic[topic] = [then]
+        asked_at_version = self.meta_version
+
+        def on_reply(reply: Frames) -> None:
+            waiting = self.waiting_for_topic.pop(topic, [])
+            if reply.command is not Command.OK:
+                error = HeraldError.from_header(reply.header)
+                for waiter in waiting:
+                    self._safely(waiter, None, error)
+                return
+            info = reply.header
+            if self.meta_version == asked_at_version:
+                self.topics.put(topic, info)
+            for waiter in waiting:
+                self._safely(waiter, info, None)
+
+        def on_failure(error: HeraldError) -> None:
+            for waiter in self.waiting_for_topic.pop(topic, []):
+                self._safely(waiter, None, error)
+
+        self._call_metadata(Command.LOOKUP_TOPIC, {"name": topic}, on_reply, on_failure)
+
+    @staticmethod
+    def _safely(waiter: Callable[[dict[str, Any] | None], None], info: dict[str, Any] | None, error: HeraldError | None) -> None:
+        # A waiter gets the lookup, or None plus an error it reports itself.
+        if error is not None:
+            waiter({"error": error})
+        else:
+            waiter(info)
+
+    def _accept_publish(self, envelope: list[bytes], request_id: bytes, topic_name: str, items: list[PublishItem], info: dict[str, Any] | None) -> None:
+        try:
+            if info is not None and "error" in info:
+                raise info["error"]
+            topic = info["topic"] if info else None
+            if topic is None:
+                raise HeraldError("topic_not_found", f"topic {topic_name!r} does not exist; create it first (publishing never creates topics)")
+            settings = topic["settings"]
+            limit = settings.get("max_payload") or self.config.max_payload_bytes
+            for index, item in enumerate(items):
+                if len(item.payload) > limit:
+                    raise HeraldError(
+                        "payload_too_large",
+                        f"payload {index} of {len(item.payload)} bytes exceeds max_payload of {limit} bytes for topic {topic_name!r}",
+                    )
+        except HeraldError as error:
+            self._reply_error(envelope, request_id, error)
+            return
+        now = time.time()
+        expire_ms = int((now + settings["retention"]) * 1000)
+        dedup_expire_ms = int((now + settings["dedup_window"]) * 1000)
+        subscriptions = info["subscriptions"] if info else []
+        ids: list[str] = []
+        duplicate: list[bool] = []
+        for item in items:
+            if item.message_id is not None:
+                key = (topic_name, item.message_id)
+                if key in self.batch_ids or self.store.find_duplicate(topic_name, item.message_id) is not None:
+                    ids.append(item.message_id)
+                    duplicate.append(True)
+                    self.counters["duplicates"] += 1
+                    continue
+                message_id = item.message_id
+                self.batch_ids[key] = message_id
+                self.batch_dedup.append(DedupEntry(topic_name, message_id, dedup_expire_ms))
+            else:
+                message_id = secrets.token_hex(12)
+            seq = self.store.next_seq()
+            subs = [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
+            self.batch_messages.append(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
+            ids.append(message_id)
+            duplicate.append(False)
+        self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate))
+
+    def _commit_batch(self) -> None:
+        if not self.batch_replies and not self.batch_messages:
+            return
+        messages, dedup, replies = self.batch_messages, self.batch_dedup, self.batch_replies
+        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
+        plan = self._plan_fast_dispatch(messages)
+        try:
+            self.store.append(messages, dedup, ((sub_id, m.seq) for sub_id, m in plan))
+        except StorageError as exc:
+            self.counters["storage_failures"] += 1
+            log.error("write of %d messages failed, refusing them: %s", len(messages), exc)
+            for sub_id, message in plan:
+                cursor = self.cursors.get(sub_id)
+                if cursor is not None:
+                    cursor.outstanding.discard(message.seq)
+                    cursor.backlog = True
+            error = HeraldError("storage_failed", f"the shard could not write the batch ({exc}); nothing was stored, retry later")
+            for pending in replies:
+                self._reply_error(pending.envelope, pending.request_id, error)
+            return
+        self.counters["commits"] += 1
+        self.counters["published"] += len(messages)
+        for pending in replies:
+            self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))
+        for message in messages:
+            self.live.send_multipart(
+                [
+                    live_topic_frame(message.topic),
+                    *encode(Command.MESSAGE, b"", {"id": message.message_id, "topic": message.topic, "attributes": message.attributes, "ts": message.timestamp}, [message.payload]),
+                ]
+            )
+        self._send_dispatches([(sub_id, message, 1) for sub_id, message in plan])
+
+    def _plan_fast_dispatch(self, messages: list[StoredMessage]) -> list[tuple[int, StoredMessage]]:
+        """Hand new messages straight to senders when their subscription has credit and no older backlog."""
+        plan: list[tuple[int, StoredMessage]] = []
+        for message in messages:
+            for sub_id in message.subscriptions:
+                cursor = self.cursors.get(sub_id)
+                if cursor is None:
+                    continue
+                if cursor.backlog or cursor.free <= 0:
+                    cursor.backlog = True
+                    continue
+                cursor.outstanding.add(message.seq)
+                cursor.scanned_to = message.seq
+                plan.append((sub_id, message))
+        return plan
+
+    # ------------------------------------------------------------------ dispatch to senders
+
+    def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> None:
+        by_sender: dict[int, tuple[list[dict[str, Any]], list[bytes]]] = {}
+        for sub_id, message, attempt in entries:
+            cursor = self.cursors[sub_id]
+            headers, payloads = by_sender.setdefault(cursor.sender, ([], []))
+            headers.append(
+                {
+                    "sub": sub_id,
+                    "seq": message.seq,
+                    "attempt": attempt,
+                    "id": message.message_id,
+                    "topic": message.topic,
+                    "attributes": message.attributes,
+                    "ts": message.timestamp,
+                }
+            )
+            payloads.append(message.payload)
+        for sender_index, (headers, payloads) in by_sender.items():
+            frames = encode(Command.DISPATCH, b"", {"shard": self.index, "epoch": self.epoch, "messages": headers}, payloads)
+            try:
+                self.senders[sender_index].send_multipart(frames, zmq.NOBLOCK)
+                self.counters["dispatched"] += len(headers)
+            except zmq.Again:
+                # The sender is not draining; take the entries back, they stay on disk.
+                for header in headers:
+                    cursor = self.cursors[header["sub"]]
+                    cursor.outstanding.discard(header["seq"])
+                    cursor.scanned_to = min(cursor.scanned_to, header["seq"] - 1)
+                    cursor.backlog = True
+
+    def _dispatch_backlogs(self) -> None:
+        entries: list[tuple[int, StoredMessage, int]] = []
+        attempts: list[tuple[int, int, int]] = []
+        for cursor in self.cursors.values():
+            if not cursor.backlog or cursor.free <= 0:
+                continue
+            wanted = min(cursor.free, DISPATCH_SCAN_LIMIT)
+            found = self.store.pending(cursor.sub_id, cursor.scanned_to, wanted)
+            if len(found) < wanted:
+                cursor.backlog = False
+            for seq, previous_attempts in found:
+                cursor.scanned_to = seq
+                if seq in cursor.outstanding:
+                    continue
+                message = self.store.read_message(seq)
+                if message is None:
+                    continue
+                cursor.outstanding.add(seq)
+                entries.append((cursor.sub_id, message, previous_attempts + 1))
+                attempts.append((cursor.sub_id, seq, previous_attempts + 1))
+        if entries:
+            try:
+                self.store.record_attempts(attempts)
+            except StorageError as exc:
+                log.error("could not record attempts: %s", exc)
+            self._send_dispatches(entries)
+
+    # ------------------------------------------------------------------ control socket
+
+    def _on_control(self, raw: list[bytes]) -> None:
+        try:
+            frames = decode(raw)
+            match frames.command:
+                case Command.FORWARD:
+                    count = int(frames.header.get("envelope", 0))
+                    envelope, body = frames.payloads[:count], frames.payloads[count:]
+                    self._on_client_request(envelope + body)
+                    self.counters["requests"] -= 1  # counted by the frontend that received it
+                case Command.CREDIT:
+                    self._on_credit(frames.header)
+                case Command.COMPLETE:
+                    self._on_complete(frames.header)
+                case Command.ATTEMPTED:
+                    self.store.record_attempts((int(s), int(q), int(a)) for s, q, a in frames.header.get("entries", []))
+                case Command.DEAD:
+                    self._on_dead(frames.header)
+                case _:
+                    raise ProtocolError("unknown_command", f"control socket does not take {frames.command.name}")
+        except HeraldError as error:
+            log.warning("dropped bad control message: %s", error)
+        except (StorageError, ValueError, TypeError, KeyError) as exc:
+            log.error("control message failed: %s", exc)
+
+    def _on_credit(self, header: dict[str, Any]) -> None:
+        sender_index = int(header["sender"])
+        epoch = int(header["epoch"])
+        peer = self.sender_peers[sender_index]
+        if peer.epoch != epoch:
+            if peer.epoch:
+                log.info("sender %d restarted; handing its deliveries out again", sender_index)
+            for cursor in self.cursors.values():
+                if cursor.sender == sender_index:
+                    cursor.reset()
+            peer.epoch = epoch
+        peer.last_seen = time.monotonic()
+        windows: dict[str, int] = header.get("windows", {})
+        for key, window in windows.items():
+            sub_id = int(key)
+            cursor = self.cursors.get(sub_id)
+            if cursor is None:
+                cursor = self.cursors[sub_id] = SubscriptionCursor(sub_id, sender_index)
+            cursor.sender = sender_index
+            cursor.window = int(window)
+        for cursor in self.cursors.values():
+            if cursor.sender == sender_index and str(cursor.sub_id) not in windows:
+                cursor.window = 0
+
+    def _on_complete(self, header: dict[str, Any]) -> None:
+        entries = [(int(s), int(q)) for s, q in header.get("entries", [])]
+        self.counters["completed"] += self.store.complete(entries)
+        for sub_id, seq in entries:
+            cursor = self.cursors.get(sub_id)
+            if cursor is not None:
+                cursor.outstanding.discard(seq)
+
+    def _on_dead(self, header: dict[str, Any]) -> None:
+        for sub_id, seq, attempts, dead_topic in header.get("entries", []):
+            self._ensure_topic(str(dead_topic), lambda info, s=int(sub_id), q=int(seq), a=int(attempts): self._dead_letter(s, q, a, info))
+
+    def _ensure_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
+        cached = self.topics.get(topic)
+        if cached is not None and cached.get("topic") is not None:
+            then(cached)
+            return
+
+        def created(_reply: Frames) -> None:
+            self.topics.discard(topic)
+            self._with_topic(topic, then)
+
+        def failed(error: HeraldError) -> None:
+            log.error("could not create dead-letter topic %r: %s", topic, error)
+
+        self._call_metadata(Command.TOPIC_CREATE, {"name": topic, "exist_ok": True}, created, failed)
+
+    def _dead_letter(self, sub_id: int, seq: int, attempts: int, info: dict[str, Any] | None) -> None:
+        if info is None or "error" in info or info.get("topic") is None:
+            log.error("dead-letter topic unavailable for seq %d: %s", seq, info)
+            return
+        original = self.store.read_message(seq)
+        if original is None or not self.store.pending(sub_id, seq - 1, 1) or self.store.pending(sub_id, seq - 1, 1)[0][0] != seq:
+            return  # already settled: a repeated DEAD must not copy twice
+        topic = info["topic"]
+        now = time.time()
+        attributes = {
+            **original.attributes,
+            "herald.original_id": original.message_id,
+            "herald.original_topic": original.topic,
+            "herald.attempts": str(attempts),
+        }
+        subs = [s["id"] for s in info["subscriptions"] if matches_filter(attributes, s["settings"].get("filter"))]
+        copy = StoredMessage(
+            self.store.next_seq(), topic["name"], original.message_id, attributes, original.payload, now, subs, int((now + topic["settings"]["retention"]) * 1000)
+        )
+        self.store.append([copy], [])
+        self.store.complete([(sub_id, seq)])
+        cursor = self.cursors.get(sub_id)
+        if cursor is not None:
+            cursor.outstanding.discard(seq)
+        for sub in subs:
+            if sub in self.cursors:
+                self.cursors[sub].backlog = True
+        self.counters["dead_lettered"] += 1
+
+    # ------------------------------------------------------------------ metadata
+
+    def _send_to_metadata(self, command: Command, header: dict[str, Any], request_id: bytes = b"") -> None:
+        try:
+            self.meta_rpc.send_multipart([b"", *encode(command, request_id, header)], zmq.NOBLOCK)
+        except zmq.Again:
+            log.warning("metadata is not draining its socket; %s not sent", command.name)
+
+    def _call_metadata(self, command: Command, header: dict[str, Any], on_reply: Callable[[Frames], None], on_failure: Callable[[HeraldError], None]) -> None:
+        self.next_call_id += 1
+        request_id = self.next_call_id.to_bytes(8, "big")
+        self.meta_calls[request_id] = MetadataCall(on_reply, on_failure, time.monotonic() + METADATA_CALL_TIMEOUT_S)
+        self._send_to_metadata(command, header, request_id)
+
+    def _on_metadata_reply(self, raw: list[bytes]) -> None:
+        _envelope, body = split_envelope(raw)
+        try:
+            frames = decode(body)
+        except HeraldError as error:
+            log.error("bad reply from metadata: %s", error)
+            return
+        call = self.meta_calls.pop(frames.request_id, None)
+        if call is not None:
+            call.on_reply(frames)
+
+    def _expire_metadata_calls(self, now: float) -> None:
+        if not self.meta_calls:
+            return
+        expired = [rid for rid, call in self.meta_calls.items() if call.deadline <= now]
+        for rid in expired:
+            call = self.meta_calls.pop(rid)
+            call.on_failure(HeraldError("unavailable", f"metadata did not answer within {METADATA_CALL_TIMEOUT_S} s; retry"))
+
+    def _on_metadata_event(self, raw: list[bytes]) -> None:
+        try:
+            frames = decode(raw[1:])
+        except HeraldError as error:
+            log.error("bad event from metadata: %s", error)
+            return
+        event = frames.header
+        version = int(event.get("version", 0))
+        if event.get("kind") == "heartbeat":
+            if version != self.meta_version:
+                # Missed events (or metadata restarted): trust nothing cached.
+                self.topics.clear()
+                self.meta_version = version
+            return
+        if version != self.meta_version + 1:
+            self.topics.clear()
+        else:
+            self.topics.discard(str(event.get("topic")))
+        for doomed in event.get("deleted_subscriptions", []):
+            sub_id = int(doomed["id"])
+            self.cursors.pop(sub_id, None)
+            try:
+                self.store.delete_subscription(sub_id)
+            except StorageError as exc:
+                log.error("could not free backlog of %s: %s", doomed.get("name"), exc)
+        self.meta_version = version
+        self._send_to_metadata(Command.EVENT_ACK, {"frontend": self.index, "version": version})
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m frontend", description="Run one Herald frontend (one RocksDB shard).")
+    parser.add_argument("--config", required=True, help="config file (JSON from the launcher, or TOML)")
+    parser.add_argument("--index", type=int, required=True, help="which frontend (and shard) this is, from 0")
+    args = parser.parse_args(argv)
+    configure_logging(f"frontend-{args.index}")
+    FrontendServer(HeraldConfig.load(args.config), args.index).run()
+    return 0

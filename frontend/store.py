@@ -1,0 +1,306 @@
+"""One frontend's RocksDB shard, behind a narrow interface.
+
+All keys and value encodings live here. Integers in keys are big-endian so
+RocksDB's byte order is numeric order and a subscription's backlog is one
+range scan.
+
+======================================  =========================================
+key                                     value
+======================================  =========================================
+``M`` seq                               message: u32 header length, JSON header
+                                        (topic, id, attributes, ts, subs,
+                                        expire_ms), raw payload
+``P`` subscription id, seq              u32 attempts already handed out
+``D`` topic NUL message id              u64 seq (de-duplication index)
+``E`` expire_ms, seq                    empty (retention index, time-ordered)
+``F`` expire_ms, topic NUL message id   empty (de-duplication expiry index)
+``Z``                                   u64 last seq used
+======================================  =========================================
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+_U64: Final = struct.Struct(">Q")
+_U32: Final = struct.Struct(">I")
+_PAIR: Final = struct.Struct(">QQ")
+_MESSAGE: Final = b"M"
+_PENDING: Final = b"P"
+_DEDUP: Final = b"D"
+_EXPIRY: Final = b"E"
+_DEDUP_EXPIRY: Final = b"F"
+_LAST_SEQ: Final = b"Z"
+
+
+class StorageError(Exception):
+    """The shard refused a write; nothing in the failed batch is acknowledged."""
+
+
+@dataclass(slots=True)
+class StoredMessage:
+    """A message as kept in the shard."""
+
+    seq: int
+    topic: str
+    message_id: str
+    attributes: dict[str, str]
+    payload: bytes
+    timestamp: float
+    subscriptions: list[int]
+    expire_ms: int
+
+    def header(self) -> dict[str, Any]:
+        return {"topic": self.topic, "id": self.message_id, "attributes": self.attributes, "ts": self.timestamp, "subs": self.subscriptions, "exp": self.expire_ms}
+
+
+@dataclass(slots=True)
+class DedupEntry:
+    topic: str
+    message_id: str
+    expire_ms: int
+
+
+def _message_key(seq: int) -> bytes:
+    return _MESSAGE + _U64.pack(seq)
+
+
+def _pending_key(sub_id: int, seq: int) -> bytes:
+    return _PENDING + _PAIR.pack(sub_id, seq)
+
+
+def _dedup_key(topic: str, message_id: str) -> bytes:
+    return _DEDUP + topic.encode() + b"\0" + message_id.encode()
+
+
+def encode_message(message: StoredMessage) -> bytes:
+    header = orjson.dumps(message.header())
+    return _U32.pack(len(header)) + header + message.payload
+
+
+def decode_message(seq: int, raw: bytes) -> StoredMessage:
+    (length,) = _U32.unpack_from(raw)
+    header = orjson.loads(raw[4 : 4 + length])
+    return StoredMessage(
+        seq=seq,
+        topic=header["topic"],
+        message_id=header["id"],
+        attributes=header["attributes"],
+        payload=raw[4 + length :],
+        timestamp=header["ts"],
+        subscriptions=header["subs"],
+        expire_ms=header["exp"],
+    )
+
+
+class ShardStore:
+    """Messages, pending deliveries and indexes of one frontend shard.
+
+    Args:
+        path: the shard's folder.
+        sync: fsync the WAL before :meth:`append` returns (the durable default).
+    """
+
+    def __init__(self, path: Path, *, sync: bool = True) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        options.set_max_background_jobs(2)
+        self._db = Rdict(str(path), options)
+        self._durable = WriteOptions()
+        self._durable.sync = sync
+        self._lazy = WriteOptions()
+        self._lazy.sync = False
+        raw_last = self._db.get(_LAST_SEQ)
+        self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    # ------------------------------------------------------------------ writes
+
+    def append(self, messages: list[StoredMessage], dedup: list[DedupEntry], first_attempts: Iterable[tuple[int, int]] = ()) -> None:
+        """Write messages, their pending entries and indexes in one batch, one fsync.
+
+        Args:
+            messages: with ``seq`` already assigned by :meth:`next_seq`.
+            dedup: client-given ids to remember until their ``expire_ms``.
+            first_attempts: (subscription id, seq) pairs handed out right away,
+                recorded as attempt 1 so a redelivery after a crash counts up.
+
+        Raises:
+            StorageError: the write failed; the caller must not acknowledge.
+        """
+        batch = WriteBatch(raw_mode=True)
+        handed_out = set(first_attempts)
+        for message in messages:
+            batch.put(_message_key(message.seq), encode_message(message))
+            batch.put(_EXPIRY + _PAIR.pack(message.expire_ms, message.seq), b"")
+            for sub_id in message.subscriptions:
+                attempts = 1 if (sub_id, message.seq) in handed_out else 0
+                batch.put(_pending_key(sub_id, message.seq), _U32.pack(attempts))
+        for entry in dedup:
+            seq = self._seq_of_dedup(entry, messages)
+            batch.put(_dedup_key(entry.topic, entry.message_id), _U64.pack(seq))
+            batch.put(_DEDUP_EXPIRY + _U64.pack(entry.expire_ms) + entry.topic.encode() + b"\0" + entry.message_id.encode(), b"")
+        if messages:
+            batch.put(_LAST_SEQ, _U64.pack(self.last_seq))
+        self._write(batch, self._durable)
+
+    @staticmethod
+    def _seq_of_dedup(entry: DedupEntry, messages: list[StoredMessage]) -> int:
+        for message in messages:
+            if message.message_id == entry.message_id and message.topic == entry.topic:
+                return message.seq
+        return 0
+
+    def next_seq(self) -> int:
+        self.last_seq += 1
+        return self.last_seq
+
+    def _write(self, batch: WriteBatch, options: WriteOptions) -> None:
+        try:
+            self._db.write(batch, options)
+        except Exception as exc:  # rocksdict raises plain exceptions for IO errors
+            raise StorageError(str(exc)) from exc
+
+    def record_attempts(self, entries: Iterable[tuple[int, int, int]]) -> None:
+        """Remember (subscription id, seq, attempts) so attempts survive a restart.
+
+        Not fsync'd: a lost update only makes an attempt number repeat after a
+        power loss; a process crash keeps it (the WAL is in the OS cache).
+        """
+        batch = WriteBatch(raw_mode=True)
+        count = 0
+        for sub_id, seq, attempt in entries:
+            key = _pending_key(sub_id, seq)
+            if self._db.get(key) is not None:
+                batch.put(key, _U32.pack(attempt))
+                count += 1
+        if count:
+            self._write(batch, self._lazy)
+
+    def complete(self, entries: Iterable[tuple[int, int]]) -> int:
+        """Delete settled (subscription id, seq) entries; free messages no one needs.
+
+        Returns:
+            The number of pending entries that existed and were deleted.
+        """
+        batch = WriteBatch(raw_mode=True)
+        deleted: set[tuple[int, int]] = set()
+        for sub_id, seq in entries:
+            if (sub_id, seq) in deleted or self._db.get(_pending_key(sub_id, seq)) is None:
+                continue
+            batch.delete(_pending_key(sub_id, seq))
+            deleted.add((sub_id, seq))
+        for seq in {seq for _, seq in deleted}:
+            raw = self._db.get(_message_key(seq))
+            if raw is None:
+                continue
+            message = decode_message(seq, raw)
+            still_needed = any(
+                (other, seq) not in deleted and self._db.get(_pending_key(other, seq)) is not None for other in message.subscriptions
+            )
+            if not still_needed:
+                batch.delete(_message_key(seq))
+                batch.delete(_EXPIRY + _PAIR.pack(message.expire_ms, seq))
+        if deleted:
+            self._write(batch, self._lazy)
+        return len(deleted)
+
+    def delete_subscription(self, sub_id: int) -> None:
+        """Drop a deleted subscription's whole backlog in one range delete."""
+        batch = WriteBatch(raw_mode=True)
+        batch.delete_range(_PENDING + _U64.pack(sub_id), _PENDING + _U64.pack(sub_id + 1))
+        self._write(batch, self._lazy)
+
+    def expire(self, now_ms: int, limit: int = 10_000) -> int:
+        """Remove messages and dedup ids whose time is up, oldest first.
+
+        Both indexes are ordered by expiry time, so this reads only what
+        expires: no full scan.
+        """
+        batch = WriteBatch(raw_mode=True)
+        removed = 0
+        for key in self._keys_below(_EXPIRY, _EXPIRY + _U64.pack(now_ms), limit):
+            _expire_ms, seq = _PAIR.unpack(key[1:])
+            raw = self._db.get(_message_key(seq))
+            if raw is not None:
+                for sub_id in decode_message(seq, raw).subscriptions:
+                    batch.delete(_pending_key(sub_id, seq))
+                batch.delete(_message_key(seq))
+                removed += 1
+            batch.delete(key)
+        for key in self._keys_below(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms), limit):
+            batch.delete(_DEDUP + key[9:])
+            batch.delete(key)
+        self._write(batch, self._lazy)
+        return removed
+
+    def _keys_below(self, prefix: bytes, upper: bytes, limit: int) -> list[bytes]:
+        keys: list[bytes] = []
+        iterator = self._db.iter()
+        iterator.seek(prefix)
+        while iterator.valid() and len(keys) < limit:
+            key = iterator.key()
+            if key >= upper or not key.startswith(prefix):
+                break
+            keys.append(key)
+            iterator.next()
+        return keys
+
+    # ------------------------------------------------------------------ reads
+
+    def find_duplicate(self, topic: str, message_id: str) -> int | None:
+        """The seq stored under a client-given id, or None if the id is new."""
+        raw = self._db.get(_dedup_key(topic, message_id))
+        return _U64.unpack(raw)[0] if raw is not None else None
+
+    def read_message(self, seq: int) -> StoredMessage | None:
+        raw = self._db.get(_message_key(seq))
+        return decode_message(seq, raw) if raw is not None else None
+
+    def pending(self, sub_id: int, after_seq: int, limit: int) -> list[tuple[int, int]]:
+        """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``."""
+        out: list[tuple[int, int]] = []
+        prefix = _PENDING + _U64.pack(sub_id)
+        iterator = self._db.iter()
+        iterator.seek(_pending_key(sub_id, after_seq + 1))
+        while iterator.valid() and len(out) < limit:
+            key = iterator.key()
+            if not key.startswith(prefix):
+                break
+            out.append((_U64.unpack_from(key, 9)[0], _U32.unpack(iterator.value())[0]))
+            iterator.next()
+        return out
+
+    def count_pending(self, sub_id: int) -> int:
+        prefix = _PENDING + _U64.pack(sub_id)
+        return sum(1 for _ in self._iter_prefix(prefix))
+
+    def count_messages(self) -> int:
+        return sum(1 for _ in self._iter_prefix(_MESSAGE))
+
+    def messages(self) -> list[StoredMessage]:
+        return [decode_message(_U64.unpack_from(k, 1)[0], v) for k, v in self._iter_prefix(_MESSAGE)]
+
+    def _iter_prefix(self, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:
+        iterator = self._db.iter()
+        iterator.seek(prefix)
+        while iterator.valid():
+            key = iterator.key()
+            if not key.startswith(prefix):
+                return
+            yield key, iterator.value()
+            iterator.next()
+
+    def approximate_size_bytes(self) -> int:
+        value = self._db.property_int_value("rocksdb.total-sst-files-size")
+        return int(value or 0)

@@ -1,0 +1,1 @@
+"""Herald metadata role."""

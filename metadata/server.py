@@ -1,0 +1,406 @@
+"""The metadata role: owner of topics and subscriptions.
+
+It answers requests on a ROUTER socket (frontends connect DEALERs and relay
+clients' admin commands; a plain REQ socket works too), keeps an LRU cache in
+front of its RocksDB, and publishes a change event for every change. A change
+is replied to only after every live frontend has confirmed it applied the
+event (or a timeout passed), so a publish that follows a successful
+``SUB_CREATE`` on any frontend is fanned out to the new subscription.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+import zmq
+from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+
+from broker.config import METADATA_SYNC_TIMEOUT_S, PEER_EXPIRY_S, HEARTBEAT_INTERVAL_S, HeraldConfig
+from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from clients.protocol import (
+    SERVER_VERSION,
+    TOPIC_SETTINGS,
+    Command,
+    Frames,
+    HeraldError,
+    ProtocolError,
+    check_name,
+    check_settings,
+    check_subscription_settings,
+    decode,
+    encode,
+    encode_error,
+    encode_ok,
+    get_field,
+    request_id_of,
+    shard_of,
+    split_envelope,
+)
+
+log = logging.getLogger("herald.metadata")
+
+LOOKUP_CACHE_ENTRIES: Final = 100_000  # topic lookups; ~1 KiB each at most
+EVENTS_TOPIC: Final = b"meta\x00"
+
+_TOPIC_PREFIX: Final = b"t/"
+_SUB_PREFIX: Final = b"s/"
+_TOPIC_SUBS_PREFIX: Final = b"x/"  # x/<topic>\0<subscription> -> b""
+_COUNTER_KEY: Final = b"n/id"
+_VERSION_KEY: Final = b"n/version"
+
+
+@dataclass
+class PendingChange:
+    """A change reply held back until the frontends confirmed the event."""
+
+    envelope: list[bytes]
+    reply: list[bytes]
+    version: int
+    deadline: float
+
+
+@dataclass
+class FrontendPeer:
+    index: int
+    applied_version: int = 0
+    last_seen: float = field(default_factory=time.monotonic)
+
+
+class MetadataStore:
+    """Topics and subscriptions in RocksDB, every change synced before the reply."""
+
+    def __init__(self, path: Path) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        options = Options(raw_mode=True)
+        options.create_if_missing(True)
+        self._db = Rdict(str(path), options)
+        self._sync = WriteOptions()
+        self._sync.sync = True
+        counter = self._db.get(_COUNTER_KEY)
+        version = self._db.get(_VERSION_KEY)
+        self.next_id = int(counter) if counter else 1
+        self.version = int(version) if version else 0
+
+    def close(self) -> None:
+        self._db.close()
+
+    def get_topic(self, name: str) -> dict[str, Any] | None:
+        raw = self._db.get(_TOPIC_PREFIX + name.encode())
+        return orjson.loads(raw) if raw else None
+
+    def get_subscription(self, name: str) -> dict[str, Any] | None:
+        raw = self._db.get(_SUB_PREFIX + name.encode())
+        return orjson.loads(raw) if raw else None
+
+    def topics(self) -> list[dict[str, Any]]:
+        return [orjson.loads(v) for _, v in self._scan(_TOPIC_PREFIX)]
+
+    def subscriptions(self, topic: str | None = None) -> list[dict[str, Any]]:
+        if topic is None:
+            return [orjson.loads(v) for _, v in self._scan(_SUB_PREFIX)]
+        names = [key[len(_TOPIC_SUBS_PREFIX) :].split(b"\0", 1)[1].decode() for key, _ in self._scan(_TOPIC_SUBS_PREFIX + topic.encode() + b"\0")]
+        found = (self.get_subscription(name) for name in names)
+        return [sub for sub in found if sub is not None]
+
+    def _scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
+        out = []
+        iterator = self._db.iter()
+        iterator.seek(prefix)
+        while iterator.valid():
+            key = iterator.key()
+            if not key.startswith(prefix):
+                break
+            out.append((key, iterator.value()))
+            iterator.next()
+        return out
+
+    def _commit(self, batch: WriteBatch) -> int:
+        self.version += 1
+        batch.put(_VERSION_KEY, str(self.version).encode())
+        batch.put(_COUNTER_KEY, str(self.next_id).encode())
+        self._db.write(batch, self._sync)
+        return self.version
+
+    def _new_id(self) -> int:
+        value = self.next_id
+        self.next_id += 1
+        return value
+
+    def create_topic(self, name: str, settings: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        topic = {"id": self._new_id(), "name": name, "settings": settings, "created_at": time.time()}
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_TOPIC_PREFIX + name.encode(), orjson.dumps(topic))
+        return topic, self._commit(batch)
+
+    def delete_topic(self, name: str) -> tuple[list[str], int]:
+        subs = self.subscriptions(name)
+        batch = WriteBatch(raw_mode=True)
+        batch.delete(_TOPIC_PREFIX + name.encode())
+        for sub in subs:
+            batch.delete(_SUB_PREFIX + sub["name"].encode())
+            batch.delete(_TOPIC_SUBS_PREFIX + name.encode() + b"\0" + sub["name"].encode())
+        return [sub["name"] for sub in subs], self._commit(batch)
+
+    def create_subscription(self, topic: dict[str, Any], name: str, settings: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        sub = {
+            "id": self._new_id(),
+            "name": name,
+            "topic": topic["name"],
+            "topic_id": topic["id"],
+            "settings": settings,
+            "created_at": time.time(),
+        }
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_SUB_PREFIX + name.encode(), orjson.dumps(sub))
+        batch.put(_TOPIC_SUBS_PREFIX + topic["name"].encode() + b"\0" + name.encode(), b"")
+        return sub, self._commit(batch)
+
+    def update_subscription(self, sub: dict[str, Any]) -> int:
+        batch = WriteBatch(raw_mode=True)
+        batch.put(_SUB_PREFIX + sub["name"].encode(), orjson.dumps(sub))
+        return self._commit(batch)
+
+    def delete_subscription(self, sub: dict[str, Any]) -> int:
+        batch = WriteBatch(raw_mode=True)
+        batch.delete(_SUB_PREFIX + sub["name"].encode())
+        batch.delete(_TOPIC_SUBS_PREFIX + sub["topic"].encode() + b"\0" + sub["name"].encode())
+        return self._commit(batch)
+
+
+class MetadataServer:
+    """The metadata role's poll loop and request handlers."""
+
+    def __init__(self, config: HeraldConfig) -> None:
+        self.config = config
+        self.store = MetadataStore(Path(config.data_dir) / "metadata")
+        self.lookups: LRUCache[str, dict[str, Any]] = LRUCache(LOOKUP_CACHE_ENTRIES)
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.rpc = make_socket(self.context, zmq.ROUTER, bind=config.metadata_rpc_endpoint)
+        self.events = make_socket(self.context, zmq.PUB, bind=config.metadata_events_endpoint)
+        self.frontends: dict[bytes, FrontendPeer] = {}
+        self.pending_changes: list[PendingChange] = []
+        self.stop = StopFlag()
+        self.requests_handled = 0
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        announce_ready("metadata", rpc=self.config.metadata_rpc_endpoint, events=self.config.metadata_events_endpoint, version=self.store.version)
+        heartbeat = Timer(HEARTBEAT_INTERVAL_S, self._publish_heartbeat)
+        poller = zmq.Poller()
+        poller.register(self.rpc, zmq.POLLIN)
+        try:
+            while not self.stop.stopping:
+                ready = dict(poller.poll(timeout=int(HEARTBEAT_INTERVAL_S * 1000 / 2)))
+                if self.rpc in ready:
+                    for frames in drain(self.rpc):
+                        self._on_request(frames)
+                now = time.monotonic()
+                heartbeat.run_if_due(now)
+                self._release_synced_changes(now)
+        finally:
+            for change in self.pending_changes:
+                self.rpc.send_multipart(change.envelope + change.reply)
+            self.rpc.close(0)
+            self.events.close(0)
+            self.context.term()
+            self.store.close()
+
+    def _publish_heartbeat(self) -> None:
+        self.events.send_multipart([EVENTS_TOPIC, *encode(Command.EVENT, b"", {"kind": "heartbeat", "version": self.store.version})])
+        cutoff = time.monotonic() - PEER_EXPIRY_S
+        for identity in [i for i, peer in self.frontends.items() if peer.last_seen < cutoff]:
+            log.warning("frontend %d stopped answering; changes no longer wait for it", self.frontends[identity].index)
+            del self.frontends[identity]
+
+    def _release_synced_changes(self, now: float) -> None:
+        if not self.pending_changes:
+            return
+        waiting: list[PendingChange] = []
+        for change in self.pending_changes:
+            synced = all(peer.applied_version >= change.version for peer in self.frontends.values())
+            if synced or now >= change.deadline:
+                if not synced:
+                    log.warning("change %d replied before every frontend confirmed it", change.version)
+                self.rpc.send_multipart(change.envelope + change.reply)
+            else:
+                waiting.append(change)
+        self.pending_changes = waiting
+
+    # ------------------------------------------------------------------ requests
+
+    def _on_request(self, raw: list[bytes]) -> None:
+        envelope, body = split_envelope(raw)
+        try:
+            frames = decode(body)
+            reply, version = self._dispatch(envelope, frames)
+        except HeraldError as error:
+            self.rpc.send_multipart(envelope + encode_error(request_id_of(body), error))
+            return
+        except Exception as exc:  # a handler bug must not take metadata down
+            log.exception("internal error handling %r", body[1:2])
+            self.rpc.send_multipart(envelope + encode_error(request_id_of(body), HeraldError("internal", f"{type(exc).__name__}: {exc}")))
+            return
+        self.requests_handled += 1
+        if reply is None:
+            return
+        if version:
+            self.pending_changes.append(PendingChange(envelope, reply, version, time.monotonic() + METADATA_SYNC_TIMEOUT_S))
+            self._release_synced_changes(time.monotonic())
+        else:
+            self.rpc.send_multipart(envelope + reply)
+
+    def _dispatch(self, envelope: list[bytes], frames: Frames) -> tuple[list[bytes] | None, int]:
+        header = frames.header
+        rid = frames.request_id
+        match frames.command:
+            case Command.PING:
+                return encode_ok(rid, {"version": self.store.version}), 0
+            case Command.REGISTER | Command.EVENT_ACK:
+                self._on_frontend_heartbeat(envelope[0], header)
+                return None, 0
+            case Command.LOOKUP_TOPIC:
+                return encode_ok(rid, self._lookup(check_name(get_field(header, "name", str), "topic"))), 0
+            case Command.TOPIC_CREATE:
+                return self._on_topic_create(rid, header)
+            case Command.TOPIC_DELETE:
+                return self._on_topic_delete(rid, header)
+            case Command.TOPIC_LIST:
+                prefix = get_field(header, "prefix", str, required=False, default="")
+                topics = [t for t in self.store.topics() if t["name"].startswith(prefix)]
+                return encode_ok(rid, {"topics": topics}), 0
+            case Command.TOPIC_DESCRIBE:
+                name = check_name(get_field(header, "name", str), "topic")
+                found = self._lookup(name)
+                if found["topic"] is None:
+                    raise HeraldError("topic_not_found", f"topic {name!r} does not exist")
+                topic = dict(found["topic"])
+                topic["subscriptions"] = [s["name"] for s in found["subscriptions"]]
+                return encode_ok(rid, {"topic": topic}), 0
+            case Command.SUB_CREATE:
+                return self._on_subscription_create(rid, header)
+            case Command.SUB_DELETE:
+                return self._on_subscription_delete(rid, header)
+            case Command.SUB_LIST:
+                topic_name = get_field(header, "topic", str, required=False)
+                if topic_name is not None:
+                    check_name(topic_name, "topic")
+                return encode_ok(rid, {"subscriptions": [self._with_endpoints(s) for s in self.store.subscriptions(topic_name)]}), 0
+            case Command.SUB_DESCRIBE:
+                name = check_name(get_field(header, "name", str), "subscription")
+                sub = self.store.get_subscription(name)
+                if sub is None:
+                    raise HeraldError("subscription_not_found", f"subscription {name!r} does not exist")
+                return encode_ok(rid, {"subscription": self._with_endpoints(sub)}), 0
+            case _:
+                raise ProtocolError("unknown_command", f"metadata does not handle {frames.command.name}")
+
+    def _on_frontend_heartbeat(self, identity: bytes, header: dict[str, Any]) -> None:
+        peer = self.frontends.get(identity)
+        if peer is None:
+            peer = self.frontends[identity] = FrontendPeer(index=int(header.get("frontend", -1)))
+            log.info("frontend %d registered", peer.index)
+        peer.last_seen = time.monotonic()
+        version = header.get("version")
+        if isinstance(version, int):
+            peer.applied_version = max(peer.applied_version, version)
+
+    def _lookup(self, name: str) -> dict[str, Any]:
+        cached = self.lookups.get(name)
+        if cached is not None:
+            return cached
+        topic = self.store.get_topic(name)
+        found = {"topic": topic, "subscriptions": self.store.subscriptions(name) if topic else [], "version": self.store.version}
+        self.lookups.put(name, found)
+        return found
+
+    def _with_endpoints(self, sub: dict[str, Any]) -> dict[str, Any]:
+        index = shard_of(sub["name"], self.config.senders)
+        return {
+            **sub,
+            "endpoints": {"deliver": self.config.sender_deliver_endpoints[index], "ack": self.config.sender_ack_endpoints[index]},
+        }
+
+    def _announce(self, version: int, kind: str, name: str, topic: str, **extra: Any) -> None:
+        self.lookups.discard(topic)
+        event = {"kind": kind, "name": name, "topic": topic, "version": version, **extra}
+        self.events.send_multipart([EVENTS_TOPIC, *encode(Command.EVENT, b"", event)])
+
+    def _on_topic_create(self, rid: bytes, header: dict[str, Any]) -> tuple[list[bytes], int]:
+        name = check_name(get_field(header, "name", str), "topic")
+        settings = check_settings(header.get("settings"), TOPIC_SETTINGS, "topic")
+        exist_ok = bool(get_field(header, "exist_ok", bool, required=False, default=False))
+        existing = self.store.get_topic(name)
+        if existing is not None:
+            if exist_ok:
+                return encode_ok(rid, {"topic": existing, "created": False}), 0
+            raise HeraldError("topic_exists", f"topic {name!r} already exists; delete it first or pass exist_ok")
+        topic, version = self.store.create_topic(name, settings)
+        self._announce(version, "topic", name, name)
+        log.info("created topic %r", name)
+        return encode_ok(rid, {"topic": topic, "created": True}), version
+
+    def _on_topic_delete(self, rid: bytes, header: dict[str, Any]) -> tuple[list[bytes], int]:
+        name = check_name(get_field(header, "name", str), "topic")
+        if self.store.get_topic(name) is None:
+            raise HeraldError("topic_not_found", f"topic {name!r} does not exist")
+        doomed = [{"name": s["name"], "id": s["id"]} for s in self.store.subscriptions(name)]
+        deleted_subs, version = self.store.delete_topic(name)
+        self._announce(version, "topic", name, name, deleted_subscriptions=doomed)
+        log.info("deleted topic %r and its subscriptions %s", name, deleted_subs)
+        return encode_ok(rid, {"deleted": name, "subscriptions": deleted_subs}), version
+
+    def _on_subscription_create(self, rid: bytes, header: dict[str, Any]) -> tuple[list[bytes], int]:
+        topic_name = check_name(get_field(header, "topic", str), "topic")
+        name = check_name(get_field(header, "name", str), "subscription")
+        settings = check_subscription_settings(header.get("settings"))
+        exist_ok = bool(get_field(header, "exist_ok", bool, required=False, default=False))
+        topic = self.store.get_topic(topic_name)
+        if topic is None:
+            raise HeraldError("topic_not_found", f"topic {topic_name!r} does not exist; create it before subscribing")
+        existing = self.store.get_subscription(name)
+        if existing is not None:
+            if existing["topic"] != topic_name:
+                raise HeraldError("subscription_exists", f"subscription {name!r} already exists on topic {existing['topic']!r}")
+            if not exist_ok:
+                raise HeraldError("subscription_exists", f"subscription {name!r} already exists")
+            if existing["settings"] == settings or not header.get("settings"):
+                return encode_ok(rid, {"subscription": self._with_endpoints(existing), "created": False}), 0
+            # Changed settings (e.g. a new filter) apply at once: same id, new settings.
+            existing = {**existing, "settings": settings}
+            version = self.store.update_subscription(existing)
+            self._announce(version, "subscription", name, topic_name)
+            return encode_ok(rid, {"subscription": self._with_endpoints(existing), "created": False, "updated": True}), version
+        sub, version = self.store.create_subscription(topic, name, settings)
+        self._announce(version, "subscription", name, topic_name)
+        log.info("created subscription %r on %r", name, topic_name)
+        return encode_ok(rid, {"subscription": self._with_endpoints(sub), "created": True}), version
+
+    def _on_subscription_delete(self, rid: bytes, header: dict[str, Any]) -> tuple[list[bytes], int]:
+        name = check_name(get_field(header, "name", str), "subscription")
+        sub = self.store.get_subscription(name)
+        if sub is None:
+            raise HeraldError("subscription_not_found", f"subscription {name!r} does not exist")
+        version = self.store.delete_subscription(sub)
+        self._announce(version, "subscription", name, sub["topic"], deleted_subscriptions=[{"name": name, "id": sub["id"]}])
+        log.info("deleted subscription %r", name)
+        return encode_ok(rid, {"deleted": name}), version
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m metadata", description="Run the Herald metadata role.")
+    parser.add_argument("--config", required=True, help="config file (JSON from the launcher, or TOML)")
+    args = parser.parse_args(argv)
+    configure_logging("metadata")
+    server = MetadataServer(HeraldConfig.load(args.config))
+    server.run()
+    return 0
+
+
+__all__ = ["MetadataServer", "MetadataStore", "main", "EVENTS_TOPIC", "SERVER_VERSION"]

@@ -1,0 +1,530 @@
+"""The sender role: deliver, track acknowledgements, redeliver, dead-letter.
+
+A subscription belongs to one sender (``shard_of(name, senders)``). Frontends
+dispatch stored messages to it over PUSH/PULL, never more per subscription than
+the credit the sender grants (the sum of its ready consumers' ``max_unacked``),
+so a backlog stays on disk and the sender's memory stays bounded.
+
+Consumers attach with a SUB socket (deliveries, addressed by a topic frame of
+their consumer id) and a PUSH socket (ATTACH heartbeats, ACK, NACK, DETACH).
+The sender remembers each delivery's attempt and deadline in memory only: the
+frontend owns the durable state, and when a sender restarts it grants credit
+under a new epoch, so the frontends hand every unsettled message out again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import logging
+import random
+import secrets
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import zmq
+
+from broker.config import HEARTBEAT_INTERVAL_S, HeraldConfig
+from broker.runtime import StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from clients.protocol import (
+    ACK_OK,
+    ACK_STALE,
+    ACK_UNKNOWN,
+    CONSUMER_EXPIRY_S,
+    CONSUMER_HEARTBEAT_S,
+    Command,
+    Frames,
+    HeraldError,
+    ProtocolError,
+    check_name,
+    consumer_topic_frame,
+    dead_letter_topic_of,
+    decode,
+    delivery_ref,
+    encode,
+    encode_error,
+    get_field,
+    matches_filter,
+    parse_delivery_ref,
+    shard_of,
+    split_envelope,
+)
+from metadata.server import EVENTS_TOPIC
+
+log = logging.getLogger("herald.sender")
+
+MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most this many
+METADATA_CALL_TIMEOUT_S: Final = 5.0
+
+DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """One message of one subscription, from dispatch until it is settled."""
+
+    key: DeliveryKey
+    header: dict[str, Any]
+    payload: bytes
+    attempt: int
+    consumer: str | None = None
+    deadline: float = 0.0
+
+
+@dataclass
+class Consumer:
+    consumer_id: str
+    max_unacked: int
+    ready: bool = False
+    last_seen: float = field(default_factory=time.monotonic)
+    unacked: set[DeliveryKey] = field(default_factory=set)
+
+    @property
+    def free(self) -> int:
+        return self.max_unacked - len(self.unacked) if self.ready else 0
+
+
+@dataclass
+class SubscriptionState:
+    """A subscription this sender serves: settings, consumers, deliveries."""
+
+    info: dict[str, Any]
+    consumers: dict[str, Consumer] = field(default_factory=dict)
+    ready: deque[DeliveryKey] = field(default_factory=deque)
+    deliveries: dict[DeliveryKey, Delivery] = field(default_factory=dict)
+
+    @property
+    def sub_id(self) -> int:
+        return int(self.info["id"])
+
+    @property
+    def name(self) -> str:
+        return str(self.info["name"])
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return dict(self.info["settings"])
+
+    def window(self) -> int:
+        return sum(c.max_unacked for c in self.consumers.values() if c.ready)
+
+
+class SenderServer:
+    """The sender role's poll loop and handlers."""
+
+    def __init__(self, config: HeraldConfig, index: int) -> None:
+        if not 0 <= index < config.senders:
+            raise ValueError(f"sender index {index} is outside 0..{config.senders - 1}")
+        self.config = config
+        self.index = index
+        self.epoch = secrets.randbits(63)
+        self.context: zmq.Context[Any] = zmq.Context()
+        hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
+        self.intake = make_socket(self.context, zmq.PULL, bind=config.sender_intake_endpoints[index], **hwm)
+        self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], **hwm)
+        self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], **hwm)
+        self.frontends = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.frontend_control_endpoints]
+        self.meta_rpc = make_socket(self.context, zmq.DEALER, connect=config.metadata_rpc_endpoint)
+        self.meta_events = make_socket(self.context, zmq.SUB, connect=config.metadata_events_endpoint, subscribe=EVENTS_TOPIC)
+        self.stop = StopFlag()
+        self.subs: dict[str, SubscriptionState] = {}
+        self.subs_by_id: dict[int, SubscriptionState] = {}
+        self.parked_attaches: dict[str, list[tuple[Frames, float]]] = {}
+        self.meta_calls: dict[bytes, tuple[str, float]] = {}
+        self.next_call_id = 0
+        self.deadlines: list[tuple[float, DeliveryKey, int]] = []  # heap of (due, key, attempt)
+        self.redeliveries: list[tuple[float, DeliveryKey, int]] = []  # heap of (not before, key, attempt)
+        self.completions: dict[int, list[list[int]]] = {}
+        self.attempted: dict[int, list[list[int]]] = {}
+        self.credit_dirty = False
+        self.counters: dict[str, int] = {"dispatched": 0, "delivered": 0, "acked": 0, "stale_acks": 0, "unknown_acks": 0, "nacked": 0, "redelivered": 0, "expired": 0, "dead_lettered": 0, "filtered": 0}
+
+    # ------------------------------------------------------------------ loop
+
+    def run(self) -> None:
+        announce_ready("sender", index=self.index, deliver=self.config.sender_deliver_endpoints[self.index], ack=self.config.sender_ack_endpoints[self.index])
+        timers = [Timer(HEARTBEAT_INTERVAL_S, self._send_credit), Timer(CONSUMER_HEARTBEAT_S / 2, self._expire_consumers)]
+        poller = zmq.Poller()
+        for sock in (self.intake, self.consumer_in, self.meta_rpc, self.meta_events):
+            poller.register(sock, zmq.POLLIN)
+        try:
+            while not self.stop.stopping:
+                ready = dict(poller.poll(timeout=self._poll_timeout_ms()))
+                if self.meta_events in ready:
+                    for frames in drain(self.meta_events):
+                        self._on_metadata_event(frames)
+                if self.meta_rpc in ready:
+                    for frames in drain(self.meta_rpc):
+                        self._on_metadata_reply(frames)
+                if self.consumer_in in ready:
+                    for frames in drain(self.consumer_in):
+                        self._on_consumer_message(frames)
+                if self.intake in ready:
+                    for frames in drain(self.intake):
+                        self._on_dispatch(frames)
+                now = time.monotonic()
+                self._expire_deadlines(now)
+                self._release_redeliveries(now)
+                self._deliver_ready(now)
+                self._flush_to_frontends()
+                if self.credit_dirty:
+                    self._send_credit()
+                for timer in timers:
+                    timer.run_if_due(now)
+                self._expire_metadata_calls(now)
+        finally:
+            self._flush_to_frontends()
+            for sock in (self.intake, self.deliver, self.consumer_in, self.meta_rpc, self.meta_events, *self.frontends):
+                sock.close(linger=200)
+            self.context.term()
+            log.info("stopped")
+
+    def _poll_timeout_ms(self) -> int:
+        soonest = min((heap[0][0] for heap in (self.deadlines, self.redeliveries) if heap), default=None)
+        if soonest is None:
+            return 100
+        return max(0, min(100, int((soonest - time.monotonic()) * 1000) + 1))
+
+    def statistics(self) -> dict[str, Any]:
+        return {
+            "sender": self.index,
+            "subscriptions": len(self.subs),
+            "consumers": sum(len(s.consumers) for s in self.subs.values()),
+            "in_flight": sum(len(s.deliveries) for s in self.subs.values()),
+            **self.counters,
+        }
+
+    # ------------------------------------------------------------------ frontends
+
+    def _send_credit(self) -> None:
+        self.credit_dirty = False
+        windows = {str(state.sub_id): state.window() for state in self.subs.values() if state.consumers}
+        frames = encode(Command.CREDIT, b"", {"sender": self.index, "epoch": self.epoch, "windows": windows})
+        for sock in self.frontends:
+            try:
+                sock.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                pass  # that frontend is down; the next beat tells it again
+
+    def _flush_to_frontends(self) -> None:
+        for command, pending in ((Command.COMPLETE, self.completions), (Command.ATTEMPTED, self.attempted)):
+            for shard, entries in pending.items():
+                if entries and shard < len(self.frontends):
+                    try:
+                        self.frontends[shard].send_multipart(encode(command, b"", {"entries": entries}), zmq.NOBLOCK)
+                    except zmq.Again:
+                        log.warning("frontend %d is not draining; %d %s entries will be settled by redelivery", shard, len(entries), command.name)
+            pending.clear()
+
+    def _on_dispatch(self, raw: list[bytes]) -> None:
+        try:
+            frames = decode(raw)
+        except HeraldError as error:
+            log.error("bad dispatch: %s", error)
+            return
+        if frames.command is not Command.DISPATCH:
+            log.error("intake does not take %s", frames.command.name)
+            return
+        shard = int(frames.header["shard"])
+        for header, payload in zip(frames.header["messages"], frames.payloads, strict=True):
+            state = self.subs_by_id.get(int(header["sub"]))
+            if state is None:
+                continue
+            key: DeliveryKey = (state.sub_id, shard, int(header["seq"]))
+            if key in state.deliveries:
+                continue  # the frontend restarted and handed it out again; ours is still live
+            self.counters["dispatched"] += 1
+            if not matches_filter(header["attributes"], state.settings.get("filter")):
+                self.counters["filtered"] += 1
+                self.completions.setdefault(shard, []).append([state.sub_id, key[2]])
+                continue
+            header["ref"] = delivery_ref(shard, key[2])
+            state.deliveries[key] = Delivery(key, header, payload, int(header["attempt"]))
+            state.ready.append(key)
+
+    # ------------------------------------------------------------------ delivery
+
+    def _deliver_ready(self, now: float) -> None:
+        for state in self.subs.values():
+            if not state.ready:
+                continue
+            consumers = [c for c in state.consumers.values() if c.free > 0]
+            if not consumers:
+                continue
+            batches: dict[str, list[Delivery]] = {}
+            deadline = now + float(state.settings["ack_deadline"])
+            turn = 0
+            while state.ready and consumers:
+                key = state.ready.popleft()
+                delivery = state.deliveries.get(key)
+                if delivery is None or delivery.consumer is not None:
+                    continue
+                consumer = consumers[turn % len(consumers)]
+                delivery.consumer = consumer.consumer_id
+                delivery.deadline = deadline
+                consumer.unacked.add(key)
+                heapq.heappush(self.deadlines, (deadline, key, delivery.attempt))
+                batches.setdefault(consumer.consumer_id, []).append(delivery)
+                if consumer.free <= 0:
+                    consumers.remove(consumer)
+                else:
+                    turn += 1
+            for consumer_id, deliveries in batches.items():
+                for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
+                    chunk = deliveries[start : start + MAX_MESSAGES_PER_DELIVER]
+                    headers = [
+                        {"id": d.header["id"], "topic": d.header["topic"], "attempt": d.attempt, "attributes": d.header["attributes"], "ts": d.header["ts"], "ref": d.header["ref"]}
+                        for d in chunk
+                    ]
+                    self.deliver.send_multipart(
+                        [consumer_topic_frame(consumer_id), *encode(Command.DELIVER, b"", {"subscription": state.name, "messages": headers}, [d.payload for d in chunk])]
+                    )
+                    self.counters["delivered"] += len(chunk)
+
+    def _expire_deadlines(self, now: float) -> None:
+        while self.deadlines and self.deadlines[0][0] <= now:
+            _, key, attempt = heapq.heappop(self.deadlines)
+            state = self.subs_by_id.get(key[0])
+            delivery = state.deliveries.get(key) if state else None
+            if state is None or delivery is None or delivery.attempt != attempt or delivery.consumer is None:
+                continue  # settled or already rescheduled
+            self.counters["expired"] += 1
+            self._retry(state, delivery, now, backoff=True)
+
+    def _retry(self, state: SubscriptionState, delivery: Delivery, now: float, *, backoff: bool) -> None:
+        """Take a delivery back from its consumer and schedule the next attempt (or dead-letter it)."""
+        consumer = state.consumers.get(delivery.consumer) if delivery.consumer else None
+        if consumer is not None:
+            consumer.unacked.discard(delivery.key)
+        delivery.consumer = None
+        settings = state.settings
+        shard = delivery.key[1]
+        if delivery.attempt >= int(settings["max_attempts"]):
+            del state.deliveries[delivery.key]
+            self.counters["dead_lettered"] += 1
+            entry = [state.sub_id, delivery.key[2], delivery.attempt, dead_letter_topic_of(state.name, settings)]
+            try:
+                self.frontends[shard].send_multipart(encode(Command.DEAD, b"", {"entries": [entry]}), zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("frontend %d is not draining; dead-letter of %s waits for redispatch", shard, delivery.header["id"])
+            return
+        delivery.attempt += 1
+        self.attempted.setdefault(shard, []).append([state.sub_id, delivery.key[2], delivery.attempt])
+        self.counters["redelivered"] += 1
+        delay = 0.0
+        if backoff:
+            base = min(float(settings["backoff_max"]), float(settings["backoff_min"]) * 2 ** (delivery.attempt - 2))
+            delay = max(float(settings["backoff_min"]), random.uniform(base / 2, base)) if base > 0 else 0.0
+        if delay <= 0:
+            state.ready.appendleft(delivery.key)
+        else:
+            heapq.heappush(self.redeliveries, (now + delay, delivery.key, delivery.attempt))
+
+    def _release_redeliveries(self, now: float) -> None:
+        while self.redeliveries and self.redeliveries[0][0] <= now:
+            _, key, attempt = heapq.heappop(self.redeliveries)
+            state = self.subs_by_id.get(key[0])
+            delivery = state.deliveries.get(key) if state else None
+            if state is not None and delivery is not None and delivery.attempt == attempt and delivery.consumer is None:
+                state.ready.appendleft(key)
+
+    # ------------------------------------------------------------------ consumers
+
+    def _reply_to_consumer(self, consumer_id: str, frames: list[bytes]) -> None:
+        self.deliver.send_multipart([consumer_topic_frame(consumer_id), *frames])
+
+    def _on_consumer_message(self, raw: list[bytes]) -> None:
+        _envelope, body = split_envelope(raw) if raw and raw[0] == b"" else ([], raw)
+        consumer_id = ""
+        request_id = b""
+        try:
+            frames = decode(body)
+            request_id = frames.request_id
+            consumer_id = get_field(frames.header, "consumer", str)
+            if not consumer_id or len(consumer_id) > 128 or "\0" in consumer_id:
+                raise ProtocolError("invalid_header", "consumer must be a non-empty string of at most 128 characters without NUL")
+            name = check_name(get_field(frames.header, "subscription", str), "subscription")
+            match frames.command:
+                case Command.ATTACH:
+                    self._on_attach(name, consumer_id, frames)
+                case Command.ACK | Command.NACK:
+                    self._on_acks(name, consumer_id, frames)
+                case Command.DETACH:
+                    self._on_detach(name, consumer_id)
+                case _:
+                    raise ProtocolError("unknown_command", f"the ack endpoint takes ATTACH, ACK, NACK and DETACH, not {frames.command.name}")
+        except HeraldError as error:
+            # Malformed input from a native consumer: answer if it can be
+            # addressed, otherwise drop it (it is counted); never crash.
+            self.counters.setdefault("bad_consumer_messages", 0)
+            self.counters["bad_consumer_messages"] += 1
+            if consumer_id:
+                self._reply_to_consumer(consumer_id, encode_error(request_id, error))
+
+    def _on_attach(self, name: str, consumer_id: str, frames: Frames) -> None:
+        state = self.subs.get(name)
+        if state is None:
+            if shard_of(name, self.config.senders) != self.index:
+                raise HeraldError("invalid_header", f"subscription {name!r} is served by sender {shard_of(name, self.config.senders)}; use the endpoints SUB_DESCRIBE returns")
+            parked = self.parked_attaches.setdefault(name, [])
+            if not parked:
+                self._lookup_subscription(name)
+            parked.append((frames, time.monotonic()))
+            return
+        requested = get_field(frames.header, "max_unacked", int, required=False)
+        limit = int(state.settings["max_unacked"])
+        max_unacked = min(limit, requested) if requested and requested > 0 else limit
+        consumer = state.consumers.get(consumer_id)
+        if consumer is None:
+            consumer = state.consumers[consumer_id] = Consumer(consumer_id, max_unacked)
+            log.info("consumer %s attached to %s", consumer_id, name)
+        consumer.last_seen = time.monotonic()
+        ready = bool(frames.header.get("ready"))
+        if ready and not consumer.ready:
+            consumer.ready = True
+            self.credit_dirty = True
+        if consumer.max_unacked != max_unacked:
+            consumer.max_unacked = max_unacked
+            self.credit_dirty = True
+        self._reply_to_consumer(
+            consumer_id,
+            encode(Command.WELCOME, frames.request_id, {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S}),
+        )
+
+    def _on_acks(self, name: str, consumer_id: str, frames: Frames) -> None:
+        state = self.subs.get(name)
+        key_name = "acks" if frames.command is Command.ACK else "nacks"
+        items = get_field(frames.header, key_name, list)
+        consumer = state.consumers.get(consumer_id) if state else None
+        if consumer is not None:
+            consumer.last_seen = time.monotonic()
+        now = time.monotonic()
+        results: list[str] = []
+        for item in items:
+            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)):
+                raise ProtocolError("invalid_header", f"each {key_name} entry must be [ref, attempt], got {str(item)[:60]}")
+            shard, seq = parse_delivery_ref(item[0])
+            delivery = state.deliveries.get((state.sub_id, shard, seq)) if state else None
+            if state is None or delivery is None or item[1] > delivery.attempt:
+                results.append(ACK_UNKNOWN)
+                self.counters["unknown_acks"] += 1
+            elif item[1] < delivery.attempt:
+                results.append(ACK_STALE)
+                self.counters["stale_acks"] += 1
+            elif frames.command is Command.ACK:
+                results.append(ACK_OK)
+                self.counters["acked"] += 1
+                del state.deliveries[delivery.key]
+                holder = state.consumers.get(delivery.consumer) if delivery.consumer else None
+                if holder is not None:
+                    holder.unacked.discard(delivery.key)
+                self.completions.setdefault(shard, []).append([state.sub_id, seq])
+            else:
+                results.append(ACK_OK)
+                self.counters["nacked"] += 1
+                if delivery.consumer is not None:
+                    self._retry(state, delivery, now, backoff=True)
+        if frames.request_id:
+            self._reply_to_consumer(consumer_id, encode(Command.ACK_REPLY, frames.request_id, {"results": results}))
+
+    def _on_detach(self, name: str, consumer_id: str) -> None:
+        state = self.subs.get(name)
+        if state is not None and consumer_id in state.consumers:
+            self._drop_consumer(state, consumer_id)
+
+    def _drop_consumer(self, state: SubscriptionState, consumer_id: str) -> None:
+        consumer = state.consumers.pop(consumer_id)
+        now = time.monotonic()
+        for key in list(consumer.unacked):
+            delivery = state.deliveries.get(key)
+            if delivery is not None:
+                self._retry(state, delivery, now, backoff=False)
+        self.credit_dirty = True
+        log.info("consumer %s left %s; %d unacknowledged messages re-routed", consumer_id, state.name, len(consumer.unacked))
+
+    def _expire_consumers(self) -> None:
+        cutoff = time.monotonic() - CONSUMER_EXPIRY_S
+        for state in self.subs.values():
+            for consumer_id in [cid for cid, c in state.consumers.items() if c.last_seen < cutoff]:
+                self._drop_consumer(state, consumer_id)
+
+    # ------------------------------------------------------------------ metadata
+
+    def _lookup_subscription(self, name: str) -> None:
+        self.next_call_id += 1
+        request_id = self.next_call_id.to_bytes(8, "big")
+        self.meta_calls[request_id] = (name, time.monotonic() + METADATA_CALL_TIMEOUT_S)
+        self.meta_rpc.send_multipart([b"", *encode(Command.SUB_DESCRIBE, request_id, {"name": name})])
+
+    def _on_metadata_reply(self, raw: list[bytes]) -> None:
+        _, body = split_envelope(raw)
+        try:
+            frames = decode(body)
+        except HeraldError as error:
+            log.error("bad reply from metadata: %s", error)
+            return
+        call = self.meta_calls.pop(frames.request_id, None)
+        if call is None:
+            return
+        name = call[0]
+        parked = self.parked_attaches.pop(name, [])
+        if frames.command is not Command.OK:
+            error = HeraldError.from_header(frames.header)
+            if error.code == "subscription_not_found":
+                self._forget_subscription(name)
+            for attach, _ in parked:
+                consumer_id = attach.header.get("consumer")
+                if isinstance(consumer_id, str) and consumer_id:
+                    self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error))
+            return
+        info = frames.header["subscription"]
+        state = self.subs.get(name)
+        if state is None or state.sub_id != int(info["id"]):
+            if state is not None:
+                self._forget_subscription(name)
+            state = SubscriptionState(info)
+            self.subs[name] = state
+            self.subs_by_id[state.sub_id] = state
+        else:
+            state.info = info
+        for attach, _ in parked:
+            self._on_attach(name, str(attach.header["consumer"]), attach)
+
+    def _forget_subscription(self, name: str) -> None:
+        state = self.subs.pop(name, None)
+        if state is not None:
+            self.subs_by_id.pop(state.sub_id, None)
+            for consumer_id in state.consumers:
+                self._reply_to_consumer(consumer_id, encode_error(b"", HeraldError("subscription_not_found", f"subscription {name!r} was deleted")))
+            self.credit_dirty = True
+
+    def _expire_metadata_calls(self, now: float) -> None:
+        for request_id in [rid for rid, (_, deadline) in self.meta_calls.items() if deadline <= now]:
+            name, _ = self.meta_calls.pop(request_id)
+            # Metadata is down: ask again; the consumer keeps re-sending ATTACH meanwhile.
+            if self.parked_attaches.get(name):
+                self._lookup_subscription(name)
+
+    def _on_metadata_event(self, raw: list[bytes]) -> None:
+        try:
+            frames = decode(raw[1:])
+        except HeraldError:
+            return
+        event = frames.header
+        if event.get("kind") == "heartbeat":
+            return
+        names = {str(event.get("name"))} | {str(d.get("name")) for d in event.get("deleted_subscriptions", [])}
+        for name in names & set(self.subs):
+            self._lookup_subscription(name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sender", description="Run one Herald sender.")
+    parser.add_argument("--config", required=True, help="config file (JSON from the launcher, or TOML)")
+    parser.add_argument("--index", type=int, required=True, help="which sender this is, from 0")
+    args = parser.parse_args(argv)
+    configure_logging(f"sender-{args.index}")
+    SenderServer(HeraldConfig.load(args.config), args.index).run()
+    return 0

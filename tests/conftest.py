@@ -1,0 +1,221 @@
+"""Fixtures that run the real Herald: `herald up` as a child process, real sockets.
+
+The system binds free loopback ports in a temporary data folder; the fixture
+waits for the launcher's ready line (with a deadline) and puts the launcher's
+stderr, which carries every child's log, in the failure message.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+import zmq
+
+from clients.protocol import Command, Frames, decode, encode, split_envelope
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+READY_TIMEOUT_S = 60.0
+_request_ids = itertools.count(1)
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.02, message: str = "condition") -> Any:
+    """Poll ``predicate`` until it returns something truthy; fail with the last value."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        last = predicate()
+        if last:
+            return last
+        time.sleep(interval)
+    raise AssertionError(f"{message} not reached within {timeout} s; last value: {last!r}")
+
+
+@dataclass
+class HeraldSystem:
+    """A running `herald up` and the means to hurt it."""
+
+    data_dir: Path
+    args: list[str]
+    process: subprocess.Popen[bytes] | None = None
+    endpoint: str = ""
+    log_path: Path = field(default_factory=Path)
+    _lines: list[str] = field(default_factory=list)
+
+    def start(self) -> HeraldSystem:
+        self.log_path = self.data_dir.parent / f"{self.data_dir.name}-herald.log"
+        log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
+        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "broker.launcher", "--data-dir", str(self.data_dir), "--port", "0", *self.args],
+            stdout=subprocess.PIPE,
+            stderr=log,
+            stdin=subprocess.DEVNULL,
+            cwd=PROJECT_ROOT,
+            env=env,
+        )
+        log.close()
+        ready = threading.Event()
+        self._lines = []
+
+        def read() -> None:
+            assert self.process is not None and self.process.stdout is not None
+            for raw in self.process.stdout:
+                line = raw.decode(errors="replace").strip()
+                self._lines.append(line)
+                if line.startswith("herald ready on "):
+                    self.endpoint = line.removeprefix("herald ready on ")
+                    ready.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        if not ready.wait(READY_TIMEOUT_S):
+            self.stop()
+            raise AssertionError(f"herald did not become ready in {READY_TIMEOUT_S} s\nstdout: {self._lines}\nlog:\n{self.log_tail()}")
+        return self
+
+    def log_tail(self, lines: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+    @property
+    def config(self) -> dict[str, Any]:
+        return orjson.loads((self.data_dir / "herald-runtime.json").read_bytes())
+
+    def status(self) -> dict[str, Any]:
+        return orjson.loads((self.data_dir / "herald-status.json").read_bytes())
+
+    def child_pid(self, name: str) -> int | None:
+        for child in self.status()["children"]:
+            if child["name"] == name:
+                return child["pid"] if child["running"] else None
+        raise KeyError(name)
+
+    def kill_child(self, name: str, sig: int = signal.SIGKILL) -> int:
+        """Signal one role process; returns the pid that was signalled."""
+        pid = wait_for(lambda: self.child_pid(name), message=f"{name} running")
+        os.kill(pid, sig)
+        return pid
+
+    def wait_restarted(self, name: str, old_pid: int, timeout: float = 30.0) -> int:
+        def restarted() -> int | None:
+            try:
+                pid = self.child_pid(name)
+            except (OSError, ValueError):
+                return None
+            return pid if pid and pid != old_pid else None
+
+        return wait_for(restarted, timeout=timeout, interval=0.05, message=f"{name} restarted")
+
+    def kill_all(self) -> None:
+        """SIGKILL the launcher and every child at once: a host-crash-like stop."""
+        pids = [child["pid"] for child in self.status()["children"] if child["pid"]]
+        if self.process is not None:
+            pids.append(self.process.pid)
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        if self.process is not None:
+            self.process.wait(10)
+        for pid in pids:
+            wait_for(lambda pid=pid: not _alive(pid), message=f"pid {pid} gone")
+
+    def stop(self, timeout: float = 30.0) -> int | None:
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else None
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            return None
+
+    def restart(self) -> HeraldSystem:
+        self.stop()
+        return self.start()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie child of ours is dead for our purposes.
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split()[2] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def herald_factory(tmp_path: Path) -> Iterator[Callable[..., HeraldSystem]]:
+    systems: list[HeraldSystem] = []
+
+    def make(*args: str, data_dir: Path | None = None) -> HeraldSystem:
+        system = HeraldSystem(data_dir or tmp_path / f"data{len(systems)}", list(args))
+        systems.append(system)
+        return system.start()
+
+    yield make
+    for system in systems:
+        system.stop()
+
+
+@pytest.fixture
+def herald(herald_factory: Callable[..., HeraldSystem]) -> HeraldSystem:
+    """A running Herald with default roles (2 frontends, 2 senders)."""
+    return herald_factory()
+
+
+class RawClient:
+    """A bare DEALER socket speaking the wire protocol, as a native client would."""
+
+    def __init__(self, endpoint: str, timeout_s: float = 10.0) -> None:
+        self.context: zmq.Context[Any] = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.timeout_ms = int(timeout_s * 1000)
+
+    def send_raw(self, frames: list[bytes]) -> None:
+        self.socket.send_multipart(frames)
+
+    def receive(self) -> Frames:
+        if not self.socket.poll(self.timeout_ms):
+            raise AssertionError("no reply within the timeout")
+        _, body = split_envelope(self.socket.recv_multipart())
+        return decode(body)
+
+    def request(self, command: Command, header: dict[str, Any] | None = None, payloads: list[bytes] | None = None) -> Frames:
+        request_id = next(_request_ids).to_bytes(8, "big")
+        self.send_raw([b"", *encode(command, request_id, header or {}, payloads or [])])
+        reply = self.receive()
+        assert reply.request_id == request_id
+        return reply
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.context.term()
+
+
+@pytest.fixture
+def raw(herald: HeraldSystem) -> Iterator[RawClient]:
+    client = RawClient(herald.endpoint)
+    yield client
+    client.close()
