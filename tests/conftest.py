@@ -219,3 +219,36 @@ def raw(herald: HeraldSystem) -> Iterator[RawClient]:
     client = RawClient(herald.endpoint)
     yield client
     client.close()
+
+
+@pytest.fixture(scope="module")
+def herald_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldSystem]:
+    """One Herald shared by a module's tests (for tests that do not hurt it)."""
+    system = HeraldSystem(tmp_path_factory.mktemp("herald") / "data", []).start()
+    yield system
+    system.stop()
+
+
+def topic_for_shard(prefix: str, shard: int, shards: int = 2) -> str:
+    """A topic name that the frontend ``shard`` owns."""
+    from clients.protocol import shard_of
+
+    for n in itertools.count():
+        name = f"{prefix}{n}"
+        if shard_of(name, shards) == shard:
+            return name
+    raise AssertionError("unreachable")
+
+
+def stored_messages(data_dir: Path, shards: int = 2) -> list[Any]:
+    """Every message in every shard of a stopped system."""
+    from frontend.store import ShardStore
+
+    messages = []
+    for index in range(shards):
+        store = ShardStore(data_dir / f"shard-{index}")
+        try:
+            messages.extend(store.messages())
+        finally:
+            store.close()
+    return messages

@@ -1,0 +1,796 @@
+"""The protocol core both client flavours share: no sockets, no waiting.
+
+:class:`Client` (blocking) and :class:`AsyncClient` (asyncio) differ only in
+how they wait. Everything else lives here, once: building each request as a
+:class:`Call` (frames plus the parser of its reply), turning replies into
+values or :class:`HeraldError`, the publish retry policy, the message types,
+and the consumer-side state machine that parses what a sender pushes on the
+SUB socket (WELCOME, DELIVER, ACK_REPLY, ERROR) and de-duplicates redeliveries
+of messages this consumer has already acknowledged.
+
+Frames are never built here by hand: every request goes through
+``clients.protocol`` (``encode``, ``encode_publish``, ``encode_attach``,
+``encode_acks``).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Final, Generic, Protocol, TypeVar
+
+import zmq
+
+from clients.protocol import (
+    ACK_OK,
+    ACK_STALE,
+    ACK_UNKNOWN,
+    MAX_BATCH_MESSAGES,
+    MAX_MESSAGE_ID_BYTES,
+    SUBSCRIPTION_SETTINGS,
+    TOPIC_SETTINGS,
+    Command,
+    Frames,
+    HeraldError,
+    ProtocolError,
+    check_attributes,
+    check_name,
+    consumer_topic_frame,
+    decode,
+    encode,
+    encode_acks,
+    encode_attach,
+    encode_publish,
+    split_envelope,
+)
+
+log = logging.getLogger("herald.client")
+
+T = TypeVar("T")
+
+DEFAULT_ENDPOINT: Final = "tcp://127.0.0.1:5555"
+DEFAULT_TIMEOUT_S: Final = 10.0
+# Client sockets queue at most this many messages each way: enough for 10k+
+# pipelined requests, finite so a dead peer cannot grow memory without bound.
+CLIENT_SNDHWM: Final = 100_000
+CLIENT_RCVHWM: Final = 100_000
+# The consumer SUB socket's queue; the sender never has more than max_unacked
+# deliveries out to one consumer, so this only matters for a misbehaving peer.
+CONSUMER_RCVHWM: Final = 100_000
+CONSUMER_SNDHWM: Final = 10_000
+RECONNECT_IVL_MS: Final = 100  # first reconnect attempt after a peer vanished
+RECONNECT_IVL_MAX_MS: Final = 2_000  # backoff cap, so a restarted server is found quickly
+# A publish is tried at most this often within its one deadline; message ids
+# make the retry safe (the server de-duplicates them).
+PUBLISH_ATTEMPTS: Final = 2
+RETRY_PAUSE_S: Final = 0.05  # after a retriable error reply, before resending
+# Largest payload total of one PUBLISH request built by publish_batch; bigger
+# batches are split (the count limit is protocol.MAX_BATCH_MESSAGES).
+PUBLISH_BATCH_BYTES: Final = 32 * 1024 * 1024
+# Message ids a consumer remembers as acknowledged, to drop their redeliveries.
+ACKED_WINDOW: Final = 10_000
+
+
+# --------------------------------------------------------------------------- small helpers
+
+
+def new_message_id() -> str:
+    """A fresh message id: 32 hex digits, unique without coordination."""
+    return uuid.uuid4().hex
+
+
+class RequestIds:
+    """Request ids for one socket: an 8-byte big-endian counter.
+
+    Ids never repeat on a socket, so a reply that arrives after its request
+    timed out matches nothing and is dropped.
+    """
+
+    __slots__ = ("_counter",)
+
+    def __init__(self) -> None:
+        self._counter = itertools.count(1)
+
+    def next(self) -> bytes:
+        """The next unused request id."""
+        return next(self._counter).to_bytes(8, "big")
+
+
+def check_timeout(timeout: float) -> float:
+    """Return ``timeout`` if it is a positive number of seconds.
+
+    Raises:
+        ValueError: for zero, negative or non-numeric timeouts.
+    """
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+        raise ValueError(f"timeout = {timeout!r} must be a positive number of seconds")
+    return float(timeout)
+
+
+def timeout_error(what: str, endpoint: str, timeout: float) -> HeraldError:
+    """The error every client raises when a deadline passes."""
+    return HeraldError(
+        "timeout",
+        f"no reply to {what} from {endpoint} within {timeout:g} s; is the server running (start it with `herald up`)?",
+        {"endpoint": endpoint, "timeout": timeout},
+    )
+
+
+def closed_error(what: str) -> HeraldError:
+    """The error raised when a closed client or subscription is used."""
+    return HeraldError("unavailable", f"{what} is closed; create a new one")
+
+
+# --------------------------------------------------------------------------- replies
+
+
+def parse_reply(raw: list[bytes]) -> Frames:
+    """Decode a reply read from a DEALER socket (``[b"", SIGNATURE, ...]``).
+
+    Raises:
+        ProtocolError: when the server sent something that is not a Herald message.
+    """
+    _envelope, body = split_envelope(raw)
+    return decode(body)
+
+
+def reply_header(frames: Frames) -> dict[str, Any]:
+    """The header of an OK reply.
+
+    Raises:
+        HeraldError: the error an ERROR reply carries.
+        ProtocolError: ``malformed`` when the reply is neither OK nor ERROR.
+    """
+    if frames.command is Command.OK:
+        return frames.header
+    if frames.command is Command.ERROR:
+        raise HeraldError.from_header(frames.header)
+    raise ProtocolError("malformed", f"expected an OK or ERROR reply, got {frames.command.name}")
+
+
+def _field(header: Mapping[str, Any], key: str, kind: type | tuple[type, ...]) -> Any:
+    value = header.get(key)
+    if not isinstance(value, kind):
+        raise ProtocolError("malformed", f"reply field {key!r} is missing or not {kind}: {str(value)[:80]}")
+    return value
+
+
+# --------------------------------------------------------------------------- calls
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[T]):
+    """One request: how to build its frames and how to read its reply.
+
+    Attributes:
+        command: the verb, for error messages and logs.
+        build: frames for a given request id (without the empty delimiter).
+        parse: the value of an OK reply's header.
+        attempts: how often the request may be sent within its deadline; above
+            one only for requests that are safe to repeat.
+    """
+
+    command: Command
+    build: Callable[[bytes], list[bytes]]
+    parse: Callable[[dict[str, Any]], T]
+    attempts: int = 1
+
+    def frames(self, request_id: bytes) -> list[bytes]:
+        """The frames to send on a DEALER socket: empty delimiter first."""
+        return [b"", *self.build(request_id)]
+
+
+def simple_call(command: Command, header: dict[str, Any], parse: Callable[[dict[str, Any]], T]) -> Call[T]:
+    """A call whose frames are just ``encode(command, request_id, header)``."""
+    return Call(command, lambda request_id: encode(command, request_id, header), parse)
+
+
+def attempt_deadline(now: float, deadline: float, attempt: int, attempts: int) -> float:
+    """When to give up on attempt ``attempt`` (0-based) of ``attempts``.
+
+    The remaining time is shared equally by the remaining attempts, so a
+    retry always has time left and the whole call still ends at ``deadline``.
+    """
+    remaining_attempts = max(1, attempts - attempt)
+    return now + max(0.0, deadline - now) / remaining_attempts
+
+
+def may_retry(error: HeraldError, attempt: int, attempts: int, now: float, deadline: float) -> bool:
+    """Whether a failed attempt is worth sending again (``now`` and ``deadline`` on one clock)."""
+    return error.retriable and attempt + 1 < attempts and now + RETRY_PAUSE_S < deadline
+
+
+def settings_of(kind: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """Check setting names locally and drop the ones left unset (None).
+
+    Values are checked by the server, which owns the rules; names are checked
+    here so a typo fails before a round trip, naming the known settings.
+
+    Raises:
+        HeraldError: ``invalid_setting`` for an unknown name or a bad ``backoff`` tuple.
+    """
+    specs = TOPIC_SETTINGS if kind == "topic" else SUBSCRIPTION_SETTINGS
+    out: dict[str, Any] = {}
+    for key, value in settings.items():
+        if value is None:
+            continue
+        if key == "backoff" and kind == "subscription":
+            if not (isinstance(value, tuple | list) and len(value) == 2):
+                raise HeraldError("invalid_setting", f"backoff must be a (min, max) pair of seconds, got {value!r}")
+            out["backoff_min"], out["backoff_max"] = value[0], value[1]
+            continue
+        if key not in specs:
+            known = ", ".join(sorted([*specs, "backoff"] if kind == "subscription" else specs))
+            raise HeraldError("invalid_setting", f"unknown {kind} setting {key!r}; known: {known}")
+        out[key] = dict(value) if key == "filter" and isinstance(value, Mapping) else value
+    return out
+
+
+def _topic(header: dict[str, Any]) -> dict[str, Any]:
+    topic: dict[str, Any] = _field(header, "topic", dict)
+    return topic
+
+
+def _subscription(header: dict[str, Any]) -> dict[str, Any]:
+    sub: dict[str, Any] = _field(header, "subscription", dict)
+    return sub
+
+
+def _none(_header: dict[str, Any]) -> None:
+    return None
+
+
+def _same(header: dict[str, Any]) -> dict[str, Any]:
+    return header
+
+
+def create_topic_call(name: str, exist_ok: bool, settings: Mapping[str, Any]) -> Call[dict[str, Any]]:
+    """TOPIC_CREATE; the reply value is the topic record."""
+    header = {"name": check_name(name, "topic"), "settings": settings_of("topic", settings), "exist_ok": bool(exist_ok)}
+    return simple_call(Command.TOPIC_CREATE, header, _topic)
+
+
+def delete_topic_call(name: str) -> Call[None]:
+    """TOPIC_DELETE."""
+    return simple_call(Command.TOPIC_DELETE, {"name": check_name(name, "topic")}, _none)
+
+
+def list_topics_call(prefix: str) -> Call[list[dict[str, Any]]]:
+    """TOPIC_LIST, optionally only names starting with ``prefix``."""
+    header = {"prefix": prefix} if prefix else {}
+    return simple_call(Command.TOPIC_LIST, header, lambda h: list(_field(h, "topics", list)))
+
+
+def describe_topic_call(name: str) -> Call[dict[str, Any]]:
+    """TOPIC_DESCRIBE; the topic record with the names of its subscriptions."""
+    return simple_call(Command.TOPIC_DESCRIBE, {"name": check_name(name, "topic")}, _topic)
+
+
+def create_subscription_call(topic: str, name: str, exist_ok: bool, settings: Mapping[str, Any]) -> Call[dict[str, Any]]:
+    """SUB_CREATE; the reply value is the subscription record with its endpoints."""
+    header = {
+        "topic": check_name(topic, "topic"),
+        "name": check_name(name, "subscription"),
+        "settings": settings_of("subscription", settings),
+        "exist_ok": bool(exist_ok),
+    }
+    return simple_call(Command.SUB_CREATE, header, _subscription)
+
+
+def delete_subscription_call(name: str) -> Call[None]:
+    """SUB_DELETE."""
+    return simple_call(Command.SUB_DELETE, {"name": check_name(name, "subscription")}, _none)
+
+
+def list_subscriptions_call(topic: str | None) -> Call[list[dict[str, Any]]]:
+    """SUB_LIST, optionally of one topic."""
+    header = {"topic": check_name(topic, "topic")} if topic is not None else {}
+    return simple_call(Command.SUB_LIST, header, lambda h: list(_field(h, "subscriptions", list)))
+
+
+def describe_subscription_call(name: str) -> Call[dict[str, Any]]:
+    """SUB_DESCRIBE."""
+    return simple_call(Command.SUB_DESCRIBE, {"name": check_name(name, "subscription")}, _subscription)
+
+
+def info_call() -> Call[dict[str, Any]]:
+    """INFO: versions, limits and endpoints."""
+    return simple_call(Command.INFO, {}, _same)
+
+
+def ping_call() -> Call[dict[str, Any]]:
+    """PING."""
+    return simple_call(Command.PING, {}, _same)
+
+
+def status_call() -> Call[dict[str, Any]]:
+    """STATUS: the answering frontend's statistics."""
+    return simple_call(Command.STATUS, {}, _same)
+
+
+# --------------------------------------------------------------------------- publish
+
+
+class PublishId(str):
+    """The id of a published message, as a string.
+
+    Attributes:
+        duplicate: True when the server already stored a message with this id
+            (within the topic's de-duplication window), so this publish stored nothing new.
+    """
+
+    duplicate: bool
+
+    def __new__(cls, value: str, duplicate: bool = False) -> PublishId:
+        self = super().__new__(cls, value)
+        self.duplicate = duplicate
+        return self
+
+    def __repr__(self) -> str:
+        return f"PublishId({str(self)!r}, duplicate={self.duplicate})"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (PublishId, (str(self), self.duplicate))
+
+
+PublishItem = tuple[bytes, dict[str, str] | None, str]
+ItemLike = bytes | tuple[bytes] | tuple[bytes, Mapping[str, str] | None] | tuple[bytes, Mapping[str, str] | None, str | None]
+
+
+def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message_id: str | None = None) -> PublishItem:
+    """Check one message locally and give it an id when the caller did not.
+
+    Raises:
+        TypeError: when ``data`` is not bytes-like.
+        HeraldError: ``invalid_header`` for bad attributes or message id.
+    """
+    if isinstance(data, bytearray | memoryview):
+        data = bytes(data)
+    if not isinstance(data, bytes):
+        raise TypeError(f"message data must be bytes, got {type(data).__name__}; encode text first, e.g. text.encode()")
+    attrs = check_attributes(dict(attributes)) if attributes else None
+    if message_id is None:
+        message_id = new_message_id()
+    elif not isinstance(message_id, str) or not message_id:
+        raise HeraldError("invalid_header", f"message_id must be a non-empty string, got {message_id!r}")
+    elif len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+        raise HeraldError("invalid_header", f"message_id of {len(message_id.encode())} bytes exceeds {MAX_MESSAGE_ID_BYTES} bytes")
+    return (data, attrs, message_id)
+
+
+def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
+    """Normalise ``publish_batch`` items: bytes, (bytes, attributes) or (bytes, attributes, id).
+
+    Raises:
+        TypeError: for an item of another shape.
+        HeraldError: as :func:`publish_item`.
+    """
+    out: list[PublishItem] = []
+    for index, item in enumerate(items):
+        if isinstance(item, tuple):
+            if not 1 <= len(item) <= 3:
+                raise TypeError(f"item {index} must be bytes or (bytes, attributes[, message_id]), got a tuple of {len(item)}")
+            out.append(publish_item(*item))
+        else:
+            out.append(publish_item(item))
+    return out
+
+
+def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
+    """Split items into requests within the protocol's count and this client's byte bound."""
+    chunks: list[Sequence[PublishItem]] = []
+    start, size = 0, 0
+    for index, (data, _, _) in enumerate(items):
+        if index > start and (index - start >= MAX_BATCH_MESSAGES or size + len(data) > PUBLISH_BATCH_BYTES):
+            chunks.append(items[start:index])
+            start, size = index, 0
+        size += len(data)
+    if start < len(items):
+        chunks.append(items[start:])
+    return chunks
+
+
+def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishId]]:
+    """PUBLISH of already-normalised items; safe to send twice (ids de-duplicate)."""
+    check_name(topic, "topic")
+    wire_items: list[tuple[bytes, dict[str, str] | None, str | None]] = list(items)
+    count = len(wire_items)
+
+    def parse(header: dict[str, Any]) -> list[PublishId]:
+        ids = _field(header, "ids", list)
+        duplicate = header.get("duplicate")
+        if not isinstance(duplicate, list):
+            duplicate = [False] * len(ids)
+        if len(ids) != count or len(duplicate) != count:
+            raise ProtocolError("malformed", f"PUBLISH of {count} messages answered with {len(ids)} ids and {len(duplicate)} duplicate flags")
+        return [PublishId(str(i), bool(d)) for i, d in zip(ids, duplicate, strict=True)]
+
+    return Call(Command.PUBLISH, lambda request_id: encode_publish(topic, wire_items, request_id), parse, PUBLISH_ATTEMPTS)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+@dataclass(frozen=True, slots=True)
+class ClientStatistics:
+    """A snapshot of one client's request counters."""
+
+    requests: int
+    replies: int
+    errors: int
+    timeouts: int
+    retries: int
+    stray_replies: int
+    malformed_replies: int
+    in_flight: int
+
+
+@dataclass(slots=True)
+class ClientCounters:
+    """The live counters behind :class:`ClientStatistics`."""
+
+    requests: int = 0
+    replies: int = 0
+    errors: int = 0
+    timeouts: int = 0
+    retries: int = 0
+    stray_replies: int = 0
+    malformed_replies: int = 0
+
+    def snapshot(self, in_flight: int) -> ClientStatistics:
+        return ClientStatistics(
+            self.requests, self.replies, self.errors, self.timeouts, self.retries, self.stray_replies, self.malformed_replies, in_flight
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SubscriptionStatistics:
+    """A snapshot of one subscription's consumer counters."""
+
+    delivered: int
+    duplicates_dropped: int
+    acked: int
+    stale_acks: int
+    nacked: int
+    malformed: int
+    buffered: int
+
+
+# --------------------------------------------------------------------------- messages
+
+
+class SyncAcknowledger(Protocol):
+    """What a blocking :class:`Message` acknowledges through."""
+
+    def _ack(self, message: Message) -> bool: ...
+
+    def _nack(self, message: Message) -> None: ...
+
+
+class AsyncAcknowledger(Protocol):
+    """What an :class:`AsyncMessage` acknowledges through."""
+
+    async def _ack(self, message: AsyncMessage) -> bool: ...
+
+    async def _nack(self, message: AsyncMessage) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class MessageFields:
+    """The fields of a delivered message, shared by both flavours.
+
+    Attributes:
+        id: the message id, stable across redeliveries (de-duplicate on it).
+        topic: the topic it was published to.
+        data: the payload.
+        attributes: the string attributes given at publish time.
+        attempt: 1 for the first delivery, higher for redeliveries.
+        ref: the delivery handle acknowledgements name.
+        subscription: the subscription it was delivered through.
+        timestamp: when the server stored it, in seconds since the epoch.
+    """
+
+    id: str
+    topic: str
+    data: bytes
+    attributes: dict[str, str]
+    attempt: int
+    ref: str
+    subscription: str
+    timestamp: float
+
+
+@dataclass(frozen=True, slots=True)
+class Message(MessageFields):
+    """A message delivered to a blocking :class:`~clients.Subscription`."""
+
+    _owner: SyncAcknowledger = field(repr=False, compare=False)
+
+    def ack(self) -> bool:
+        """Acknowledge the message and wait for the sender to confirm.
+
+        Returns:
+            True when the acknowledgement settled the message; False when it was
+            stale (the message was already redelivered as a newer attempt, which
+            will arrive again and must be acknowledged then).
+
+        Raises:
+            HeraldError: ``unknown_delivery`` when the sender does not know the
+                delivery (e.g. it restarted); ``timeout`` when no confirmation came.
+        """
+        return self._owner._ack(self)
+
+    def nack(self) -> None:
+        """Give the message back for redelivery after the subscription's backoff.
+
+        Raises:
+            HeraldError: ``unavailable`` when the subscription is closed.
+        """
+        self._owner._nack(self)
+
+
+@dataclass(frozen=True, slots=True)
+class AsyncMessage(MessageFields):
+    """A message delivered to an :class:`~clients.aio.AsyncSubscription`."""
+
+    _owner: AsyncAcknowledger = field(repr=False, compare=False)
+
+    async def ack(self) -> bool:
+        """Acknowledge the message and wait for the sender to confirm.
+
+        Returns:
+            True when settled, False when stale (see :meth:`Message.ack`).
+
+        Raises:
+            HeraldError: ``unknown_delivery`` or ``timeout``.
+        """
+        return await self._owner._ack(self)
+
+    async def nack(self) -> None:
+        """Give the message back for redelivery after the subscription's backoff.
+
+        Raises:
+            HeraldError: ``unavailable`` when the subscription is closed.
+        """
+        await self._owner._nack(self)
+
+
+def ack_result(result: str, message: MessageFields) -> bool:
+    """Map one ACK_REPLY result to ``ack()``'s value.
+
+    Raises:
+        HeraldError: ``unknown_delivery`` for "unknown" or an unexpected result.
+    """
+    if result == ACK_OK:
+        return True
+    if result == ACK_STALE:
+        return False
+    detail = "the sender does not know it (it may have restarted, or the message was already settled)"
+    if result != ACK_UNKNOWN:
+        detail = f"the sender answered {result!r}"
+    raise HeraldError("unknown_delivery", f"ack of message {message.id} (ref {message.ref}, attempt {message.attempt}): {detail}")
+
+
+# --------------------------------------------------------------------------- consumer state
+
+
+class AckedWindow:
+    """The ids of the last ``capacity`` messages acknowledged successfully."""
+
+    __slots__ = ("_ids", "capacity")
+
+    def __init__(self, capacity: int = ACKED_WINDOW) -> None:
+        if capacity < 1:
+            raise ValueError(f"acked window capacity = {capacity} must be at least 1")
+        self.capacity = capacity
+        self._ids: OrderedDict[str, None] = OrderedDict()
+
+    def add(self, message_id: str) -> None:
+        """Remember an acknowledged id, forgetting the oldest beyond capacity."""
+        self._ids[message_id] = None
+        self._ids.move_to_end(message_id)
+        if len(self._ids) > self.capacity:
+            self._ids.popitem(last=False)
+
+    def __contains__(self, message_id: object) -> bool:
+        return message_id in self._ids
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+
+M = TypeVar("M", bound=MessageFields)
+
+
+@dataclass(slots=True)
+class ConsumerEvents:
+    """What one SUB message meant, for the flavour that read it to act on."""
+
+    welcomed: bool = False
+    replies: dict[bytes, list[str]] = field(default_factory=dict)
+    errors: dict[bytes, HeraldError] = field(default_factory=dict)
+    fatal: HeraldError | None = None
+    reacks: list[tuple[str, int]] = field(default_factory=list)
+
+
+class ConsumerCore(Generic[M]):
+    """The consumer's protocol state, shared by both flavours: no sockets.
+
+    It names the consumer, builds its ATTACH/ACK/NACK/DETACH frames, parses
+    what the sender pushes, buffers deliveries in arrival order, and drops
+    redeliveries of ids it acknowledged (re-acknowledging them, so the sender
+    stops redelivering a message whose first ack was lost).
+
+    The buffer needs no bound of its own: the sender never has more than the
+    subscription's ``max_unacked`` deliveries out to one consumer.
+    """
+
+    def __init__(self, info: dict[str, Any], consumer_id: str, make: Callable[..., M], *, window: int = ACKED_WINDOW) -> None:
+        self.info = info
+        self.name: str = _field(info, "name", str)
+        self.topic: str = _field(info, "topic", str)
+        endpoints = _field(info, "endpoints", dict)
+        self.deliver_endpoint: str = _field(endpoints, "deliver", str)
+        self.ack_endpoint: str = _field(endpoints, "ack", str)
+        self.consumer_id = consumer_id
+        self.topic_frame = consumer_topic_frame(consumer_id)
+        self.buffer: deque[M] = deque()
+        self.acked = AckedWindow(window)
+        self.welcomed = False
+        self.failure: HeraldError | None = None
+        self._make = make
+        self.delivered = 0
+        self.duplicates_dropped = 0
+        self.acked_count = 0
+        self.stale_acks = 0
+        self.nacked = 0
+        self.malformed = 0
+
+    # -- frames to send
+
+    def attach_frames(self, *, ready: bool, request_id: bytes = b"") -> list[bytes]:
+        """ATTACH: before WELCOME with ready=False, then ready=True as heartbeat.
+
+        A request id lets an ERROR answering this ATTACH be told apart.
+        """
+        return encode_attach(self.name, self.consumer_id, ready=ready, request_id=request_id)
+
+    def ack_frames(self, refs: list[tuple[str, int]], request_id: bytes = b"") -> list[bytes]:
+        """ACK of (ref, attempt) pairs; a request id asks for an ACK_REPLY."""
+        return encode_acks(Command.ACK, self.name, self.consumer_id, refs, request_id)
+
+    def nack_frames(self, refs: list[tuple[str, int]]) -> list[bytes]:
+        """NACK of (ref, attempt) pairs, without asking for a reply."""
+        return encode_acks(Command.NACK, self.name, self.consumer_id, refs)
+
+    def detach_frames(self) -> list[bytes]:
+        """DETACH: the sender hands this consumer's unacknowledged messages on at once."""
+        return encode(Command.DETACH, b"", {"subscription": self.name, "consumer": self.consumer_id})
+
+    # -- results of acks
+
+    def settled(self, message: MessageFields, result: str) -> bool:
+        """Record an ACK_REPLY result for ``message`` and return ``ack()``'s value."""
+        value = ack_result(result, message)
+        if value:
+            self.acked.add(message.id)
+            self.acked_count += 1
+        else:
+            self.stale_acks += 1
+        return value
+
+    def statistics(self) -> SubscriptionStatistics:
+        """A snapshot of this consumer's counters."""
+        return SubscriptionStatistics(
+            self.delivered, self.duplicates_dropped, self.acked_count, self.stale_acks, self.nacked, self.malformed, len(self.buffer)
+        )
+
+    # -- what arrives
+
+    def handle(self, raw: list[bytes], owner: Any) -> ConsumerEvents:
+        """Parse one message read from the SUB socket and update the state.
+
+        Deliveries go to :attr:`buffer`; replies, errors and ids to re-ack are
+        returned for the caller to act on. Malformed input is counted and logged,
+        never raised: a bad frame from the network must not kill a consumer.
+        """
+        events = ConsumerEvents()
+        if not raw or raw[0] != self.topic_frame:
+            self.malformed += 1
+            return events
+        try:
+            frames = decode(raw[1:])
+        except ProtocolError as error:
+            self.malformed += 1
+            log.warning("dropped a malformed message from sender %s: %s", self.deliver_endpoint, error)
+            return events
+        match frames.command:
+            case Command.DELIVER:
+                events.reacks = self._on_deliver(frames, owner)
+            case Command.ACK_REPLY:
+                results = frames.header.get("results")
+                if isinstance(results, list) and all(isinstance(r, str) for r in results):
+                    events.replies[frames.request_id] = results
+                else:
+                    self.malformed += 1
+            case Command.WELCOME:
+                self.welcomed = events.welcomed = True
+            case Command.ERROR:
+                error = HeraldError.from_header(frames.header)
+                if error.code == "subscription_not_found":
+                    # The subscription was deleted under us: nothing more will come.
+                    self.failure = events.fatal = error
+                if frames.request_id:
+                    events.errors[frames.request_id] = error
+                elif events.fatal is None:
+                    log.warning("sender %s reported: %s", self.deliver_endpoint, error)
+            case _:
+                self.malformed += 1
+                log.warning("dropped unexpected %s from sender %s", frames.command.name, self.deliver_endpoint)
+        return events
+
+    def _on_deliver(self, frames: Frames, owner: Any) -> list[tuple[str, int]]:
+        entries = frames.header.get("messages")
+        if not isinstance(entries, list) or len(entries) != len(frames.payloads):
+            # Without a trustworthy pairing of headers and payloads nothing can
+            # be delivered; the ack deadline brings the messages back.
+            self.malformed += 1
+            log.warning("dropped a DELIVER whose %s headers do not match %d payloads", len(entries) if isinstance(entries, list) else "missing", len(frames.payloads))
+            return []
+        reacks: list[tuple[str, int]] = []
+        for entry, payload in zip(entries, frames.payloads, strict=True):
+            try:
+                message_id = _field(entry, "id", str)
+                ref = _field(entry, "ref", str)
+                attempt = _field(entry, "attempt", int)
+                attributes = entry.get("attributes") or {}
+                timestamp = entry.get("ts") or 0.0
+                topic = entry.get("topic") or self.topic
+                if not isinstance(attributes, dict) or not isinstance(timestamp, int | float) or not isinstance(topic, str):
+                    raise ProtocolError("malformed", "attributes, ts or topic has the wrong type")
+            except (ProtocolError, AttributeError) as error:
+                self.malformed += 1
+                log.warning("dropped a malformed DELIVER entry: %s", error)
+                continue
+            if message_id in self.acked:
+                self.duplicates_dropped += 1
+                reacks.append((ref, attempt))
+                continue
+            self.delivered += 1
+            self.buffer.append(self._make(message_id, topic, payload, attributes, attempt, ref, self.name, float(timestamp), owner))
+        return reacks
+
+
+# --------------------------------------------------------------------------- sockets
+
+
+def setup_socket(
+    sock: Any,
+    *,
+    connect: str,
+    sndhwm: int,
+    rcvhwm: int,
+    subscribe: bytes | None = None,
+    immediate: bool = False,
+) -> None:
+    """Set a fresh socket's options, then connect it: one place for both flavours.
+
+    Linger is 0 so closing never hangs on a dead peer; callers that must flush
+    a last message (DETACH) raise it for that close only. ``immediate`` keeps a
+    DEALER from queueing requests for a server that is not connected, so they
+    time out instead of piling up for a server that may come back much later.
+    """
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, sndhwm)
+    sock.setsockopt(zmq.RCVHWM, rcvhwm)
+    sock.setsockopt(zmq.RECONNECT_IVL, RECONNECT_IVL_MS)
+    sock.setsockopt(zmq.RECONNECT_IVL_MAX, RECONNECT_IVL_MAX_MS)
+    if immediate:
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+    if subscribe is not None:
+        sock.setsockopt(zmq.SUBSCRIBE, subscribe)
+    sock.connect(connect)

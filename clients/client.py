@@ -1,0 +1,646 @@
+"""The blocking Herald client.
+
+One :class:`Client` owns one ``zmq.Context`` and one DEALER socket connected to
+the proxy. Each request carries a fresh request id and waits for the reply
+with that id, at most ``timeout`` seconds; replies to earlier requests that
+timed out are recognised by their id and dropped. A client may be shared by
+threads (requests are serialised by a lock); a :class:`Subscription` belongs to
+the thread that iterates it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import zmq
+
+from clients._core import (
+    CLIENT_RCVHWM,
+    CLIENT_SNDHWM,
+    CONSUMER_RCVHWM,
+    CONSUMER_SNDHWM,
+    DEFAULT_ENDPOINT,
+    DEFAULT_TIMEOUT_S,
+    RETRY_PAUSE_S,
+    Call,
+    ClientCounters,
+    ClientStatistics,
+    ConsumerCore,
+    ItemLike,
+    Message,
+    PublishId,
+    RequestIds,
+    SubscriptionStatistics,
+    attempt_deadline,
+    check_timeout,
+    closed_error,
+    create_subscription_call,
+    create_topic_call,
+    delete_subscription_call,
+    delete_topic_call,
+    describe_subscription_call,
+    describe_topic_call,
+    info_call,
+    list_subscriptions_call,
+    list_topics_call,
+    may_retry,
+    parse_reply,
+    ping_call,
+    publish_call,
+    publish_item,
+    publish_items,
+    reply_header,
+    setup_socket,
+    split_batch,
+    status_call,
+    timeout_error,
+)
+from clients.protocol import ATTACH_RETRY_S, CONSUMER_HEARTBEAT_S, Frames, HeraldError, ProtocolError, request_id_of, split_envelope
+
+log = logging.getLogger("herald.client")
+
+T = TypeVar("T")
+
+# Waits with no deadline still wake this often, so Ctrl-C is seen promptly.
+IDLE_POLL_MS: Final = 500
+# DETACH is the one message worth flushing on close: it lets the sender hand
+# this consumer's unacknowledged messages to others at once instead of after
+# CONSUMER_EXPIRY_S. Close waits at most this long for it.
+DETACH_LINGER_MS: Final = 500
+# A few heartbeats may wait for a reconnecting sender; older ones are worthless.
+CONSUMER_HEARTBEAT_QUEUE: Final = 4
+DRAIN_BURST: Final = 10_000  # SUB messages handled per wake-up before checking the caller's deadline
+
+
+def _poll_ms(deadline: float) -> int:
+    return max(0, math.ceil((deadline - time.monotonic()) * 1000))
+
+
+class Client:
+    """A blocking connection to a Herald server.
+
+    Args:
+        endpoint: the request endpoint of the proxy.
+        timeout: seconds any one call waits for its reply before raising
+            ``HeraldError("timeout")``; a dead server raises the same error.
+
+    Use it as a context manager, or call :meth:`close`.
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.endpoint = endpoint
+        self.timeout = check_timeout(timeout)
+        self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        self._socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
+        setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+        self._ids = RequestIds()
+        self._lock = threading.Lock()
+        self._counters = ClientCounters()
+        self._subscriptions: set[Subscription] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<Client {self.endpoint} timeout={self.timeout:g}{' closed' if self._closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def close(self) -> None:
+        """Close open subscriptions, the socket and the context. Safe to call twice."""
+        if self._closed:
+            return
+        for subscription in list(self._subscriptions):
+            subscription.close()
+        with self._lock:
+            self._closed = True
+            self._socket.close(linger=0)
+            self._context.term()
+
+    def statistics(self) -> ClientStatistics:
+        """A snapshot of this client's request counters."""
+        return self._counters.snapshot(0)
+
+    # ------------------------------------------------------------------ topics
+
+    def create_topic(self, name: str, *, exist_ok: bool = False, **settings: Any) -> dict[str, Any]:
+        """Create a topic.
+
+        Args:
+            name: the topic name (letters, digits and ``. _ - / : @``).
+            exist_ok: return the existing topic instead of failing when it exists
+                (its settings are left as they are).
+            **settings: ``retention`` (s), ``dedup_window`` (s), ``max_payload`` (bytes).
+
+        Returns:
+            The topic record: ``id``, ``name``, ``settings``, ``created_at``.
+
+        Raises:
+            HeraldError: ``topic_exists``, ``invalid_name``, ``invalid_setting``, ``timeout``...
+        """
+        return self._request(create_topic_call(name, exist_ok, settings))
+
+    def delete_topic(self, name: str) -> None:
+        """Delete a topic, its subscriptions and their backlogs.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``timeout``...
+        """
+        self._request(delete_topic_call(name))
+
+    def list_topics(self, prefix: str = "") -> list[dict[str, Any]]:
+        """List topics, optionally only those whose name starts with ``prefix``.
+
+        Returns:
+            Topic records, as :meth:`create_topic` returns them.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return self._request(list_topics_call(prefix))
+
+    def describe_topic(self, name: str) -> dict[str, Any]:
+        """One topic's record with the names of its subscriptions (``subscriptions``).
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``timeout``...
+        """
+        return self._request(describe_topic_call(name))
+
+    # ------------------------------------------------------------------ publish
+
+    def publish(self, topic: str, data: bytes, attributes: Mapping[str, str] | None = None, *, message_id: str | None = None) -> PublishId:
+        """Publish one message; returns once the server stored it durably.
+
+        Args:
+            topic: an existing topic.
+            data: the payload.
+            attributes: string key/value pairs subscriptions can filter on.
+            message_id: an id for de-duplication; one is generated when omitted.
+                Passing your own lets a retry of yours be de-duplicated too.
+
+        Returns:
+            The message id; ``.duplicate`` is True when the id was already stored.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``payload_too_large``, ``timeout``...
+        """
+        return self._request(publish_call(topic, [publish_item(data, attributes, message_id)]))[0]
+
+    def publish_batch(self, topic: str, items: Iterable[ItemLike]) -> list[PublishId]:
+        """Publish many messages in as few requests as the limits allow.
+
+        Args:
+            topic: an existing topic.
+            items: each ``bytes``, ``(bytes, attributes)`` or ``(bytes, attributes, message_id)``.
+
+        Returns:
+            One id per item, in order.
+
+        Raises:
+            HeraldError: as :meth:`publish`. When a large batch was split and a
+                later request fails, ``error.details["published"]`` holds the ids
+                of the messages already stored.
+        """
+        normalised = publish_items(items)
+        ids: list[PublishId] = []
+        for chunk in split_batch(normalised):
+            try:
+                ids.extend(self._request(publish_call(topic, chunk)))
+            except HeraldError as error:
+                if ids:
+                    error.details["published"] = list(map(str, ids))
+                raise
+        return ids
+
+    # ------------------------------------------------------------------ server
+
+    def info(self) -> dict[str, Any]:
+        """Server version, protocol, durability, limits and endpoints.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return self._request(info_call())
+
+    def ping(self) -> float:
+        """Round-trip time of one PING, in seconds.
+
+        Raises:
+            HeraldError: ``timeout`` when the server does not answer.
+        """
+        started = time.perf_counter()
+        self._request(ping_call())
+        return time.perf_counter() - started
+
+    def status(self) -> dict[str, Any]:
+        """Statistics of the frontend that answered.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return self._request(status_call())
+
+    # ------------------------------------------------------------------ subscriptions
+
+    def create_subscription(self, topic: str, name: str, *, exist_ok: bool = False, **settings: Any) -> dict[str, Any]:
+        """Create a durable subscription to ``topic``.
+
+        Args:
+            topic: an existing topic.
+            name: the subscription name, unique across topics.
+            exist_ok: return the existing subscription instead of failing; settings
+                given here then replace its settings.
+            **settings: ``ack_deadline``, ``max_attempts``, ``backoff_min``, ``backoff_max``
+                (or ``backoff=(min, max)``), ``max_unacked``, ``dead_letter_topic``, ``filter`` (dict).
+
+        Returns:
+            The subscription record, including ``endpoints`` (``deliver``, ``ack``).
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``subscription_exists``, ``invalid_setting``...
+        """
+        return self._request(create_subscription_call(topic, name, exist_ok, settings))
+
+    def delete_subscription(self, name: str) -> None:
+        """Delete a subscription and its backlog.
+
+        Raises:
+            HeraldError: ``subscription_not_found``, ``timeout``...
+        """
+        self._request(delete_subscription_call(name))
+
+    def list_subscriptions(self, topic: str | None = None) -> list[dict[str, Any]]:
+        """List subscriptions, optionally only those of ``topic``.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return self._request(list_subscriptions_call(topic))
+
+    def describe_subscription(self, name: str) -> dict[str, Any]:
+        """One subscription's record, including its endpoints.
+
+        Raises:
+            HeraldError: ``subscription_not_found``, ``timeout``...
+        """
+        return self._request(describe_subscription_call(name))
+
+    def subscribe(self, topic: str, name: str, **settings: Any) -> Subscription:
+        """Consume a subscription, creating it when absent.
+
+        Args:
+            topic: the topic; it must exist.
+            name: the subscription; consumers of one name share its messages.
+            **settings: as :meth:`create_subscription`; when given they replace the
+                settings of an existing subscription.
+
+        Returns:
+            An attached :class:`Subscription`; iterate it and ``ack()`` each message.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``subscription_exists`` (the name is
+                used on another topic), ``timeout`` when the sender does not answer.
+        """
+        info = self.create_subscription(topic, name, exist_ok=True, **settings)
+        return Subscription(self, info)
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _request(self, call: Call[T]) -> T:
+        with self._lock:
+            if self._closed:
+                raise closed_error(repr(self))
+            deadline = time.monotonic() + self.timeout
+            waiting: set[bytes] = set()
+            for attempt in range(call.attempts):
+                if attempt:
+                    self._counters.retries += 1
+                request_id = self._ids.next()
+                waiting.add(request_id)
+                self._counters.requests += 1
+                until = attempt_deadline(time.monotonic(), deadline, attempt, call.attempts)
+                if not self._send(call.frames(request_id), until):
+                    continue
+                frames = self._wait_reply(waiting, until)
+                if frames is None:
+                    continue
+                try:
+                    return call.parse(reply_header(frames))
+                except HeraldError as error:
+                    self._counters.errors += 1
+                    if not may_retry(error, attempt, call.attempts, time.monotonic(), deadline):
+                        raise
+                    log.info("retrying %s after %s", call.command.name, error)
+                    time.sleep(RETRY_PAUSE_S)
+            self._counters.timeouts += 1
+            raise timeout_error(call.command.name, self.endpoint, self.timeout)
+
+    def _send(self, frames: list[bytes], until: float) -> bool:
+        """Send without blocking past ``until``; False when the deadline passed."""
+        while True:
+            try:
+                self._socket.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                # No connected server (IMMEDIATE) or a full queue: wait for room.
+                wait_ms = _poll_ms(until)
+                if wait_ms <= 0:
+                    return False
+                self._socket.poll(wait_ms, zmq.POLLOUT)
+
+    def _wait_reply(self, waiting: set[bytes], until: float) -> Frames | None:
+        """The first reply to one of ``waiting``, or None at ``until``; stray replies are dropped."""
+        while True:
+            wait_ms = _poll_ms(until)
+            if wait_ms <= 0:
+                return None
+            if not self._socket.poll(wait_ms, zmq.POLLIN):
+                continue
+            while True:
+                try:
+                    raw = self._socket.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                try:
+                    frames = parse_reply(raw)
+                except ProtocolError:
+                    self._counters.malformed_replies += 1
+                    if request_id_of(split_envelope(raw)[1]) in waiting:
+                        raise
+                    continue
+                if frames.request_id in waiting:
+                    self._counters.replies += 1
+                    return frames
+                self._counters.stray_replies += 1
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("<- %s dropped a stray reply to request %s", self.endpoint, frames.request_id.hex())
+
+
+class Subscription:
+    """A consumer of one subscription: iterate it, ``ack()`` each message.
+
+    Delivery is at least once: a message not acknowledged within the
+    subscription's ``ack_deadline`` comes again with a higher ``attempt``. A
+    redelivery of a message this consumer already acknowledged successfully
+    (within the last ``ACKED_WINDOW`` ids) is dropped and acknowledged again.
+
+    A background thread with its own socket sends heartbeats, so the sender
+    keeps this consumer even while the application is busy with a message.
+    Use one subscription from one thread.
+    """
+
+    def __init__(self, client: Client, info: dict[str, Any], *, consumer_id: str | None = None) -> None:
+        """Attach to a subscription described by ``info`` (a SUB_CREATE/SUB_DESCRIBE record).
+
+        Raises:
+            HeraldError: ``timeout`` when the sender does not welcome this consumer
+                in time; the error the sender reports otherwise.
+        """
+        self._client = client
+        self._timeout = client.timeout
+        self._core: ConsumerCore[Message] = ConsumerCore(info, consumer_id or secrets.token_hex(8), Message)
+        self._ids = RequestIds()
+        self._awaiting: dict[bytes, list[str] | HeraldError | None] = {}
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._closed = False
+        context = client._context
+        self._sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
+        self._push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
+        try:
+            setup_socket(self._sub, connect=self._core.deliver_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self._core.topic_frame)
+            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM)
+            self._attach()
+        except BaseException:
+            self._sub.close(0)
+            self._push.close(0)
+            raise
+        self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"herald-heartbeat-{self.name}", daemon=True)
+        self._heartbeat.start()
+        client._subscriptions.add(self)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def name(self) -> str:
+        """The subscription name."""
+        return self._core.name
+
+    @property
+    def topic(self) -> str:
+        """The topic the subscription reads."""
+        return self._core.topic
+
+    @property
+    def consumer_id(self) -> str:
+        """This consumer's id, unique per attach."""
+        return self._core.consumer_id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The subscription record the server returned."""
+        return self._core.info
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<Subscription {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[Message]:
+        """Yield messages as they arrive, blocking, until the subscription is closed.
+
+        Raises:
+            HeraldError: ``subscription_not_found`` when the subscription is deleted.
+        """
+        while not self._closed:
+            message = self.receive()
+            if message is not None:
+                yield message
+
+    def receive(self, timeout: float | None = None) -> Message | None:
+        """The next message, waiting at most ``timeout`` seconds (None: forever).
+
+        Returns:
+            A message, or None when the timeout passed first.
+
+        Raises:
+            HeraldError: ``subscription_not_found`` when the subscription was
+                deleted; ``unavailable`` when this subscription is closed.
+        """
+        self._check_open()
+        deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
+        while True:
+            if self._core.buffer:
+                return self._core.buffer.popleft()
+            if self._core.failure is not None:
+                raise self._core.failure
+            wait_ms = IDLE_POLL_MS if deadline is None else min(IDLE_POLL_MS, _poll_ms(deadline))
+            if self._sub.poll(wait_ms, zmq.POLLIN):
+                self._drain()
+            elif deadline is not None and time.monotonic() >= deadline:
+                return None
+
+    def statistics(self) -> SubscriptionStatistics:
+        """A snapshot of this consumer's counters."""
+        return self._core.statistics()
+
+    def close(self) -> None:
+        """Stop heartbeats, tell the sender this consumer left, close the sockets.
+
+        Buffered messages that were not acknowledged are redelivered to other
+        consumers (or to the next one to attach). Safe to call twice.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join()
+        try:
+            self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
+            linger_ms = DETACH_LINGER_MS
+        except zmq.Again:
+            linger_ms = 0
+        self._push.close(linger=linger_ms)
+        self._sub.close(linger=0)
+        self._client._subscriptions.discard(self)
+
+    # ------------------------------------------------------------------ acknowledgements
+
+    def _ack(self, message: Message) -> bool:
+        self._check_open()
+        request_id = self._ids.next()
+        self._awaiting[request_id] = None
+        deadline = time.monotonic() + self._timeout
+        try:
+            if not self._send(self._core.ack_frames([(message.ref, message.attempt)], request_id), deadline):
+                raise timeout_error("ACK", self._core.ack_endpoint, self._timeout)
+            while (reply := self._awaiting[request_id]) is None:
+                if self._core.failure is not None:
+                    raise self._core.failure
+                wait_ms = _poll_ms(deadline)
+                if wait_ms <= 0:
+                    raise timeout_error("ACK", self._core.deliver_endpoint, self._timeout)
+                if self._sub.poll(wait_ms, zmq.POLLIN):
+                    self._drain()
+        finally:
+            self._awaiting.pop(request_id, None)
+        if isinstance(reply, HeraldError):
+            raise reply
+        if len(reply) != 1:
+            raise ProtocolError("malformed", f"ACK_REPLY for one ack carries {len(reply)} results")
+        return self._core.settled(message, reply[0])
+
+    def _nack(self, message: Message) -> None:
+        self._check_open()
+        if not self._send(self._core.nack_frames([(message.ref, message.attempt)]), time.monotonic() + self._timeout):
+            raise timeout_error("NACK", self._core.ack_endpoint, self._timeout)
+        self._core.nacked += 1
+
+    # ------------------------------------------------------------------ plumbing
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise closed_error(repr(self))
+
+    def _send(self, frames: list[bytes], until: float) -> bool:
+        while True:
+            try:
+                self._push.send_multipart(frames, zmq.NOBLOCK)
+                return True
+            except zmq.Again:
+                wait_ms = _poll_ms(until)
+                if wait_ms <= 0:
+                    return False
+                self._push.poll(wait_ms, zmq.POLLOUT)
+
+    def _drain(self) -> None:
+        """Handle what the SUB socket holds: buffer deliveries, file replies."""
+        for _ in range(DRAIN_BURST):
+            try:
+                raw = self._sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            events = self._core.handle(raw, self)
+            for request_id, results in events.replies.items():
+                if request_id in self._awaiting:
+                    self._awaiting[request_id] = results
+            for request_id, error in events.errors.items():
+                if request_id in self._awaiting:
+                    self._awaiting[request_id] = error
+            if events.reacks:
+                # Best effort: if this ack is lost the sender redelivers and we ack again.
+                try:
+                    self._push.send_multipart(self._core.ack_frames(events.reacks), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass
+
+    def _attach(self) -> None:
+        """Send ATTACH until the sender's WELCOME shows our SUB filter reached it (slow joiner)."""
+        request_id = self._ids.next()
+        self._awaiting[request_id] = None
+        deadline = time.monotonic() + self._timeout
+        try:
+            while not self._core.welcomed:
+                reply = self._awaiting[request_id]
+                if isinstance(reply, HeraldError):
+                    raise reply
+                if self._core.failure is not None:
+                    raise self._core.failure
+                if time.monotonic() >= deadline:
+                    raise timeout_error(f"ATTACH to subscription {self.name!r}", self._core.deliver_endpoint, self._timeout)
+                try:
+                    self._push.send_multipart(self._core.attach_frames(ready=False, request_id=request_id), zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # sender not reachable yet; the next round tries again
+                retry_at = min(deadline, time.monotonic() + ATTACH_RETRY_S)
+                while not self._core.welcomed and self._awaiting[request_id] is None and (wait_ms := _poll_ms(retry_at)) > 0:
+                    if self._sub.poll(wait_ms, zmq.POLLIN):
+                        self._drain()
+        finally:
+            self._awaiting.pop(request_id, None)
+        if not self._send(self._core.attach_frames(ready=True), deadline):
+            raise timeout_error(f"ATTACH to subscription {self.name!r}", self._core.ack_endpoint, self._timeout)
+
+    def _heartbeat_loop(self) -> None:
+        # zmq sockets are not thread-safe: this thread sends on a PUSH of its own.
+        sock: zmq.Socket[bytes] = self._client._context.socket(zmq.PUSH)
+        try:
+            setup_socket(sock, connect=self._core.ack_endpoint, sndhwm=CONSUMER_HEARTBEAT_QUEUE, rcvhwm=CONSUMER_HEARTBEAT_QUEUE)
+            frames = self._core.attach_frames(ready=True)
+            while not self._stop.wait(CONSUMER_HEARTBEAT_S):
+                try:
+                    sock.send_multipart(frames, zmq.NOBLOCK)
+                except zmq.Again:
+                    pass  # sender unreachable: heartbeats are idempotent, the next one counts
+        except Exception:
+            log.exception("heartbeat thread of %s failed; the sender will expire this consumer", self.name)
+        finally:
+            sock.close(linger=0)
+

@@ -1,0 +1,152 @@
+"""Bad input never hurts: each case gets its error code, the system keeps
+serving, and nothing stored changes (checked by counting the shards at the end)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import orjson
+import pytest
+
+from clients.protocol import ERROR_CATALOG, SIGNATURE, Command, encode, encode_publish
+from tests.conftest import HeraldSystem, RawClient, stored_messages, topic_for_shard
+
+GOOD_TOPIC = "good.topic"
+
+
+@pytest.fixture(scope="module")
+def client(herald_module: HeraldSystem) -> Iterator[RawClient]:
+    raw = RawClient(herald_module.endpoint)
+    assert raw.request(Command.TOPIC_CREATE, {"name": GOOD_TOPIC}).command is Command.OK
+    yield raw
+    raw.close()
+
+
+def expect_error(client: RawClient, frames: list[bytes], code: str) -> dict:
+    client.send_raw([b"", *frames])
+    reply = client.receive()
+    assert reply.command is Command.ERROR, reply
+    assert reply.header["code"] == code, reply.header
+    assert isinstance(reply.header["message"], str) and reply.header["message"]
+    # Still serving, and the topic list did not change.
+    assert client.request(Command.PING).command is Command.OK
+    topics = client.request(Command.TOPIC_LIST).header["topics"]
+    assert [t["name"] for t in topics if not t["name"].startswith("ok.")] == [GOOD_TOPIC]
+    return reply.header
+
+
+def test_error_catalog_names_and_numbers_are_unique() -> None:
+    names = [spec.name for spec in ERROR_CATALOG]
+    numbers = [spec.number for spec in ERROR_CATALOG]
+    assert len(set(names)) == len(names)
+    assert len(set(numbers)) == len(numbers)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "has space", "tab\there", "nul\x00", "newline\n", "x" * 256, "é" * 128, "emoji😀"],
+    ids=["empty", "space", "tab", "nul", "newline", "too-long", "too-long-utf8", "emoji"],
+)
+def test_bad_topic_names(client: RawClient, name: str) -> None:
+    expect_error(client, encode(Command.TOPIC_CREATE, b"r", {"name": name}), "invalid_name")
+
+
+def test_non_string_name(client: RawClient) -> None:
+    expect_error(client, encode(Command.TOPIC_CREATE, b"r", {"name": 5}), "invalid_header")
+
+
+def test_non_utf8_header(client: RawClient) -> None:
+    expect_error(client, [SIGNATURE, b"TOPIC_CREATE", b"r", b'{"name": "\xff\xfe"}'], "invalid_header")
+
+
+def test_header_not_json(client: RawClient) -> None:
+    expect_error(client, [SIGNATURE, b"TOPIC_LIST", b"r", b"{not json"], "invalid_header")
+
+
+def test_header_not_an_object(client: RawClient) -> None:
+    expect_error(client, [SIGNATURE, b"TOPIC_LIST", b"r", b"[1, 2]"], "invalid_header")
+
+
+def test_header_wrong_types(client: RawClient) -> None:
+    expect_error(client, encode(Command.PUBLISH, b"r", {"topic": GOOD_TOPIC, "messages": "nope"}, [b"x"]), "invalid_header")
+    expect_error(client, encode(Command.PUBLISH, b"r", {"topic": GOOD_TOPIC, "messages": [{"attributes": {"k": 1}}]}, [b"x"]), "invalid_header")
+    expect_error(client, encode(Command.PUBLISH, b"r", {"topic": GOOD_TOPIC, "messages": [{"id": 7}]}, [b"x"]), "invalid_header")
+
+
+def test_missing_frames(client: RawClient) -> None:
+    expect_error(client, [SIGNATURE, b"PING", b"r"], "malformed")
+    expect_error(client, [SIGNATURE], "malformed")
+
+
+def test_publish_frame_count_mismatch(client: RawClient) -> None:
+    header = {"topic": GOOD_TOPIC, "messages": [{}]}
+    expect_error(client, encode(Command.PUBLISH, b"r", header, [b"a", b"extra"]), "malformed")
+    expect_error(client, encode(Command.PUBLISH, b"r", header, []), "malformed")
+
+
+def test_unknown_command(client: RawClient) -> None:
+    expect_error(client, [SIGNATURE, b"FROBNICATE", b"r", b"{}"], "unknown_command")
+
+
+def test_internal_command_from_a_client(client: RawClient) -> None:
+    expect_error(client, encode(Command.DISPATCH, b"r", {}), "unknown_command")
+
+
+def test_unknown_protocol_version(client: RawClient) -> None:
+    expect_error(client, [b"HRLD9", b"PING", b"r", b"{}"], "unsupported_version")
+
+
+def test_not_herald_at_all(client: RawClient) -> None:
+    expect_error(client, [b"GET / HTTP/1.1", b"", b"", b""], "malformed")
+
+
+def test_oversized_payload(client: RawClient) -> None:
+    header = expect_error(client, encode_publish(GOOD_TOPIC, [(b"x" * (1024 * 1024 + 1), None, None)], b"r"), "payload_too_large")
+    assert "1048577" in header["message"] and "1048576" in header["message"]
+
+
+def test_publish_to_missing_topic(client: RawClient) -> None:
+    expect_error(client, encode_publish("no.such.topic", [(b"x", None, None)], b"r"), "topic_not_found")
+    # On both shards (the owner of the topic answers).
+    expect_error(client, encode_publish(topic_for_shard("missing", 0), [(b"x", None, None)], b"r"), "topic_not_found")
+    expect_error(client, encode_publish(topic_for_shard("missing", 1), [(b"x", None, None)], b"r"), "topic_not_found")
+
+
+def test_subscription_to_missing_topic(client: RawClient) -> None:
+    expect_error(client, encode(Command.SUB_CREATE, b"r", {"topic": "absent", "name": "s1"}), "topic_not_found")
+
+
+def test_bad_settings(client: RawClient) -> None:
+    expect_error(client, encode(Command.TOPIC_CREATE, b"r", {"name": "t.bad", "settings": {"retention": -1}}), "invalid_setting")
+    expect_error(client, encode(Command.TOPIC_CREATE, b"r", {"name": "t.bad", "settings": {"colour": "blue"}}), "invalid_setting")
+    expect_error(
+        client,
+        encode(Command.SUB_CREATE, b"r", {"topic": GOOD_TOPIC, "name": "s.bad", "settings": {"backoff_min": 10, "backoff_max": 1}}),
+        "invalid_setting",
+    )
+
+
+def test_topic_exists(client: RawClient) -> None:
+    expect_error(client, encode(Command.TOPIC_CREATE, b"r", {"name": GOOD_TOPIC}), "topic_exists")
+
+
+def test_request_id_too_long(client: RawClient) -> None:
+    expect_error(client, encode(Command.PING, b"r" * 65), "malformed")
+
+
+def test_error_reply_echoes_request_id(client: RawClient) -> None:
+    client.send_raw([b"", SIGNATURE, b"NOPE", b"my-request-7", b"{}"])
+    reply = client.receive()
+    assert reply.request_id == b"my-request-7"
+    assert reply.header["code"] == "unknown_command"
+    assert reply.header["number"] == 402
+
+
+def test_zz_nothing_was_stored(herald_module: HeraldSystem, client: RawClient) -> None:
+    """Runs last in this module: after all the abuse, one good publish is the only message."""
+    reply = client.request(Command.PUBLISH, {"topic": GOOD_TOPIC, "messages": [{"id": "only"}]}, [b"payload"])
+    assert reply.command is Command.OK, reply.header
+    herald_module.stop()
+    messages = stored_messages(herald_module.data_dir)
+    assert [(m.topic, m.message_id, m.payload) for m in messages] == [(GOOD_TOPIC, "only", b"payload")]
+    assert orjson.loads((herald_module.data_dir / "herald-runtime.json").read_bytes())["max_payload_bytes"] == 1024 * 1024

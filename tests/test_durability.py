@@ -1,0 +1,195 @@
+"""Durability is measured, not claimed: kill processes mid-stream and count."""
+
+from __future__ import annotations
+
+import itertools
+import signal
+import time
+
+import zmq
+
+from clients.protocol import Command, decode, encode, encode_publish, split_envelope
+from tests.conftest import HeraldSystem, RawClient, stored_messages, topic_for_shard, wait_for
+
+
+class PipelinedPublisher:
+    """Keeps up to ``window`` PUBLISH requests in flight on one DEALER and records what was acknowledged."""
+
+    def __init__(self, endpoint: str, topics: list[str], batch: int = 10, window: int = 32) -> None:
+        self.context: zmq.Context = zmq.Context()
+        self.socket = self.context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.connect(endpoint)
+        self.topics = topics
+        self.batch = batch
+        self.window = window
+        self.in_flight: dict[bytes, tuple[float, str, list[str]]] = {}
+        self.acked: set[tuple[str, str]] = set()
+        self.failed = 0
+        self.counter = itertools.count()
+
+    def pump(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            while len(self.in_flight) < self.window:
+                n = next(self.counter)
+                topic = self.topics[n % len(self.topics)]
+                ids = [f"m{n}-{i}" for i in range(self.batch)]
+                request_id = n.to_bytes(8, "big")
+                self.socket.send_multipart([b"", *encode_publish(topic, [(b"x" * 100, None, i) for i in ids], request_id)])
+                self.in_flight[request_id] = (time.monotonic(), topic, ids)
+            if self.socket.poll(50):
+                while True:
+                    try:
+                        raw = self.socket.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    reply = decode(split_envelope(raw)[1])
+                    sent = self.in_flight.pop(reply.request_id, None)
+                    if sent is None:
+                        continue
+                    if reply.command is Command.OK:
+                        self.acked.update((sent[1], i) for i in reply.header["ids"])
+                    else:
+                        self.failed += 1
+            now = time.monotonic()
+            for request_id in [r for r, (t, _, _) in self.in_flight.items() if now - t > 2.0]:
+                del self.in_flight[request_id]  # lost with a dead process; never acknowledged
+                self.failed += 1
+
+    def close(self) -> None:
+        self.socket.close(0)
+        self.context.term()
+
+
+def test_topic_survives_restart(herald: HeraldSystem) -> None:
+    raw = RawClient(herald.endpoint)
+    assert raw.request(Command.TOPIC_CREATE, {"name": "durable", "settings": {"retention": 3600}}).command is Command.OK
+    raw.close()
+    herald.restart()
+    raw = RawClient(herald.endpoint)
+    reply = raw.request(Command.TOPIC_DESCRIBE, {"name": "durable"})
+    raw.close()
+    assert reply.command is Command.OK
+    assert reply.header["topic"]["settings"]["retention"] == 3600
+
+
+def test_topic_and_messages_survive_sigkill_of_everything(herald: HeraldSystem) -> None:
+    raw = RawClient(herald.endpoint)
+    raw.request(Command.TOPIC_CREATE, {"name": "crash"})
+    reply = raw.request(Command.PUBLISH, {"topic": "crash", "messages": [{"id": f"k{i}"} for i in range(50)]}, [b"p"] * 50)
+    assert reply.command is Command.OK
+    raw.close()
+    herald.kill_all()
+    herald.start()
+    raw = RawClient(herald.endpoint)
+    assert raw.request(Command.TOPIC_DESCRIBE, {"name": "crash"}).command is Command.OK
+    # The de-duplication index survived too: the same ids are reported as duplicates.
+    again = raw.request(Command.PUBLISH, {"topic": "crash", "messages": [{"id": f"k{i}"} for i in range(50)]}, [b"p"] * 50)
+    assert again.header["duplicate"] == [True] * 50
+    raw.close()
+    herald.stop()
+    assert sorted(m.message_id for m in stored_messages(herald.data_dir) if m.topic == "crash") == sorted(f"k{i}" for i in range(50))
+
+
+def test_acknowledged_publishes_survive_sigkill_of_a_frontend(herald: HeraldSystem) -> None:
+    topics = [topic_for_shard("kill", 0), topic_for_shard("kill", 1)]
+    raw = RawClient(herald.endpoint)
+    for topic in topics:
+        assert raw.request(Command.TOPIC_CREATE, {"name": topic}).command is Command.OK
+    raw.close()
+    publisher = PipelinedPublisher(herald.endpoint, topics)
+    try:
+        publisher.pump(1.0)
+        before_kill = len(publisher.acked)
+        old_pid = herald.kill_child("frontend-0", signal.SIGKILL)
+        publisher.pump(1.0)
+        herald.wait_restarted("frontend-0", old_pid)
+        publisher.pump(1.5)
+    finally:
+        publisher.close()
+    herald.stop()
+    stored = {(m.topic, m.message_id) for m in stored_messages(herald.data_dir)}
+    lost = publisher.acked - stored
+    assert before_kill > 0
+    assert not lost, f"{len(lost)} acknowledged messages lost, e.g. {sorted(lost)[:5]}"
+    # Both shards kept taking writes around the kill.
+    assert {topic for topic, _ in publisher.acked} == set(topics)
+
+
+def test_duplicate_publish_is_stored_once(herald: HeraldSystem) -> None:
+    first, second = RawClient(herald.endpoint), RawClient(herald.endpoint)
+    first.request(Command.TOPIC_CREATE, {"name": "dedup"})
+    one = first.request(Command.PUBLISH, {"topic": "dedup", "messages": [{"id": "same"}]}, [b"a"])
+    # Several tries from another connection land on whichever frontend; the topic's owner decides.
+    replies = [second.request(Command.PUBLISH, {"topic": "dedup", "messages": [{"id": "same"}]}, [b"a"]) for _ in range(4)]
+    within_batch = first.request(Command.PUBLISH, {"topic": "dedup", "messages": [{"id": "twin"}, {"id": "twin"}]}, [b"b", b"b"])
+    first.close()
+    second.close()
+    assert one.header == {"ids": ["same"], "duplicate": [False]}
+    assert all(r.header == {"ids": ["same"], "duplicate": [True]} for r in replies)
+    assert within_batch.header == {"ids": ["twin", "twin"], "duplicate": [False, True]}
+    herald.stop()
+    ids = sorted(m.message_id for m in stored_messages(herald.data_dir) if m.topic == "dedup")
+    assert ids == ["same", "twin"]
+
+
+def test_dedup_window_expires(herald: HeraldSystem) -> None:
+    raw = RawClient(herald.endpoint)
+    raw.request(Command.TOPIC_CREATE, {"name": "short.window", "settings": {"dedup_window": 0.5}})
+    assert raw.request(Command.PUBLISH, {"topic": "short.window", "messages": [{"id": "x"}]}, [b"1"]).header["duplicate"] == [False]
+    assert raw.request(Command.PUBLISH, {"topic": "short.window", "messages": [{"id": "x"}]}, [b"1"]).header["duplicate"] == [True]
+
+    def accepted_again() -> bool:
+        return raw.request(Command.PUBLISH, {"topic": "short.window", "messages": [{"id": "x"}]}, [b"1"]).header["duplicate"] == [False]
+
+    wait_for(accepted_again, timeout=10, interval=0.3, message="dedup id forgotten after its window")
+    raw.close()
+
+
+def test_status_and_info(herald: HeraldSystem) -> None:
+    raw = RawClient(herald.endpoint)
+    info = raw.request(Command.INFO).header
+    status = raw.request(Command.STATUS).header
+    raw.close()
+    assert info["live"] == herald.config["live_endpoint"]
+    assert info["protocol"] == 1
+    assert len(info["endpoints"]["senders"]) == 2
+    assert status["frontend"] in (0, 1)
+    launcher_status = herald.status()
+    assert {c["name"] for c in launcher_status["children"]} == {"metadata", "sender-0", "sender-1", "frontend-0", "frontend-1", "proxy"}
+
+
+def test_second_launcher_on_same_data_dir_fails_fast(herald: HeraldSystem) -> None:
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.launcher", "--data-dir", str(herald.data_dir), "--port", "0"],
+        capture_output=True,
+        timeout=30,
+        cwd=PROJECT_ROOT,
+    )
+    assert result.returncode == 2
+    assert b"in use" in result.stderr
+    raw = RawClient(herald.endpoint)
+    assert raw.request(Command.PING).command is Command.OK
+    raw.close()
+
+
+def test_sigterm_drains_and_exits_zero(herald: HeraldSystem) -> None:
+    raw = RawClient(herald.endpoint)
+    raw.request(Command.TOPIC_CREATE, {"name": "drain"})
+    raw.close()
+    publisher = PipelinedPublisher(herald.endpoint, ["drain"])
+    publisher.pump(0.5)
+    assert herald.process is not None
+    herald.process.send_signal(signal.SIGTERM)
+    publisher.pump(1.0)
+    publisher.close()
+    assert herald.process.wait(30) == 0
+    stored = {(m.topic, m.message_id) for m in stored_messages(herald.data_dir)}
+    assert publisher.acked and publisher.acked <= stored
+    _ = encode  # frames are built by the protocol module only
