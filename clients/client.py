@@ -10,6 +10,7 @@ the thread that iterates it.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import secrets
@@ -596,10 +597,8 @@ class Subscription:
                     self._awaiting[request_id] = error
             if events.reacks:
                 # Best effort: if this ack is lost the sender redelivers and we ack again.
-                try:
+                with contextlib.suppress(zmq.Again):
                     self._push.send_multipart(self._core.ack_frames(events.reacks), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass
 
     def _attach(self) -> None:
         """Send ATTACH until the sender's WELCOME shows our SUB filter reached it (slow joiner)."""
@@ -615,10 +614,8 @@ class Subscription:
                     raise self._core.failure
                 if time.monotonic() >= deadline:
                     raise timeout_error(f"ATTACH to subscription {self.name!r}", self._core.deliver_endpoint, self._timeout)
-                try:
+                with contextlib.suppress(zmq.Again):  # sender not reachable yet: the next round tries again
                     self._push.send_multipart(self._core.attach_frames(ready=False, request_id=request_id), zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # sender not reachable yet; the next round tries again
                 retry_at = min(deadline, time.monotonic() + ATTACH_RETRY_S)
                 while not self._core.welcomed and self._awaiting[request_id] is None and (wait_ms := _poll_ms(retry_at)) > 0:
                     if self._sub.poll(wait_ms, zmq.POLLIN):
@@ -635,10 +632,8 @@ class Subscription:
             setup_socket(sock, connect=self._core.ack_endpoint, sndhwm=CONSUMER_HEARTBEAT_QUEUE, rcvhwm=CONSUMER_HEARTBEAT_QUEUE)
             frames = self._core.attach_frames(ready=True)
             while not self._stop.wait(CONSUMER_HEARTBEAT_S):
-                try:
+                with contextlib.suppress(zmq.Again):  # sender unreachable: heartbeats are idempotent, the next one counts
                     sock.send_multipart(frames, zmq.NOBLOCK)
-                except zmq.Again:
-                    pass  # sender unreachable: heartbeats are idempotent, the next one counts
         except Exception:
             log.exception("heartbeat thread of %s failed; the sender will expire this consumer", self.name)
         finally:

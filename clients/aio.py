@@ -1,0 +1,705 @@
+"""The asyncio Herald client.
+
+:class:`AsyncClient` keeps many requests in flight on one DEALER socket: each
+request registers a future under its request id, and one reader task
+(``_read_loop``) wakes when replies are ready, drains every queued reply with
+``NOBLOCK`` (one wake-up per burst, not per message) and resolves the futures.
+The reader also wakes on a short timer, so an edge-triggered wake-up that
+``zmq.asyncio`` misses (pyzmq issue 2173) costs a few milliseconds, never a
+hang. Use :func:`run` to run a coroutine on uvloop when it is installed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
+from types import TracebackType
+from typing import Any, Final, TypeVar
+
+import zmq
+import zmq.asyncio
+
+from clients._core import (
+    CLIENT_RCVHWM,
+    CLIENT_SNDHWM,
+    CONSUMER_RCVHWM,
+    CONSUMER_SNDHWM,
+    DEFAULT_ENDPOINT,
+    DEFAULT_TIMEOUT_S,
+    RETRY_PAUSE_S,
+    AsyncMessage,
+    Call,
+    ClientCounters,
+    ClientStatistics,
+    ConsumerCore,
+    ItemLike,
+    PublishId,
+    RequestIds,
+    SubscriptionStatistics,
+    attempt_deadline,
+    check_timeout,
+    closed_error,
+    create_subscription_call,
+    create_topic_call,
+    delete_subscription_call,
+    delete_topic_call,
+    describe_subscription_call,
+    describe_topic_call,
+    info_call,
+    list_subscriptions_call,
+    list_topics_call,
+    may_retry,
+    parse_reply,
+    ping_call,
+    publish_call,
+    publish_item,
+    publish_items,
+    reply_header,
+    setup_socket,
+    split_batch,
+    status_call,
+    timeout_error,
+)
+from clients.protocol import ATTACH_RETRY_S, CONSUMER_HEARTBEAT_S, Frames, HeraldError, ProtocolError, request_id_of, split_envelope
+
+log = logging.getLogger("herald.client")
+
+T = TypeVar("T")
+
+# The reader re-checks its socket at least this often even without a wake-up
+# (bounds the cost of a missed edge-triggered notification, pyzmq issue 2173).
+READER_POLL_MS: Final = 50
+DRAIN_BURST: Final = 10_000  # replies handled per wake-up before yielding to other tasks
+# DETACH is flushed on close for at most this long (see clients.client).
+DETACH_LINGER_MS: Final = 500
+
+
+def run(main: Coroutine[Any, Any, T]) -> T:
+    """Run ``main`` to completion on uvloop when it is installed, else on asyncio.
+
+    Args:
+        main: the coroutine to run, e.g. ``amain()``.
+
+    Returns:
+        What ``main`` returned.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main)
+    return uvloop.run(main)
+
+
+def _watch(task: asyncio.Task[None], on_failure: Callable[[BaseException], None]) -> None:
+    """Make a long-lived task's death loud: log it and fail the work that waits on it."""
+
+    def done(finished: asyncio.Task[None]) -> None:
+        if finished.cancelled():
+            return
+        error = finished.exception()
+        if error is not None:
+            log.error("task %s failed: %r", finished.get_name(), error, exc_info=error)
+            on_failure(error)
+
+    task.add_done_callback(done)
+
+
+class AsyncClient:
+    """An asyncio connection to a Herald server; every method is a coroutine.
+
+    Args:
+        endpoint: the request endpoint of the proxy.
+        timeout: seconds any one call waits for its reply before raising
+            ``HeraldError("timeout")``.
+
+    Any number of calls may run concurrently (``asyncio.gather``); they share one
+    socket and are matched to their replies by request id. Use ``async with``,
+    or ``await close()``. A client belongs to the event loop that first uses it.
+    """
+
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self.endpoint = endpoint
+        self.timeout = check_timeout(timeout)
+        self._context = zmq.asyncio.Context()
+        self._socket: zmq.asyncio.Socket = self._context.socket(zmq.DEALER)
+        setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+        self._ids = RequestIds()
+        self._pending: dict[bytes, asyncio.Future[Frames]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._counters = ClientCounters()
+        self._subscriptions: set[AsyncSubscription] = set()
+        self._closed = False
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __repr__(self) -> str:
+        return f"<AsyncClient {self.endpoint} timeout={self.timeout:g}{' closed' if self._closed else ''}>"
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    async def close(self) -> None:
+        """Close subscriptions, fail calls still waiting, close the socket. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        for subscription in list(self._subscriptions):
+            await subscription.close()
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+            self._reader = None
+        self._fail_pending(closed_error(repr(self)))
+        self._socket.close(linger=0)
+        self._context.term()
+
+    def statistics(self) -> ClientStatistics:
+        """A snapshot of this client's request counters."""
+        return self._counters.snapshot(len(self._pending))
+
+    # ------------------------------------------------------------------ topics
+
+    async def create_topic(self, name: str, *, exist_ok: bool = False, **settings: Any) -> dict[str, Any]:
+        """Create a topic; see :meth:`clients.Client.create_topic`.
+
+        Returns:
+            The topic record.
+
+        Raises:
+            HeraldError: ``topic_exists``, ``invalid_name``, ``invalid_setting``, ``timeout``...
+        """
+        return await self._request(create_topic_call(name, exist_ok, settings))
+
+    async def delete_topic(self, name: str) -> None:
+        """Delete a topic, its subscriptions and their backlogs.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``timeout``...
+        """
+        await self._request(delete_topic_call(name))
+
+    async def list_topics(self, prefix: str = "") -> list[dict[str, Any]]:
+        """List topics, optionally only those whose name starts with ``prefix``.
+
+        Returns:
+            Topic records.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return await self._request(list_topics_call(prefix))
+
+    async def describe_topic(self, name: str) -> dict[str, Any]:
+        """One topic's record with the names of its subscriptions.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``timeout``...
+        """
+        return await self._request(describe_topic_call(name))
+
+    # ------------------------------------------------------------------ publish
+
+    async def publish(self, topic: str, data: bytes, attributes: Mapping[str, str] | None = None, *, message_id: str | None = None) -> PublishId:
+        """Publish one message; returns once the server stored it durably.
+
+        Args:
+            topic: an existing topic.
+            data: the payload.
+            attributes: string key/value pairs subscriptions can filter on.
+            message_id: an id for de-duplication; one is generated when omitted.
+
+        Returns:
+            The message id; ``.duplicate`` is True when the id was already stored.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``payload_too_large``, ``timeout``...
+        """
+        ids = await self._request(publish_call(topic, [publish_item(data, attributes, message_id)]))
+        return ids[0]
+
+    async def publish_batch(self, topic: str, items: Iterable[ItemLike]) -> list[PublishId]:
+        """Publish many messages in as few requests as the limits allow, in order.
+
+        Args:
+            topic: an existing topic.
+            items: each ``bytes``, ``(bytes, attributes)`` or ``(bytes, attributes, message_id)``.
+
+        Returns:
+            One id per item, in order.
+
+        Raises:
+            HeraldError: as :meth:`publish`; ``error.details["published"]`` lists
+                the ids already stored when a later part of a split batch failed.
+        """
+        normalised = publish_items(items)
+        ids: list[PublishId] = []
+        for chunk in split_batch(normalised):
+            try:
+                ids.extend(await self._request(publish_call(topic, chunk)))
+            except HeraldError as error:
+                if ids:
+                    error.details["published"] = list(map(str, ids))
+                raise
+        return ids
+
+    # ------------------------------------------------------------------ server
+
+    async def info(self) -> dict[str, Any]:
+        """Server version, protocol, durability, limits and endpoints.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return await self._request(info_call())
+
+    async def ping(self) -> float:
+        """Round-trip time of one PING, in seconds.
+
+        Raises:
+            HeraldError: ``timeout`` when the server does not answer.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await self._request(ping_call())
+        return loop.time() - started
+
+    async def status(self) -> dict[str, Any]:
+        """Statistics of the frontend that answered.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return await self._request(status_call())
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def create_subscription(self, topic: str, name: str, *, exist_ok: bool = False, **settings: Any) -> dict[str, Any]:
+        """Create a durable subscription; see :meth:`clients.Client.create_subscription`.
+
+        Returns:
+            The subscription record, including ``endpoints``.
+
+        Raises:
+            HeraldError: ``topic_not_found``, ``subscription_exists``, ``invalid_setting``...
+        """
+        return await self._request(create_subscription_call(topic, name, exist_ok, settings))
+
+    async def delete_subscription(self, name: str) -> None:
+        """Delete a subscription and its backlog.
+
+        Raises:
+            HeraldError: ``subscription_not_found``, ``timeout``...
+        """
+        await self._request(delete_subscription_call(name))
+
+    async def list_subscriptions(self, topic: str | None = None) -> list[dict[str, Any]]:
+        """List subscriptions, optionally only those of ``topic``.
+
+        Raises:
+            HeraldError: ``timeout``...
+        """
+        return await self._request(list_subscriptions_call(topic))
+
+    async def describe_subscription(self, name: str) -> dict[str, Any]:
+        """One subscription's record, including its endpoints.
+
+        Raises:
+            HeraldError: ``subscription_not_found``, ``timeout``...
+        """
+        return await self._request(describe_subscription_call(name))
+
+    def subscribe(self, topic: str, name: str, **settings: Any) -> Subscribing:
+        """Consume a subscription, creating it when absent.
+
+        Await the result (``sub = await client.subscribe(...)``) or use it as an
+        async context manager (``async with client.subscribe(...) as sub:``).
+
+        Args:
+            topic: the topic; it must exist.
+            name: the subscription; consumers of one name share its messages.
+            **settings: as :meth:`create_subscription`.
+
+        Returns:
+            An awaitable that attaches and yields an :class:`AsyncSubscription`.
+
+        Raises:
+            HeraldError: when awaited: ``topic_not_found``, ``subscription_exists``, ``timeout``.
+        """
+        return Subscribing(self._subscribe(topic, name, settings))
+
+    async def _subscribe(self, topic: str, name: str, settings: dict[str, Any]) -> AsyncSubscription:
+        info = await self.create_subscription(topic, name, exist_ok=True, **settings)
+        subscription = AsyncSubscription(self, info)
+        await subscription._attach()
+        return subscription
+
+    # ------------------------------------------------------------------ plumbing
+
+    async def _request(self, call: Call[T]) -> T:
+        if self._closed:
+            raise closed_error(repr(self))
+        self._ensure_reader()
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        request_ids: list[bytes] = []
+        try:
+            for attempt in range(call.attempts):
+                if attempt:
+                    self._counters.retries += 1
+                request_id = self._ids.next()
+                request_ids.append(request_id)
+                # A late reply to an earlier attempt is as good as one to this attempt.
+                future: asyncio.Future[Frames] = loop.create_future()
+                for earlier in request_ids:
+                    self._pending[earlier] = future
+                self._counters.requests += 1
+                try:
+                    async with asyncio.timeout_at(attempt_deadline(loop.time(), deadline, attempt, call.attempts)):
+                        await self._socket.send_multipart(call.frames(request_id))
+                        frames = await future
+                except TimeoutError:
+                    continue
+                try:
+                    return call.parse(reply_header(frames))
+                except HeraldError as error:
+                    self._counters.errors += 1
+                    if not may_retry(error, attempt, call.attempts, loop.time(), deadline):
+                        raise
+                    log.info("retrying %s after %s", call.command.name, error)
+                    await asyncio.sleep(RETRY_PAUSE_S)
+            self._counters.timeouts += 1
+            raise timeout_error(call.command.name, self.endpoint, self.timeout)
+        finally:
+            for request_id in request_ids:
+                self._pending.pop(request_id, None)
+
+    def _ensure_reader(self) -> None:
+        if self._reader is None or self._reader.done():
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"herald-read-{self.endpoint}")
+            _watch(self._reader, lambda error: self._fail_pending(HeraldError("internal", f"the reply reader failed: {error!r}")))
+
+    def _fail_pending(self, error: HeraldError) -> None:
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(error)
+        self._pending.clear()
+
+    async def _read_loop(self) -> None:
+        sock = self._socket
+        while True:
+            await sock.poll(READER_POLL_MS, zmq.POLLIN)
+            for _ in range(DRAIN_BURST):
+                try:
+                    raw = await sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                self._on_reply(raw)
+
+    def _on_reply(self, raw: list[bytes]) -> None:
+        try:
+            frames = parse_reply(raw)
+        except ProtocolError as error:
+            self._counters.malformed_replies += 1
+            future = self._pending.get(request_id_of(split_envelope(raw)[1]))
+            if future is not None and not future.done():
+                future.set_exception(error)
+            return
+        future = self._pending.get(frames.request_id)
+        if future is None or future.done():
+            self._counters.stray_replies += 1
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("<- %s dropped a stray reply to request %s", self.endpoint, frames.request_id.hex())
+            return
+        self._counters.replies += 1
+        future.set_result(frames)
+
+
+class Subscribing:
+    """The pending result of :meth:`AsyncClient.subscribe`: await it, or ``async with`` it."""
+
+    def __init__(self, coroutine: Coroutine[Any, Any, AsyncSubscription]) -> None:
+        self._coroutine = coroutine
+        self._subscription: AsyncSubscription | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncSubscription]:
+        return self._coroutine.__await__()
+
+    async def __aenter__(self) -> AsyncSubscription:
+        self._subscription = await self._coroutine
+        return self._subscription
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        if self._subscription is not None:
+            await self._subscription.close()
+
+
+class AsyncSubscription:
+    """A consumer of one subscription for asyncio: ``async for`` it, ``await msg.ack()``.
+
+    Delivery is at least once; redeliveries of messages this consumer already
+    acknowledged successfully are dropped (and acknowledged again). A reader
+    task files deliveries and ack replies, a heartbeat task keeps the consumer
+    attached; a coroutine that blocks the event loop for longer than
+    ``CONSUMER_EXPIRY_S`` stops heartbeats, and the sender then hands this
+    consumer's messages to others.
+    """
+
+    def __init__(self, client: AsyncClient, info: dict[str, Any], *, consumer_id: str | None = None) -> None:
+        """Prepare a consumer for ``info`` (a SUB_CREATE/SUB_DESCRIBE record); ``_attach`` connects it."""
+        self._client = client
+        self._timeout = client.timeout
+        self._core: ConsumerCore[AsyncMessage] = ConsumerCore(info, consumer_id or secrets.token_hex(8), AsyncMessage)
+        self._ids = RequestIds()
+        self._awaiting: dict[bytes, asyncio.Future[list[str]]] = {}
+        self._arrived = asyncio.Event()
+        self._welcomed = asyncio.Event()
+        self._welcome: asyncio.Future[list[str]] | None = None
+        self._reader: asyncio.Task[None] | None = None
+        self._heartbeat: asyncio.Task[None] | None = None
+        self._closed = False
+        context = client._context
+        self._sub: zmq.asyncio.Socket = context.socket(zmq.SUB)
+        self._push: zmq.asyncio.Socket = context.socket(zmq.PUSH)
+        try:
+            setup_socket(self._sub, connect=self._core.deliver_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self._core.topic_frame)
+            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM)
+        except BaseException:
+            self._sub.close(0)
+            self._push.close(0)
+            raise
+        client._subscriptions.add(self)
+
+    # ------------------------------------------------------------------ public
+
+    @property
+    def name(self) -> str:
+        """The subscription name."""
+        return self._core.name
+
+    @property
+    def topic(self) -> str:
+        """The topic the subscription reads."""
+        return self._core.topic
+
+    @property
+    def consumer_id(self) -> str:
+        """This consumer's id, unique per attach."""
+        return self._core.consumer_id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The subscription record the server returned."""
+        return self._core.info
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<AsyncSubscription {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.close()
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __anext__(self) -> AsyncMessage:
+        if self._closed:
+            raise StopAsyncIteration
+        try:
+            message = await self.receive()
+        except HeraldError:
+            if self._closed:
+                raise StopAsyncIteration from None
+            raise
+        if message is None:  # only when closed while waiting
+            raise StopAsyncIteration
+        return message
+
+    async def receive(self, timeout: float | None = None) -> AsyncMessage | None:
+        """The next message, waiting at most ``timeout`` seconds (None: forever).
+
+        Returns:
+            A message, or None when the timeout passed first.
+
+        Raises:
+            HeraldError: ``subscription_not_found`` when the subscription was
+                deleted; ``unavailable`` when this subscription is closed.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + max(0.0, timeout)
+        while True:
+            if self._closed:
+                raise closed_error(repr(self))
+            if self._core.buffer:
+                return self._core.buffer.popleft()
+            if self._core.failure is not None:
+                raise self._core.failure
+            self._arrived.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._arrived.wait()
+            except TimeoutError:
+                return None
+
+    def statistics(self) -> SubscriptionStatistics:
+        """A snapshot of this consumer's counters."""
+        return self._core.statistics()
+
+    async def close(self) -> None:
+        """Stop the tasks, tell the sender this consumer left, close the sockets. Safe to call twice."""
+        if self._closed:
+            return
+        self._closed = True
+        self._arrived.set()
+        for task in (self._heartbeat, self._reader):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        for future in self._awaiting.values():
+            if not future.done():
+                future.set_exception(closed_error(repr(self)))
+        linger_ms = 0
+        if self._welcomed.is_set():
+            try:
+                await self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
+                linger_ms = DETACH_LINGER_MS
+            except zmq.Again:
+                pass
+        self._push.close(linger=linger_ms)
+        self._sub.close(linger=0)
+        self._client._subscriptions.discard(self)
+
+    # ------------------------------------------------------------------ acknowledgements
+
+    async def _ack(self, message: AsyncMessage) -> bool:
+        results = await self._exchange("ACK", lambda request_id: self._core.ack_frames([(message.ref, message.attempt)], request_id))
+        if len(results) != 1:
+            raise ProtocolError("malformed", f"ACK_REPLY for one ack carries {len(results)} results")
+        return self._core.settled(message, results[0])
+
+    async def _nack(self, message: AsyncMessage) -> None:
+        if self._closed:
+            raise closed_error(repr(self))
+        async with self._deadline("NACK", self._core.ack_endpoint):
+            await self._push.send_multipart(self._core.nack_frames([(message.ref, message.attempt)]))
+        self._core.nacked += 1
+
+    # ------------------------------------------------------------------ plumbing
+
+    @contextlib.asynccontextmanager
+    async def _deadline(self, what: str, endpoint: str) -> Any:
+        try:
+            async with asyncio.timeout(self._timeout):
+                yield
+        except TimeoutError:
+            raise timeout_error(what, endpoint, self._timeout) from None
+
+    async def _exchange(self, what: str, build: Callable[[bytes], list[bytes]]) -> list[str]:
+        """Send a message that asks for a reply on the SUB socket, and wait for it."""
+        if self._closed:
+            raise closed_error(repr(self))
+        request_id = self._ids.next()
+        future: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+        self._awaiting[request_id] = future
+        try:
+            async with self._deadline(what, self._core.deliver_endpoint):
+                await self._push.send_multipart(build(request_id))
+                return await future
+        finally:
+            self._awaiting.pop(request_id, None)
+
+    async def _attach(self) -> None:
+        """Send ATTACH until the sender's WELCOME shows our SUB filter reached it (slow joiner)."""
+        try:
+            self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"herald-consume-{self.name}")
+            _watch(self._reader, self._on_task_failure)
+            request_id = self._ids.next()
+            # Resolved by the first WELCOME, or failed by an ERROR answering this ATTACH.
+            welcome: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
+            self._awaiting[request_id] = self._welcome = welcome
+            async with self._deadline(f"ATTACH to subscription {self.name!r}", self._core.deliver_endpoint):
+                while not welcome.done():
+                    with contextlib.suppress(zmq.Again):
+                        await self._push.send_multipart(self._core.attach_frames(ready=False, request_id=request_id), zmq.NOBLOCK)
+                    await asyncio.wait([welcome], timeout=ATTACH_RETRY_S)
+                self._awaiting.pop(request_id, None)
+                welcome.result()  # raises the sender's error, if that is what came
+                await self._push.send_multipart(self._core.attach_frames(ready=True))
+            self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop(), name=f"herald-heartbeat-{self.name}")
+            _watch(self._heartbeat, self._on_task_failure)
+        except BaseException:
+            await self.close()
+            raise
+
+    def _on_task_failure(self, error: BaseException) -> None:
+        failure = HeraldError("internal", f"consumer task of subscription {self.name!r} failed: {error!r}")
+        self._core.failure = self._core.failure or failure
+        for future in self._awaiting.values():
+            if not future.done():
+                future.set_exception(failure)
+        self._arrived.set()
+
+    async def _read_loop(self) -> None:
+        sock = self._sub
+        while True:
+            await sock.poll(READER_POLL_MS, zmq.POLLIN)
+            for _ in range(DRAIN_BURST):
+                try:
+                    raw = await sock.recv_multipart(zmq.NOBLOCK)
+                except zmq.Again:
+                    break
+                await self._on_message(raw)
+
+    async def _on_message(self, raw: list[bytes]) -> None:
+        events = self._core.handle(raw, self)
+        if events.welcomed:
+            self._welcomed.set()
+            if self._welcome is not None and not self._welcome.done():
+                self._welcome.set_result([])
+        for request_id, results in events.replies.items():
+            future = self._awaiting.get(request_id)
+            if future is not None and not future.done():
+                future.set_result(results)
+        for request_id, error in events.errors.items():
+            future = self._awaiting.get(request_id)
+            if future is not None and not future.done():
+                future.set_exception(error)
+        if events.fatal is not None:
+            for future in self._awaiting.values():
+                if not future.done():
+                    future.set_exception(events.fatal)
+        if events.reacks:
+            # Best effort: if this ack is lost the sender redelivers and we ack again.
+            with contextlib.suppress(zmq.Again):
+                await self._push.send_multipart(self._core.ack_frames(events.reacks), zmq.NOBLOCK)
+        if self._core.buffer or events.fatal is not None:
+            self._arrived.set()
+
+    async def _heartbeat_loop(self) -> None:
+        frames = self._core.attach_frames(ready=True)
+        while True:
+            await asyncio.sleep(CONSUMER_HEARTBEAT_S)
+            with contextlib.suppress(zmq.Again):  # sender unreachable: the next heartbeat counts
+                await self._push.send_multipart(frames, zmq.NOBLOCK)
+
+
+__all__ = ["AsyncClient", "AsyncMessage", "AsyncSubscription", "Subscribing", "run"]
