@@ -128,7 +128,9 @@ class Launcher:
         for child in self.children:
             self._spawn(child)
             if not child.ready.wait(CHILD_READY_TIMEOUT_S):
-                raise RuntimeError(f"{child.name} did not print its ready line within {CHILD_READY_TIMEOUT_S} s (exit code {child.process.poll() if child.process else None})")
+                raise RuntimeError(
+                    f"{child.name} did not print its ready line within {CHILD_READY_TIMEOUT_S} s (exit code {child.process.poll() if child.process else None})"
+                )
         self.wait_answering(CHILD_READY_TIMEOUT_S)
 
     def wait_answering(self, timeout_s: float) -> None:

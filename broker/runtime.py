@@ -19,6 +19,8 @@ from typing import Any, Final, Generic, TypeVar
 
 import zmq
 
+from clients.protocol import NOBLOCK, recv_frames
+
 READY_PREFIX: Final = "READY"
 DRAIN_BURST: Final = 5000  # messages taken from one socket before others get a turn
 
@@ -75,7 +77,7 @@ def drain(sock: zmq.Socket[Any], limit: int = DRAIN_BURST) -> Iterator[list[byte
     """Yield the multipart messages already queued on ``sock``, without waiting."""
     for _ in range(limit):
         try:
-            yield sock.recv_multipart(zmq.NOBLOCK)
+            yield recv_frames(sock, NOBLOCK)
         except zmq.Again:
             return
 

@@ -30,6 +30,7 @@ from broker.config import HEARTBEAT_INTERVAL_S, PEER_EXPIRY_S, HeraldConfig
 from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     CLIENT_COMMANDS,
+    NOBLOCK,
     PROTOCOL_VERSION,
     SERVER_VERSION,
     Command,
@@ -38,13 +39,16 @@ from clients.protocol import (
     ProtocolError,
     PublishItem,
     decode,
+    check_name,
     decode_publish,
+    get_field,
     encode,
     encode_error,
     encode_ok,
     live_topic_frame,
     matches_filter,
     request_id_of,
+    send_frames,
     shard_of,
     split_envelope,
 )
@@ -137,14 +141,14 @@ class FrontendServer:
         self.backend = make_socket(self.context, zmq.DEALER, connect=config.proxy_backend_endpoint, **hwm)
         self.control = make_socket(self.context, zmq.PULL, bind=config.frontend_control_endpoints[index], **hwm)
         self.peers = {
-            i: make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm)
-            for i, endpoint in enumerate(config.frontend_control_endpoints)
-            if i != index
+            i: make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for i, endpoint in enumerate(config.frontend_control_endpoints) if i != index
         }
         self.senders = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.sender_intake_endpoints]
         self.meta_rpc = make_socket(self.context, zmq.DEALER, connect=config.metadata_rpc_endpoint, **hwm)
         self.meta_events = make_socket(self.context, zmq.SUB, connect=config.metadata_events_endpoint, subscribe=EVENTS_TOPIC)
-        self.live = make_socket(self.context, zmq.PUB, connect=config.live_intake_endpoint, **hwm)
+        # XPUB rather than PUB: it hears the live feed's subscriptions, see _on_live_subscription.
+        self.live = make_socket(self.context, zmq.XPUB, connect=config.live_intake_endpoint, **hwm)
+        self.live_prefixes: dict[bytes, int] = {}
         self.stop = StopFlag()
         self.meta_version = 0
         self.meta_calls: dict[bytes, MetadataCall] = {}
@@ -179,7 +183,7 @@ class FrontendServer:
             Timer(RETENTION_SWEEP_INTERVAL_S, self._sweep_retention),
         ]
         poller = zmq.Poller()
-        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events):
+        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live):
             poller.register(sock, zmq.POLLIN)
         try:
             while not self.stop.stopping:
@@ -187,6 +191,9 @@ class FrontendServer:
                 if self.meta_events in ready:
                     for frames in drain(self.meta_events):
                         self._on_metadata_event(frames)
+                if self.live in ready:
+                    for frames in drain(self.live):
+                        self._on_live_subscription(frames)
                 if self.meta_rpc in ready:
                     for frames in drain(self.meta_rpc):
                         self._on_metadata_reply(frames)
@@ -245,7 +252,7 @@ class FrontendServer:
     # ------------------------------------------------------------------ client requests
 
     def _reply(self, envelope: list[bytes], frames: list[bytes]) -> None:
-        self.backend.send_multipart(envelope + frames)
+        send_frames(self.backend, envelope + frames)
 
     def _reply_error(self, envelope: list[bytes], request_id: bytes, error: HeraldError) -> None:
         self.counters["errors"] += 1
@@ -327,16 +334,17 @@ class FrontendServer:
     # ------------------------------------------------------------------ publish
 
     def _on_publish(self, envelope: list[bytes], body: list[bytes], frames: Frames) -> None:
-        topic, items = decode_publish(frames, self.config.max_payload_bytes)
-        owner = shard_of(topic, self.config.frontends)
+        # Route on the topic alone; the owner validates the rest, once.
+        owner = shard_of(check_name(get_field(frames.header, "topic", str), "topic"), self.config.frontends)
         if owner != self.index:
             self._forward(owner, envelope, body)
             return
+        topic, items = decode_publish(frames, self.config.max_payload_bytes)
         self._with_topic(topic, lambda info: self._accept_publish(envelope, frames.request_id, topic, items, info))
 
     def _forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> None:
         try:
-            self.peers[owner].send_multipart(encode(Command.FORWARD, b"", {"envelope": len(envelope)}, envelope + body), zmq.NOBLOCK)
+            send_frames(self.peers[owner], encode(Command.FORWARD, b"", {"envelope": len(envelope)}, envelope + body), NOBLOCK)
             self.counters["forwarded"] += 1
         except zmq.Again:
             raise HeraldError("unavailable", f"frontend {owner}, which owns this topic, is not keeping up; retry") from None
@@ -405,20 +413,22 @@ class FrontendServer:
         subscriptions = info["subscriptions"] if info else []
         ids: list[str] = []
         duplicate: list[bool] = []
+        stored = self.store.find_duplicates(topic_name, [item.message_id for item in items if item.message_id is not None])
         for item in items:
             if item.message_id is not None:
                 key = (topic_name, item.message_id)
-                if key in self.batch_ids or self.store.find_duplicate(topic_name, item.message_id) is not None:
+                if key in self.batch_ids or item.message_id in stored:
                     ids.append(item.message_id)
                     duplicate.append(True)
                     self.counters["duplicates"] += 1
                     continue
                 message_id = item.message_id
                 self.batch_ids[key] = message_id
-                self.batch_dedup.append(DedupEntry(topic_name, message_id, dedup_expire_ms))
+                seq = self.store.next_seq()
+                self.batch_dedup.append(DedupEntry(topic_name, message_id, dedup_expire_ms, seq))
             else:
                 message_id = secrets.token_hex(12)
-            seq = self.store.next_seq()
+                seq = self.store.next_seq()
             subs = [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
             self.batch_messages.append(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
             ids.append(message_id)
@@ -449,14 +459,33 @@ class FrontendServer:
         self.counters["published"] += len(messages)
         for pending in replies:
             self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))
-        for message in messages:
-            self.live.send_multipart(
-                [
-                    live_topic_frame(message.topic),
-                    *encode(Command.MESSAGE, b"", {"id": message.message_id, "topic": message.topic, "attributes": message.attributes, "ts": message.timestamp}, [message.payload]),
-                ]
-            )
+        if self.live_prefixes:
+            self._publish_live(messages)
         self._send_dispatches([(sub_id, message, 1) for sub_id, message in plan])
+
+    def _publish_live(self, messages: list[StoredMessage]) -> None:
+        prefixes = tuple(self.live_prefixes)
+        live = self.live
+        for message in messages:
+            topic_frame = live_topic_frame(message.topic)
+            if not topic_frame.startswith(prefixes):
+                continue
+            header = {"id": message.message_id, "topic": message.topic, "attributes": message.attributes, "ts": message.timestamp}
+            send_frames(live, [topic_frame, *encode(Command.MESSAGE, b"", header, [message.payload])])
+
+    def _on_live_subscription(self, raw: list[bytes]) -> None:
+        # XPUB reports each subscribe (0x01 + prefix) and unsubscribe (0x00 + prefix)
+        # from the live-feed proxy, so messages nobody listens to cost nothing.
+        frame = raw[0]
+        if not frame:
+            return
+        prefix = frame[1:]
+        if frame[0] == 1:
+            self.live_prefixes[prefix] = self.live_prefixes.get(prefix, 0) + 1
+        elif frame[0] == 0 and prefix in self.live_prefixes:
+            self.live_prefixes[prefix] -= 1
+            if self.live_prefixes[prefix] <= 0:
+                del self.live_prefixes[prefix]
 
     def _plan_fast_dispatch(self, messages: list[StoredMessage]) -> list[tuple[int, StoredMessage]]:
         """Hand new messages straight to senders when their subscription has credit and no older backlog."""
@@ -496,7 +525,7 @@ class FrontendServer:
         for sender_index, (headers, payloads) in by_sender.items():
             frames = encode(Command.DISPATCH, b"", {"shard": self.index, "epoch": self.epoch, "messages": headers}, payloads)
             try:
-                self.senders[sender_index].send_multipart(frames, zmq.NOBLOCK)
+                send_frames(self.senders[sender_index], frames, NOBLOCK)
                 self.counters["dispatched"] += len(headers)
             except zmq.Again:
                 # The sender is not draining; take the entries back, they stay on disk.
@@ -627,7 +656,14 @@ class FrontendServer:
         }
         subs = [s["id"] for s in info["subscriptions"] if matches_filter(attributes, s["settings"].get("filter"))]
         copy = StoredMessage(
-            self.store.next_seq(), topic["name"], original.message_id, attributes, original.payload, now, subs, int((now + topic["settings"]["retention"]) * 1000)
+            self.store.next_seq(),
+            topic["name"],
+            original.message_id,
+            attributes,
+            original.payload,
+            now,
+            subs,
+            int((now + topic["settings"]["retention"]) * 1000),
         )
         self.store.append([copy], [])
         self.store.complete([(sub_id, seq)])
@@ -643,7 +679,7 @@ class FrontendServer:
 
     def _send_to_metadata(self, command: Command, header: dict[str, Any], request_id: bytes = b"") -> None:
         try:
-            self.meta_rpc.send_multipart([b"", *encode(command, request_id, header)], zmq.NOBLOCK)
+            send_frames(self.meta_rpc, [b"", *encode(command, request_id, header)], NOBLOCK)
         except zmq.Again:
             log.warning("metadata is not draining its socket; %s not sent", command.name)
 

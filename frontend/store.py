@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from rocksdict import Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch, WriteOptions
 
 _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
@@ -58,7 +58,14 @@ class StoredMessage:
     expire_ms: int
 
     def header(self) -> dict[str, Any]:
-        return {"topic": self.topic, "id": self.message_id, "attributes": self.attributes, "ts": self.timestamp, "subs": self.subscriptions, "exp": self.expire_ms}
+        return {
+            "topic": self.topic,
+            "id": self.message_id,
+            "attributes": self.attributes,
+            "ts": self.timestamp,
+            "subs": self.subscriptions,
+            "exp": self.expire_ms,
+        }
 
 
 @dataclass(slots=True)
@@ -66,6 +73,7 @@ class DedupEntry:
     topic: str
     message_id: str
     expire_ms: int
+    seq: int
 
 
 def _message_key(seq: int) -> bytes:
@@ -113,6 +121,10 @@ class ShardStore:
         options = Options(raw_mode=True)
         options.create_if_missing(True)
         options.set_max_background_jobs(2)
+        # Most de-duplication lookups miss: a bloom filter answers them without reading blocks.
+        table = BlockBasedOptions()
+        table.set_bloom_filter(10, False)
+        options.set_block_based_table_factory(table)
         self._db = Rdict(str(path), options)
         self._durable = WriteOptions()
         self._durable.sync = sync
@@ -147,19 +159,11 @@ class ShardStore:
                 attempts = 1 if (sub_id, message.seq) in handed_out else 0
                 batch.put(_pending_key(sub_id, message.seq), _U32.pack(attempts))
         for entry in dedup:
-            seq = self._seq_of_dedup(entry, messages)
-            batch.put(_dedup_key(entry.topic, entry.message_id), _U64.pack(seq))
+            batch.put(_dedup_key(entry.topic, entry.message_id), _U64.pack(entry.seq))
             batch.put(_DEDUP_EXPIRY + _U64.pack(entry.expire_ms) + entry.topic.encode() + b"\0" + entry.message_id.encode(), b"")
         if messages:
             batch.put(_LAST_SEQ, _U64.pack(self.last_seq))
         self._write(batch, self._durable)
-
-    @staticmethod
-    def _seq_of_dedup(entry: DedupEntry, messages: list[StoredMessage]) -> int:
-        for message in messages:
-            if message.message_id == entry.message_id and message.topic == entry.topic:
-                return message.seq
-        return 0
 
     def next_seq(self) -> int:
         self.last_seq += 1
@@ -205,9 +209,7 @@ class ShardStore:
             if raw is None:
                 continue
             message = decode_message(seq, raw)
-            still_needed = any(
-                (other, seq) not in deleted and self._db.get(_pending_key(other, seq)) is not None for other in message.subscriptions
-            )
+            still_needed = any((other, seq) not in deleted and self._db.get(_pending_key(other, seq)) is not None for other in message.subscriptions)
             if not still_needed:
                 batch.delete(_message_key(seq))
                 batch.delete(_EXPIRY + _PAIR.pack(message.expire_ms, seq))
@@ -262,6 +264,13 @@ class ShardStore:
         """The seq stored under a client-given id, or None if the id is new."""
         raw = self._db.get(_dedup_key(topic, message_id))
         return _U64.unpack(raw)[0] if raw is not None else None
+
+    def find_duplicates(self, topic: str, message_ids: list[str]) -> set[str]:
+        """The subset of ``message_ids`` already stored for ``topic`` (one multi-get)."""
+        if not message_ids:
+            return set()
+        found = self._db.get([_dedup_key(topic, message_id) for message_id in message_ids])
+        return {message_id for message_id, value in zip(message_ids, found, strict=True) if value is not None}
 
     def read_message(self, seq: int) -> StoredMessage | None:
         raw = self._db.get(_message_key(seq))

@@ -21,9 +21,10 @@ import orjson
 import zmq
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
-from broker.config import METADATA_SYNC_TIMEOUT_S, PEER_EXPIRY_S, HEARTBEAT_INTERVAL_S, HeraldConfig
+from broker.config import HEARTBEAT_INTERVAL_S, METADATA_SYNC_TIMEOUT_S, PEER_EXPIRY_S, HeraldConfig
 from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
+    NOBLOCK,
     SERVER_VERSION,
     TOPIC_SETTINGS,
     Command,
@@ -39,6 +40,7 @@ from clients.protocol import (
     encode_ok,
     get_field,
     request_id_of,
+    send_frames,
     shard_of,
     split_envelope,
 )
@@ -206,14 +208,14 @@ class MetadataServer:
                 self._release_synced_changes(now)
         finally:
             for change in self.pending_changes:
-                self.rpc.send_multipart(change.envelope + change.reply)
+                send_frames(self.rpc, change.envelope + change.reply)
             self.rpc.close(0)
             self.events.close(0)
             self.context.term()
             self.store.close()
 
     def _publish_heartbeat(self) -> None:
-        self.events.send_multipart([EVENTS_TOPIC, *encode(Command.EVENT, b"", {"kind": "heartbeat", "version": self.store.version})])
+        send_frames(self.events, [EVENTS_TOPIC, *encode(Command.EVENT, b"", {"kind": "heartbeat", "version": self.store.version})])
         cutoff = time.monotonic() - PEER_EXPIRY_S
         for identity in [i for i, peer in self.frontends.items() if peer.last_seen < cutoff]:
             log.warning("frontend %d stopped answering; changes no longer wait for it", self.frontends[identity].index)
@@ -228,7 +230,7 @@ class MetadataServer:
             if synced or now >= change.deadline:
                 if not synced:
                     log.warning("change %d replied before every frontend confirmed it", change.version)
-                self.rpc.send_multipart(change.envelope + change.reply)
+                send_frames(self.rpc, change.envelope + change.reply)
             else:
                 waiting.append(change)
         self.pending_changes = waiting
@@ -241,11 +243,11 @@ class MetadataServer:
             frames = decode(body)
             reply, version = self._dispatch(envelope, frames)
         except HeraldError as error:
-            self.rpc.send_multipart(envelope + encode_error(request_id_of(body), error))
+            send_frames(self.rpc, envelope + encode_error(request_id_of(body), error))
             return
         except Exception as exc:  # a handler bug must not take metadata down
             log.exception("internal error handling %r", body[1:2])
-            self.rpc.send_multipart(envelope + encode_error(request_id_of(body), HeraldError("internal", f"{type(exc).__name__}: {exc}")))
+            send_frames(self.rpc, envelope + encode_error(request_id_of(body), HeraldError("internal", f"{type(exc).__name__}: {exc}")))
             return
         self.requests_handled += 1
         if reply is None:
@@ -254,7 +256,7 @@ class MetadataServer:
             self.pending_changes.append(PendingChange(envelope, reply, version, time.monotonic() + METADATA_SYNC_TIMEOUT_S))
             self._release_synced_changes(time.monotonic())
         else:
-            self.rpc.send_multipart(envelope + reply)
+            send_frames(self.rpc, envelope + reply)
 
     def _dispatch(self, envelope: list[bytes], frames: Frames) -> tuple[list[bytes] | None, int]:
         header = frames.header
@@ -330,7 +332,7 @@ class MetadataServer:
     def _announce(self, version: int, kind: str, name: str, topic: str, **extra: Any) -> None:
         self.lookups.discard(topic)
         event = {"kind": kind, "name": name, "topic": topic, "version": version, **extra}
-        self.events.send_multipart([EVENTS_TOPIC, *encode(Command.EVENT, b"", event)])
+        send_frames(self.events, [EVENTS_TOPIC, *encode(Command.EVENT, b"", event)])
 
     def _on_topic_create(self, rid: bytes, header: dict[str, Any]) -> tuple[list[bytes], int]:
         name = check_name(get_field(header, "name", str), "topic")

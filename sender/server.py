@@ -34,6 +34,7 @@ from clients.protocol import (
     ACK_UNKNOWN,
     CONSUMER_EXPIRY_S,
     CONSUMER_HEARTBEAT_S,
+    NOBLOCK,
     Command,
     Frames,
     HeraldError,
@@ -48,6 +49,7 @@ from clients.protocol import (
     get_field,
     matches_filter,
     parse_delivery_ref,
+    send_frames,
     shard_of,
     split_envelope,
 )
@@ -139,7 +141,18 @@ class SenderServer:
         self.completions: dict[int, list[list[int]]] = {}
         self.attempted: dict[int, list[list[int]]] = {}
         self.credit_dirty = False
-        self.counters: dict[str, int] = {"dispatched": 0, "delivered": 0, "acked": 0, "stale_acks": 0, "unknown_acks": 0, "nacked": 0, "redelivered": 0, "expired": 0, "dead_lettered": 0, "filtered": 0}
+        self.counters: dict[str, int] = {
+            "dispatched": 0,
+            "delivered": 0,
+            "acked": 0,
+            "stale_acks": 0,
+            "unknown_acks": 0,
+            "nacked": 0,
+            "redelivered": 0,
+            "expired": 0,
+            "dead_lettered": 0,
+            "filtered": 0,
+        }
 
     # ------------------------------------------------------------------ loop
 
@@ -204,7 +217,7 @@ class SenderServer:
         frames = encode(Command.CREDIT, b"", {"sender": self.index, "epoch": self.epoch, "windows": windows})
         for sock in self.frontends:
             try:
-                sock.send_multipart(frames, zmq.NOBLOCK)
+                send_frames(sock, frames, NOBLOCK)
             except zmq.Again:
                 pass  # that frontend is down; the next beat tells it again
 
@@ -213,7 +226,7 @@ class SenderServer:
             for shard, entries in pending.items():
                 if entries and shard < len(self.frontends):
                     try:
-                        self.frontends[shard].send_multipart(encode(command, b"", {"entries": entries}), zmq.NOBLOCK)
+                        send_frames(self.frontends[shard], encode(command, b"", {"entries": entries}), NOBLOCK)
                     except zmq.Again:
                         log.warning("frontend %d is not draining; %d %s entries will be settled by redelivery", shard, len(entries), command.name)
             pending.clear()
@@ -275,11 +288,22 @@ class SenderServer:
                 for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
                     chunk = deliveries[start : start + MAX_MESSAGES_PER_DELIVER]
                     headers = [
-                        {"id": d.header["id"], "topic": d.header["topic"], "attempt": d.attempt, "attributes": d.header["attributes"], "ts": d.header["ts"], "ref": d.header["ref"]}
+                        {
+                            "id": d.header["id"],
+                            "topic": d.header["topic"],
+                            "attempt": d.attempt,
+                            "attributes": d.header["attributes"],
+                            "ts": d.header["ts"],
+                            "ref": d.header["ref"],
+                        }
                         for d in chunk
                     ]
-                    self.deliver.send_multipart(
-                        [consumer_topic_frame(consumer_id), *encode(Command.DELIVER, b"", {"subscription": state.name, "messages": headers}, [d.payload for d in chunk])]
+                    send_frames(
+                        self.deliver,
+                        [
+                            consumer_topic_frame(consumer_id),
+                            *encode(Command.DELIVER, b"", {"subscription": state.name, "messages": headers}, [d.payload for d in chunk]),
+                        ],
                     )
                     self.counters["delivered"] += len(chunk)
 
@@ -306,7 +330,7 @@ class SenderServer:
             self.counters["dead_lettered"] += 1
             entry = [state.sub_id, delivery.key[2], delivery.attempt, dead_letter_topic_of(state.name, settings)]
             try:
-                self.frontends[shard].send_multipart(encode(Command.DEAD, b"", {"entries": [entry]}), zmq.NOBLOCK)
+                send_frames(self.frontends[shard], encode(Command.DEAD, b"", {"entries": [entry]}), NOBLOCK)
             except zmq.Again:
                 log.warning("frontend %d is not draining; dead-letter of %s waits for redispatch", shard, delivery.header["id"])
             return
@@ -333,7 +357,7 @@ class SenderServer:
     # ------------------------------------------------------------------ consumers
 
     def _reply_to_consumer(self, consumer_id: str, frames: list[bytes]) -> None:
-        self.deliver.send_multipart([consumer_topic_frame(consumer_id), *frames])
+        send_frames(self.deliver, [consumer_topic_frame(consumer_id), *frames])
 
     def _on_consumer_message(self, raw: list[bytes]) -> None:
         _envelope, body = split_envelope(raw) if raw and raw[0] == b"" else ([], raw)
@@ -367,7 +391,9 @@ class SenderServer:
         state = self.subs.get(name)
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
-                raise HeraldError("invalid_header", f"subscription {name!r} is served by sender {shard_of(name, self.config.senders)}; use the endpoints SUB_DESCRIBE returns")
+                raise HeraldError(
+                    "invalid_header", f"subscription {name!r} is served by sender {shard_of(name, self.config.senders)}; use the endpoints SUB_DESCRIBE returns"
+                )
             parked = self.parked_attaches.setdefault(name, [])
             if not parked:
                 self._lookup_subscription(name)
@@ -390,7 +416,11 @@ class SenderServer:
             self.credit_dirty = True
         self._reply_to_consumer(
             consumer_id,
-            encode(Command.WELCOME, frames.request_id, {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S}),
+            encode(
+                Command.WELCOME,
+                frames.request_id,
+                {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S},
+            ),
         )
 
     def _on_acks(self, name: str, consumer_id: str, frames: Frames) -> None:
@@ -456,7 +486,7 @@ class SenderServer:
         self.next_call_id += 1
         request_id = self.next_call_id.to_bytes(8, "big")
         self.meta_calls[request_id] = (name, time.monotonic() + METADATA_CALL_TIMEOUT_S)
-        self.meta_rpc.send_multipart([b"", *encode(Command.SUB_DESCRIBE, request_id, {"name": name})])
+        send_frames(self.meta_rpc, [b"", *encode(Command.SUB_DESCRIBE, request_id, {"name": name})])
 
     def _on_metadata_reply(self, raw: list[bytes]) -> None:
         _, body = split_envelope(raw)
