@@ -24,9 +24,10 @@ DEFAULT_PORT: Final = 5555
 DEFAULT_DATA_DIR: Final = "./herald-data"
 DEFAULT_FRONTENDS: Final = 2  # one per core on the reference 2-core machine
 DEFAULT_SENDERS: Final = 2
-# Group commit: a frontend writes whatever arrived while the last fsync ran,
-# up to this many messages per WriteBatch, which bounds one batch's latency.
-DEFAULT_MAX_BATCH_MESSAGES: Final = 20_000
+# Group commit: a frontend writes whatever arrived while the last fsync ran in
+# one WriteBatch. It takes at most this many requests from its socket per pass,
+# which bounds one pass's latency (each request carries up to MAX_BATCH_MESSAGES).
+DEFAULT_DRAIN_BURST_REQUESTS: Final = 2_000
 # ZeroMQ high-water marks. Internal PUSH sockets block (never drop) at the HWM,
 # so a slow peer applies back-pressure; PUB sockets drop at the HWM, which is
 # why the at-least-once path never relies on PUB alone (acks + redelivery).
@@ -64,7 +65,7 @@ class HeraldConfig:
     sender_ack_endpoints: tuple[str, ...] = ()
     durability: Durability = "fsync"
     max_payload_bytes: int = DEFAULT_MAX_PAYLOAD_BYTES
-    max_batch_messages: int = DEFAULT_MAX_BATCH_MESSAGES
+    drain_burst_requests: int = DEFAULT_DRAIN_BURST_REQUESTS
     sndhwm: int = DEFAULT_SNDHWM
     rcvhwm: int = DEFAULT_RCVHWM
     extra: dict[str, Any] = field(default_factory=dict)

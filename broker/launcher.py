@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -39,7 +40,7 @@ STOP_GRACE_S: Final = 10.0  # SIGTERM, then SIGKILL after this long
 RESTART_BACKOFF_MIN_S: Final = 0.2
 RESTART_BACKOFF_MAX_S: Final = 10.0
 HEALTHY_AFTER_S: Final = 30.0  # a child up this long has its backoff reset
-CRASH_LOOP_RESTARTS: Final = 20  # restarts within CRASH_LOOP_WINDOW_S that mean "give up"
+CRASH_LOOP_RESTARTS: Final = 8  # restarts within CRASH_LOOP_WINDOW_S that mean "give up" (backoff allows ~17)
 CRASH_LOOP_WINDOW_S: Final = 120.0
 SUPERVISE_INTERVAL_S: Final = 0.1
 RUNTIME_CONFIG_NAME: Final = "herald-runtime.json"
@@ -119,7 +120,7 @@ class Launcher:
 
     @staticmethod
     def _watch_stdout(child: Child, process: subprocess.Popen[bytes]) -> None:
-        assert process.stdout is not None  # noqa: S101 - we created the pipe ourselves
+        assert process.stdout is not None
         for line in process.stdout:
             if line.startswith(READY_PREFIX.encode()):
                 child.ready.set()
@@ -245,6 +246,25 @@ class Launcher:
         return 0
 
 
+TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm"})
+
+
+def load_limits(path: str) -> dict[str, Any]:
+    """The limits a TOML file sets for `herald up`; unknown keys are an error naming the file."""
+    with open(path, "rb") as handle:
+        try:
+            raw = tomllib.load(handle)
+        except tomllib.TOMLDecodeError as exc:
+            raise ValueError(f"{path}: {exc}") from None
+    unknown = sorted(set(raw) - TUNABLE_KEYS)
+    if unknown:
+        raise ValueError(f"{path}: unknown key {unknown[0]!r}; `herald up --config` accepts {', '.join(sorted(TUNABLE_KEYS))}")
+    for key, value in raw.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise ValueError(f"{path}: {key} = {value!r} must be a positive integer")
+    return dict(raw)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="herald up", description="Run the whole Herald system on this machine.")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR})")
@@ -258,7 +278,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fsync",
         help="fsync: acknowledge after the WAL is fsync'd (default); async: after the OS has it (survives a process crash, not a power loss)",
     )
-    parser.add_argument("--config", help="a TOML config file; flags given here override it")
+    parser.add_argument("--config", help=f"a TOML file setting limits ({', '.join(sorted(TUNABLE_KEYS))}); endpoints come from the flags")
     return parser.parse_args(argv)
 
 
@@ -276,12 +296,15 @@ def main(argv: list[str] | None = None) -> int:
         )
         return 2
     overrides: dict[str, Any] = {}
-    if args.config:
-        file_config = HeraldConfig.load(args.config)
-        overrides = {"max_payload_bytes": file_config.max_payload_bytes, "max_batch_messages": file_config.max_batch_messages}
-    config = build_local_config(
-        data_dir=data_dir, host=args.host, port=args.port, frontends=args.frontends, senders=args.senders, durability=args.durability, **overrides
-    )
+    try:
+        if args.config:
+            overrides = load_limits(args.config)
+        config = build_local_config(
+            data_dir=data_dir, host=args.host, port=args.port, frontends=args.frontends, senders=args.senders, durability=args.durability, **overrides
+        )
+    except (ValueError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     launcher = Launcher(config)
     try:
         code = launcher.run()

@@ -30,6 +30,7 @@ from clients.protocol import (
     ACK_STALE,
     ACK_UNKNOWN,
     MAX_BATCH_MESSAGES,
+    MAX_HEADER_BYTES,
     MAX_MESSAGE_ID_BYTES,
     SUBSCRIPTION_SETTINGS,
     TOPIC_SETTINGS,
@@ -71,6 +72,8 @@ RETRY_PAUSE_S: Final = 0.05  # after a retriable error reply, before resending
 # Largest payload total of one PUBLISH request built by publish_batch; bigger
 # batches are split (the count limit is protocol.MAX_BATCH_MESSAGES).
 PUBLISH_BATCH_BYTES: Final = 32 * 1024 * 1024
+# Header budget of one PUBLISH: below the server's MAX_HEADER_BYTES with room for the envelope.
+PUBLISH_HEADER_BYTES: Final = MAX_HEADER_BYTES - 64 * 1024
 # Message ids a consumer remembers as acknowledged, to drop their redeliveries.
 ACKED_WINDOW: Final = 10_000
 
@@ -352,6 +355,8 @@ def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message
         data = bytes(data)
     if not isinstance(data, bytes):
         raise TypeError(f"message data must be bytes, got {type(data).__name__}; encode text first, e.g. text.encode()")
+    if attributes and not all(isinstance(key, str) for key in attributes):
+        raise HeraldError("invalid_header", f"attribute names must be strings, got {sorted(map(repr, attributes))[:3]}")
     attrs = check_attributes(dict(attributes)) if attributes else None
     if message_id is None:
         message_id = new_message_id()
@@ -380,15 +385,26 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
     return out
 
 
+def _header_bytes(item: PublishItem) -> int:
+    """An upper estimate of one message's share of the PUBLISH header (JSON with quoting)."""
+    _, attributes, message_id = item
+    size = len(message_id) + 16  # {"id":"..."},
+    if attributes:
+        size += 18 + sum(2 * (len(k) + len(v)) + 6 for k, v in attributes.items())  # worst case: every char escaped
+    return size
+
+
 def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
-    """Split items into requests within the protocol's count and this client's byte bound."""
+    """Split items into requests within the protocol's count and header limits and this client's byte bound."""
     chunks: list[Sequence[PublishItem]] = []
-    start, size = 0, 0
-    for index, (data, _, _) in enumerate(items):
-        if index > start and (index - start >= MAX_BATCH_MESSAGES or size + len(data) > PUBLISH_BATCH_BYTES):
+    start, size, header = 0, 0, 0
+    for index, item in enumerate(items):
+        item_header = _header_bytes(item)
+        if index > start and (index - start >= MAX_BATCH_MESSAGES or size + len(item[0]) > PUBLISH_BATCH_BYTES or header + item_header > PUBLISH_HEADER_BYTES):
             chunks.append(items[start:index])
-            start, size = index, 0
-        size += len(data)
+            start, size, header = index, 0, 0
+        size += len(item[0])
+        header += item_header
     if start < len(items):
         chunks.append(items[start:])
     return chunks
@@ -442,9 +458,7 @@ class ClientCounters:
     malformed_replies: int = 0
 
     def snapshot(self, in_flight: int) -> ClientStatistics:
-        return ClientStatistics(
-            self.requests, self.replies, self.errors, self.timeouts, self.retries, self.stray_replies, self.malformed_replies, in_flight
-        )
+        return ClientStatistics(self.requests, self.replies, self.errors, self.timeouts, self.retries, self.stray_replies, self.malformed_replies, in_flight)
 
 
 @dataclass(frozen=True, slots=True)
@@ -496,8 +510,8 @@ class MessageFields:
 
     id: str
     topic: str
-    data: bytes
-    attributes: dict[str, str]
+    data: bytes = field(compare=False)  # equality and hash use the delivery's identity, not its body
+    attributes: dict[str, str] = field(compare=False)
     attempt: int
     ref: str
     subscription: str
@@ -643,6 +657,7 @@ class ConsumerCore(Generic[M]):
         self.welcomed = False
         self.failure: HeraldError | None = None
         self._make = make
+        self._acks_in_flight: dict[bytes, MessageFields] = {}
         self.delivered = 0
         self.duplicates_dropped = 0
         self.acked_count = 0
@@ -673,21 +688,39 @@ class ConsumerCore(Generic[M]):
 
     # -- results of acks
 
-    def settled(self, message: MessageFields, result: str) -> bool:
-        """Record an ACK_REPLY result for ``message`` and return ``ack()``'s value."""
-        value = ack_result(result, message)
-        if value:
-            self.acked.add(message.id)
-            self.acked_count += 1
-        else:
+    def expect_ack(self, request_id: bytes, message: MessageFields) -> None:
+        """Note that the ACK sent with ``request_id`` is for ``message``.
+
+        The result is recorded when the ACK_REPLY is parsed, before anything
+        read after it, so a redelivery right behind the reply is already known
+        to be acknowledged. Call :meth:`forget_ack` when done waiting.
+        """
+        self._acks_in_flight[request_id] = message
+
+    def forget_ack(self, request_id: bytes) -> None:
+        """Stop expecting the ACK_REPLY to ``request_id`` (answered or timed out)."""
+        self._acks_in_flight.pop(request_id, None)
+
+    def _on_ack_reply(self, request_id: bytes, results: list[str]) -> list[tuple[str, int]]:
+        message = self._acks_in_flight.get(request_id)
+        if message is None or len(results) != 1:
+            return []
+        if results[0] == ACK_STALE:
             self.stale_acks += 1
-        return value
+        if results[0] != ACK_OK:
+            return []
+        self.acked_count += 1
+        self.acked.add(message.id)
+        # A copy that arrived before the reply is now known to be settled, too.
+        duplicates = [m for m in self.buffer if m.id == message.id]
+        for duplicate in duplicates:
+            self.buffer.remove(duplicate)
+        self.duplicates_dropped += len(duplicates)
+        return [(m.ref, m.attempt) for m in duplicates]
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this consumer's counters."""
-        return SubscriptionStatistics(
-            self.delivered, self.duplicates_dropped, self.acked_count, self.stale_acks, self.nacked, self.malformed, len(self.buffer)
-        )
+        return SubscriptionStatistics(self.delivered, self.duplicates_dropped, self.acked_count, self.stale_acks, self.nacked, self.malformed, len(self.buffer))
 
     # -- what arrives
 
@@ -710,24 +743,25 @@ class ConsumerCore(Generic[M]):
             return events
         match frames.command:
             case Command.DELIVER:
-                events.reacks = self._on_deliver(frames, owner)
+                events.reacks.extend(self._on_deliver(frames, owner))
             case Command.ACK_REPLY:
                 results = frames.header.get("results")
                 if isinstance(results, list) and all(isinstance(r, str) for r in results):
                     events.replies[frames.request_id] = results
+                    events.reacks.extend(self._on_ack_reply(frames.request_id, results))
                 else:
                     self.malformed += 1
             case Command.WELCOME:
                 self.welcomed = events.welcomed = True
             case Command.ERROR:
-                error = HeraldError.from_header(frames.header)
-                if error.code == "subscription_not_found":
+                reported = HeraldError.from_header(frames.header)
+                if reported.code == "subscription_not_found":
                     # The subscription was deleted under us: nothing more will come.
-                    self.failure = events.fatal = error
+                    self.failure = events.fatal = reported
                 if frames.request_id:
-                    events.errors[frames.request_id] = error
+                    events.errors[frames.request_id] = reported
                 elif events.fatal is None:
-                    log.warning("sender %s reported: %s", self.deliver_endpoint, error)
+                    log.warning("sender %s reported: %s", self.deliver_endpoint, reported)
             case _:
                 self.malformed += 1
                 log.warning("dropped unexpected %s from sender %s", frames.command.name, self.deliver_endpoint)
@@ -739,7 +773,9 @@ class ConsumerCore(Generic[M]):
             # Without a trustworthy pairing of headers and payloads nothing can
             # be delivered; the ack deadline brings the messages back.
             self.malformed += 1
-            log.warning("dropped a DELIVER whose %s headers do not match %d payloads", len(entries) if isinstance(entries, list) else "missing", len(frames.payloads))
+            log.warning(
+                "dropped a DELIVER whose %s headers do not match %d payloads", len(entries) if isinstance(entries, list) else "missing", len(frames.payloads)
+            )
             return []
         reacks: list[tuple[str, int]] = []
         for entry, payload in zip(entries, frames.payloads, strict=True):
@@ -779,6 +815,9 @@ def setup_socket(
 ) -> None:
     """Set a fresh socket's options, then connect it: one place for both flavours.
 
+    Raises:
+        ValueError: when ``connect`` is not an endpoint ZeroMQ accepts.
+
     Linger is 0 so closing never hangs on a dead peer; callers that must flush
     a last message (DETACH) raise it for that close only. ``immediate`` keeps a
     DEALER from queueing requests for a server that is not connected, so they
@@ -793,4 +832,8 @@ def setup_socket(
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if subscribe is not None:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe)
-    sock.connect(connect)
+    try:
+        sock.connect(connect)
+    except zmq.ZMQError as exc:
+        sock.close(0)
+        raise ValueError(f"cannot connect to endpoint {connect!r} ({exc}); expected e.g. tcp://127.0.0.1:5555") from None

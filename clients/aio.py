@@ -29,6 +29,7 @@ from clients._core import (
     CONSUMER_SNDHWM,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
+    PUBLISH_BATCH_BYTES,
     RETRY_PAUSE_S,
     AsyncMessage,
     Call,
@@ -37,8 +38,10 @@ from clients._core import (
     ConsumerCore,
     ItemLike,
     PublishId,
+    PublishItem,
     RequestIds,
     SubscriptionStatistics,
+    ack_result,
     attempt_deadline,
     check_timeout,
     closed_error,
@@ -63,7 +66,17 @@ from clients._core import (
     status_call,
     timeout_error,
 )
-from clients.protocol import ATTACH_RETRY_S, CONSUMER_HEARTBEAT_S, Frames, HeraldError, ProtocolError, request_id_of, split_envelope
+from clients.protocol import (
+    ATTACH_RETRY_S,
+    CONSUMER_HEARTBEAT_S,
+    MAX_BATCH_MESSAGES,
+    Frames,
+    HeraldError,
+    ProtocolError,
+    check_name,
+    request_id_of,
+    split_envelope,
+)
 
 log = logging.getLogger("herald.client")
 
@@ -125,12 +138,18 @@ class AsyncClient:
         self.timeout = check_timeout(timeout)
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket = self._context.socket(zmq.DEALER)
-        setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+        try:
+            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+        except ValueError:
+            self._context.term()
+            raise
         self._ids = RequestIds()
         self._pending: dict[bytes, asyncio.Future[Frames]] = {}
         self._reader: asyncio.Task[None] | None = None
         self._counters = ClientCounters()
         self._subscriptions: set[AsyncSubscription] = set()
+        self._batches: dict[str, _Coalesced] = {}
+        self._batch_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -156,12 +175,18 @@ class AsyncClient:
         self._closed = True
         for subscription in list(self._subscriptions):
             await subscription.close()
+        error = closed_error(repr(self))
+        for batch in self._batches.values():
+            batch.fail(error)
+        self._batches.clear()
+        for task in list(self._batch_tasks):
+            task.cancel()
         if self._reader is not None:
             self._reader.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._reader
             self._reader = None
-        self._fail_pending(closed_error(repr(self)))
+        self._fail_pending(error)
         self._socket.close(linger=0)
         self._context.term()
 
@@ -214,6 +239,10 @@ class AsyncClient:
     async def publish(self, topic: str, data: bytes, attributes: Mapping[str, str] | None = None, *, message_id: str | None = None) -> PublishId:
         """Publish one message; returns once the server stored it durably.
 
+        Concurrent calls for one topic made in the same event-loop iteration
+        (e.g. ``asyncio.gather`` of many publishes) travel in one PUBLISH request
+        and share one fsync; each caller still gets its own id and error.
+
         Args:
             topic: an existing topic.
             data: the payload.
@@ -226,8 +255,21 @@ class AsyncClient:
         Raises:
             HeraldError: ``topic_not_found``, ``payload_too_large``, ``timeout``...
         """
-        ids = await self._request(publish_call(topic, [publish_item(data, attributes, message_id)]))
-        return ids[0]
+        item = publish_item(data, attributes, message_id)
+        check_name(topic, "topic")
+        if self._closed:
+            raise closed_error(repr(self))
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[PublishId] = loop.create_future()
+        batch = self._batches.get(topic)
+        if batch is not None and not batch.fits(item):
+            self._flush_batch(topic, batch)
+            batch = None
+        if batch is None:
+            batch = self._batches[topic] = _Coalesced()
+            loop.call_soon(self._flush_batch, topic, batch)
+        batch.add(item, future)
+        return await future
 
     async def publish_batch(self, topic: str, items: Iterable[ItemLike]) -> list[PublishId]:
         """Publish many messages in as few requests as the limits allow, in order.
@@ -247,7 +289,8 @@ class AsyncClient:
         ids: list[PublishId] = []
         for chunk in split_batch(normalised):
             try:
-                ids.extend(await self._request(publish_call(topic, chunk)))
+                stored: list[PublishId] = await self._request(publish_call(topic, chunk))
+                ids.extend(stored)
             except HeraldError as error:
                 if ids:
                     error.details["published"] = list(map(str, ids))
@@ -385,6 +428,42 @@ class AsyncClient:
             for request_id in request_ids:
                 self._pending.pop(request_id, None)
 
+    def _flush_batch(self, topic: str, batch: _Coalesced) -> None:
+        """Send the publishes gathered for ``topic`` as one request (once per batch)."""
+        if self._batches.get(topic) is batch:
+            del self._batches[topic]
+            task = asyncio.get_running_loop().create_task(self._send_batch(topic, batch), name=f"herald-publish-{topic}")
+            self._batch_tasks.add(task)
+            task.add_done_callback(self._batch_tasks.discard)
+
+    async def _send_batch(self, topic: str, batch: _Coalesced) -> None:
+        try:
+            try:
+                ids = await self._request(publish_call(topic, batch.items))
+            except HeraldError as error:
+                if len(batch.items) == 1 or error.code == "timeout":
+                    batch.fail(error)
+                    return
+                # One message's error (say payload_too_large) must not fail its
+                # neighbours: send each alone. A failed PUBLISH stored nothing, and
+                # the ids are unchanged, so this cannot store anything twice.
+                self._counters.retries += len(batch.items)
+                results = await asyncio.gather(*(self._request(publish_call(topic, [item])) for item in batch.items), return_exceptions=True)
+                for future, result in zip(batch.futures, results, strict=True):
+                    if future.done():
+                        continue
+                    if isinstance(result, BaseException):
+                        future.set_exception(result)
+                    else:
+                        future.set_result(result[0])
+                return
+            for future, message_id in zip(batch.futures, ids, strict=True):
+                if not future.done():
+                    future.set_result(message_id)
+        except BaseException as exc:
+            batch.fail(exc if isinstance(exc, HeraldError) else closed_error(repr(self)))
+            raise
+
     def _ensure_reader(self) -> None:
         if self._reader is None or self._reader.done():
             self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"herald-read-{self.endpoint}")
@@ -399,7 +478,7 @@ class AsyncClient:
     async def _read_loop(self) -> None:
         sock = self._socket
         while True:
-            await sock.poll(READER_POLL_MS, zmq.POLLIN)
+            await sock.poll(timeout=READER_POLL_MS)  # POLLIN is the default
             for _ in range(DRAIN_BURST):
                 try:
                     raw = await sock.recv_multipart(zmq.NOBLOCK)
@@ -424,6 +503,31 @@ class AsyncClient:
             return
         self._counters.replies += 1
         future.set_result(frames)
+
+
+class _Coalesced:
+    """Publishes to one topic waiting for the end of the event-loop iteration."""
+
+    __slots__ = ("futures", "items", "size")
+
+    def __init__(self) -> None:
+        self.items: list[PublishItem] = []
+        self.futures: list[asyncio.Future[PublishId]] = []
+        self.size = 0
+
+    def fits(self, item: PublishItem) -> bool:
+        return len(self.items) < MAX_BATCH_MESSAGES and self.size + len(item[0]) <= PUBLISH_BATCH_BYTES
+
+    def add(self, item: PublishItem, future: asyncio.Future[PublishId]) -> None:
+        self.items.append(item)
+        self.futures.append(future)
+        self.size += len(item[0])
+
+    def fail(self, error: HeraldError) -> None:
+        for future in self.futures:
+            if not future.done():
+                # A copy each: one exception object raised in many tasks would share a traceback.
+                future.set_exception(type(error)(error.code, error.message, dict(error.details)))
 
 
 class Subscribing:
@@ -591,10 +695,14 @@ class AsyncSubscription:
     # ------------------------------------------------------------------ acknowledgements
 
     async def _ack(self, message: AsyncMessage) -> bool:
-        results = await self._exchange("ACK", lambda request_id: self._core.ack_frames([(message.ref, message.attempt)], request_id))
+        def build(request_id: bytes) -> list[bytes]:
+            self._core.expect_ack(request_id, message)
+            return self._core.ack_frames([(message.ref, message.attempt)], request_id)
+
+        results = await self._exchange("ACK", build)
         if len(results) != 1:
             raise ProtocolError("malformed", f"ACK_REPLY for one ack carries {len(results)} results")
-        return self._core.settled(message, results[0])
+        return ack_result(results[0], message)
 
     async def _nack(self, message: AsyncMessage) -> None:
         if self._closed:
@@ -626,6 +734,7 @@ class AsyncSubscription:
                 return await future
         finally:
             self._awaiting.pop(request_id, None)
+            self._core.forget_ack(request_id)
 
     async def _attach(self) -> None:
         """Send ATTACH until the sender's WELCOME shows our SUB filter reached it (slow joiner)."""
@@ -661,7 +770,7 @@ class AsyncSubscription:
     async def _read_loop(self) -> None:
         sock = self._sub
         while True:
-            await sock.poll(READER_POLL_MS, zmq.POLLIN)
+            await sock.poll(timeout=READER_POLL_MS)  # POLLIN is the default
             for _ in range(DRAIN_BURST):
                 try:
                     raw = await sock.recv_multipart(zmq.NOBLOCK)

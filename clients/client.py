@@ -39,6 +39,7 @@ from clients._core import (
     PublishId,
     RequestIds,
     SubscriptionStatistics,
+    ack_result,
     attempt_deadline,
     check_timeout,
     closed_error,
@@ -100,7 +101,11 @@ class Client:
         self.timeout = check_timeout(timeout)
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
-        setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+        try:
+            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+        except ValueError:
+            self._context.term()
+            raise
         self._ids = RequestIds()
         self._lock = threading.Lock()
         self._counters = ClientCounters()
@@ -223,7 +228,8 @@ class Client:
         ids: list[PublishId] = []
         for chunk in split_batch(normalised):
             try:
-                ids.extend(self._request(publish_call(topic, chunk)))
+                stored: list[PublishId] = self._request(publish_call(topic, chunk))
+                ids.extend(stored)
             except HeraldError as error:
                 if ids:
                     error.details["published"] = list(map(str, ids))
@@ -538,6 +544,7 @@ class Subscription:
         self._check_open()
         request_id = self._ids.next()
         self._awaiting[request_id] = None
+        self._core.expect_ack(request_id, message)
         deadline = time.monotonic() + self._timeout
         try:
             if not self._send(self._core.ack_frames([(message.ref, message.attempt)], request_id), deadline):
@@ -552,11 +559,12 @@ class Subscription:
                     self._drain()
         finally:
             self._awaiting.pop(request_id, None)
+            self._core.forget_ack(request_id)
         if isinstance(reply, HeraldError):
             raise reply
         if len(reply) != 1:
             raise ProtocolError("malformed", f"ACK_REPLY for one ack carries {len(reply)} results")
-        return self._core.settled(message, reply[0])
+        return ack_result(reply[0], message)
 
     def _nack(self, message: Message) -> None:
         self._check_open()
@@ -638,4 +646,3 @@ class Subscription:
             log.exception("heartbeat thread of %s failed; the sender will expire this consumer", self.name)
         finally:
             sock.close(linger=0)
-

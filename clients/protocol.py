@@ -10,9 +10,9 @@ A Herald message is a ZeroMQ multipart message::
 - ``SIGNATURE`` is ``b"HRLD1"``: the protocol name and version in one frame.
 - ``command`` is an ASCII verb (``b"PUBLISH"``) or, in replies, ``b"OK"`` /
   ``b"ERROR"``.
-- ``request_id`` is 1-64 opaque bytes chosen by the requester and echoed in the
-  reply, so many requests can be in flight on one DEALER socket. Unsolicited
-  messages (deliveries, events) carry an empty request id.
+- ``request_id`` is 0-64 opaque bytes chosen by the requester and echoed in the
+  reply, so many requests can be in flight on one DEALER socket (give each a
+  distinct id). Unsolicited messages (deliveries, events) carry an empty one.
 - ``header`` is a JSON object (orjson-encoded) with the command's fields.
 - ``payloads`` are raw bytes, one frame per message body, never inside JSON.
 
@@ -246,8 +246,8 @@ def encode_error(request_id: bytes, error: HeraldError) -> list[bytes]:
 def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Frames:
     """Parse and check the fixed part of a Herald message.
 
-    Validation runs in a fixed order: frame count, signature, command, request
-    id, header. The request id is recovered as early as possible so that an
+    Validation runs in a fixed order: frame count, signature, request id,
+    command, header. The request id is recovered as early as possible so that an
     error reply can still be matched by the peer.
 
     Raises:
@@ -361,7 +361,7 @@ def check_attributes(value: Any) -> dict[str, str]:
     for key, item in value.items():
         if not isinstance(item, str):
             raise ProtocolError("invalid_header", f"attribute {key[:64]!r} must be a string, got {type(item).__name__}")
-        if len(key) + len(item) > MAX_ATTRIBUTE_BYTES:
+        if len(key.encode()) + len(item.encode()) > MAX_ATTRIBUTE_BYTES:
             raise ProtocolError("invalid_header", f"attribute {key[:64]!r} is longer than {MAX_ATTRIBUTE_BYTES} bytes")
     return value
 
@@ -386,7 +386,7 @@ DEFAULT_DEDUP_WINDOW_S: Final = 600.0  # ten minutes covers any sane client retr
 TOPIC_SETTINGS: Final[dict[str, SettingSpec]] = {
     "retention": SettingSpec((int, float), DEFAULT_RETENTION_S, 1.0, 10 * 365 * 86400.0, "seconds an unacknowledged message is kept"),
     "dedup_window": SettingSpec((int, float), DEFAULT_DEDUP_WINDOW_S, 0.0, 7 * 86400.0, "seconds a client-given message id is remembered"),
-    "max_payload": SettingSpec(int, DEFAULT_MAX_PAYLOAD_BYTES, 0, 64 * 1024 * 1024, "largest payload accepted, in bytes"),
+    "max_payload": SettingSpec(int, None, 0, 64 * 1024 * 1024, "largest payload accepted, in bytes; default: the server's max_payload_bytes"),
 }
 
 DEFAULT_ACK_DEADLINE_S: Final = 30.0
@@ -549,6 +549,8 @@ CONSUMER_EXPIRY_S: Final = CONSUMER_HEARTBEAT_S * CONSUMER_LIVENESS
 # SUB socket's subscription may not have reached the sender yet (slow joiner).
 ATTACH_RETRY_S: Final = 0.1
 
+_REF_PATTERN: Final = re.compile(r"[0-9]{1,9}\.[0-9]{1,19}")
+
 ACK_OK: Final = "ok"
 ACK_STALE: Final = "stale"
 ACK_UNKNOWN: Final = "unknown"
@@ -561,10 +563,9 @@ def delivery_ref(shard: int, seq: int) -> str:
 
 def parse_delivery_ref(ref: Any) -> tuple[int, int]:
     """(shard, seq) of a delivery ref, or ProtocolError ``invalid_header``."""
-    if isinstance(ref, str):
-        shard, dot, seq = ref.partition(".")
-        if dot and shard.isdigit() and seq.isdigit():
-            return int(shard), int(seq)
+    if isinstance(ref, str) and _REF_PATTERN.fullmatch(ref):
+        shard, _, seq = ref.partition(".")
+        return int(shard), int(seq)
     raise ProtocolError("invalid_header", f"delivery ref {str(ref)[:40]!r} is not '<shard>.<seq>'")
 
 

@@ -38,13 +38,13 @@ from clients.protocol import (
     HeraldError,
     ProtocolError,
     PublishItem,
-    decode,
     check_name,
+    decode,
     decode_publish,
-    get_field,
     encode,
     encode_error,
     encode_ok,
+    get_field,
     live_topic_frame,
     matches_filter,
     request_id_of,
@@ -201,7 +201,7 @@ class FrontendServer:
                     for frames in drain(self.control):
                         self._on_control(frames)
                 if self.backend in ready:
-                    for frames in drain(self.backend, self.config.max_batch_messages):
+                    for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
                 self._commit_batch()
                 self._dispatch_backlogs()
@@ -364,14 +364,18 @@ class FrontendServer:
 
         def on_reply(reply: Frames) -> None:
             waiting = self.waiting_for_topic.pop(topic, [])
+            if self.meta_version != asked_at_version:
+                # A change arrived while we asked: the answer may predate it, so ask again.
+                for waiter in waiting:
+                    self._with_topic(topic, waiter)
+                return
             if reply.command is not Command.OK:
                 error = HeraldError.from_header(reply.header)
                 for waiter in waiting:
                     self._safely(waiter, None, error)
                 return
             info = reply.header
-            if self.meta_version == asked_at_version:
-                self.topics.put(topic, info)
+            self.topics.put(topic, info)
             for waiter in waiting:
                 self._safely(waiter, info, None)
 
@@ -397,7 +401,9 @@ class FrontendServer:
             if topic is None:
                 raise HeraldError("topic_not_found", f"topic {topic_name!r} does not exist; create it first (publishing never creates topics)")
             settings = topic["settings"]
-            limit = settings.get("max_payload") or self.config.max_payload_bytes
+            limit = settings.get("max_payload")
+            if limit is None:
+                limit = self.config.max_payload_bytes
             for index, item in enumerate(items):
                 if len(item.payload) > limit:
                     raise HeraldError(
@@ -665,8 +671,12 @@ class FrontendServer:
             subs,
             int((now + topic["settings"]["retention"]) * 1000),
         )
-        self.store.append([copy], [])
-        self.store.complete([(sub_id, seq)])
+        try:
+            self.store.append([copy], [])
+            self.store.complete([(sub_id, seq)])
+        except StorageError as exc:
+            log.error("could not dead-letter seq %d, it stays pending: %s", seq, exc)
+            return
         cursor = self.cursors.get(sub_id)
         if cursor is not None:
             cursor.outstanding.discard(seq)

@@ -8,8 +8,8 @@ range scan.
 key                                     value
 ======================================  =========================================
 ``M`` seq                               message: u32 header length, JSON header
-                                        (topic, id, attributes, ts, subs,
-                                        expire_ms), raw payload
+                                        (topic, id, attributes, ts, subs, exp =
+                                        expiry in ms), raw payload
 ``P`` subscription id, seq              u32 attempts already handed out
 ``D`` topic NUL message id              u64 seq (de-duplication index)
 ``E`` expire_ms, seq                    empty (retention index, time-ordered)

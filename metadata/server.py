@@ -24,7 +24,6 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 from broker.config import HEARTBEAT_INTERVAL_S, METADATA_SYNC_TIMEOUT_S, PEER_EXPIRY_S, HeraldConfig
 from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
-    NOBLOCK,
     SERVER_VERSION,
     TOPIC_SETTINGS,
     Command,
@@ -405,4 +404,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-__all__ = ["MetadataServer", "MetadataStore", "main", "EVENTS_TOPIC", "SERVER_VERSION"]
+__all__ = ["EVENTS_TOPIC", "SERVER_VERSION", "MetadataServer", "MetadataStore", "main"]

@@ -1,9 +1,10 @@
 """The sender role: deliver, track acknowledgements, redeliver, dead-letter.
 
 A subscription belongs to one sender (``shard_of(name, senders)``). Frontends
-dispatch stored messages to it over PUSH/PULL, never more per subscription than
-the credit the sender grants (the sum of its ready consumers' ``max_unacked``),
-so a backlog stays on disk and the sender's memory stays bounded.
+dispatch stored messages to it over PUSH/PULL, each frontend never more per
+subscription than the credit the sender grants (the sum of its ready consumers'
+``max_unacked``), so a backlog stays on disk and the sender holds at most
+frontends x credit messages per subscription.
 
 Consumers attach with a SUB socket (deliveries, addressed by a topic frame of
 their consumer id) and a PUSH socket (ATTACH heartbeats, ACK, NACK, DETACH).
@@ -15,6 +16,7 @@ under a new epoch, so the frontends hand every unsettled message out again.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import heapq
 import logging
 import random
@@ -133,7 +135,8 @@ class SenderServer:
         self.stop = StopFlag()
         self.subs: dict[str, SubscriptionState] = {}
         self.subs_by_id: dict[int, SubscriptionState] = {}
-        self.parked_attaches: dict[str, list[tuple[Frames, float]]] = {}
+        # Attaches waiting for a subscription lookup: at most one per consumer.
+        self.parked_attaches: dict[str, dict[str, Frames]] = {}
         self.meta_calls: dict[bytes, tuple[str, float]] = {}
         self.next_call_id = 0
         self.deadlines: list[tuple[float, DeliveryKey, int]] = []  # heap of (due, key, attempt)
@@ -216,10 +219,9 @@ class SenderServer:
         windows = {str(state.sub_id): state.window() for state in self.subs.values() if state.consumers}
         frames = encode(Command.CREDIT, b"", {"sender": self.index, "epoch": self.epoch, "windows": windows})
         for sock in self.frontends:
-            try:
+            # A frontend that is down hears the next beat instead.
+            with contextlib.suppress(zmq.Again):
                 send_frames(sock, frames, NOBLOCK)
-            except zmq.Again:
-                pass  # that frontend is down; the next beat tells it again
 
     def _flush_to_frontends(self) -> None:
         for command, pending in ((Command.COMPLETE, self.completions), (Command.ATTEMPTED, self.attempted)):
@@ -228,18 +230,20 @@ class SenderServer:
                     try:
                         send_frames(self.frontends[shard], encode(command, b"", {"entries": entries}), NOBLOCK)
                     except zmq.Again:
-                        log.warning("frontend %d is not draining; %d %s entries will be settled by redelivery", shard, len(entries), command.name)
+                        log.warning("frontend %d is not draining; %d %s entries dropped (they are handed out again when either side restarts)", shard, len(entries), command.name)
             pending.clear()
 
     def _on_dispatch(self, raw: list[bytes]) -> None:
         try:
             frames = decode(raw)
-        except HeraldError as error:
-            log.error("bad dispatch: %s", error)
-            return
-        if frames.command is not Command.DISPATCH:
-            log.error("intake does not take %s", frames.command.name)
-            return
+            if frames.command is not Command.DISPATCH:
+                raise ProtocolError("unknown_command", f"intake does not take {frames.command.name}")
+            self._accept_dispatch(frames)
+        except (HeraldError, KeyError, ValueError, TypeError) as error:
+            self.counters["bad_dispatches"] = self.counters.get("bad_dispatches", 0) + 1
+            log.error("dropped a bad dispatch: %r", error)
+
+    def _accept_dispatch(self, frames: Frames) -> None:
         shard = int(frames.header["shard"])
         for header, payload in zip(frames.header["messages"], frames.payloads, strict=True):
             state = self.subs_by_id.get(int(header["sub"]))
@@ -379,11 +383,13 @@ class SenderServer:
                     self._on_detach(name, consumer_id)
                 case _:
                     raise ProtocolError("unknown_command", f"the ack endpoint takes ATTACH, ACK, NACK and DETACH, not {frames.command.name}")
-        except HeraldError as error:
+        except Exception as exc:
             # Malformed input from a native consumer: answer if it can be
             # addressed, otherwise drop it (it is counted); never crash.
-            self.counters.setdefault("bad_consumer_messages", 0)
-            self.counters["bad_consumer_messages"] += 1
+            error = exc if isinstance(exc, HeraldError) else HeraldError("internal", f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, HeraldError):
+                log.exception("consumer message failed")
+            self.counters["bad_consumer_messages"] = self.counters.get("bad_consumer_messages", 0) + 1
             if consumer_id:
                 self._reply_to_consumer(consumer_id, encode_error(request_id, error))
 
@@ -394,10 +400,10 @@ class SenderServer:
                 raise HeraldError(
                     "invalid_header", f"subscription {name!r} is served by sender {shard_of(name, self.config.senders)}; use the endpoints SUB_DESCRIBE returns"
                 )
-            parked = self.parked_attaches.setdefault(name, [])
+            parked = self.parked_attaches.setdefault(name, {})
             if not parked:
                 self._lookup_subscription(name)
-            parked.append((frames, time.monotonic()))
+            parked[consumer_id] = frames
             return
         requested = get_field(frames.header, "max_unacked", int, required=False)
         limit = int(state.settings["max_unacked"])
@@ -432,15 +438,18 @@ class SenderServer:
             consumer.last_seen = time.monotonic()
         now = time.monotonic()
         results: list[str] = []
+        # Check every entry before applying any, so a bad list changes nothing.
+        parsed: list[tuple[int, int, int]] = []
         for item in items:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)):
                 raise ProtocolError("invalid_header", f"each {key_name} entry must be [ref, attempt], got {str(item)[:60]}")
-            shard, seq = parse_delivery_ref(item[0])
+            parsed.append((*parse_delivery_ref(item[0]), item[1]))
+        for shard, seq, attempt in parsed:
             delivery = state.deliveries.get((state.sub_id, shard, seq)) if state else None
-            if state is None or delivery is None or item[1] > delivery.attempt:
+            if state is None or delivery is None or attempt > delivery.attempt:
                 results.append(ACK_UNKNOWN)
                 self.counters["unknown_acks"] += 1
-            elif item[1] < delivery.attempt:
+            elif attempt < delivery.attempt:
                 results.append(ACK_STALE)
                 self.counters["stale_acks"] += 1
             elif frames.command is Command.ACK:
@@ -499,12 +508,12 @@ class SenderServer:
         if call is None:
             return
         name = call[0]
-        parked = self.parked_attaches.pop(name, [])
+        parked = list(self.parked_attaches.pop(name, {}).values())
         if frames.command is not Command.OK:
             error = HeraldError.from_header(frames.header)
             if error.code == "subscription_not_found":
                 self._forget_subscription(name)
-            for attach, _ in parked:
+            for attach in parked:
                 consumer_id = attach.header.get("consumer")
                 if isinstance(consumer_id, str) and consumer_id:
                     self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error))
@@ -519,7 +528,7 @@ class SenderServer:
             self.subs_by_id[state.sub_id] = state
         else:
             state.info = info
-        for attach, _ in parked:
+        for attach in parked:
             self._on_attach(name, str(attach.header["consumer"]), attach)
 
     def _forget_subscription(self, name: str) -> None:

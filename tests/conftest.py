@@ -7,6 +7,7 @@ stderr, which carries every child's log, in the failure message.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import signal
@@ -125,10 +126,8 @@ class HeraldSystem:
         if self.process is not None:
             pids.append(self.process.pid)
         for pid in pids:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         if self.process is not None:
             self.process.wait(10)
         for pid in pids:

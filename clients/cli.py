@@ -1,0 +1,427 @@
+"""The ``herald`` command: run the server, manage topics and subscriptions, publish, consume.
+
+Examples::
+
+    herald up --data-dir ./herald-data
+    herald topic create orders --retention 86400
+    herald publish orders '{"id": 1}' --attr region=eu
+    seq 1000 | herald publish orders
+    herald subscription create orders billing --ack-deadline 10
+    herald subscribe orders billing --count 10
+    herald status
+
+Expected failures (server down, bad name, missing topic...) print
+``error: <code>: <message>`` on stderr and exit with status 1, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any, BinaryIO, Final, TextIO
+
+import orjson
+
+from clients._core import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT_S
+from clients.client import Client
+from clients.protocol import HeraldError
+
+ENDPOINT_ENV: Final = "HERALD_ENDPOINT"
+STDIN_BATCH: Final = 500  # lines per PUBLISH when reading stdin: one fsync per batch, bounded memory
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_INTERRUPTED: Final = 130
+_GLOBAL_OPTIONS_WITH_VALUE: Final = frozenset({"--endpoint", "--timeout"})
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def _key_value(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number of seconds, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``herald`` command."""
+    parser = argparse.ArgumentParser(prog="herald", description="Herald: durable publish/subscribe over ZeroMQ.")
+    parser.add_argument(
+        "--endpoint",
+        default=os.environ.get(ENDPOINT_ENV) or DEFAULT_ENDPOINT,
+        help=f"request endpoint of the server (default ${ENDPOINT_ENV} or {DEFAULT_ENDPOINT})",
+    )
+    parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, help=f"seconds to wait for each reply (default {DEFAULT_TIMEOUT_S:g})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    up = commands.add_parser("up", help="run the whole Herald system on this machine (see `herald up --help`)", add_help=False)
+    up.add_argument("args", nargs=argparse.REMAINDER)
+
+    topic = commands.add_parser("topic", help="create, delete, list and describe topics")
+    topic_commands = topic.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = topic_commands.add_parser("create", help="create a topic")
+    create.add_argument("name")
+    create.add_argument("--retention", type=float, metavar="S", help="seconds an unacknowledged message is kept")
+    create.add_argument("--dedup-window", type=float, metavar="S", help="seconds a message id is remembered for de-duplication")
+    create.add_argument("--max-payload", type=int, metavar="N", help="largest payload in bytes")
+    create.add_argument("--exist-ok", action="store_true", help="succeed when the topic already exists")
+    topic_commands.add_parser("delete", help="delete a topic and its subscriptions").add_argument("name")
+    listing = topic_commands.add_parser("list", help="list topics")
+    listing.add_argument("--prefix", default="", help="only topics whose name starts with this")
+    topic_commands.add_parser("describe", help="print a topic as JSON").add_argument("name")
+
+    publish = commands.add_parser("publish", help="publish DATA, or each line of stdin")
+    publish.add_argument("topic")
+    publish.add_argument("data", nargs="?", help="the payload; without it, every stdin line is one message")
+    publish.add_argument("--attr", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="an attribute (repeatable)")
+    publish.add_argument("--id", dest="message_id", help="message id for de-duplication (with DATA only)")
+
+    sub = commands.add_parser("subscription", help="create, delete, list and describe subscriptions")
+    sub_commands = sub.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = sub_commands.add_parser("create", help="create a durable subscription")
+    create.add_argument("topic")
+    create.add_argument("name")
+    create.add_argument("--ack-deadline", type=float, metavar="S", help="seconds before an unacknowledged message is redelivered")
+    create.add_argument("--max-attempts", type=int, metavar="N", help="deliveries before a message goes to the dead-letter topic")
+    create.add_argument("--backoff-min", type=float, metavar="S", help="first redelivery delay")
+    create.add_argument("--backoff-max", type=float, metavar="S", help="largest redelivery delay")
+    create.add_argument("--max-unacked", type=int, metavar="N", help="unacknowledged messages one consumer may hold")
+    create.add_argument("--dead-letter-topic", metavar="T", help="where exhausted messages go (default <name>.dead)")
+    create.add_argument(
+        "--filter", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="deliver only messages with this attribute (repeatable)"
+    )
+    create.add_argument("--exist-ok", action="store_true", help="succeed when the subscription already exists")
+    sub_commands.add_parser("delete", help="delete a subscription and its backlog").add_argument("name")
+    listing = sub_commands.add_parser("list", help="list subscriptions")
+    listing.add_argument("--topic", help="only subscriptions of this topic")
+    sub_commands.add_parser("describe", help="print a subscription as JSON").add_argument("name")
+
+    subscribe = commands.add_parser("subscribe", help="print messages as JSON lines and acknowledge them")
+    subscribe.add_argument("topic")
+    subscribe.add_argument("name", help="subscription name (created when absent)")
+    subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
+    subscribe.add_argument("--timeout", dest="idle_s", type=_positive_float, metavar="S", help="stop when no message came for S seconds")
+
+    commands.add_parser("status", help="check that the server answers and print its state")
+    return parser
+
+
+def _up_arguments(argv: Sequence[str]) -> list[str] | None:
+    """The arguments after ``up`` when the command is ``herald [global options] up ...``, else None.
+
+    They are handed to the launcher untouched: argparse would try to read them.
+    """
+    index = 0
+    while index < len(argv):
+        arg = argv[index]
+        if arg in _GLOBAL_OPTIONS_WITH_VALUE:
+            index += 2
+        elif arg.startswith("--") and arg.split("=", 1)[0] in _GLOBAL_OPTIONS_WITH_VALUE:
+            index += 1
+        elif arg == "up":
+            return list(argv[index + 1 :])
+        else:
+            return None
+    return None
+
+
+# --------------------------------------------------------------------------- output
+
+
+def _json(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS).decode()
+
+
+def _when(timestamp: Any) -> str:
+    if not isinstance(timestamp, int | float):
+        return "-"
+    return datetime.datetime.fromtimestamp(timestamp, tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _table(rows: list[list[str]], out: TextIO) -> None:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        out.write("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip() + "\n")
+
+
+def _setting(settings: dict[str, Any], key: str) -> str:
+    value = settings.get(key)
+    if value is None:
+        return "-"
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, dict):
+        return ",".join(f"{k}={v}" for k, v in value.items()) or "-"
+    return str(value)
+
+
+def _print_topics(topics: list[dict[str, Any]], out: TextIO) -> None:
+    if not topics:
+        out.write("no topics\n")
+        return
+    rows = [["NAME", "RETENTION_S", "DEDUP_WINDOW_S", "MAX_PAYLOAD", "CREATED"]]
+    for topic in sorted(topics, key=lambda t: str(t.get("name"))):
+        settings = topic.get("settings") or {}
+        rows.append(
+            [
+                str(topic.get("name")),
+                _setting(settings, "retention"),
+                _setting(settings, "dedup_window"),
+                _setting(settings, "max_payload"),
+                _when(topic.get("created_at")),
+            ]
+        )
+    _table(rows, out)
+
+
+def _print_subscriptions(subscriptions: list[dict[str, Any]], out: TextIO) -> None:
+    if not subscriptions:
+        out.write("no subscriptions\n")
+        return
+    rows = [["NAME", "TOPIC", "ACK_DEADLINE_S", "MAX_ATTEMPTS", "MAX_UNACKED", "DEAD_LETTER", "FILTER"]]
+    for sub in sorted(subscriptions, key=lambda s: str(s.get("name"))):
+        settings = sub.get("settings") or {}
+        rows.append(
+            [
+                str(sub.get("name")),
+                str(sub.get("topic")),
+                _setting(settings, "ack_deadline"),
+                _setting(settings, "max_attempts"),
+                _setting(settings, "max_unacked"),
+                _setting(settings, "dead_letter_topic"),
+                _setting(settings, "filter"),
+            ]
+        )
+    _table(rows, out)
+
+
+def _print_id(message_id: Any, out: TextIO) -> None:
+    out.write(f"{message_id}{' (duplicate)' if getattr(message_id, 'duplicate', False) else ''}\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def _lines(stream: BinaryIO) -> Iterator[bytes]:
+    for line in stream:
+        if line.endswith(b"\n"):
+            line = line[:-1]
+            if line.endswith(b"\r"):
+                line = line[:-1]
+        yield line
+
+
+def _batches(lines: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
+    batch: list[bytes] = []
+    for line in lines:
+        batch.append(line)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _publish(client: Client, args: argparse.Namespace, out: TextIO, stdin: BinaryIO) -> int:
+    attributes = dict(args.attr) or None
+    if args.data is not None:
+        _print_id(client.publish(args.topic, os.fsencode(args.data), attributes, message_id=args.message_id), out)
+        return EXIT_OK
+    if args.message_id is not None:
+        raise _UsageError("--id needs DATA: each stdin line gets its own generated id")
+    for batch in _batches(_lines(stdin), STDIN_BATCH):
+        for message_id in client.publish_batch(args.topic, [(line, attributes) for line in batch]):
+            _print_id(message_id, out)
+        out.flush()
+    return EXIT_OK
+
+
+def _subscribe(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.count is not None and args.count < 1:
+        raise _UsageError(f"--count must be at least 1, got {args.count}")
+    received = 0
+    with client.subscribe(args.topic, args.name) as subscription:
+        while args.count is None or received < args.count:
+            message = subscription.receive(timeout=args.idle_s)
+            if message is None:
+                break
+            record = {
+                "id": message.id,
+                "topic": message.topic,
+                "attempt": message.attempt,
+                "attributes": message.attributes,
+                "data": message.data.decode("utf-8", errors="replace"),
+            }
+            out.write(orjson.dumps(record).decode() + "\n")
+            out.flush()
+            try:
+                message.ack()
+            except HeraldError as error:
+                if error.code != "unknown_delivery":
+                    raise
+                # The sender restarted since it handed this out: it comes again (at least once).
+                err.write(f"warning: {error.code}: {error.message}\n")
+            received += 1
+    if args.count is not None and received < args.count:
+        err.write(f"received {received} of {args.count} messages before {args.idle_s:g} s passed without one\n")
+        return EXIT_ERROR
+    return EXIT_OK
+
+
+def _status(client: Client, out: TextIO, err: TextIO) -> int:
+    try:
+        rtt = client.ping()
+        info = client.info()
+        stats = client.status()
+    except HeraldError as error:
+        err.write(f"error: herald at {client.endpoint} is not answering: {error.code}: {error.message}\n")
+        return EXIT_ERROR
+    endpoints = info.get("endpoints") or {}
+    senders = endpoints.get("senders") or []
+    max_payload = info.get("max_payload")
+    out.write(f"herald {info.get('version', '?')} (protocol {info.get('protocol', '?')}) at {client.endpoint}: up, ping {rtt * 1000:.2f} ms\n")
+    out.write(f"  durability   {info.get('durability', '?')}\n")
+    out.write(f"  frontends    {info.get('frontends', '?')}\n")
+    out.write(f"  senders      {len(senders)}\n")
+    out.write(f"  max payload  {max_payload if max_payload is not None else '?'} bytes\n")
+    out.write(f"  live feed    {info.get('live') or endpoints.get('live') or '-'}\n")
+    for index, sender in enumerate(senders):
+        if isinstance(sender, dict):
+            out.write(f"  sender {index}     deliver {sender.get('deliver')}  ack {sender.get('ack')}\n")
+    out.write(f"statistics of the frontend that answered ({stats.get('frontend', info.get('frontend', '?'))}):\n")
+    for key in sorted(stats):
+        value = stats[key]
+        shown = " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+        out.write(f"  {key:<26} {shown}\n")
+    return EXIT_OK
+
+
+def _topic(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    match args.action:
+        case "create":
+            topic = client.create_topic(
+                args.name, exist_ok=args.exist_ok, retention=args.retention, dedup_window=args.dedup_window, max_payload=args.max_payload
+            )
+            out.write(_json(topic) + "\n")
+        case "delete":
+            client.delete_topic(args.name)
+            out.write(f"deleted topic {args.name}\n")
+        case "list":
+            _print_topics(client.list_topics(args.prefix), out)
+        case "describe":
+            out.write(_json(client.describe_topic(args.name)) + "\n")
+        case _:
+            raise _UsageError(f"unknown topic action {args.action!r}")
+    return EXIT_OK
+
+
+def _subscription(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+    match args.action:
+        case "create":
+            sub = client.create_subscription(
+                args.topic,
+                args.name,
+                exist_ok=args.exist_ok,
+                ack_deadline=args.ack_deadline,
+                max_attempts=args.max_attempts,
+                backoff_min=args.backoff_min,
+                backoff_max=args.backoff_max,
+                max_unacked=args.max_unacked,
+                dead_letter_topic=args.dead_letter_topic,
+                filter=dict(args.filter) or None,
+            )
+            out.write(_json(sub) + "\n")
+        case "delete":
+            client.delete_subscription(args.name)
+            out.write(f"deleted subscription {args.name}\n")
+        case "list":
+            _print_subscriptions(client.list_subscriptions(args.topic), out)
+        case "describe":
+            out.write(_json(client.describe_subscription(args.name)) + "\n")
+        case _:
+            raise _UsageError(f"unknown subscription action {args.action!r}")
+    return EXIT_OK
+
+
+class _UsageError(Exception):
+    """A command line that parsed but makes no sense; exits with status 2."""
+
+
+def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) -> int:
+    with Client(args.endpoint, timeout=args.timeout) as client:
+        match args.command:
+            case "topic":
+                return _topic(client, args, out)
+            case "publish":
+                return _publish(client, args, out, stdin)
+            case "subscription":
+                return _subscription(client, args, out)
+            case "subscribe":
+                return _subscribe(client, args, out, err)
+            case "status":
+                return _status(client, out, err)
+            case _:
+                raise _UsageError(f"unknown command {args.command!r}")
+
+
+def _launch(rest: list[str]) -> int:
+    try:
+        from broker.launcher import main as up_main
+    except ImportError as exc:
+        sys.stderr.write(f"error: unavailable: `herald up` needs the Herald server package (broker), which failed to import: {exc}\n")
+        return EXIT_ERROR
+    return up_main(rest)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``herald`` command.
+
+    Args:
+        argv: the arguments after the program name; ``sys.argv[1:]`` when None.
+
+    Returns:
+        The exit status: 0 on success, 1 on a Herald error, 2 on a usage error,
+        130 when interrupted.
+    """
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    up_arguments = _up_arguments(arguments)
+    if up_arguments is not None:
+        return _launch(up_arguments)
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    out, err = sys.stdout, sys.stderr
+    try:
+        return _run(args, out, err, sys.stdin.buffer)
+    except HeraldError as error:
+        err.write(f"error: {error.code}: {error.message}\n")
+        return EXIT_ERROR
+    except (_UsageError, ValueError) as error:
+        parser.print_usage(err)
+        err.write(f"herald: error: {error}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (e.g. `| head`): stop quietly, as Unix tools do.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
