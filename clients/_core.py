@@ -42,6 +42,7 @@ from clients.protocol import (
     check_name,
     consumer_topic_frame,
     decode,
+    decode_deliver,
     encode,
     encode_acks,
     encode_attach,
@@ -768,36 +769,25 @@ class ConsumerCore(Generic[M]):
         return events
 
     def _on_deliver(self, frames: Frames, owner: Any) -> list[tuple[str, int]]:
-        entries = frames.header.get("messages")
-        if not isinstance(entries, list) or len(entries) != len(frames.payloads):
+        try:
+            messages, skipped = decode_deliver(frames)
+        except ProtocolError as error:
             # Without a trustworthy pairing of headers and payloads nothing can
             # be delivered; the ack deadline brings the messages back.
             self.malformed += 1
-            log.warning(
-                "dropped a DELIVER whose %s headers do not match %d payloads", len(entries) if isinstance(entries, list) else "missing", len(frames.payloads)
-            )
+            log.warning("dropped a DELIVER: %s", error)
             return []
+        if skipped:
+            self.malformed += skipped
+            log.warning("dropped %d malformed DELIVER entries", skipped)
         reacks: list[tuple[str, int]] = []
-        for entry, payload in zip(entries, frames.payloads, strict=True):
-            try:
-                message_id = _field(entry, "id", str)
-                ref = _field(entry, "ref", str)
-                attempt = _field(entry, "attempt", int)
-                attributes = entry.get("attributes") or {}
-                timestamp = entry.get("ts") or 0.0
-                topic = entry.get("topic") or self.topic
-                if not isinstance(attributes, dict) or not isinstance(timestamp, int | float) or not isinstance(topic, str):
-                    raise ProtocolError("malformed", "attributes, ts or topic has the wrong type")
-            except (ProtocolError, AttributeError) as error:
-                self.malformed += 1
-                log.warning("dropped a malformed DELIVER entry: %s", error)
-                continue
-            if message_id in self.acked:
+        for m in messages:
+            if m.id in self.acked:
                 self.duplicates_dropped += 1
-                reacks.append((ref, attempt))
+                reacks.append((m.ref, m.attempt))
                 continue
             self.delivered += 1
-            self.buffer.append(self._make(message_id, topic, payload, attributes, attempt, ref, self.name, float(timestamp), owner))
+            self.buffer.append(self._make(m.id, m.topic, m.payload, m.attributes, m.attempt, m.ref, self.name, m.ts, owner))
         return reacks
 
 

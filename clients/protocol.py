@@ -165,12 +165,13 @@ class HeraldError(Exception):
         details: extra fields from the error header.
     """
 
-    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None) -> None:
-        spec = ERRORS_BY_NAME.get(code, ERRORS_BY_NAME["internal"])
+    def __init__(self, code: str, message: str, details: dict[str, Any] | None = None, *, number: int | None = None, retriable: bool | None = None) -> None:
+        spec = ERRORS_BY_NAME.get(code)
         super().__init__(f"{code}: {message}")
         self.code = code
-        self.number = spec.number
-        self.retriable = spec.retriable
+        # A code this side does not know (a newer server) is not retried blindly.
+        self.number = number if number is not None else (spec.number if spec else 0)
+        self.retriable = retriable if retriable is not None else (spec.retriable if spec else False)
         self.message = message
         self.details = details or {}
 
@@ -190,10 +191,14 @@ class HeraldError(Exception):
         code = header.get("code")
         message = header.get("message")
         details = header.get("details")
+        number = header.get("number")
+        retriable = header.get("retriable")
         return cls(
             code if isinstance(code, str) else "internal",
             message if isinstance(message, str) else "error reply without a message",
             details if isinstance(details, dict) else None,
+            number=number if isinstance(number, int) and not isinstance(number, bool) else None,
+            retriable=retriable if isinstance(retriable, bool) else None,
         )
 
 
@@ -292,7 +297,7 @@ def split_envelope(frames: list[bytes]) -> tuple[list[bytes], list[bytes]]:
     for index, frame in enumerate(frames):
         if not frame:
             return frames[: index + 1], frames[index + 1 :]
-    return frames[:1] + [b""], frames[1:]
+    return [*frames[:1], b""], frames[1:]
 
 
 def live_topic_frame(topic: str) -> bytes:
@@ -608,3 +613,58 @@ def recv_frames(sock: Any, flags: int = 0) -> list[bytes]:
     while get(_RCVMORE):
         parts.append(recv(flags))
     return parts
+
+
+class DeliveredMessage(NamedTuple):
+    """One message of a DELIVER: what a consumer sees and acknowledges by ``ref``."""
+
+    id: str
+    topic: str
+    attempt: int
+    attributes: dict[str, str]
+    ts: float
+    ref: str
+    payload: bytes
+
+
+def encode_deliver(consumer_id: str, subscription: str, messages: list[DeliveredMessage]) -> list[bytes]:
+    """A DELIVER on a sender's PUB socket, addressed to one consumer."""
+    headers = [{"id": m.id, "topic": m.topic, "attempt": m.attempt, "attributes": m.attributes, "ts": m.ts, "ref": m.ref} for m in messages]
+    return [
+        consumer_topic_frame(consumer_id),
+        *encode(Command.DELIVER, b"", {"subscription": subscription, "messages": headers}, [m.payload for m in messages]),
+    ]
+
+
+def decode_deliver(frames: Frames) -> tuple[list[DeliveredMessage], int]:
+    """The well-formed messages of a DELIVER and the number of malformed entries skipped.
+
+    Raises:
+        ProtocolError: when headers and payload frames cannot be paired at all.
+    """
+    entries = frames.header.get("messages")
+    if not isinstance(entries, list) or len(entries) != len(frames.payloads):
+        raise ProtocolError(
+            "malformed", f"DELIVER lists {len(entries) if isinstance(entries, list) else 'no'} messages for {len(frames.payloads)} payload frames"
+        )
+    messages: list[DeliveredMessage] = []
+    skipped = 0
+    for entry, payload in zip(entries, frames.payloads, strict=True):
+        if not isinstance(entry, dict):
+            skipped += 1
+            continue
+        message_id, topic, attempt, ref = entry.get("id"), entry.get("topic"), entry.get("attempt"), entry.get("ref")
+        attributes, ts = entry.get("attributes") or {}, entry.get("ts") or 0.0
+        if (
+            not isinstance(message_id, str)
+            or not isinstance(topic, str)
+            or not isinstance(ref, str)
+            or not isinstance(attempt, int)
+            or isinstance(attempt, bool)
+            or not isinstance(attributes, dict)
+            or not isinstance(ts, int | float)
+        ):
+            skipped += 1
+            continue
+        messages.append(DeliveredMessage(message_id, topic, attempt, attributes, float(ts), ref, payload))
+    return messages, skipped

@@ -38,6 +38,7 @@ from clients.protocol import (
     CONSUMER_HEARTBEAT_S,
     NOBLOCK,
     Command,
+    DeliveredMessage,
     Frames,
     HeraldError,
     ProtocolError,
@@ -47,6 +48,7 @@ from clients.protocol import (
     decode,
     delivery_ref,
     encode,
+    encode_deliver,
     encode_error,
     get_field,
     matches_filter,
@@ -75,6 +77,10 @@ class Delivery:
     attempt: int
     consumer: str | None = None
     deadline: float = 0.0
+
+    def message(self, attempt: int) -> DeliveredMessage:
+        header = self.header
+        return DeliveredMessage(header["id"], header["topic"], attempt, header["attributes"], header["ts"], header["ref"], self.payload)
 
 
 @dataclass
@@ -230,7 +236,12 @@ class SenderServer:
                     try:
                         send_frames(self.frontends[shard], encode(command, b"", {"entries": entries}), NOBLOCK)
                     except zmq.Again:
-                        log.warning("frontend %d is not draining; %d %s entries dropped (they are handed out again when either side restarts)", shard, len(entries), command.name)
+                        log.warning(
+                            "frontend %d is not draining; %d %s entries dropped (they are handed out again when either side restarts)",
+                            shard,
+                            len(entries),
+                            command.name,
+                        )
             pending.clear()
 
     def _on_dispatch(self, raw: list[bytes]) -> None:
@@ -290,25 +301,8 @@ class SenderServer:
                     turn += 1
             for consumer_id, deliveries in batches.items():
                 for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
-                    chunk = deliveries[start : start + MAX_MESSAGES_PER_DELIVER]
-                    headers = [
-                        {
-                            "id": d.header["id"],
-                            "topic": d.header["topic"],
-                            "attempt": d.attempt,
-                            "attributes": d.header["attributes"],
-                            "ts": d.header["ts"],
-                            "ref": d.header["ref"],
-                        }
-                        for d in chunk
-                    ]
-                    send_frames(
-                        self.deliver,
-                        [
-                            consumer_topic_frame(consumer_id),
-                            *encode(Command.DELIVER, b"", {"subscription": state.name, "messages": headers}, [d.payload for d in chunk]),
-                        ],
-                    )
+                    chunk = [d.message(d.attempt) for d in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]]
+                    send_frames(self.deliver, encode_deliver(consumer_id, state.name, chunk))
                     self.counters["delivered"] += len(chunk)
 
     def _expire_deadlines(self, now: float) -> None:

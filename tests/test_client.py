@@ -1,0 +1,238 @@
+"""The Python client library and the CLI against the real system."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable
+
+import pytest
+
+from broker.config import free_tcp_endpoint
+from clients import AsyncClient, Client, HeraldError
+from tests.conftest import PROJECT_ROOT, HeraldSystem, stored_messages
+
+
+def test_topics_round_trip(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        created = client.create_topic("shop.orders", retention=3600)
+        assert created["name"] == "shop.orders"
+        assert client.create_topic("shop.orders", exist_ok=True)["name"] == "shop.orders"
+        with pytest.raises(HeraldError) as excinfo:
+            client.create_topic("shop.orders")
+        assert excinfo.value.code == "topic_exists"
+        assert [t["name"] for t in client.list_topics()] == ["shop.orders"]
+        assert client.describe_topic("shop.orders")["settings"]["retention"] == 3600
+        client.delete_topic("shop.orders")
+        assert client.list_topics() == []
+        with pytest.raises(HeraldError) as excinfo:
+            client.publish("shop.orders", b"x")
+        assert excinfo.value.code == "topic_not_found"
+        info = client.info()
+        assert info["live"].startswith("tcp://")
+        assert info["version"]
+
+
+def test_publish_returns_durable_ids_and_reports_duplicates(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("ids")
+        first = client.publish("ids", b"a", {"k": "v"})
+        again = client.publish("ids", b"a", message_id=str(first))
+        batch = client.publish_batch("ids", [b"b", (b"c", {"x": "y"}), (b"d", None, "custom-id")])
+        assert not first.duplicate and again.duplicate and again == first
+        assert batch[2] == "custom-id"
+        with pytest.raises(HeraldError) as excinfo:
+            client.publish("ids", b"x" * (1024 * 1024 + 1))
+        assert excinfo.value.code == "payload_too_large"
+        assert "1048576" in str(excinfo.value)
+    herald.stop()
+    stored = {m.message_id: (m.payload, m.attributes) for m in stored_messages(herald.data_dir) if m.topic == "ids"}
+    assert stored == {first: (b"a", {"k": "v"}), batch[0]: (b"b", {}), batch[1]: (b"c", {"x": "y"}), "custom-id": (b"d", {})}
+
+
+def test_dead_server_times_out_instead_of_hanging() -> None:
+    endpoint = free_tcp_endpoint()
+    started = time.monotonic()
+    with Client(endpoint, timeout=1.0) as client, pytest.raises(HeraldError) as excinfo:
+        client.ping()
+    assert excinfo.value.code == "timeout"
+    assert time.monotonic() - started < 5
+
+    async def ping() -> None:
+        async with AsyncClient(endpoint, timeout=1.0) as client:
+            await client.ping()
+
+    with pytest.raises(HeraldError) as excinfo:
+        asyncio.run(ping())
+    assert excinfo.value.code == "timeout"
+
+
+def _loops() -> list[Callable[[], asyncio.AbstractEventLoop]]:
+    loops: list[Callable[[], asyncio.AbstractEventLoop]] = [asyncio.new_event_loop]
+    try:
+        import uvloop
+
+        loops.append(uvloop.new_event_loop)
+    except ImportError:
+        pass
+    return loops
+
+
+@pytest.mark.parametrize("new_loop", _loops(), ids=lambda f: f.__module__.split(".")[0])
+def test_pipelined_async_publishes_each_get_their_own_reply(herald: HeraldSystem, new_loop: Callable[[], asyncio.AbstractEventLoop]) -> None:
+    async def main() -> list[str]:
+        async with AsyncClient(herald.endpoint) as client:
+            await client.create_topic("pipelined", exist_ok=True)
+            await client.create_topic("pipelined.other", exist_ok=True)
+            results = await asyncio.gather(
+                *(client.publish("pipelined" if i % 2 else "pipelined.other", f"payload-{i}".encode(), {"i": str(i)}) for i in range(3000)),
+                client.publish("missing.topic", b"x"),
+                return_exceptions=True,
+            )
+            assert isinstance(results[-1], HeraldError) and results[-1].code == "topic_not_found"
+            return [str(r) for r in results[:-1]]
+
+    loop = new_loop()
+    try:
+        ids = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert len(set(ids)) == 3000
+    herald.stop()
+    stored = {m.message_id: (m.topic, m.payload, m.attributes) for m in stored_messages(herald.data_dir)}
+    for i, message_id in enumerate(ids):
+        assert stored[message_id] == ("pipelined" if i % 2 else "pipelined.other", f"payload-{i}".encode(), {"i": str(i)})
+
+
+def test_subscribe_receive_ack_and_stale_ack(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("tasks")
+        with client.subscribe("tasks", "runner", ack_deadline=0.5, backoff_min=0.0, backoff_max=0.0) as subscription:
+            message_id = client.publish("tasks", b"do it", {"p": "1"})
+            first = subscription.receive(timeout=10)
+            assert first is not None
+            assert (first.id, first.topic, first.data, first.attributes, first.attempt) == (message_id, "tasks", b"do it", {"p": "1"}, 1)
+            second = subscription.receive(timeout=10)  # not acked: back after the deadline
+            assert second is not None and second.id == message_id and second.attempt == 2
+            assert first.ack() is False  # stale: superseded by attempt 2
+            assert second.ack() is True
+            assert subscription.receive(timeout=1.5) is None  # settled: nothing comes back
+            with pytest.raises(HeraldError) as excinfo:
+                second.ack()
+            assert excinfo.value.code == "unknown_delivery"
+        names = [s["name"] for s in client.list_subscriptions("tasks")]
+        assert names == ["runner"]
+        client.delete_subscription("runner")
+        assert client.list_subscriptions() == []
+
+
+def test_nack_redelivers(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("retry")
+        with client.subscribe("retry", "retrier", backoff_min=0.0, backoff_max=0.0) as subscription:
+            client.publish("retry", b"again")
+            message = subscription.receive(timeout=10)
+            assert message is not None
+            message.nack()
+            redelivered = subscription.receive(timeout=10)
+            assert redelivered is not None and redelivered.id == message.id and redelivered.attempt == 2
+            assert redelivered.ack()
+
+
+def test_changed_filter_applies_at_once(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("alerts")
+        client.create_subscription("alerts", "pager", filter={"severity": "high"})
+        client.publish_batch("alerts", [(b"low", {"severity": "low"}), (b"high", {"severity": "high"})])
+        client.create_subscription("alerts", "pager", exist_ok=True, filter={"severity": "low"})
+        client.publish_batch("alerts", [(b"low2", {"severity": "low"}), (b"high2", {"severity": "high"})])
+        with client.subscribe("alerts", "pager", filter={"severity": "low"}) as subscription:
+            got = []
+            while (message := subscription.receive(timeout=2)) is not None:
+                got.append(message.data)
+                message.ack()
+        # 'high' was stored under the old filter but is not delivered under the new one.
+        assert sorted(got) == [b"low2"]
+
+
+def test_four_publishers_three_subscriptions_every_message_at_least_once(herald: HeraldSystem) -> None:
+    total_per_publisher = 2500
+    subscriptions = ["audit", "billing", "search"]
+    with Client(herald.endpoint) as admin:
+        admin.create_topic("fanout")
+        for name in subscriptions:
+            admin.create_subscription("fanout", name)
+    published: list[str] = []
+    lock = threading.Lock()
+
+    def publisher(n: int) -> None:
+        with Client(herald.endpoint) as client:
+            for start in range(0, total_per_publisher, 250):
+                ids = client.publish_batch("fanout", [f"{n}-{i}".encode() for i in range(start, start + 250)])
+                with lock:
+                    published.extend(ids)
+
+    received: dict[str, Counter[str]] = {name: Counter() for name in subscriptions}
+
+    def consumer(name: str) -> None:
+        with Client(herald.endpoint) as client, client.subscribe("fanout", name) as subscription:
+            deadline = time.monotonic() + 90
+            while time.monotonic() < deadline and len(received[name]) < 4 * total_per_publisher:
+                message = subscription.receive(timeout=1)
+                if message is not None:
+                    received[name][message.id] += 1
+                    message.ack()
+
+    threads = [threading.Thread(target=publisher, args=(n,)) for n in range(4)]
+    threads += [threading.Thread(target=consumer, args=(name,)) for name in subscriptions]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+    assert len(published) == 4 * total_per_publisher
+    for name in subscriptions:
+        missing = set(published) - set(received[name])
+        assert not missing, f"{name} missed {len(missing)} messages"
+        assert set(received[name]) <= set(published)
+    duplicates = sum(sum(c.values()) - len(c) for c in received.values())
+    print(f"duplicates delivered: {duplicates}")
+
+
+def run_cli(herald: HeraldSystem, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "clients.cli", "--endpoint", herald.endpoint, *args],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+
+
+def test_cli(herald: HeraldSystem) -> None:
+    assert run_cli(herald, "topic", "create", "cli.topic").returncode == 0
+    assert "cli.topic" in run_cli(herald, "topic", "list").stdout
+    assert run_cli(herald, "subscription", "create", "cli.topic", "cli.sub").returncode == 0
+    one = run_cli(herald, "publish", "cli.topic", "hello", "--attr", "k=v")
+    assert one.returncode == 0 and one.stdout.strip()
+    lines = run_cli(herald, "publish", "cli.topic", stdin="a\nb\nc\n")
+    assert lines.returncode == 0 and len(lines.stdout.split()) == 3
+    received = run_cli(herald, "subscribe", "cli.topic", "cli.sub", "--count", "4", "--timeout", "20")
+    assert received.returncode == 0, received.stderr
+    assert [line.count('"data"') for line in received.stdout.splitlines()] == [1, 1, 1, 1]
+    missing = run_cli(herald, "publish", "nope", "x")
+    assert missing.returncode == 1 and "topic_not_found" in missing.stderr
+    status = run_cli(herald, "status")
+    assert status.returncode == 0, status.stderr
+    dead = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "--endpoint", free_tcp_endpoint(), "--timeout", "1", "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+    )
+    assert dead.returncode == 1
