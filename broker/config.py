@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import random
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -117,16 +118,28 @@ class HeraldConfig:
         return cls.from_mapping(raw)
 
 
+# Internal ports are drawn below Linux's ephemeral range (32768-60999 by
+# default), so an outgoing connection's source port cannot take one between
+# the moment it is chosen and the moment its process binds it.
+INTERNAL_PORT_RANGE: Final = (20000, 32000)
+_port_picker = random.SystemRandom()
+
+
 def free_tcp_endpoint(host: str = DEFAULT_HOST) -> str:
-    """An endpoint on a port the kernel reports free right now.
+    """An endpoint on a port that is free right now, outside the ephemeral range.
 
     Ports are chosen once by the launcher and kept across child restarts, so
     clients and peers find a restarted process where it was.
     """
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind((host, 0))
-        port = probe.getsockname()[1]
-    return f"tcp://{host}:{port}"
+    for _ in range(200):
+        port = _port_picker.randrange(*INTERNAL_PORT_RANGE)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((host, port))
+            except OSError:
+                continue
+        return f"tcp://{host}:{port}"
+    raise RuntimeError(f"no free port in {INTERNAL_PORT_RANGE} on {host}")
 
 
 def build_local_config(

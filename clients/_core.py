@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import itertools
 import logging
-import uuid
+import os
+import secrets
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,9 +83,26 @@ ACKED_WINDOW: Final = 10_000
 # --------------------------------------------------------------------------- small helpers
 
 
+_id_prefix = secrets.token_hex(8)
+_id_counter = itertools.count(1)
+
+
+def _fresh_id_space() -> None:
+    # A forked child must not repeat its parent's ids.
+    global _id_prefix, _id_counter
+    _id_prefix = secrets.token_hex(8)
+    _id_counter = itertools.count(1)
+
+
+os.register_at_fork(after_in_child=_fresh_id_space)
+
+
 def new_message_id() -> str:
-    """A fresh message id: 32 hex digits, unique without coordination."""
-    return uuid.uuid4().hex
+    """A fresh message id, unique without coordination: 64 random bits per process, then a counter.
+
+    Cheaper than uuid4 per message (one os.urandom call per process, not per id).
+    """
+    return f"{_id_prefix}{next(_id_counter):x}"
 
 
 class RequestIds:

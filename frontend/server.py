@@ -17,7 +17,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import queue
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -83,6 +85,77 @@ class PendingPublish:
     request_id: bytes
     message_ids: list[str]
     duplicate: list[bool]
+
+
+@dataclass
+class CommitJob:
+    """One group commit: what to write, and whom to answer once it is durable."""
+
+    messages: list[StoredMessage]
+    dedup: list[DedupEntry]
+    replies: list[PendingPublish]
+    ids: dict[tuple[str, str], str]
+    after: list[Callable[[], None]]
+    plan: list[tuple[int, StoredMessage]] = field(default_factory=list)
+    # Subscriptions with messages in this job that were not handed out: until
+    # the job is durable, a backlog scan cannot see them, so it must not
+    # conclude that such a subscription has caught up.
+    left_on_disk: set[int] = field(default_factory=set)
+    error: StorageError | None = None
+
+
+class CommitWriter:
+    """Runs the shard's fsync'd appends on one thread, one job at a time, in order.
+
+    rocksdict releases the GIL while RocksDB writes and syncs, so the poll loop
+    keeps draining and validating meanwhile. The thread signals completion on
+    an inproc PAIR socket that the poll loop watches.
+    """
+
+    def __init__(self, store: ShardStore, context: zmq.Context[Any], name: str) -> None:
+        self.store = store
+        address = f"inproc://commit-{name}"
+        self.done = context.socket(zmq.PAIR)
+        self.done.bind(address)
+        self._signal = context.socket(zmq.PAIR)
+        self._signal.connect(address)
+        self._jobs: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
+        self.in_flight: CommitJob | None = None
+        self._thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
+        self._thread.start()
+
+    def submit(self, job: CommitJob) -> None:
+        self.in_flight = job
+        self._jobs.put(job)
+
+    def collect(self) -> CommitJob | None:
+        """The finished job, after its done signal arrived (call when ``done`` is readable)."""
+        try:
+            self.done.recv(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
+        job, self.in_flight = self.in_flight, None
+        return job
+
+    def wait(self) -> CommitJob | None:
+        if self.in_flight is None:
+            return None
+        self.done.poll()
+        return self.collect()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            try:
+                self.store.append(job.messages, job.dedup, ((sub_id, m.seq) for sub_id, m in job.plan))
+            except StorageError as exc:
+                job.error = exc
+            self._signal.send(b"")
+
+    def close(self) -> None:
+        self._jobs.put(None)
+        self._thread.join(timeout=10)
+        self.done.close(0)
+        self._signal.close(0)
 
 
 @dataclass
@@ -158,6 +231,9 @@ class FrontendServer:
         self.batch_dedup: list[DedupEntry] = []
         self.batch_replies: list[PendingPublish] = []
         self.batch_ids: dict[tuple[str, str], str] = {}
+        self.batch_after: list[Callable[[], None]] = []
+        self.dead_in_progress: set[tuple[int, int]] = set()
+        self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
         self.cursors: dict[int, SubscriptionCursor] = {}
         self.sender_peers = [SenderPeer() for _ in config.sender_intake_endpoints]
         self.counters: dict[str, int] = {
@@ -183,7 +259,7 @@ class FrontendServer:
             Timer(RETENTION_SWEEP_INTERVAL_S, self._sweep_retention),
         ]
         poller = zmq.Poller()
-        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live):
+        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live, self.writer.done):
             poller.register(sock, zmq.POLLIN)
         try:
             while not self.stop.stopping:
@@ -203,6 +279,8 @@ class FrontendServer:
                 if self.backend in ready:
                     for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
+                if self.writer.done in ready and (job := self.writer.collect()) is not None:
+                    self._finish_commit(job)
                 self._commit_batch()
                 self._dispatch_backlogs()
                 now = time.monotonic()
@@ -215,11 +293,13 @@ class FrontendServer:
     def _shutdown(self) -> None:
         # Drain: whatever was accepted is committed and acknowledged; requests
         # still waiting for metadata are refused cleanly.
-        self._commit_batch()
         for call in list(self.meta_calls.values()):
             call.on_failure(HeraldError("unavailable", "frontend is shutting down; retry"))
         self.meta_calls.clear()
         self._commit_batch()
+        while (job := self.writer.wait()) is not None:
+            self._finish_commit(job)  # submits the next batch, if any
+        self.writer.close()
         for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live, *self.senders, *self.peers.values()):
             sock.close(linger=200)
         self.context.term()
@@ -423,7 +503,8 @@ class FrontendServer:
         for item in items:
             if item.message_id is not None:
                 key = (topic_name, item.message_id)
-                if key in self.batch_ids or item.message_id in stored:
+                in_flight = self.writer.in_flight
+                if key in self.batch_ids or item.message_id in stored or (in_flight is not None and key in in_flight.ids):
                     ids.append(item.message_id)
                     duplicate.append(True)
                     self.counters["duplicates"] += 1
@@ -442,32 +523,41 @@ class FrontendServer:
         self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate))
 
     def _commit_batch(self) -> None:
-        if not self.batch_replies and not self.batch_messages:
+        """Hand the accumulated batch to the writer, unless a write is still in flight.
+
+        While one batch is being fsync'd, the loop keeps validating requests
+        into the next one: that overlap is the group commit.
+        """
+        if self.writer.in_flight is not None or (not self.batch_replies and not self.batch_messages):
             return
-        messages, dedup, replies = self.batch_messages, self.batch_dedup, self.batch_replies
-        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
-        plan = self._plan_fast_dispatch(messages)
-        try:
-            self.store.append(messages, dedup, ((sub_id, m.seq) for sub_id, m in plan))
-        except StorageError as exc:
+        job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after)
+        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after = [], [], [], {}, []
+        job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
+        self.writer.submit(job)
+
+    def _finish_commit(self, job: CommitJob) -> None:
+        if job.error is not None:
             self.counters["storage_failures"] += 1
-            log.error("write of %d messages failed, refusing them: %s", len(messages), exc)
-            for sub_id, message in plan:
+            log.error("write of %d messages failed, refusing them: %s", len(job.messages), job.error)
+            for sub_id, message in job.plan:
                 cursor = self.cursors.get(sub_id)
                 if cursor is not None:
                     cursor.outstanding.discard(message.seq)
                     cursor.backlog = True
-            error = HeraldError("storage_failed", f"the shard could not write the batch ({exc}); nothing was stored, retry later")
-            for pending in replies:
+            error = HeraldError("storage_failed", f"the shard could not write the batch ({job.error}); nothing was stored, retry later")
+            for pending in job.replies:
                 self._reply_error(pending.envelope, pending.request_id, error)
-            return
-        self.counters["commits"] += 1
-        self.counters["published"] += len(messages)
-        for pending in replies:
-            self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))
-        if self.live_prefixes:
-            self._publish_live(messages)
-        self._send_dispatches([(sub_id, message, 1) for sub_id, message in plan])
+        else:
+            self.counters["commits"] += 1
+            self.counters["published"] += len(job.messages)
+            for pending in job.replies:
+                self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))
+            if self.live_prefixes:
+                self._publish_live(job.messages)
+            self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan])
+            for action in job.after:
+                action()
+        self._commit_batch()
 
     def _publish_live(self, messages: list[StoredMessage]) -> None:
         prefixes = tuple(self.live_prefixes)
@@ -493,21 +583,27 @@ class FrontendServer:
             if self.live_prefixes[prefix] <= 0:
                 del self.live_prefixes[prefix]
 
-    def _plan_fast_dispatch(self, messages: list[StoredMessage]) -> list[tuple[int, StoredMessage]]:
-        """Hand new messages straight to senders when their subscription has credit and no older backlog."""
+    def _plan_fast_dispatch(self, messages: list[StoredMessage]) -> tuple[list[tuple[int, StoredMessage]], set[int]]:
+        """Hand new messages straight to senders when their subscription has credit and no older backlog.
+
+        Returns:
+            The (subscription id, message) pairs to dispatch once the write is
+            durable, and the subscriptions whose new messages stay on disk.
+        """
         plan: list[tuple[int, StoredMessage]] = []
+        left_on_disk: set[int] = set()
         for message in messages:
             for sub_id in message.subscriptions:
                 cursor = self.cursors.get(sub_id)
-                if cursor is None:
-                    continue
-                if cursor.backlog or cursor.free <= 0:
-                    cursor.backlog = True
+                if cursor is None or cursor.backlog or cursor.free <= 0:
+                    if cursor is not None:
+                        cursor.backlog = True
+                    left_on_disk.add(sub_id)
                     continue
                 cursor.outstanding.add(message.seq)
                 cursor.scanned_to = message.seq
                 plan.append((sub_id, message))
-        return plan
+        return plan, left_on_disk
 
     # ------------------------------------------------------------------ dispatch to senders
 
@@ -549,7 +645,8 @@ class FrontendServer:
                 continue
             wanted = min(cursor.free, DISPATCH_SCAN_LIMIT)
             found = self.store.pending(cursor.sub_id, cursor.scanned_to, wanted)
-            if len(found) < wanted:
+            in_flight = self.writer.in_flight
+            if len(found) < wanted and (in_flight is None or cursor.sub_id not in in_flight.left_on_disk):
                 cursor.backlog = False
             for seq, previous_attempts in found:
                 cursor.scanned_to = seq
@@ -650,8 +747,9 @@ class FrontendServer:
             log.error("dead-letter topic unavailable for seq %d: %s", seq, info)
             return
         original = self.store.read_message(seq)
-        if original is None or not self.store.pending(sub_id, seq - 1, 1) or self.store.pending(sub_id, seq - 1, 1)[0][0] != seq:
-            return  # already settled: a repeated DEAD must not copy twice
+        pending = self.store.pending(sub_id, seq - 1, 1)
+        if original is None or not pending or pending[0][0] != seq or (sub_id, seq) in self.dead_in_progress:
+            return  # already settled or being settled: a repeated DEAD must not copy twice
         topic = info["topic"]
         now = time.time()
         attributes = {
@@ -671,19 +769,24 @@ class FrontendServer:
             subs,
             int((now + topic["settings"]["retention"]) * 1000),
         )
-        try:
-            self.store.append([copy], [])
-            self.store.complete([(sub_id, seq)])
-        except StorageError as exc:
-            log.error("could not dead-letter seq %d, it stays pending: %s", seq, exc)
-            return
-        cursor = self.cursors.get(sub_id)
-        if cursor is not None:
-            cursor.outstanding.discard(seq)
-        for sub in subs:
-            if sub in self.cursors:
-                self.cursors[sub].backlog = True
-        self.counters["dead_lettered"] += 1
+        self.dead_in_progress.add((sub_id, seq))
+
+        def settle_original() -> None:
+            # Runs only once the copy is durable; if the write failed the original stays pending.
+            self.dead_in_progress.discard((sub_id, seq))
+            try:
+                self.store.complete([(sub_id, seq)])
+            except StorageError as exc:
+                log.error("dead-letter copy of seq %d stored, but the original could not be settled: %s", seq, exc)
+                return
+            cursor = self.cursors.get(sub_id)
+            if cursor is not None:
+                cursor.outstanding.discard(seq)
+            self.counters["dead_lettered"] += 1
+
+        # The copy goes through the writer like any publish, so appends stay in seq order.
+        self.batch_messages.append(copy)
+        self.batch_after.append(settle_original)
 
     # ------------------------------------------------------------------ metadata
 

@@ -12,8 +12,10 @@ key                                     value
                                         expiry in ms), raw payload
 ``P`` subscription id, seq              u32 attempts already handed out
 ``D`` topic NUL message id              u64 seq (de-duplication index)
-``E`` expire_ms, seq                    empty (retention index, time-ordered)
-``F`` expire_ms, topic NUL message id   empty (de-duplication expiry index)
+``E`` expire_ms, first seq              u64 seqs of one batch that expire then
+                                        (retention index, time-ordered)
+``F`` expire_ms, last seq               JSON list of ``D`` keys that expire
+                                        then (de-duplication expiry index)
 ``Z``                                   u64 last seq used
 ======================================  =========================================
 """
@@ -141,6 +143,9 @@ class ShardStore:
     def append(self, messages: list[StoredMessage], dedup: list[DedupEntry], first_attempts: Iterable[tuple[int, int]] = ()) -> None:
         """Write messages, their pending entries and indexes in one batch, one fsync.
 
+        The expiry indexes get one key per (expiry time, batch), not one per
+        message: they are read only by the retention sweep.
+
         Args:
             messages: with ``seq`` already assigned by :meth:`next_seq`.
             dedup: client-given ids to remember until their ``expire_ms``.
@@ -152,15 +157,23 @@ class ShardStore:
         """
         batch = WriteBatch(raw_mode=True)
         handed_out = set(first_attempts)
+        expiring: dict[int, list[int]] = {}
+        not_yet, once = _U32.pack(0), _U32.pack(1)
         for message in messages:
-            batch.put(_message_key(message.seq), encode_message(message))
-            batch.put(_EXPIRY + _PAIR.pack(message.expire_ms, message.seq), b"")
+            seq = message.seq
+            batch.put(_message_key(seq), encode_message(message))
+            expiring.setdefault(message.expire_ms, []).append(seq)
             for sub_id in message.subscriptions:
-                attempts = 1 if (sub_id, message.seq) in handed_out else 0
-                batch.put(_pending_key(sub_id, message.seq), _U32.pack(attempts))
+                batch.put(_pending_key(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
+        for expire_ms, seqs in expiring.items():
+            batch.put(_EXPIRY + _PAIR.pack(expire_ms, seqs[0]), struct.pack(f">{len(seqs)}Q", *seqs))
+        forget: dict[int, list[bytes]] = {}
         for entry in dedup:
-            batch.put(_dedup_key(entry.topic, entry.message_id), _U64.pack(entry.seq))
-            batch.put(_DEDUP_EXPIRY + _U64.pack(entry.expire_ms) + entry.topic.encode() + b"\0" + entry.message_id.encode(), b"")
+            key = _dedup_key(entry.topic, entry.message_id)
+            batch.put(key, _U64.pack(entry.seq))
+            forget.setdefault(entry.expire_ms, []).append(key)
+        for expire_ms, keys in forget.items():
+            batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, self.last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
         if messages:
             batch.put(_LAST_SEQ, _U64.pack(self.last_seq))
         self._write(batch, self._durable)
@@ -212,7 +225,6 @@ class ShardStore:
             still_needed = any((other, seq) not in deleted and self._db.get(_pending_key(other, seq)) is not None for other in message.subscriptions)
             if not still_needed:
                 batch.delete(_message_key(seq))
-                batch.delete(_EXPIRY + _PAIR.pack(message.expire_ms, seq))
         if deleted:
             self._write(batch, self._lazy)
         return len(deleted)
@@ -231,32 +243,34 @@ class ShardStore:
         """
         batch = WriteBatch(raw_mode=True)
         removed = 0
-        for key in self._keys_below(_EXPIRY, _EXPIRY + _U64.pack(now_ms), limit):
-            _expire_ms, seq = _PAIR.unpack(key[1:])
-            raw = self._db.get(_message_key(seq))
-            if raw is not None:
+        for key, value in self._items_below(_EXPIRY, _EXPIRY + _U64.pack(now_ms), limit):
+            for (seq,) in _U64.iter_unpack(value):
+                raw = self._db.get(_message_key(seq))
+                if raw is None:
+                    continue  # every subscription settled it already
                 for sub_id in decode_message(seq, raw).subscriptions:
                     batch.delete(_pending_key(sub_id, seq))
                 batch.delete(_message_key(seq))
                 removed += 1
             batch.delete(key)
-        for key in self._keys_below(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms), limit):
-            batch.delete(_DEDUP + key[9:])
+        for key, value in self._items_below(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms), limit):
+            for dedup_key in orjson.loads(value):
+                batch.delete(dedup_key.encode("utf-8", "surrogateescape"))
             batch.delete(key)
         self._write(batch, self._lazy)
         return removed
 
-    def _keys_below(self, prefix: bytes, upper: bytes, limit: int) -> list[bytes]:
-        keys: list[bytes] = []
+    def _items_below(self, prefix: bytes, upper: bytes, limit: int) -> list[tuple[bytes, bytes]]:
+        items: list[tuple[bytes, bytes]] = []
         iterator = self._db.iter()
         iterator.seek(prefix)
-        while iterator.valid() and len(keys) < limit:
+        while iterator.valid() and len(items) < limit:
             key = iterator.key()
             if key >= upper or not key.startswith(prefix):
                 break
-            keys.append(key)
+            items.append((key, iterator.value()))
             iterator.next()
-        return keys
+        return items
 
     # ------------------------------------------------------------------ reads
 

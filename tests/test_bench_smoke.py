@@ -1,0 +1,51 @@
+"""The benchmark harness still runs: a tiny throughput run end to end, checked for valid JSON."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_throughput_bench_runs_and_writes_json(tmp_path: Path) -> None:
+    out = tmp_path / "throughput.json"
+    command = [
+        sys.executable,
+        "-m",
+        "bench.throughput",
+        "--messages",
+        "500",
+        "--warmup",
+        "100",
+        "--raw-messages",
+        "20000",
+        "--subscriptions",
+        "0,1",
+        "--work-dir",
+        str(tmp_path),
+        "--json",
+        str(out),
+    ]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, f"exit code {done.returncode}\nstdout:\n{done.stdout}\nstderr:\n{done.stderr[-4000:]}"
+
+    report = orjson.loads(out.read_bytes())
+    assert report["benchmark"] == "throughput"
+    assert report["machine"]["nproc"] >= 1 and report["machine"]["libzmq"]
+    names = [result["name"] for result in report["results"]]
+    assert names[0].startswith("raw pyzmq PUSH->PULL")
+    assert any("AsyncClient" in name for name in names)
+    assert any("publish_batch" in name for name in names)
+    assert any("1 subscription" in name for name in names)
+    for result in report["results"]:
+        assert result["value"] > 0 and result["count"] > 0, result
+        assert result["durability"]
+    assert all(result["ratio"] > 0 for result in report["results"][1:])
+    # Every child was reaped and the temporary data folder removed.
+    assert not list(tmp_path.glob("herald-bench-*"))
