@@ -142,33 +142,62 @@ def free_tcp_endpoint(host: str = DEFAULT_HOST) -> str:
     raise RuntimeError(f"no free port in {INTERNAL_PORT_RANGE} on {host}")
 
 
+def _port_is_free(endpoint: str) -> bool:
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((host, int(port)))
+        except (OSError, ValueError):
+            return False
+    return True
+
+
 def build_local_config(
-    *, data_dir: str, host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, frontends: int = DEFAULT_FRONTENDS, senders: int = DEFAULT_SENDERS, **overrides: Any
+    *,
+    data_dir: str,
+    host: str = DEFAULT_HOST,
+    port: int = DEFAULT_PORT,
+    frontends: int = DEFAULT_FRONTENDS,
+    senders: int = DEFAULT_SENDERS,
+    previous: HeraldConfig | None = None,
+    **overrides: Any,
 ) -> HeraldConfig:
     """A config for the whole system on one machine, internal ports picked free.
 
-    ``port=0`` picks a free client port too (tests use it).
+    ``port=0`` picks a free client port too (tests use it). With ``previous``
+    (the config of the last run on this data folder), every endpoint that is
+    still free is kept, so consumers and live-feed readers reconnect to a
+    restarted system where they left it.
     """
-    client = free_tcp_endpoint(host) if port == 0 else f"tcp://{host}:{port}"
+
+    def keep(old: str | None) -> str:
+        if old and old.startswith(f"tcp://{host}:") and _port_is_free(old):
+            return old
+        return free_tcp_endpoint(host)
+
+    def keep_all(old: tuple[str, ...] | None, count: int) -> tuple[str, ...]:
+        old = old if old and len(old) == count else (None,) * count  # type: ignore[assignment]
+        return tuple(keep(endpoint) for endpoint in old)  # type: ignore[union-attr]
+
+    if port == 0:
+        client = keep(previous.client_endpoint if previous else None)
+    else:
+        client = f"tcp://{host}:{port}"
     config = HeraldConfig(
         data_dir=data_dir,
         host=host,
         client_endpoint=client,
-        live_endpoint=free_tcp_endpoint(host),
-        live_intake_endpoint=free_tcp_endpoint(host),
-        proxy_backend_endpoint=free_tcp_endpoint(host),
-        metadata_rpc_endpoint=free_tcp_endpoint(host),
-        metadata_events_endpoint=free_tcp_endpoint(host),
-        frontend_control_endpoints=tuple(free_tcp_endpoint(host) for _ in range(frontends)),
-        sender_intake_endpoints=tuple(free_tcp_endpoint(host) for _ in range(senders)),
-        sender_deliver_endpoints=tuple(free_tcp_endpoint(host) for _ in range(senders)),
-        sender_ack_endpoints=tuple(free_tcp_endpoint(host) for _ in range(senders)),
+        live_endpoint=keep(previous.live_endpoint if previous else None),
+        live_intake_endpoint=keep(previous.live_intake_endpoint if previous else None),
+        proxy_backend_endpoint=keep(previous.proxy_backend_endpoint if previous else None),
+        metadata_rpc_endpoint=keep(previous.metadata_rpc_endpoint if previous else None),
+        metadata_events_endpoint=keep(previous.metadata_events_endpoint if previous else None),
+        frontend_control_endpoints=keep_all(previous.frontend_control_endpoints if previous else None, frontends),
+        sender_intake_endpoints=keep_all(previous.sender_intake_endpoints if previous else None, senders),
+        sender_deliver_endpoints=keep_all(previous.sender_deliver_endpoints if previous else None, senders),
+        sender_ack_endpoints=keep_all(previous.sender_ack_endpoints if previous else None, senders),
         **overrides,
     )
     config.validate()
     return config
-
-
-def bind_endpoint(endpoint: str) -> str:
-    """The address to bind for an endpoint that clients connect to (same for tcp)."""
-    return endpoint

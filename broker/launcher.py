@@ -246,6 +246,14 @@ class Launcher:
         return 0
 
 
+def _previous_config(path: Path) -> HeraldConfig | None:
+    """The config of the last run on this data folder, if it is readable."""
+    try:
+        return HeraldConfig.load(path)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
 TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm"})
 
 
@@ -299,8 +307,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config:
             overrides = load_limits(args.config)
+        previous = _previous_config(Path(data_dir) / RUNTIME_CONFIG_NAME)
         config = build_local_config(
-            data_dir=data_dir, host=args.host, port=args.port, frontends=args.frontends, senders=args.senders, durability=args.durability, **overrides
+            data_dir=data_dir,
+            host=args.host,
+            port=args.port,
+            frontends=args.frontends,
+            senders=args.senders,
+            durability=args.durability,
+            previous=previous,
+            **overrides,
         )
     except (ValueError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -403,11 +403,15 @@ class SenderServer:
         limit = int(state.settings["max_unacked"])
         max_unacked = min(limit, requested) if requested and requested > 0 else limit
         consumer = state.consumers.get(consumer_id)
+        first_contact = consumer is None
         if consumer is None:
             consumer = state.consumers[consumer_id] = Consumer(consumer_id, max_unacked)
             log.info("consumer %s attached to %s", consumer_id, name)
         consumer.last_seen = time.monotonic()
-        ready = bool(frames.header.get("ready"))
+        # A consumer first heard from (say, heartbeating into a restarted
+        # sender) may not have its SUB subscription in place yet: deliveries
+        # start with its next ready ATTACH, never on first contact.
+        ready = bool(frames.header.get("ready")) and not first_contact
         if ready and not consumer.ready:
             consumer.ready = True
             self.credit_dirty = True
