@@ -175,7 +175,9 @@ class Result:
         line = f"{self.name:<58} {self.value:>12,.1f} {self.unit:<13} {ratio} {self.count:>9} {self.seconds:>8.2f}s  {self.durability.split(':')[0]}"
         if self.latency is not None:
             lat = self.latency
-            line += f"\n{'':<4}p50 {lat.p50_us:,.0f} us  p90 {lat.p90_us:,.0f} us  p99 {lat.p99_us:,.0f} us  p99.9 {lat.p999_us:,.0f} us  max {lat.max_us:,.0f} us"
+            line += (
+                f"\n{'':<4}p50 {lat.p50_us:,.0f} us  p90 {lat.p90_us:,.0f} us  p99 {lat.p99_us:,.0f} us  p99.9 {lat.p999_us:,.0f} us  max {lat.max_us:,.0f} us"
+            )
         return line
 
     def to_dict(self) -> dict[str, Any]:

@@ -67,7 +67,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"payload bytes (default {DEFAULT_SIZE})")
     parser.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT, help=f"publishes awaiting their ack (default {DEFAULT_MAX_IN_FLIGHT})")
     parser.add_argument("--skip-raw", action="store_true", help="leave out the raw ZeroMQ baseline")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds any one phase may take beyond its schedule (default {DEFAULT_TIMEOUT_S:.0f})")
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds any one phase may take beyond its schedule (default {DEFAULT_TIMEOUT_S:.0f})"
+    )
     parser.add_argument("--work-dir", type=Path, default=None, help="where the temporary data folder goes (default: system temp; must not be tmpfs)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of bench/results/latency-<timestamp>.json")
     args = parser.parse_args(argv)

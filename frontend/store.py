@@ -229,11 +229,18 @@ class ShardStore:
             self._write(batch, self._lazy)
         return len(deleted)
 
-    def delete_subscription(self, sub_id: int) -> None:
-        """Drop a deleted subscription's whole backlog in one range delete."""
-        batch = WriteBatch(raw_mode=True)
-        batch.delete_range(_PENDING + _U64.pack(sub_id), _PENDING + _U64.pack(sub_id + 1))
-        self._write(batch, self._lazy)
+    def delete_subscription(self, sub_id: int, chunk: int = 10_000) -> int:
+        """Drop a deleted subscription's backlog, and message bodies no one else needs.
+
+        Returns:
+            The number of pending entries removed.
+        """
+        removed = 0
+        while True:
+            entries = [(sub_id, seq) for seq, _ in self.pending(sub_id, 0, chunk)]
+            if not entries:
+                return removed
+            removed += self.complete(entries)
 
     def expire(self, now_ms: int, limit: int = 10_000) -> int:
         """Remove messages and dedup ids whose time is up, oldest first.

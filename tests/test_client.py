@@ -236,3 +236,66 @@ def test_cli(herald: HeraldSystem) -> None:
         cwd=PROJECT_ROOT,
     )
     assert dead.returncode == 1
+
+
+def test_publish_right_after_subscription_create_is_fanned_out(herald: HeraldSystem) -> None:
+    """The metadata change is applied by every frontend before SUB_CREATE returns."""
+    with Client(herald.endpoint) as admin, Client(herald.endpoint) as publisher:
+        admin.create_topic("fresh")
+        for n in range(10):
+            admin.create_subscription("fresh", f"fresh-{n}")
+            publisher.publish("fresh", f"for {n}".encode())
+        for n in range(10):
+            expected = [f"for {k}".encode() for k in range(n, 10)]
+            with admin.subscribe("fresh", f"fresh-{n}") as subscription:
+                got = []
+                while len(got) < len(expected) and (message := subscription.receive(timeout=10)) is not None:
+                    got.append(message.data)
+                    message.ack()
+                assert subscription.receive(timeout=0.2) is None
+            assert got == expected, f"fresh-{n}"
+
+
+def test_retention_expires_unacknowledged_messages(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("ephemeral", retention=1)
+        client.create_subscription("ephemeral", "late")
+        client.publish_batch("ephemeral", [b"old"] * 20)
+        time.sleep(2.5)  # the fault itself: let the retention pass (the sweep runs every second)
+        with client.subscribe("ephemeral", "late") as subscription:
+            assert subscription.receive(timeout=1.5) is None
+    herald.stop()
+    assert not [m for m in stored_messages(herald.data_dir) if m.topic == "ephemeral"]
+
+
+def test_deleting_a_subscription_frees_its_backlog(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("backlogged")
+        keep = client.create_subscription("backlogged", "keeper")
+        doomed = client.create_subscription("backlogged", "doomed")
+        client.publish_batch("backlogged", [b"x"] * 100)
+        with client.subscribe("backlogged", "keeper") as subscription:
+            for _ in range(100):
+                message = subscription.receive(timeout=10)
+                assert message is not None
+                message.ack()
+        client.delete_subscription("doomed")
+        with pytest.raises(HeraldError) as excinfo:
+            client.describe_subscription("doomed")
+        assert excinfo.value.code == "subscription_not_found"
+        client.publish("backlogged", b"after")
+    herald.stop()
+    from frontend.store import ShardStore
+
+    remaining = 0
+    bodies = 0
+    for index in range(2):
+        store = ShardStore(herald.data_dir / f"shard-{index}")
+        try:
+            remaining += store.count_pending(doomed["id"])
+            bodies += len([m for m in store.messages() if m.topic == "backlogged"])
+            assert store.count_pending(keep["id"]) <= 1
+        finally:
+            store.close()
+    assert remaining == 0
+    assert bodies == 1  # only "after", which keeper has not acknowledged
