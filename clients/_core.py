@@ -83,6 +83,9 @@ ACKED_WINDOW: Final = 10_000
 # --------------------------------------------------------------------------- small helpers
 
 
+# ack_nowait() sends queued acks in one ACK once this many are waiting.
+ACK_FLUSH_COUNT: Final = 256
+
 _id_prefix = secrets.token_hex(8)
 _id_counter = itertools.count(1)
 
@@ -501,6 +504,8 @@ class SyncAcknowledger(Protocol):
 
     def _ack(self, message: Message) -> bool: ...
 
+    def _ack_nowait(self, message: MessageFields) -> None: ...
+
     def _nack(self, message: Message) -> None: ...
 
 
@@ -508,6 +513,8 @@ class AsyncAcknowledger(Protocol):
     """What an :class:`AsyncMessage` acknowledges through."""
 
     async def _ack(self, message: AsyncMessage) -> bool: ...
+
+    def _ack_nowait(self, message: MessageFields) -> None: ...
 
     async def _nack(self, message: AsyncMessage) -> None: ...
 
@@ -557,6 +564,16 @@ class Message(MessageFields):
         """
         return self._owner._ack(self)
 
+    def ack_nowait(self) -> None:
+        """Acknowledge without waiting: acks are batched and sent on the next
+        ``receive()`` (or when enough are queued, or on close).
+
+        The fast path for throughput. A stale or lost ack is not reported: the
+        message is redelivered and, being known as acknowledged, dropped and
+        acknowledged again by this client.
+        """
+        self._owner._ack_nowait(self)
+
     def nack(self) -> None:
         """Give the message back for redelivery after the subscription's backoff.
 
@@ -582,6 +599,10 @@ class AsyncMessage(MessageFields):
             HeraldError: ``unknown_delivery`` or ``timeout``.
         """
         return await self._owner._ack(self)
+
+    def ack_nowait(self) -> None:
+        """Acknowledge without waiting; batched and sent on the next ``receive()`` or close (see :meth:`Message.ack_nowait`)."""
+        self._owner._ack_nowait(self)
 
     async def nack(self) -> None:
         """Give the message back for redelivery after the subscription's backoff.
@@ -677,6 +698,7 @@ class ConsumerCore(Generic[M]):
         self.failure: HeraldError | None = None
         self._make = make
         self._acks_in_flight: dict[bytes, MessageFields] = {}
+        self.pending_acks: list[tuple[str, int]] = []
         self.delivered = 0
         self.duplicates_dropped = 0
         self.acked_count = 0
@@ -700,6 +722,20 @@ class ConsumerCore(Generic[M]):
     def nack_frames(self, refs: list[tuple[str, int]]) -> list[bytes]:
         """NACK of (ref, attempt) pairs, without asking for a reply."""
         return encode_acks(Command.NACK, self.name, self.consumer_id, refs)
+
+    def queue_ack(self, message: MessageFields) -> bool:
+        """Queue a fire-and-forget ack; True when enough are queued to send now."""
+        self.pending_acks.append((message.ref, message.attempt))
+        self.acked.add(message.id)
+        self.acked_count += 1
+        return len(self.pending_acks) >= ACK_FLUSH_COUNT
+
+    def take_pending_acks(self) -> list[bytes] | None:
+        """The ACK frames for every queued ack (no reply asked), or None when none are queued."""
+        if not self.pending_acks:
+            return None
+        refs, self.pending_acks = self.pending_acks, []
+        return self.ack_frames(refs)
 
     def detach_frames(self) -> list[bytes]:
         """DETACH: the sender hands this consumer's unacknowledged messages on at once."""

@@ -37,6 +37,7 @@ from clients._core import (
     ClientStatistics,
     ConsumerCore,
     ItemLike,
+    MessageFields,
     PublishId,
     PublishItem,
     RequestIds,
@@ -656,6 +657,7 @@ class AsyncSubscription:
                 return self._core.buffer.popleft()
             if self._core.failure is not None:
                 raise self._core.failure
+            await self._flush_acks()
             self._arrived.clear()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -683,6 +685,9 @@ class AsyncSubscription:
                 future.set_exception(closed_error(repr(self)))
         linger_ms = 0
         if self._welcomed.is_set():
+            with contextlib.suppress(zmq.Again):
+                if (frames := self._core.take_pending_acks()) is not None:
+                    await self._push.send_multipart(frames, zmq.NOBLOCK)
             try:
                 await self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
                 linger_ms = DETACH_LINGER_MS
@@ -693,6 +698,19 @@ class AsyncSubscription:
         self._client._subscriptions.discard(self)
 
     # ------------------------------------------------------------------ acknowledgements
+
+    def _ack_nowait(self, message: MessageFields) -> None:
+        if self._closed:
+            raise closed_error(repr(self))
+        if self._core.queue_ack(message) and (frames := self._core.take_pending_acks()) is not None:
+            try:
+                self._push.send_multipart(frames, zmq.NOBLOCK)
+            except zmq.Again:
+                log.warning("ack socket full; %d acks dropped, those messages will be redelivered and acknowledged again", len(frames))
+
+    async def _flush_acks(self) -> None:
+        if (frames := self._core.take_pending_acks()) is not None:
+            await self._push.send_multipart(frames)
 
     async def _ack(self, message: AsyncMessage) -> bool:
         def build(request_id: bytes) -> list[bytes]:

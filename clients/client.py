@@ -36,6 +36,7 @@ from clients._core import (
     ConsumerCore,
     ItemLike,
     Message,
+    MessageFields,
     PublishId,
     RequestIds,
     SubscriptionStatistics,
@@ -507,6 +508,7 @@ class Subscription:
                 return self._core.buffer.popleft()
             if self._core.failure is not None:
                 raise self._core.failure
+            self._flush_acks()
             wait_ms = IDLE_POLL_MS if deadline is None else min(IDLE_POLL_MS, _poll_ms(deadline))
             if self._sub.poll(wait_ms, zmq.POLLIN):
                 self._drain()
@@ -529,6 +531,7 @@ class Subscription:
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
+        self._flush_acks()
         try:
             self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
             linger_ms = DETACH_LINGER_MS
@@ -565,6 +568,16 @@ class Subscription:
         if len(reply) != 1:
             raise ProtocolError("malformed", f"ACK_REPLY for one ack carries {len(reply)} results")
         return ack_result(reply[0], message)
+
+    def _ack_nowait(self, message: MessageFields) -> None:
+        self._check_open()
+        if self._core.queue_ack(message):
+            self._flush_acks()
+
+    def _flush_acks(self) -> None:
+        frames = self._core.take_pending_acks()
+        if frames is not None and not self._send(frames, time.monotonic() + self._timeout):
+            log.warning("could not send %d queued acks; those messages will be redelivered and acknowledged again", len(frames))
 
     def _nack(self, message: Message) -> None:
         self._check_open()

@@ -23,6 +23,7 @@ key                                     value
 from __future__ import annotations
 
 import struct
+from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +41,7 @@ _DEDUP: Final = b"D"
 _EXPIRY: Final = b"E"
 _DEDUP_EXPIRY: Final = b"F"
 _LAST_SEQ: Final = b"Z"
+FANOUT_CACHE_ENTRIES: Final = 200_000  # ~100 bytes each: bounded, and covers a second of traffic
 
 
 class StorageError(Exception):
@@ -132,6 +134,8 @@ class ShardStore:
         self._durable.sync = sync
         self._lazy = WriteOptions()
         self._lazy.sync = False
+        # seq -> subscription ids of recently appended messages (see complete()).
+        self._fanout: OrderedDict[int, list[int]] = OrderedDict()
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
 
@@ -159,9 +163,11 @@ class ShardStore:
         handed_out = set(first_attempts)
         expiring: dict[int, list[int]] = {}
         not_yet, once = _U32.pack(0), _U32.pack(1)
+        fanout = self._fanout
         for message in messages:
             seq = message.seq
             batch.put(_message_key(seq), encode_message(message))
+            fanout[seq] = message.subscriptions
             expiring.setdefault(message.expire_ms, []).append(seq)
             for sub_id in message.subscriptions:
                 batch.put(_pending_key(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
@@ -176,6 +182,8 @@ class ShardStore:
             batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, self.last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
         if messages:
             batch.put(_LAST_SEQ, _U64.pack(self.last_seq))
+        while len(fanout) > FANOUT_CACHE_ENTRIES:
+            fanout.popitem(last=False)
         self._write(batch, self._durable)
 
     def next_seq(self) -> int:
@@ -207,27 +215,35 @@ class ShardStore:
     def complete(self, entries: Iterable[tuple[int, int]]) -> int:
         """Delete settled (subscription id, seq) entries; free messages no one needs.
 
+        Which subscriptions a recent message was fanned out to comes from a
+        bounded in-memory map filled at append, so settling a message that only
+        one subscription had costs no read at all.
+
         Returns:
-            The number of pending entries that existed and were deleted.
+            The number of entries settled (repeats included: deleting twice is harmless).
         """
         batch = WriteBatch(raw_mode=True)
-        deleted: set[tuple[int, int]] = set()
+        settled: set[tuple[int, int]] = set()
         for sub_id, seq in entries:
-            if (sub_id, seq) in deleted or self._db.get(_pending_key(sub_id, seq)) is None:
+            if (sub_id, seq) in settled:
                 continue
             batch.delete(_pending_key(sub_id, seq))
-            deleted.add((sub_id, seq))
-        for seq in {seq for _, seq in deleted}:
-            raw = self._db.get(_message_key(seq))
-            if raw is None:
+            settled.add((sub_id, seq))
+        for seq in {seq for _, seq in settled}:
+            subscriptions = self._fanout.pop(seq, None)
+            if subscriptions is None:
+                raw = self._db.get(_message_key(seq))
+                if raw is None:
+                    continue
+                subscriptions = decode_message(seq, raw).subscriptions
+            others = [other for other in subscriptions if (other, seq) not in settled]
+            if others and any(self._db.get(_pending_key(other, seq)) is not None for other in others):
+                self._fanout[seq] = others
                 continue
-            message = decode_message(seq, raw)
-            still_needed = any((other, seq) not in deleted and self._db.get(_pending_key(other, seq)) is not None for other in message.subscriptions)
-            if not still_needed:
-                batch.delete(_message_key(seq))
-        if deleted:
+            batch.delete(_message_key(seq))
+        if settled:
             self._write(batch, self._lazy)
-        return len(deleted)
+        return len(settled)
 
     def delete_subscription(self, sub_id: int, chunk: int = 10_000) -> int:
         """Drop a deleted subscription's backlog, and message bodies no one else needs.
