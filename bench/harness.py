@@ -172,7 +172,7 @@ class Result:
     def row(self) -> str:
         """One line of the results table."""
         ratio = f"{self.ratio:7.3f}x" if self.ratio is not None else "       -"
-        line = f"{self.name:<58} {self.value:>12,.1f} {self.unit:<13} {ratio} {self.count:>9} {self.seconds:>8.2f}s  {self.durability.split(':')[0]}"
+        line = f"{self.name:<68} {self.value:>12,.1f} {self.unit:<13} {ratio} {self.count:>9} {self.seconds:>8.2f}s  {self.durability.split(':')[0]}"
         if self.latency is not None:
             lat = self.latency
             line += (
@@ -185,7 +185,7 @@ class Result:
         return asdict(self)
 
 
-TABLE_HEADER: Final = f"{'figure':<58} {'value':>12} {'unit':<13} {'vs raw':>8} {'count':>9} {'window':>9}  durability"
+TABLE_HEADER: Final = f"{'figure':<68} {'value':>12} {'unit':<13} {'vs raw':>8} {'count':>9} {'window':>9}  durability"
 
 
 def print_table(results: Sequence[Result], file: Any = None) -> None:

@@ -44,7 +44,7 @@ from bench.harness import (
     stage,
     write_report,
 )
-from bench.workers import async_publisher, batch_publisher, check_size, consumer, raw_pull, raw_push
+from bench.workers import ACK_MODES, ACK_SYNC, async_publisher, batch_publisher, check_size, consumer, raw_pull, raw_push
 from clients import Client
 from clients.protocol import shard_of
 
@@ -68,14 +68,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=parse_int_list(DEFAULT_SUBSCRIPTIONS),
         help=f"comma-separated subscription counts; 0 = the publish-only figures (b, c) (default {DEFAULT_SUBSCRIPTIONS})",
     )
+    parser.add_argument(
+        "--ack",
+        choices=ACK_MODES,
+        default=ACK_SYNC,
+        help="how consumers acknowledge: sync = ack() waits for the sender (default); nowait = ack_nowait(), batched and unconfirmed",
+    )
     parser.add_argument("--warmup", type=int, default=None, help="warm-up messages before each timer (default: N/10, 100..2000)")
     parser.add_argument("--raw-messages", type=int, default=None, help=f"messages for the raw baseline (default: max(10 N, {RAW_MIN_MESSAGES}))")
+    parser.add_argument("--raw-repeats", type=int, default=1, help="raw baseline passes, best one kept; use 3+ on a busy machine (default 1)")
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds any one phase may take (default {DEFAULT_TIMEOUT_S:.0f})")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the temporary data folder goes (default: system temp; must not be tmpfs)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of bench/results/throughput-<timestamp>.json")
     args = parser.parse_args(argv)
     if args.messages < 1:
         parser.error(f"--messages {args.messages} must be at least 1")
+    if args.raw_repeats < 1:
+        parser.error(f"--raw-repeats {args.raw_repeats} must be at least 1")
     if args.concurrency < 1:
         parser.error(f"--concurrency {args.concurrency} must be at least 1")
     try:
@@ -93,28 +102,31 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def measure_raw(workers: Workers, args: argparse.Namespace) -> Result:
-    """a. raw PUSH->PULL between two processes."""
+    """a. raw PUSH->PULL between two processes; the best of ``--raw-repeats`` passes (a ceiling: noise only lowers it)."""
     count = args.raw_messages
     warmup = max(args.warmup, 10_000)
-    puller = workers.spawn("raw-pull", raw_pull, count, warmup, False)
-    endpoint = workers.expect([puller], "ready", args.timeout)["raw-pull"]
-    pusher = workers.spawn("raw-push", raw_push, endpoint, count, warmup, args.size, 0.0)
-    workers.expect([pusher], "ready", args.timeout)
-    pusher.send("warm")
-    workers.expect([pusher, puller], "warmed", args.timeout)
-    pusher.send("go")
-    sent = workers.expect([pusher], "done", args.timeout)["raw-push"]
-    received = workers.expect([puller], "done", args.timeout)["raw-pull"]
-    workers.join([pusher, puller])
-    value = rate(count, sent["start_ns"], received["end_ns"])
+    passes: list[tuple[float, float]] = []  # (msg/s, seconds)
+    for _ in range(args.raw_repeats):
+        puller = workers.spawn("raw-pull", raw_pull, count, warmup, False)
+        endpoint = workers.expect([puller], "ready", args.timeout)["raw-pull"]
+        pusher = workers.spawn("raw-push", raw_push, endpoint, count, warmup, args.size, 0.0)
+        workers.expect([pusher], "ready", args.timeout)
+        pusher.send("warm")
+        workers.expect([pusher, puller], "warmed", args.timeout)
+        pusher.send("go")
+        sent = workers.expect([pusher], "done", args.timeout)["raw-push"]
+        received = workers.expect([puller], "done", args.timeout)["raw-pull"]
+        workers.join([pusher, puller])
+        passes.append((rate(count, sent["start_ns"], received["end_ns"]), (received["end_ns"] - sent["start_ns"]) / 1e9))
+    value, seconds = max(passes)
     return Result(
         name="raw pyzmq PUSH->PULL (5 frames)",
         unit="msg/s",
         value=value,
         count=count,
-        seconds=(received["end_ns"] - sent["start_ns"]) / 1e9,
+        seconds=seconds,
         durability=DURABILITY_NONE,
-        extra={"frames": 5, "hwm": "100000 each side"},
+        extra={"frames": 5, "hwm": "100000 each side", "passes_msg_per_s": [round(r) for r, _ in passes]},
     )
 
 
@@ -194,7 +206,7 @@ def measure_end_to_end(workers: Workers, admin: Client, endpoint: str, meter: Cp
     admin.create_topic(topic, exist_ok=True)
     senders = len(admin.info()["endpoints"]["senders"])
     names = balanced_names(f"bench-e2e-{subscriptions}", subscriptions, senders)
-    consumers = [workers.spawn(name, consumer, endpoint, topic, name, args.messages, args.warmup, False) for name in names]
+    consumers = [workers.spawn(name, consumer, endpoint, topic, name, args.messages, args.warmup, False, args.ack) for name in names]
     publisher = workers.spawn("publisher", async_publisher, endpoint, topic, args.messages, args.warmup, args.size, args.concurrency)
     # Every subscription exists (consumers attached) before the first message: each must get all of them.
     workers.expect([*consumers, publisher], "ready", args.timeout)
@@ -216,13 +228,15 @@ def measure_end_to_end(workers: Workers, admin: Client, endpoint: str, meter: Cp
         "publish_msg_per_s": rate(args.messages, start, published["acked_ns"]),
         "duplicates": duplicates,
         "concurrency": args.concurrency,
+        "ack_mode": args.ack,
         "server_cpu_s": server_cpu,
         "client_cpu_s": {"publisher": round(published["cpu_s"], 3), "consumers": round(sum(done["cpu_s"] for done in consumed.values()), 3)},
     }
     label = f"{subscriptions} subscription{'s' if subscriptions != 1 else ''}"
+    acking = "ack" if args.ack == ACK_SYNC else "ack_nowait"
     return [
         Result(
-            name=f"herald e2e publish->deliver->ack, {label}: per sub",
+            name=f"herald e2e publish->deliver->{acking}, {label}: per sub",
             unit="msg/s",
             value=statistics.fmean(per_sub.values()),
             count=args.messages,
@@ -231,7 +245,7 @@ def measure_end_to_end(workers: Workers, admin: Client, endpoint: str, meter: Cp
             extra={**common, "per_subscription_msg_per_s": per_sub, "slowest_msg_per_s": min(per_sub.values())},
         ),
         Result(
-            name=f"herald e2e publish->deliver->ack, {label}: aggregate",
+            name=f"herald e2e publish->deliver->{acking}, {label}: aggregate",
             unit="deliveries/s",
             value=rate(args.messages * subscriptions, start, last),
             count=args.messages * subscriptions,

@@ -328,8 +328,18 @@ async def _open_loop_publisher(link: Link, endpoint: str, topic: str, rate_per_s
 # --------------------------------------------------------------------------- Herald consumer
 
 
-def consumer(link: Link, endpoint: str, topic: str, subscription: str, count: int, warmup: int, latency: bool) -> None:
-    """A sync Client subscription: receive, ``ack()`` each message (one round trip), count distinct measured seqs until all ``count`` arrived."""
+ACK_SYNC: Final = "sync"
+ACK_NOWAIT: Final = "nowait"
+ACK_MODES: Final = (ACK_SYNC, ACK_NOWAIT)
+
+
+def consumer(link: Link, endpoint: str, topic: str, subscription: str, count: int, warmup: int, latency: bool, ack_mode: str = ACK_SYNC) -> None:
+    """A sync Client subscription: receive and acknowledge each message, count distinct measured seqs until all ``count`` arrived.
+
+    ``ack_mode`` "sync" calls ``ack()`` (waits for the sender's confirmation: one round trip per message);
+    "nowait" calls ``ack_nowait()`` (batched, sent on the next ``receive()``, not confirmed).
+    """
+    nowait = ack_mode == ACK_NOWAIT
     with Client(endpoint, timeout=CLIENT_TIMEOUT_S) as client, client.subscribe(topic, subscription) as sub:
         link.send("ready")
         warm_seen = bytearray(max(warmup, 1))
@@ -348,7 +358,10 @@ def consumer(link: Link, endpoint: str, topic: str, subscription: str, count: in
                 raise WorkerError(f"{subscription}: nothing for {PROGRESS_TIMEOUT_S:.0f} s after {unique}/{count} messages (warm-up {warm_unique}/{warmup})")
             received = now_ns()
             kind, seq, scheduled = parse_payload(message.data)
-            message.ack()
+            if nowait:
+                message.ack_nowait()
+            else:
+                message.ack()
             if kind == WARMUP:
                 if warm_seen[seq]:
                     duplicates += 1
