@@ -765,13 +765,24 @@ class ConsumerCore(Generic[M]):
         if results[0] != ACK_OK:
             return []
         self.acked_count += 1
+        # A copy already buffered behind this reply is dropped by next_message().
         self.acked.add(message.id)
-        # A copy that arrived before the reply is now known to be settled, too.
-        duplicates = [m for m in self.buffer if m.id == message.id]
-        for duplicate in duplicates:
-            self.buffer.remove(duplicate)
-        self.duplicates_dropped += len(duplicates)
-        return [(m.ref, m.attempt) for m in duplicates]
+        return []
+
+    def next_message(self) -> M | None:
+        """The next buffered message, skipping redeliveries of ids already acknowledged.
+
+        A skipped copy is acknowledged again (its ref and attempt are queued
+        like ack_nowait), so the sender stops sending it.
+        """
+        buffer = self.buffer
+        while buffer:
+            message = buffer.popleft()
+            if message.id not in self.acked:
+                return message
+            self.duplicates_dropped += 1
+            self.pending_acks.append((message.ref, message.attempt))
+        return None
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this consumer's counters."""

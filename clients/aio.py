@@ -653,8 +653,8 @@ class AsyncSubscription:
         while True:
             if self._closed:
                 raise closed_error(repr(self))
-            if self._core.buffer:
-                return self._core.buffer.popleft()
+            if (message := self._core.next_message()) is not None:
+                return message
             if self._core.failure is not None:
                 raise self._core.failure
             await self._flush_acks()

@@ -504,8 +504,8 @@ class Subscription:
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
-            if self._core.buffer:
-                return self._core.buffer.popleft()
+            if (message := self._core.next_message()) is not None:
+                return message
             if self._core.failure is not None:
                 raise self._core.failure
             self._flush_acks()

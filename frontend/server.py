@@ -63,6 +63,8 @@ TOPIC_CACHE_ENTRIES: Final = 100_000
 METADATA_CALL_TIMEOUT_S: Final = 5.0
 RETENTION_SWEEP_INTERVAL_S: Final = 1.0
 DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
+REFILL_FRACTION: Final = 4  # refill a backlog once a quarter of the window is free...
+REFILL_MAX: Final = 256  # ...or this many slots, whichever is fewer
 _ADMIN_COMMANDS: Final = frozenset(
     {
         Command.TOPIC_CREATE,
@@ -641,7 +643,9 @@ class FrontendServer:
         entries: list[tuple[int, StoredMessage, int]] = []
         attempts: list[tuple[int, int, int]] = []
         for cursor in self.cursors.values():
-            if not cursor.backlog or cursor.free <= 0:
+            # Refill a backlog in chunks, not one message per ack: each scan and
+            # DISPATCH has a fixed cost that a larger batch shares.
+            if not cursor.backlog or cursor.free < max(1, min(cursor.window // REFILL_FRACTION, REFILL_MAX)):
                 continue
             wanted = min(cursor.free, DISPATCH_SCAN_LIMIT)
             found = self.store.pending(cursor.sub_id, cursor.scanned_to, wanted)
