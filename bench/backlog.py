@@ -119,10 +119,20 @@ def main(argv: list[str] | None = None) -> int:
     durability = "fsync: each publish acknowledged after the WAL fsync"
     results = [
         Result("backlog publish (AsyncClient publish_batch 1000 x 4 in flight)", "msg/s", args.messages / publish_s, args.messages, publish_s, durability),
-        Result("backlog drain to one consumer (receive + ack_nowait)", "msg/s", args.messages / drain_s, args.messages, drain_s, durability, extra={"duplicates": duplicates}),
+        Result(
+            "backlog drain to one consumer (receive + ack_nowait)",
+            "msg/s",
+            args.messages / drain_s,
+            args.messages,
+            drain_s,
+            durability,
+            extra={"duplicates": duplicates},
+        ),
     ]
     for name in sorted(peaks):
-        results.append(Result(f"peak RSS {name}", "MiB", peaks[name], args.messages, publish_s + drain_s, "-", extra={"after_publish_mib": after_publish.get(name, 0.0)}))
+        results.append(
+            Result(f"peak RSS {name}", "MiB", peaks[name], args.messages, publish_s + drain_s, "-", extra={"after_publish_mib": after_publish.get(name, 0.0)})
+        )
     print_table(results)
     over = {name: peak for name, peak in peaks.items() if peak > args.limit_mb}
     config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}

@@ -46,7 +46,7 @@ from bench.harness import (
     stage,
     write_report,
 )
-from bench.workers import check_size, consumer, open_loop_publisher, raw_pull, raw_push
+from bench.workers import ACK_NOWAIT, ACK_SYNC, check_size, consumer, open_loop_publisher, raw_pull, raw_push
 from clients import Client
 
 DEFAULT_RATE: Final = 2_000.0
@@ -67,6 +67,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--size", type=int, default=DEFAULT_SIZE, help=f"payload bytes (default {DEFAULT_SIZE})")
     parser.add_argument("--max-in-flight", type=int, default=DEFAULT_MAX_IN_FLIGHT, help=f"publishes awaiting their ack (default {DEFAULT_MAX_IN_FLIGHT})")
     parser.add_argument("--skip-raw", action="store_true", help="leave out the raw ZeroMQ baseline")
+    parser.add_argument(
+        "--ack",
+        choices=[ACK_SYNC, ACK_NOWAIT],
+        default=ACK_NOWAIT,
+        help="consumer acks: nowait (batched, default, so acking does not hold the consumer back) or sync (one round trip each)",
+    )
     parser.add_argument(
         "--timeout", type=float, default=DEFAULT_TIMEOUT_S, help=f"seconds any one phase may take beyond its schedule (default {DEFAULT_TIMEOUT_S:.0f})"
     )
@@ -118,7 +124,7 @@ def measure_herald(workers: Workers, admin: Client, endpoint: str, meter: CpuMet
     topic, subscription = "bench.latency", "bench-latency"
     admin.create_topic(topic, exist_ok=True)
     timeout = args.seconds + args.warmup_seconds + args.timeout
-    reader = workers.spawn("consumer", consumer, endpoint, topic, subscription, args.count, args.warmup, True)
+    reader = workers.spawn("consumer", consumer, endpoint, topic, subscription, args.count, args.warmup, True, args.ack)
     publisher = workers.spawn("publisher", open_loop_publisher, endpoint, topic, args.rate, args.count, args.warmup, args.size, args.max_in_flight)
     workers.expect([reader, publisher], "ready", args.timeout)  # the subscription exists before the first message
     meter.start()

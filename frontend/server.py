@@ -652,11 +652,11 @@ class FrontendServer:
             in_flight = self.writer.in_flight
             if len(found) < wanted and (in_flight is None or cursor.sub_id not in in_flight.left_on_disk):
                 cursor.backlog = False
-            for seq, previous_attempts in found:
-                cursor.scanned_to = seq
-                if seq in cursor.outstanding:
-                    continue
-                message = self.store.read_message(seq)
+            if found:
+                cursor.scanned_to = found[-1][0]
+            wanted_seqs = [(seq, previous) for seq, previous in found if seq not in cursor.outstanding]
+            messages = self.store.read_messages([seq for seq, _ in wanted_seqs])
+            for (seq, previous_attempts), message in zip(wanted_seqs, messages, strict=True):
                 if message is None:
                     continue
                 cursor.outstanding.add(seq)
@@ -664,7 +664,7 @@ class FrontendServer:
                 attempts.append((cursor.sub_id, seq, previous_attempts + 1))
         if entries:
             try:
-                self.store.record_attempts(attempts)
+                self.store.record_attempts(attempts, known_pending=True)
             except StorageError as exc:
                 log.error("could not record attempts: %s", exc)
             self._send_dispatches(entries)

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import orjson
-from rocksdict import BlockBasedOptions, Options, Rdict, WriteBatch, WriteOptions
+from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, WriteOptions
 
 _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
@@ -41,7 +41,12 @@ _DEDUP: Final = b"D"
 _EXPIRY: Final = b"E"
 _DEDUP_EXPIRY: Final = b"F"
 _LAST_SEQ: Final = b"Z"
-FANOUT_CACHE_ENTRIES: Final = 200_000  # ~100 bytes each: bounded, and covers a second of traffic
+FANOUT_CACHE_ENTRIES: Final = 50_000  # ~200 bytes each (10 MiB); covers a second or more of live traffic
+# RocksDB's memory is bounded on purpose (invariant: bounded memory): two
+# memtables of WRITE_BUFFER_BYTES plus a block cache of BLOCK_CACHE_BYTES.
+WRITE_BUFFER_BYTES: Final = 32 * 1024 * 1024
+MAX_WRITE_BUFFERS: Final = 2
+BLOCK_CACHE_BYTES: Final = 32 * 1024 * 1024
 
 
 class StorageError(Exception):
@@ -128,7 +133,10 @@ class ShardStore:
         # Most de-duplication lookups miss: a bloom filter answers them without reading blocks.
         table = BlockBasedOptions()
         table.set_bloom_filter(10, False)
+        table.set_block_cache(Cache(BLOCK_CACHE_BYTES))
         options.set_block_based_table_factory(table)
+        options.set_write_buffer_size(WRITE_BUFFER_BYTES)
+        options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
         self._db = Rdict(str(path), options)
         self._durable = WriteOptions()
         self._durable.sync = sync
@@ -196,17 +204,27 @@ class ShardStore:
         except Exception as exc:  # rocksdict raises plain exceptions for IO errors
             raise StorageError(str(exc)) from exc
 
-    def record_attempts(self, entries: Iterable[tuple[int, int, int]]) -> None:
+    def record_attempts(self, entries: Iterable[tuple[int, int, int]], *, known_pending: bool = False) -> None:
         """Remember (subscription id, seq, attempts) so attempts survive a restart.
 
         Not fsync'd: a lost update only makes an attempt number repeat after a
         power loss; a process crash keeps it (the WAL is in the OS cache).
+
+        Args:
+            entries: (subscription id, seq, attempts) triples.
+            known_pending: the caller just read these entries; skip the check
+                that they still exist (which keeps a late update from
+                resurrecting an entry that was settled meanwhile).
         """
+        entries = list(entries)
+        if not entries:
+            return
+        keys = [_pending_key(sub_id, seq) for sub_id, seq, _ in entries]
+        exists = [True] * len(keys) if known_pending else [value is not None for value in self._db.get(keys)]
         batch = WriteBatch(raw_mode=True)
         count = 0
-        for sub_id, seq, attempt in entries:
-            key = _pending_key(sub_id, seq)
-            if self._db.get(key) is not None:
+        for key, (_, _, attempt), present in zip(keys, entries, exists, strict=True):
+            if present:
                 batch.put(key, _U32.pack(attempt))
                 count += 1
         if count:
@@ -229,15 +247,16 @@ class ShardStore:
                 continue
             batch.delete(_pending_key(sub_id, seq))
             settled.add((sub_id, seq))
-        for seq in {seq for _, seq in settled}:
-            subscriptions = self._fanout.pop(seq, None)
-            if subscriptions is None:
-                raw = self._db.get(_message_key(seq))
-                if raw is None:
-                    continue
-                subscriptions = decode_message(seq, raw).subscriptions
+        seqs = {seq for _, seq in settled}
+        fanout = {seq: subs for seq in seqs if (subs := self._fanout.pop(seq, None)) is not None}
+        unknown = [seq for seq in seqs if seq not in fanout]
+        if unknown:
+            for seq, raw in zip(unknown, self._db.get([_message_key(seq) for seq in unknown]), strict=True):
+                if raw is not None:
+                    fanout[seq] = decode_message(seq, raw).subscriptions
+        for seq, subscriptions in fanout.items():
             others = [other for other in subscriptions if (other, seq) not in settled]
-            if others and any(self._db.get(_pending_key(other, seq)) is not None for other in others):
+            if others and any(value is not None for value in self._db.get([_pending_key(other, seq) for other in others])):
                 self._fanout[seq] = others
                 continue
             batch.delete(_message_key(seq))
@@ -312,6 +331,13 @@ class ShardStore:
     def read_message(self, seq: int) -> StoredMessage | None:
         raw = self._db.get(_message_key(seq))
         return decode_message(seq, raw) if raw is not None else None
+
+    def read_messages(self, seqs: list[int]) -> list[StoredMessage | None]:
+        """Messages by seq in one multi-get (None where settled or expired)."""
+        if not seqs:
+            return []
+        found = self._db.get([_message_key(seq) for seq in seqs])
+        return [decode_message(seq, raw) if raw is not None else None for seq, raw in zip(seqs, found, strict=True)]
 
     def pending(self, sub_id: int, after_seq: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``."""
