@@ -128,10 +128,13 @@ class Launcher:
     def start_all(self) -> None:
         for child in self.children:
             self._spawn(child)
-            if not child.ready.wait(CHILD_READY_TIMEOUT_S):
-                raise RuntimeError(
-                    f"{child.name} did not print its ready line within {CHILD_READY_TIMEOUT_S} s (exit code {child.process.poll() if child.process else None})"
-                )
+            deadline = time.monotonic() + CHILD_READY_TIMEOUT_S
+            while not child.ready.wait(SUPERVISE_INTERVAL_S):
+                code = child.process.poll() if child.process else None
+                if code is not None:
+                    raise RuntimeError(f"{child.name} exited with code {code} while starting; its log is above")
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{child.name} did not print its ready line within {CHILD_READY_TIMEOUT_S} s")
         self.wait_answering(CHILD_READY_TIMEOUT_S)
 
     def wait_answering(self, timeout_s: float) -> None:
@@ -318,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
             previous=previous,
             **overrides,
         )
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     launcher = Launcher(config)

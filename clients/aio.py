@@ -702,11 +702,10 @@ class AsyncSubscription:
     def _ack_nowait(self, message: MessageFields) -> None:
         if self._closed:
             raise closed_error(repr(self))
-        if self._core.queue_ack(message) and (frames := self._core.take_pending_acks()) is not None:
-            try:
-                self._push.send_multipart(frames, zmq.NOBLOCK)
-            except zmq.Again:
-                log.warning("ack socket full; %d acks dropped, those messages will be redelivered and acknowledged again", len(frames))
+        if self._core.queue_ack(message):
+            # Enough are queued: send them now from a task, without blocking the caller.
+            flush = asyncio.get_running_loop().create_task(self._flush_acks(), name=f"herald-acks-{self.name}")
+            _watch(flush, lambda error: log.warning("queued acks not sent (%r); those messages will be redelivered and acknowledged again", error))
 
     async def _flush_acks(self) -> None:
         if (frames := self._core.take_pending_acks()) is not None:

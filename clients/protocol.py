@@ -426,9 +426,11 @@ def check_settings(raw: Any, specs: dict[str, SettingSpec], what: str) -> dict[s
         raise ProtocolError("invalid_setting", f"unknown {what} setting {unknown[0]!r}; known: {', '.join(sorted(specs))}")
     settings: dict[str, Any] = {}
     for key, spec in specs.items():
-        value = raw.get(key, spec.default)
+        value = raw.get(key)
         if value is None:
-            settings[key] = None
+            # Absent and explicit null both mean the default: a null must never
+            # reach code that expects a number.
+            settings[key] = spec.default
             continue
         if isinstance(value, bool) or not isinstance(value, spec.kind):
             raise ProtocolError("invalid_setting", f"{what} setting {key!r} must be {_kind_name(spec.kind)}, got {value!r}")

@@ -87,6 +87,8 @@ class PendingPublish:
     request_id: bytes
     message_ids: list[str]
     duplicate: list[bool]
+    # Ids answered "duplicate" because the write in flight carries them.
+    relied_on: list[tuple[str, str]] = field(default_factory=list)
 
 
 @dataclass
@@ -501,11 +503,15 @@ class FrontendServer:
         subscriptions = info["subscriptions"] if info else []
         ids: list[str] = []
         duplicate: list[bool] = []
+        relied_on: list[tuple[str, str]] = []
         stored = self.store.find_duplicates(topic_name, [item.message_id for item in items if item.message_id is not None])
         for item in items:
             if item.message_id is not None:
                 key = (topic_name, item.message_id)
                 in_flight = self.writer.in_flight
+                if in_flight is not None and key in in_flight.ids:
+                    # Stored only once that write succeeds: see _finish_commit.
+                    relied_on.append(key)
                 if key in self.batch_ids or item.message_id in stored or (in_flight is not None and key in in_flight.ids):
                     ids.append(item.message_id)
                     duplicate.append(True)
@@ -522,7 +528,7 @@ class FrontendServer:
             self.batch_messages.append(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
             ids.append(message_id)
             duplicate.append(False)
-        self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate))
+        self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate, relied_on))
 
     def _commit_batch(self) -> None:
         """Hand the accumulated batch to the writer, unless a write is still in flight.
@@ -549,6 +555,15 @@ class FrontendServer:
             error = HeraldError("storage_failed", f"the shard could not write the batch ({job.error}); nothing was stored, retry later")
             for pending in job.replies:
                 self._reply_error(pending.envelope, pending.request_id, error)
+            # Later publishes told "duplicate" of an id in this failed write would
+            # be a false acknowledgement: refuse them too (a retry is safe).
+            still_good: list[PendingPublish] = []
+            for pending in self.batch_replies:
+                if any(key in job.ids for key in pending.relied_on):
+                    self._reply_error(pending.envelope, pending.request_id, error)
+                else:
+                    still_good.append(pending)
+            self.batch_replies = still_good
         else:
             self.counters["commits"] += 1
             self.counters["published"] += len(job.messages)

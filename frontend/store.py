@@ -186,10 +186,13 @@ class ShardStore:
             key = _dedup_key(entry.topic, entry.message_id)
             batch.put(key, _U64.pack(entry.seq))
             forget.setdefault(entry.expire_ms, []).append(key)
+        # The batch's own highest seq, not self.last_seq: the poll loop may have
+        # assigned later seqs already while this runs on the writer thread.
+        batch_last_seq = max((message.seq for message in messages), default=0)
         for expire_ms, keys in forget.items():
-            batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, self.last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
+            batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
         if messages:
-            batch.put(_LAST_SEQ, _U64.pack(self.last_seq))
+            batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
         while len(fanout) > FANOUT_CACHE_ENTRIES:
             fanout.popitem(last=False)
         self._write(batch, self._durable)
