@@ -105,7 +105,7 @@ class HeraldConfig:
         unknown = sorted(set(raw) - known)
         if unknown:
             raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
         config = cls(**values)
         config.validate()
         return config

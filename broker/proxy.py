@@ -23,7 +23,7 @@ from typing import Any
 import zmq
 
 from broker.config import HeraldConfig
-from broker.runtime import StopFlag, announce_ready, configure_logging, make_socket
+from broker.runtime import Hwm, StopFlag, announce_ready, configure_logging, make_socket
 
 log = logging.getLogger("herald.proxy")
 
@@ -34,7 +34,7 @@ class ProxyDevice:
     def __init__(self, config: HeraldConfig) -> None:
         self.config = config
         self.context: zmq.Context[Any] = zmq.Context()
-        hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
+        hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
         # ROUTER_MANDATORY off (the default): a reply to a client that went
         # away is dropped, which is what a vanished requester needs.
         self.clients = make_socket(self.context, zmq.ROUTER, bind=config.client_endpoint, **hwm)

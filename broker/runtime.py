@@ -15,7 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, Generic, TypedDict, TypeVar
 
 import zmq
 
@@ -40,6 +40,13 @@ def configure_logging(role: str) -> None:
     )
 
 
+class Hwm(TypedDict):
+    """High-water marks for make_socket, from the config."""
+
+    sndhwm: int
+    rcvhwm: int
+
+
 def make_socket(
     context: zmq.Context[Any],
     kind: int,
@@ -57,7 +64,7 @@ def make_socket(
     Linger defaults to 0: a dying process must not hang on unsent messages,
     since everything that matters is either in RocksDB or will be retried.
     """
-    sock = context.socket(kind)
+    sock: zmq.Socket[Any] = context.socket(kind)
     sock.setsockopt(zmq.SNDHWM, sndhwm)
     sock.setsockopt(zmq.RCVHWM, rcvhwm)
     sock.setsockopt(zmq.LINGER, linger_ms)

@@ -434,9 +434,9 @@ def check_settings(raw: Any, specs: dict[str, SettingSpec], what: str) -> dict[s
             continue
         if isinstance(value, bool) or not isinstance(value, spec.kind):
             raise ProtocolError("invalid_setting", f"{what} setting {key!r} must be {_kind_name(spec.kind)}, got {value!r}")
-        if spec.minimum is not None and value < spec.minimum:
+        if spec.minimum is not None and isinstance(value, int | float) and value < spec.minimum:
             raise ProtocolError("invalid_setting", f"{what} setting {key!r} = {value} is below the minimum {spec.minimum}")
-        if spec.maximum is not None and value > spec.maximum:
+        if spec.maximum is not None and isinstance(value, int | float) and value > spec.maximum:
             raise ProtocolError("invalid_setting", f"{what} setting {key!r} = {value} exceeds the maximum {spec.maximum}")
         settings[key] = value
     return settings

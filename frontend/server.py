@@ -15,6 +15,7 @@ then replies to every publisher of the batch and dispatches to the senders.
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import queue
@@ -29,7 +30,7 @@ from typing import Any, Final
 import zmq
 
 from broker.config import HEARTBEAT_INTERVAL_S, PEER_EXPIRY_S, HeraldConfig
-from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from broker.runtime import Hwm, LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     CLIENT_COMMANDS,
     NOBLOCK,
@@ -214,7 +215,7 @@ class FrontendServer:
         self.store = ShardStore(Path(config.data_dir) / f"shard-{index}", sync=config.durability == "fsync")
         self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
-        hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
+        hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
         self.backend = make_socket(self.context, zmq.DEALER, connect=config.proxy_backend_endpoint, **hwm)
         self.control = make_socket(self.context, zmq.PULL, bind=config.frontend_control_endpoints[index], **hwm)
         self.peers = {
@@ -725,11 +726,11 @@ class FrontendServer:
         windows: dict[str, int] = header.get("windows", {})
         for key, window in windows.items():
             sub_id = int(key)
-            cursor = self.cursors.get(sub_id)
-            if cursor is None:
-                cursor = self.cursors[sub_id] = SubscriptionCursor(sub_id, sender_index)
-            cursor.sender = sender_index
-            cursor.window = int(window)
+            credited = self.cursors.get(sub_id)
+            if credited is None:
+                credited = self.cursors[sub_id] = SubscriptionCursor(sub_id, sender_index)
+            credited.sender = sender_index
+            credited.window = int(window)
         for cursor in self.cursors.values():
             if cursor.sender == sender_index and str(cursor.sub_id) not in windows:
                 cursor.window = 0
@@ -744,7 +745,7 @@ class FrontendServer:
 
     def _on_dead(self, header: dict[str, Any]) -> None:
         for sub_id, seq, attempts, dead_topic in header.get("entries", []):
-            self._ensure_topic(str(dead_topic), lambda info, s=int(sub_id), q=int(seq), a=int(attempts): self._dead_letter(s, q, a, info))
+            self._ensure_topic(str(dead_topic), functools.partial(self._dead_letter, int(sub_id), int(seq), int(attempts)))
 
     def _ensure_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
         cached = self.topics.get(topic)

@@ -201,6 +201,11 @@ class ShardStore:
         self.last_seq += 1
         return self.last_seq
 
+    def _get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """Values of ``keys`` in one RocksDB MultiGet (None where absent)."""
+        found: list[bytes | None] = self._db.get(keys)  # type: ignore[arg-type, assignment]
+        return found
+
     def _write(self, batch: WriteBatch, options: WriteOptions) -> None:
         try:
             self._db.write(batch, options)
@@ -223,7 +228,7 @@ class ShardStore:
         if not entries:
             return
         keys = [_pending_key(sub_id, seq) for sub_id, seq, _ in entries]
-        exists = [True] * len(keys) if known_pending else [value is not None for value in self._db.get(keys)]
+        exists = [True] * len(keys) if known_pending else [value is not None for value in self._get_many(keys)]
         batch = WriteBatch(raw_mode=True)
         count = 0
         for key, (_, _, attempt), present in zip(keys, entries, exists, strict=True):
@@ -254,12 +259,12 @@ class ShardStore:
         fanout = {seq: subs for seq in seqs if (subs := self._fanout.pop(seq, None)) is not None}
         unknown = [seq for seq in seqs if seq not in fanout]
         if unknown:
-            for seq, raw in zip(unknown, self._db.get([_message_key(seq) for seq in unknown]), strict=True):
+            for seq, raw in zip(unknown, self._get_many([_message_key(seq) for seq in unknown]), strict=True):
                 if raw is not None:
                     fanout[seq] = decode_message(seq, raw).subscriptions
         for seq, subscriptions in fanout.items():
             others = [other for other in subscriptions if (other, seq) not in settled]
-            if others and any(value is not None for value in self._db.get([_pending_key(other, seq) for other in others])):
+            if others and any(value is not None for value in self._get_many([_pending_key(other, seq) for other in others])):
                 self._fanout[seq] = others
                 continue
             batch.delete(_message_key(seq))
@@ -328,7 +333,7 @@ class ShardStore:
         """The subset of ``message_ids`` already stored for ``topic`` (one multi-get)."""
         if not message_ids:
             return set()
-        found = self._db.get([_dedup_key(topic, message_id) for message_id in message_ids])
+        found = self._get_many([_dedup_key(topic, message_id) for message_id in message_ids])
         return {message_id for message_id, value in zip(message_ids, found, strict=True) if value is not None}
 
     def read_message(self, seq: int) -> StoredMessage | None:
@@ -339,7 +344,7 @@ class ShardStore:
         """Messages by seq in one multi-get (None where settled or expired)."""
         if not seqs:
             return []
-        found = self._db.get([_message_key(seq) for seq in seqs])
+        found = self._get_many([_message_key(seq) for seq in seqs])
         return [decode_message(seq, raw) if raw is not None else None for seq, raw in zip(seqs, found, strict=True)]
 
     def pending(self, sub_id: int, after_seq: int, limit: int) -> list[tuple[int, int]]:

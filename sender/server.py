@@ -29,7 +29,7 @@ from typing import Any, Final
 import zmq
 
 from broker.config import HEARTBEAT_INTERVAL_S, HeraldConfig
-from broker.runtime import StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from broker.runtime import Hwm, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     ACK_OK,
     ACK_STALE,
@@ -131,7 +131,7 @@ class SenderServer:
         self.index = index
         self.epoch = secrets.randbits(63)
         self.context: zmq.Context[Any] = zmq.Context()
-        hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
+        hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
         self.intake = make_socket(self.context, zmq.PULL, bind=config.sender_intake_endpoints[index], **hwm)
         self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], **hwm)
         self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], **hwm)
@@ -508,13 +508,13 @@ class SenderServer:
         name = call[0]
         parked = list(self.parked_attaches.pop(name, {}).values())
         if frames.command is not Command.OK:
-            error = HeraldError.from_header(frames.header)
-            if error.code == "subscription_not_found":
+            refusal = HeraldError.from_header(frames.header)
+            if refusal.code == "subscription_not_found":
                 self._forget_subscription(name)
             for attach in parked:
                 consumer_id = attach.header.get("consumer")
                 if isinstance(consumer_id, str) and consumer_id:
-                    self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error))
+                    self._reply_to_consumer(consumer_id, encode_error(attach.request_id, refusal))
             return
         info = frames.header["subscription"]
         state = self.subs.get(name)
