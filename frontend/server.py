@@ -56,12 +56,11 @@ from clients.protocol import (
     split_envelope,
 )
 from frontend.store import DedupEntry, ShardStore, StorageError, StoredMessage
-from metadata.server import EVENTS_TOPIC
+from metadata.link import MetadataLink
 
 log = logging.getLogger("herald.frontend")
 
 TOPIC_CACHE_ENTRIES: Final = 100_000
-METADATA_CALL_TIMEOUT_S: Final = 5.0
 RETENTION_SWEEP_INTERVAL_S: Final = 1.0
 DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
 REFILL_FRACTION: Final = 4  # refill a backlog once a quarter of the window is free...
@@ -196,13 +195,6 @@ class SenderPeer:
     last_seen: float = 0.0
 
 
-@dataclass
-class MetadataCall:
-    on_reply: Callable[[Frames], None]
-    on_failure: Callable[[HeraldError], None]
-    deadline: float
-
-
 class FrontendServer:
     """The frontend role's poll loop and handlers."""
 
@@ -222,16 +214,13 @@ class FrontendServer:
             i: make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for i, endpoint in enumerate(config.frontend_control_endpoints) if i != index
         }
         self.senders = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.sender_intake_endpoints]
-        self.meta_rpc = make_socket(self.context, zmq.DEALER, connect=config.metadata_rpc_endpoint, **hwm)
-        self.meta_events = make_socket(self.context, zmq.SUB, connect=config.metadata_events_endpoint, subscribe=EVENTS_TOPIC)
+        self.metadata = MetadataLink(self.context, config, hwm)
         # XPUB rather than PUB: it hears the live feed's subscriptions, see _on_live_subscription.
         self.live = make_socket(self.context, zmq.XPUB, connect=config.live_intake_endpoint, **hwm)
         self.live_prefixes: dict[bytes, int] = {}
         self.stop = StopFlag()
         self.meta_version = 0
-        self.meta_calls: dict[bytes, MetadataCall] = {}
         self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
-        self.next_call_id = 0
         self.batch_messages: list[StoredMessage] = []
         self.batch_dedup: list[DedupEntry] = []
         self.batch_replies: list[PendingPublish] = []
@@ -257,27 +246,26 @@ class FrontendServer:
     # ------------------------------------------------------------------ loop
 
     def run(self) -> None:
-        self._send_to_metadata(Command.REGISTER, {"frontend": self.index, "version": self.meta_version})
+        self.metadata.send(Command.REGISTER, {"frontend": self.index, "version": self.meta_version})
         announce_ready("frontend", index=self.index, shard=self.store.last_seq, control=self.config.frontend_control_endpoints[self.index])
         timers = [
             Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
             Timer(RETENTION_SWEEP_INTERVAL_S, self._sweep_retention),
         ]
         poller = zmq.Poller()
-        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live, self.writer.done):
+        for sock in (self.backend, self.control, *self.metadata.sockets, self.live, self.writer.done):
             poller.register(sock, zmq.POLLIN)
         try:
             while not self.stop.stopping:
                 ready = dict(poller.poll(timeout=50))
-                if self.meta_events in ready:
-                    for frames in drain(self.meta_events):
-                        self._on_metadata_event(frames)
+                if self.metadata.events in ready:
+                    for event in self.metadata.drain_events():
+                        self._on_metadata_event(event)
                 if self.live in ready:
                     for frames in drain(self.live):
                         self._on_live_subscription(frames)
-                if self.meta_rpc in ready:
-                    for frames in drain(self.meta_rpc):
-                        self._on_metadata_reply(frames)
+                if self.metadata.rpc in ready:
+                    self.metadata.on_replies()
                 if self.control in ready:
                     for frames in drain(self.control):
                         self._on_control(frames)
@@ -291,28 +279,27 @@ class FrontendServer:
                 now = time.monotonic()
                 for timer in timers:
                     timer.run_if_due(now)
-                self._expire_metadata_calls(now)
+                self.metadata.expire(now)
         finally:
             self._shutdown()
 
     def _shutdown(self) -> None:
         # Drain: whatever was accepted is committed and acknowledged; requests
         # still waiting for metadata are refused cleanly.
-        for call in list(self.meta_calls.values()):
-            call.on_failure(HeraldError("unavailable", "frontend is shutting down; retry"))
-        self.meta_calls.clear()
+        self.metadata.fail_all(HeraldError("unavailable", "frontend is shutting down; retry"))
         self._commit_batch()
         while (job := self.writer.wait()) is not None:
             self._finish_commit(job)  # submits the next batch, if any
         self.writer.close()
-        for sock in (self.backend, self.control, self.meta_rpc, self.meta_events, self.live, *self.senders, *self.peers.values()):
+        for sock in (self.backend, self.control, self.live, *self.senders, *self.peers.values()):
             sock.close(linger=200)
+        self.metadata.close()
         self.context.term()
         self.store.close()
         log.info("stopped")
 
     def _heartbeat(self) -> None:
-        self._send_to_metadata(Command.EVENT_ACK, {"frontend": self.index, "version": self.meta_version})
+        self.metadata.send(Command.EVENT_ACK, {"frontend": self.index, "version": self.meta_version})
         cutoff = time.monotonic() - PEER_EXPIRY_S
         for sender_index, peer in enumerate(self.sender_peers):
             if peer.epoch and peer.last_seen < cutoff:
@@ -414,7 +401,7 @@ class FrontendServer:
         def on_failure(error: HeraldError) -> None:
             self._reply_error(envelope, client_rid, error)
 
-        self._call_metadata(frames.command, frames.header, on_reply, on_failure)
+        self.metadata.call(frames.command, frames.header, on_reply, on_failure)
 
     # ------------------------------------------------------------------ publish
 
@@ -468,7 +455,7 @@ class FrontendServer:
             for waiter in self.waiting_for_topic.pop(topic, []):
                 self._safely(waiter, None, error)
 
-        self._call_metadata(Command.LOOKUP_TOPIC, {"name": topic}, on_reply, on_failure)
+        self.metadata.call(Command.LOOKUP_TOPIC, {"name": topic}, on_reply, on_failure)
 
     @staticmethod
     def _safely(waiter: Callable[[dict[str, Any] | None], None], info: dict[str, Any] | None, error: HeraldError | None) -> None:
@@ -760,7 +747,7 @@ class FrontendServer:
         def failed(error: HeraldError) -> None:
             log.error("could not create dead-letter topic %r: %s", topic, error)
 
-        self._call_metadata(Command.TOPIC_CREATE, {"name": topic, "exist_ok": True}, created, failed)
+        self.metadata.call(Command.TOPIC_CREATE, {"name": topic, "exist_ok": True}, created, failed)
 
     def _dead_letter(self, sub_id: int, seq: int, attempts: int, info: dict[str, Any] | None) -> None:
         if info is None or "error" in info or info.get("topic") is None:
@@ -810,44 +797,7 @@ class FrontendServer:
 
     # ------------------------------------------------------------------ metadata
 
-    def _send_to_metadata(self, command: Command, header: dict[str, Any], request_id: bytes = b"") -> None:
-        try:
-            send_frames(self.meta_rpc, [b"", *encode(command, request_id, header)], NOBLOCK)
-        except zmq.Again:
-            log.warning("metadata is not draining its socket; %s not sent", command.name)
-
-    def _call_metadata(self, command: Command, header: dict[str, Any], on_reply: Callable[[Frames], None], on_failure: Callable[[HeraldError], None]) -> None:
-        self.next_call_id += 1
-        request_id = self.next_call_id.to_bytes(8, "big")
-        self.meta_calls[request_id] = MetadataCall(on_reply, on_failure, time.monotonic() + METADATA_CALL_TIMEOUT_S)
-        self._send_to_metadata(command, header, request_id)
-
-    def _on_metadata_reply(self, raw: list[bytes]) -> None:
-        _envelope, body = split_envelope(raw)
-        try:
-            frames = decode(body)
-        except HeraldError as error:
-            log.error("bad reply from metadata: %s", error)
-            return
-        call = self.meta_calls.pop(frames.request_id, None)
-        if call is not None:
-            call.on_reply(frames)
-
-    def _expire_metadata_calls(self, now: float) -> None:
-        if not self.meta_calls:
-            return
-        expired = [rid for rid, call in self.meta_calls.items() if call.deadline <= now]
-        for rid in expired:
-            call = self.meta_calls.pop(rid)
-            call.on_failure(HeraldError("unavailable", f"metadata did not answer within {METADATA_CALL_TIMEOUT_S} s; retry"))
-
-    def _on_metadata_event(self, raw: list[bytes]) -> None:
-        try:
-            frames = decode(raw[1:])
-        except HeraldError as error:
-            log.error("bad event from metadata: %s", error)
-            return
-        event = frames.header
+    def _on_metadata_event(self, event: dict[str, Any]) -> None:
         version = int(event.get("version", 0))
         if event.get("kind") == "heartbeat":
             if version != self.meta_version:
@@ -867,7 +817,7 @@ class FrontendServer:
             except StorageError as exc:
                 log.error("could not free backlog of %s: %s", doomed.get("name"), exc)
         self.meta_version = version
-        self._send_to_metadata(Command.EVENT_ACK, {"frontend": self.index, "version": version})
+        self.metadata.send(Command.EVENT_ACK, {"frontend": self.index, "version": version})
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -43,11 +43,11 @@ from clients.protocol import (
     shard_of,
     split_envelope,
 )
+from metadata.link import EVENTS_TOPIC
 
 log = logging.getLogger("herald.metadata")
 
 LOOKUP_CACHE_ENTRIES: Final = 100_000  # topic lookups; ~1 KiB each at most
-EVENTS_TOPIC: Final = b"meta\x00"
 
 _TOPIC_PREFIX: Final = b"t/"
 _SUB_PREFIX: Final = b"s/"

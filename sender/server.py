@@ -57,12 +57,11 @@ from clients.protocol import (
     shard_of,
     split_envelope,
 )
-from metadata.server import EVENTS_TOPIC
+from metadata.link import MetadataLink
 
 log = logging.getLogger("herald.sender")
 
 MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most this many
-METADATA_CALL_TIMEOUT_S: Final = 5.0
 
 DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
 
@@ -136,15 +135,12 @@ class SenderServer:
         self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], **hwm)
         self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], **hwm)
         self.frontends = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.frontend_control_endpoints]
-        self.meta_rpc = make_socket(self.context, zmq.DEALER, connect=config.metadata_rpc_endpoint)
-        self.meta_events = make_socket(self.context, zmq.SUB, connect=config.metadata_events_endpoint, subscribe=EVENTS_TOPIC)
+        self.metadata = MetadataLink(self.context, config, hwm)
         self.stop = StopFlag()
         self.subs: dict[str, SubscriptionState] = {}
         self.subs_by_id: dict[int, SubscriptionState] = {}
         # Attaches waiting for a subscription lookup: at most one per consumer.
         self.parked_attaches: dict[str, dict[str, Frames]] = {}
-        self.meta_calls: dict[bytes, tuple[str, float]] = {}
-        self.next_call_id = 0
         self.deadlines: list[tuple[float, DeliveryKey, int]] = []  # heap of (due, key, attempt)
         self.redeliveries: list[tuple[float, DeliveryKey, int]] = []  # heap of (not before, key, attempt)
         self.completions: dict[int, list[list[int]]] = {}
@@ -169,17 +165,16 @@ class SenderServer:
         announce_ready("sender", index=self.index, deliver=self.config.sender_deliver_endpoints[self.index], ack=self.config.sender_ack_endpoints[self.index])
         timers = [Timer(HEARTBEAT_INTERVAL_S, self._send_credit), Timer(CONSUMER_HEARTBEAT_S / 2, self._expire_consumers)]
         poller = zmq.Poller()
-        for sock in (self.intake, self.consumer_in, self.meta_rpc, self.meta_events):
+        for sock in (self.intake, self.consumer_in, *self.metadata.sockets):
             poller.register(sock, zmq.POLLIN)
         try:
             while not self.stop.stopping:
                 ready = dict(poller.poll(timeout=self._poll_timeout_ms()))
-                if self.meta_events in ready:
-                    for frames in drain(self.meta_events):
-                        self._on_metadata_event(frames)
-                if self.meta_rpc in ready:
-                    for frames in drain(self.meta_rpc):
-                        self._on_metadata_reply(frames)
+                if self.metadata.events in ready:
+                    for event in self.metadata.drain_events():
+                        self._on_metadata_event(event)
+                if self.metadata.rpc in ready:
+                    self.metadata.on_replies()
                 if self.consumer_in in ready:
                     for frames in drain(self.consumer_in):
                         self._on_consumer_message(frames)
@@ -195,11 +190,12 @@ class SenderServer:
                     self._send_credit()
                 for timer in timers:
                     timer.run_if_due(now)
-                self._expire_metadata_calls(now)
+                self.metadata.expire(now)
         finally:
             self._flush_to_frontends()
-            for sock in (self.intake, self.deliver, self.consumer_in, self.meta_rpc, self.meta_events, *self.frontends):
+            for sock in (self.intake, self.deliver, self.consumer_in, *self.frontends):
                 sock.close(linger=200)
+            self.metadata.close()
             self.context.term()
             log.info("stopped")
 
@@ -490,22 +486,14 @@ class SenderServer:
     # ------------------------------------------------------------------ metadata
 
     def _lookup_subscription(self, name: str) -> None:
-        self.next_call_id += 1
-        request_id = self.next_call_id.to_bytes(8, "big")
-        self.meta_calls[request_id] = (name, time.monotonic() + METADATA_CALL_TIMEOUT_S)
-        send_frames(self.meta_rpc, [b"", *encode(Command.SUB_DESCRIBE, request_id, {"name": name})])
+        def retry(_error: HeraldError) -> None:
+            # Metadata is down: ask again; the consumer keeps re-sending ATTACH meanwhile.
+            if self.parked_attaches.get(name):
+                self._lookup_subscription(name)
 
-    def _on_metadata_reply(self, raw: list[bytes]) -> None:
-        _, body = split_envelope(raw)
-        try:
-            frames = decode(body)
-        except HeraldError as error:
-            log.error("bad reply from metadata: %s", error)
-            return
-        call = self.meta_calls.pop(frames.request_id, None)
-        if call is None:
-            return
-        name = call[0]
+        self.metadata.call(Command.SUB_DESCRIBE, {"name": name}, lambda frames: self._on_subscription_info(name, frames), retry)
+
+    def _on_subscription_info(self, name: str, frames: Frames) -> None:
         parked = list(self.parked_attaches.pop(name, {}).values())
         if frames.command is not Command.OK:
             refusal = HeraldError.from_header(frames.header)
@@ -537,19 +525,7 @@ class SenderServer:
                 self._reply_to_consumer(consumer_id, encode_error(b"", HeraldError("subscription_not_found", f"subscription {name!r} was deleted")))
             self.credit_dirty = True
 
-    def _expire_metadata_calls(self, now: float) -> None:
-        for request_id in [rid for rid, (_, deadline) in self.meta_calls.items() if deadline <= now]:
-            name, _ = self.meta_calls.pop(request_id)
-            # Metadata is down: ask again; the consumer keeps re-sending ATTACH meanwhile.
-            if self.parked_attaches.get(name):
-                self._lookup_subscription(name)
-
-    def _on_metadata_event(self, raw: list[bytes]) -> None:
-        try:
-            frames = decode(raw[1:])
-        except HeraldError:
-            return
-        event = frames.header
+    def _on_metadata_event(self, event: dict[str, Any]) -> None:
         if event.get("kind") == "heartbeat":
             return
         names = {str(event.get("name"))} | {str(d.get("name")) for d in event.get("deleted_subscriptions", [])}
