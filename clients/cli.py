@@ -21,6 +21,7 @@ import datetime
 import os
 import sys
 from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
 from typing import Any, BinaryIO, Final, TextIO
 
 import orjson
@@ -117,7 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     subscribe.add_argument("--timeout", dest="idle_s", type=_positive_float, metavar="S", help="stop when no message came for S seconds")
 
-    commands.add_parser("status", help="check that the server answers and print its state")
+    status = commands.add_parser("status", help="check that the server answers and print its state")
+    status.add_argument(
+        "--data-dir",
+        default="./herald-data",
+        help="the data folder of a local `herald up`; its herald-status.json adds processes, uptimes and restarts (default ./herald-data)",
+    )
     return parser
 
 
@@ -311,6 +317,24 @@ def _status(client: Client, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _local_processes(data_dir: Path, out: TextIO) -> None:
+    """Print the launcher's view of its children, when a local data folder has one."""
+    try:
+        status = orjson.loads((data_dir / "herald-status.json").read_bytes())
+    except (OSError, ValueError):
+        return
+    children = status.get("children") if isinstance(status, dict) else None
+    if not isinstance(children, list):
+        return
+    out.write(f"processes of the launcher (pid {status.get('pid')}) in {data_dir}:\n")
+    for child in children:
+        if isinstance(child, dict):
+            state = "running" if child.get("running") else "DOWN"
+            out.write(
+                f"  {child.get('name', '?'):<12} {state:<8} pid {child.get('pid')}  up {child.get('uptime_s', 0)} s  restarts {child.get('restarts', 0)}\n"
+            )
+
+
 def _topic(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     match args.action:
         case "create":
@@ -374,7 +398,9 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) ->
             case "subscribe":
                 return _subscribe(client, args, out, err)
             case "status":
-                return _status(client, out, err)
+                code = _status(client, out, err)
+                _local_processes(Path(args.data_dir), out)
+                return code
             case _:
                 raise _UsageError(f"unknown command {args.command!r}")
 

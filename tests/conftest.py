@@ -28,6 +28,7 @@ from clients.protocol import Command, Frames, decode, encode, split_envelope
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
+START_ATTEMPTS = 2
 _request_ids = itertools.count(1)
 
 
@@ -55,6 +56,23 @@ class HeraldSystem:
     _lines: list[str] = field(default_factory=list)
 
     def start(self) -> HeraldSystem:
+        """Start `herald up` and wait for its ready line.
+
+        A launcher that exits while starting is tried once more: on a busy
+        machine another process can take a port between the launcher's probe
+        and the child's bind, and the second try draws new ports.
+        """
+        for attempt in range(START_ATTEMPTS):
+            if self._start_once():
+                return self
+            if self.process is not None and self.process.poll() is None:
+                break  # still running but never ready: not a port race
+            self._lines.append(f"(launcher exited with {self.process.returncode if self.process else None}; attempt {attempt + 1})")
+            self.stop()  # reaps it and closes its pipe before the next try
+        self.stop()
+        raise AssertionError(f"herald did not become ready in {READY_TIMEOUT_S} s\nstdout: {self._lines}\nlog:\n{self.log_tail()}")
+
+    def _start_once(self) -> bool:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-herald.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
         env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
@@ -68,11 +86,11 @@ class HeraldSystem:
         )
         log.close()
         ready = threading.Event()
-        self._lines = []
+        process = self.process
 
         def read() -> None:
-            assert self.process is not None and self.process.stdout is not None
-            for raw in self.process.stdout:
+            assert process.stdout is not None
+            for raw in process.stdout:
                 line = raw.decode(errors="replace").strip()
                 self._lines.append(line)
                 if line.startswith("herald ready on "):
@@ -80,10 +98,11 @@ class HeraldSystem:
                     ready.set()
 
         threading.Thread(target=read, daemon=True).start()
-        if not ready.wait(READY_TIMEOUT_S):
-            self.stop()
-            raise AssertionError(f"herald did not become ready in {READY_TIMEOUT_S} s\nstdout: {self._lines}\nlog:\n{self.log_tail()}")
-        return self
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready.wait(0.1):
+            if process.poll() is not None or time.monotonic() > deadline:
+                return ready.is_set()
+        return True
 
     def log_tail(self, lines: int = 60) -> str:
         try:

@@ -226,8 +226,9 @@ def test_cli(herald: HeraldSystem) -> None:
     assert [line.count('"data"') for line in received.stdout.splitlines()] == [1, 1, 1, 1]
     missing = run_cli(herald, "publish", "nope", "x")
     assert missing.returncode == 1 and "topic_not_found" in missing.stderr
-    status = run_cli(herald, "status")
+    status = run_cli(herald, "status", "--data-dir", str(herald.data_dir))
     assert status.returncode == 0, status.stderr
+    assert "frontend-1" in status.stdout and "restarts 0" in status.stdout
     dead = subprocess.run(
         [sys.executable, "-m", "clients.cli", "--endpoint", free_tcp_endpoint(), "--timeout", "1", "status"],
         capture_output=True,
