@@ -142,7 +142,7 @@ def free_tcp_endpoint(host: str = DEFAULT_HOST) -> str:
     raise RuntimeError(f"no free port in {INTERNAL_PORT_RANGE} on {host}")
 
 
-def _port_is_free(endpoint: str) -> bool:
+def port_is_free(endpoint: str) -> bool:
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -172,7 +172,7 @@ def build_local_config(
     """
 
     def keep(old: str | None) -> str:
-        if old and old.startswith(f"tcp://{host}:") and _port_is_free(old):
+        if old and old.startswith(f"tcp://{host}:") and port_is_free(old):
             return old
         return free_tcp_endpoint(host)
 

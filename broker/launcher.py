@@ -29,7 +29,7 @@ from typing import IO, Any, Final
 import orjson
 import zmq
 
-from broker.config import DEFAULT_DATA_DIR, DEFAULT_FRONTENDS, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SENDERS, HeraldConfig, build_local_config
+from broker.config import DEFAULT_DATA_DIR, DEFAULT_FRONTENDS, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SENDERS, HeraldConfig, build_local_config, port_is_free
 from broker.runtime import READY_PREFIX, configure_logging
 from clients.protocol import Command, HeraldError, decode, encode, split_envelope
 
@@ -323,6 +323,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except (ValueError, OSError, RuntimeError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if not port_is_free(config.client_endpoint):
+        print(f"error: {config.client_endpoint} is already in use (another herald, or another server); pick another --port", file=sys.stderr)
         return 2
     launcher = Launcher(config)
     try:

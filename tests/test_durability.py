@@ -193,3 +193,25 @@ def test_sigterm_drains_and_exits_zero(herald: HeraldSystem) -> None:
     stored = {(m.topic, m.message_id) for m in stored_messages(herald.data_dir)}
     assert publisher.acked and publisher.acked <= stored
     _ = encode  # frames are built by the protocol module only
+
+
+def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=PROJECT_ROOT,
+        )
+    assert result.returncode == 2
+    assert f"tcp://127.0.0.1:{port} is already in use" in result.stderr
