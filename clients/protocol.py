@@ -443,7 +443,20 @@ def check_settings(raw: Any, specs: dict[str, SettingSpec], what: str) -> dict[s
 
 
 def check_subscription_settings(raw: Any) -> dict[str, Any]:
-    """Subscription settings with cross-field rules checked."""
+    """Subscription settings with cross-field rules checked.
+
+    ``backoff`` may be given as ``[min, max]`` or ``{"min": .., "max": ..}``
+    (seconds); it is stored as ``backoff_min`` and ``backoff_max``.
+    """
+    if isinstance(raw, dict) and "backoff" in raw:
+        raw = dict(raw)
+        backoff = raw.pop("backoff")
+        if isinstance(backoff, dict) and set(backoff) <= {"min", "max"}:
+            backoff = [backoff.get("min"), backoff.get("max")]
+        if not (isinstance(backoff, list | tuple) and len(backoff) == 2):
+            raise ProtocolError("invalid_setting", f"backoff must be [min, max] or {{'min': s, 'max': s}} in seconds, got {str(backoff)[:60]}")
+        raw.setdefault("backoff_min", backoff[0])
+        raw.setdefault("backoff_max", backoff[1])
     settings = check_settings(raw, SUBSCRIPTION_SETTINGS, "subscription")
     if settings["backoff_min"] > settings["backoff_max"]:
         raise ProtocolError(

@@ -126,6 +126,13 @@ def test_bad_settings(client: RawClient) -> None:
     )
 
 
+def test_backoff_shapes(client: RawClient) -> None:
+    reply = client.request(Command.SUB_CREATE, {"topic": GOOD_TOPIC, "name": "ok.backoff", "settings": {"backoff": {"min": 0.5, "max": 8}}})
+    assert reply.command is Command.OK, reply.header
+    assert (reply.header["subscription"]["settings"]["backoff_min"], reply.header["subscription"]["settings"]["backoff_max"]) == (0.5, 8)
+    expect_error(client, encode(Command.SUB_CREATE, b"r", {"topic": GOOD_TOPIC, "name": "s.bad2", "settings": {"backoff": 3}}), "invalid_setting")
+
+
 def test_topic_exists(client: RawClient) -> None:
     expect_error(client, encode(Command.TOPIC_CREATE, b"r", {"name": GOOD_TOPIC}), "topic_exists")
 
