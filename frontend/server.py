@@ -100,6 +100,7 @@ class CommitJob:
     replies: list[PendingPublish]
     ids: dict[tuple[str, str], str]
     after: list[Callable[[], None]]
+    after_failure: list[Callable[[], None]]
     plan: list[tuple[int, StoredMessage]] = field(default_factory=list)
     # Subscriptions with messages in this job that were not handed out: until
     # the job is durable, a backlog scan cannot see them, so it must not
@@ -226,6 +227,7 @@ class FrontendServer:
         self.batch_replies: list[PendingPublish] = []
         self.batch_ids: dict[tuple[str, str], str] = {}
         self.batch_after: list[Callable[[], None]] = []
+        self.batch_after_failure: list[Callable[[], None]] = []
         self.dead_in_progress: set[tuple[int, int]] = set()
         self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
         self.cursors: dict[int, SubscriptionCursor] = {}
@@ -492,7 +494,10 @@ class FrontendServer:
         ids: list[str] = []
         duplicate: list[bool] = []
         relied_on: list[tuple[str, str]] = []
-        stored = self.store.find_duplicates(topic_name, [item.message_id for item in items if item.message_id is not None])
+        # Ids are remembered per topic incarnation: a deleted and re-created
+        # topic must not answer "duplicate" for ids of its predecessor.
+        dedup_scope = f"{topic['id']}:{topic_name}"
+        stored = self.store.find_duplicates(dedup_scope, [item.message_id for item in items if item.message_id is not None])
         for item in items:
             if item.message_id is not None:
                 key = (topic_name, item.message_id)
@@ -508,7 +513,7 @@ class FrontendServer:
                 message_id = item.message_id
                 self.batch_ids[key] = message_id
                 seq = self.store.next_seq()
-                self.batch_dedup.append(DedupEntry(topic_name, message_id, dedup_expire_ms, seq))
+                self.batch_dedup.append(DedupEntry(dedup_scope, message_id, dedup_expire_ms, seq))
             else:
                 message_id = secrets.token_hex(12)
                 seq = self.store.next_seq()
@@ -526,8 +531,9 @@ class FrontendServer:
         """
         if self.writer.in_flight is not None or (not self.batch_replies and not self.batch_messages):
             return
-        job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after)
-        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after = [], [], [], {}, []
+        job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after, self.batch_after_failure)
+        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
+        self.batch_after, self.batch_after_failure = [], []
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
         self.writer.submit(job)
 
@@ -552,6 +558,8 @@ class FrontendServer:
                 else:
                     still_good.append(pending)
             self.batch_replies = still_good
+            for action in job.after_failure:
+                action()
         else:
             self.counters["commits"] += 1
             self.counters["published"] += len(job.messages)
@@ -615,7 +623,9 @@ class FrontendServer:
     def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> None:
         by_sender: dict[int, tuple[list[dict[str, Any]], list[bytes]]] = {}
         for sub_id, message, attempt in entries:
-            cursor = self.cursors[sub_id]
+            cursor = self.cursors.get(sub_id)
+            if cursor is None:
+                continue  # the subscription was deleted while its write was in flight
             headers, payloads = by_sender.setdefault(cursor.sender, ([], []))
             headers.append(
                 {
@@ -630,17 +640,23 @@ class FrontendServer:
             )
             payloads.append(message.payload)
         for sender_index, (headers, payloads) in by_sender.items():
-            frames = encode(Command.DISPATCH, b"", {"shard": self.index, "epoch": self.epoch, "messages": headers}, payloads)
+            dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
+            frames = encode(Command.DISPATCH, b"", dispatch, payloads)
             try:
                 send_frames(self.senders[sender_index], frames, NOBLOCK)
                 self.counters["dispatched"] += len(headers)
             except zmq.Again:
                 # The sender is not draining; take the entries back, they stay on disk.
                 for header in headers:
-                    cursor = self.cursors[header["sub"]]
-                    cursor.outstanding.discard(header["seq"])
-                    cursor.scanned_to = min(cursor.scanned_to, header["seq"] - 1)
-                    cursor.backlog = True
+                    self._release(header["sub"], header["seq"])
+
+    def _release(self, sub_id: int, seq: int) -> None:
+        """Take back a handed-out entry so the backlog scan hands it out again."""
+        cursor = self.cursors.get(sub_id)
+        if cursor is not None:
+            cursor.outstanding.discard(seq)
+            cursor.scanned_to = min(cursor.scanned_to, seq - 1)
+            cursor.backlog = True
 
     def _dispatch_backlogs(self) -> None:
         entries: list[tuple[int, StoredMessage, int]] = []
@@ -695,8 +711,10 @@ class FrontendServer:
                     raise ProtocolError("unknown_command", f"control socket does not take {frames.command.name}")
         except HeraldError as error:
             log.warning("dropped bad control message: %s", error)
-        except (StorageError, ValueError, TypeError, KeyError) as exc:
-            log.error("control message failed: %s", exc)
+        except Exception as exc:
+            # Internal peers only, but a bad message must cost one message, never the process.
+            self.counters["bad_control_messages"] = self.counters.get("bad_control_messages", 0) + 1
+            log.error("control message failed: %r", exc)
 
     def _on_credit(self, header: dict[str, Any]) -> None:
         sender_index = int(header["sender"])
@@ -724,11 +742,13 @@ class FrontendServer:
 
     def _on_complete(self, header: dict[str, Any]) -> None:
         entries = [(int(s), int(q)) for s, q in header.get("entries", [])]
-        self.counters["completed"] += self.store.complete(entries)
-        for sub_id, seq in entries:
-            cursor = self.cursors.get(sub_id)
-            if cursor is not None:
-                cursor.outstanding.discard(seq)
+        try:
+            self.counters["completed"] += self.store.complete(entries)
+        finally:
+            for sub_id, seq in entries:
+                cursor = self.cursors.get(sub_id)
+                if cursor is not None:
+                    cursor.outstanding.discard(seq)
 
     def _on_dead(self, header: dict[str, Any]) -> None:
         for sub_id, seq, attempts, dead_topic in header.get("entries", []):
@@ -746,17 +766,26 @@ class FrontendServer:
 
         def failed(error: HeraldError) -> None:
             log.error("could not create dead-letter topic %r: %s", topic, error)
+            then({"error": error})
 
         self.metadata.call(Command.TOPIC_CREATE, {"name": topic, "exist_ok": True}, created, failed)
 
     def _dead_letter(self, sub_id: int, seq: int, attempts: int, info: dict[str, Any] | None) -> None:
+        if (sub_id, seq) in self.dead_in_progress:
+            return  # being settled: a repeated DEAD must not copy twice
         if info is None or "error" in info or info.get("topic") is None:
-            log.error("dead-letter topic unavailable for seq %d: %s", seq, info)
+            # Hand it out again rather than hold its credit forever; the sender
+            # delivers it once more and dead-letters it again.
+            log.error("dead-letter topic unavailable for seq %d (%s); it will be handed out again", seq, info.get("error") if info else None)
+            self._release(sub_id, seq)
             return
         original = self.store.read_message(seq)
         pending = self.store.pending(sub_id, seq - 1, 1)
-        if original is None or not pending or pending[0][0] != seq or (sub_id, seq) in self.dead_in_progress:
-            return  # already settled or being settled: a repeated DEAD must not copy twice
+        if original is None or not pending or pending[0][0] != seq:
+            cursor = self.cursors.get(sub_id)
+            if cursor is not None:
+                cursor.outstanding.discard(seq)  # already settled or expired: nothing left to move
+            return
         topic = info["topic"]
         now = time.time()
         attributes = {
@@ -791,9 +820,14 @@ class FrontendServer:
                 cursor.outstanding.discard(seq)
             self.counters["dead_lettered"] += 1
 
+        def retry_later() -> None:
+            self.dead_in_progress.discard((sub_id, seq))
+            self._release(sub_id, seq)
+
         # The copy goes through the writer like any publish, so appends stay in seq order.
         self.batch_messages.append(copy)
         self.batch_after.append(settle_original)
+        self.batch_after_failure.append(retry_later)
 
     # ------------------------------------------------------------------ metadata
 

@@ -33,6 +33,7 @@ from clients.protocol import (
     check_name,
     check_settings,
     check_subscription_settings,
+    dead_letter_topic_of,
     decode,
     encode,
     encode_error,
@@ -298,7 +299,7 @@ class MetadataServer:
                 sub = self.store.get_subscription(name)
                 if sub is None:
                     raise HeraldError("subscription_not_found", f"subscription {name!r} does not exist")
-                return encode_ok(rid, {"subscription": self._with_endpoints(sub)}), 0
+                return encode_ok(rid, {"subscription": self._with_endpoints(sub), "version": self.store.version}), 0
             case _:
                 raise ProtocolError("unknown_command", f"metadata does not handle {frames.command.name}")
 
@@ -362,6 +363,7 @@ class MetadataServer:
         name = check_name(get_field(header, "name", str), "subscription")
         settings = check_subscription_settings(header.get("settings"))
         exist_ok = bool(get_field(header, "exist_ok", bool, required=False, default=False))
+        check_name(dead_letter_topic_of(name, settings), "dead-letter topic (set dead_letter_topic, or shorten the subscription name)")
         topic = self.store.get_topic(topic_name)
         if topic is None:
             raise HeraldError("topic_not_found", f"topic {topic_name!r} does not exist; create it before subscribing")

@@ -61,7 +61,8 @@ from metadata.link import MetadataLink
 
 log = logging.getLogger("herald.sender")
 
-MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most this many
+MAX_MESSAGES_PER_DELIVER: Final = 500
+DEADLINE_HEAP_COMPACT_AT: Final = 50_000  # entries; compaction keeps the heap within ~2x the live deliveries  # one DELIVER multipart carries at most this many
 
 DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
 
@@ -100,6 +101,7 @@ class SubscriptionState:
     """A subscription this sender serves: settings, consumers, deliveries."""
 
     info: dict[str, Any]
+    version: int = 0  # metadata version the settings were read at
     consumers: dict[str, Consumer] = field(default_factory=dict)
     ready: deque[DeliveryKey] = field(default_factory=deque)
     deliveries: dict[DeliveryKey, Delivery] = field(default_factory=dict)
@@ -145,6 +147,8 @@ class SenderServer:
         self.redeliveries: list[tuple[float, DeliveryKey, int]] = []  # heap of (not before, key, attempt)
         self.completions: dict[int, list[list[int]]] = {}
         self.attempted: dict[int, list[list[int]]] = {}
+        self.dead_letters: dict[int, list[list[Any]]] = {}
+        self.deadline_compact_at = DEADLINE_HEAP_COMPACT_AT
         self.credit_dirty = False
         self.counters: dict[str, int] = {
             "dispatched": 0,
@@ -184,8 +188,10 @@ class SenderServer:
                 now = time.monotonic()
                 self._expire_deadlines(now)
                 self._release_redeliveries(now)
-                self._deliver_ready(now)
+                # Before delivering: a redelivery's attempt number reaches the
+                # frontend (ATTEMPTED) before the DELIVER that carries it.
                 self._flush_to_frontends()
+                self._deliver_ready(now)
                 if self.credit_dirty:
                     self._send_credit()
                 for timer in timers:
@@ -226,6 +232,12 @@ class SenderServer:
                 send_frames(sock, frames, NOBLOCK)
 
     def _flush_to_frontends(self) -> None:
+        for shard, dead in list(self.dead_letters.items()):
+            try:
+                send_frames(self.frontends[shard], encode(Command.DEAD, b"", {"entries": dead}), NOBLOCK)
+                del self.dead_letters[shard]
+            except zmq.Again:
+                log.warning("frontend %d is not draining; %d dead-letters wait for the next pass", shard, len(dead))
         for command, pending in ((Command.COMPLETE, self.completions), (Command.ATTEMPTED, self.attempted)):
             for shard, entries in pending.items():
                 if entries and shard < len(self.frontends):
@@ -252,6 +264,8 @@ class SenderServer:
 
     def _accept_dispatch(self, frames: Frames) -> None:
         shard = int(frames.header["shard"])
+        dispatched_at_version = int(frames.header.get("meta_version", 0))
+        stale_subscriptions: set[str] = set()
         for header, payload in zip(frames.header["messages"], frames.payloads, strict=True):
             state = self.subs_by_id.get(int(header["sub"]))
             if state is None:
@@ -261,12 +275,18 @@ class SenderServer:
                 continue  # the frontend restarted and handed it out again; ours is still live
             self.counters["dispatched"] += 1
             if not matches_filter(header["attributes"], state.settings.get("filter")):
-                self.counters["filtered"] += 1
-                self.completions.setdefault(shard, []).append([state.sub_id, key[2]])
-                continue
+                if state.version >= dispatched_at_version:
+                    self.counters["filtered"] += 1
+                    self.completions.setdefault(shard, []).append([state.sub_id, key[2]])
+                    continue
+                # Our settings may predate the filter the frontend stored this
+                # message under: deliver it (at least once) and catch up.
+                stale_subscriptions.add(state.name)
             header["ref"] = delivery_ref(shard, key[2])
             state.deliveries[key] = Delivery(key, header, payload, int(header["attempt"]))
             state.ready.append(key)
+        for name in stale_subscriptions:
+            self._lookup_subscription(name)
 
     # ------------------------------------------------------------------ delivery
 
@@ -302,6 +322,9 @@ class SenderServer:
                     self.counters["delivered"] += len(chunk)
 
     def _expire_deadlines(self, now: float) -> None:
+        if len(self.deadlines) > self.deadline_compact_at:
+            self._compact_deadlines()
+            self.deadline_compact_at = max(DEADLINE_HEAP_COMPACT_AT, 2 * len(self.deadlines))
         while self.deadlines and self.deadlines[0][0] <= now:
             _, key, attempt = heapq.heappop(self.deadlines)
             state = self.subs_by_id.get(key[0])
@@ -310,6 +333,16 @@ class SenderServer:
                 continue  # settled or already rescheduled
             self.counters["expired"] += 1
             self._retry(state, delivery, now, backoff=True)
+
+    def _compact_deadlines(self) -> None:
+        """Drop the heap entries of settled deliveries (acks leave them behind).
+
+        Without this the heap grows with throughput x ack_deadline rather than
+        with the deliveries actually in flight.
+        """
+        live = [(d.deadline, d.key, d.attempt) for state in self.subs.values() for d in state.deliveries.values() if d.consumer is not None]
+        heapq.heapify(live)
+        self.deadlines = live
 
     def _retry(self, state: SubscriptionState, delivery: Delivery, now: float, *, backoff: bool) -> None:
         """Take a delivery back from its consumer and schedule the next attempt (or dead-letter it)."""
@@ -322,11 +355,8 @@ class SenderServer:
         if delivery.attempt >= int(settings["max_attempts"]):
             del state.deliveries[delivery.key]
             self.counters["dead_lettered"] += 1
-            entry = [state.sub_id, delivery.key[2], delivery.attempt, dead_letter_topic_of(state.name, settings)]
-            try:
-                send_frames(self.frontends[shard], encode(Command.DEAD, b"", {"entries": [entry]}), NOBLOCK)
-            except zmq.Again:
-                log.warning("frontend %d is not draining; dead-letter of %s waits for redispatch", shard, delivery.header["id"])
+            # Sent with the other notices of this pass, and kept until the frontend's socket takes it.
+            self.dead_letters.setdefault(shard, []).append([state.sub_id, delivery.key[2], delivery.attempt, dead_letter_topic_of(state.name, settings)])
             return
         delivery.attempt += 1
         self.attempted.setdefault(shard, []).append([state.sub_id, delivery.key[2], delivery.attempt])
@@ -509,11 +539,12 @@ class SenderServer:
         if state is None or state.sub_id != int(info["id"]):
             if state is not None:
                 self._forget_subscription(name)
-            state = SubscriptionState(info)
+            state = SubscriptionState(info, version=int(frames.header.get("version", 0)))
             self.subs[name] = state
             self.subs_by_id[state.sub_id] = state
         else:
             state.info = info
+            state.version = max(state.version, int(frames.header.get("version", 0)))
         for attach in parked:
             self._on_attach(name, str(attach.header["consumer"]), attach)
 

@@ -300,3 +300,25 @@ def test_deleting_a_subscription_frees_its_backlog(herald: HeraldSystem) -> None
             store.close()
     assert remaining == 0
     assert bodies == 1  # only "after", which keeper has not acknowledged
+
+
+def test_recreated_topic_does_not_inherit_dedup_ids(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("reborn")
+        assert not client.publish("reborn", b"first life", message_id="order-1").duplicate
+        client.delete_topic("reborn")
+        client.create_topic("reborn")
+        with client.subscribe("reborn", "reborn-reader") as subscription:
+            again = client.publish("reborn", b"second life", message_id="order-1")
+            assert not again.duplicate
+            message = subscription.receive(timeout=10)
+            assert message is not None and message.data == b"second life"
+
+
+def test_subscription_name_too_long_for_its_dead_letter_topic(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("names")
+        with pytest.raises(HeraldError) as excinfo:
+            client.create_subscription("names", "s" * 251)
+        assert excinfo.value.code == "invalid_name"
+        client.create_subscription("names", "s" * 251, dead_letter_topic="names.dead")
