@@ -175,3 +175,46 @@ def test_consumer_killed_with_unacked_messages(herald: HeraldSystem) -> None:
     assert received == ids
     herald.stop()
     assert not [m for m in stored_messages(herald.data_dir) if m.topic == "abandon"], "acknowledged messages are freed from disk"
+
+
+def test_dead_letter_of_an_expired_message_does_not_stall_the_subscription(herald: HeraldSystem) -> None:
+    """A message that expires while its last attempt is out must not hold the subscription's credit."""
+    with Client(herald.endpoint) as client:
+        client.create_topic("short.lived", retention=1)
+        client.create_subscription("short.lived", "one.at.a.time", ack_deadline=2, max_attempts=1, max_unacked=1)
+        with client.subscribe("short.lived", "one.at.a.time") as subscription:
+            client.publish("short.lived", b"m1")
+            first = subscription.receive(timeout=10)
+            assert first is not None and first.data == b"m1"  # not acked: it expires, then exhausts its attempt
+            time.sleep(3.5)  # the fault itself: past both the retention (1 s) and the ack deadline (2 s)
+            client.publish("short.lived", b"m2")
+            second = subscription.receive(timeout=15)
+            assert second is not None and second.data == b"m2"
+
+
+def test_deleting_subscriptions_under_load_crashes_nothing(herald: HeraldSystem) -> None:
+    stop = threading.Event()
+    published = Counter[str]()
+
+    def publish() -> None:
+        with Client(herald.endpoint) as client:
+            while not stop.is_set():
+                client.publish_batch("churn", [b"x"] * 50)
+                published["batches"] += 1
+
+    with Client(herald.endpoint) as client:
+        client.create_topic("churn")
+        thread = threading.Thread(target=publish, daemon=True)
+        thread.start()
+        for n in range(8):
+            client.create_subscription("churn", f"churn-{n}")
+            with client.subscribe("churn", f"churn-{n}") as subscription:
+                for _ in range(20):
+                    message = subscription.receive(timeout=10)
+                    assert message is not None
+                    message.ack_nowait()
+            client.delete_subscription(f"churn-{n}")
+        stop.set()
+        thread.join(30)
+    assert published["batches"] > 0
+    assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
