@@ -11,7 +11,8 @@ key                                     value
                                         (topic, id, attributes, ts, subs, exp =
                                         expiry in ms), raw payload
 ``P`` subscription id, seq              u32 attempts already handed out
-``D`` topic NUL message id              u64 seq (de-duplication index)
+``D`` topic id:topic NUL message id     u64 seq (de-duplication index, per
+                                        topic incarnation)
 ``E`` expire_ms, first seq              u64 seqs of one batch that expire then
                                         (retention index, time-ordered)
 ``F`` expire_ms, last seq               JSON list of ``D`` keys that expire

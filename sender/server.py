@@ -61,8 +61,8 @@ from metadata.link import MetadataLink
 
 log = logging.getLogger("herald.sender")
 
-MAX_MESSAGES_PER_DELIVER: Final = 500
-DEADLINE_HEAP_COMPACT_AT: Final = 50_000  # entries; compaction keeps the heap within ~2x the live deliveries  # one DELIVER multipart carries at most this many
+MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most this many
+DEADLINE_HEAP_COMPACT_AT: Final = 50_000  # entries; compaction keeps the heap within ~2x the live deliveries
 
 DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
 
@@ -258,12 +258,14 @@ class SenderServer:
             if frames.command is not Command.DISPATCH:
                 raise ProtocolError("unknown_command", f"intake does not take {frames.command.name}")
             self._accept_dispatch(frames)
-        except (HeraldError, KeyError, ValueError, TypeError) as error:
+        except Exception as error:  # a bad dispatch costs one message, never the process
             self.counters["bad_dispatches"] = self.counters.get("bad_dispatches", 0) + 1
             log.error("dropped a bad dispatch: %r", error)
 
     def _accept_dispatch(self, frames: Frames) -> None:
         shard = int(frames.header["shard"])
+        if not 0 <= shard < len(self.frontends):
+            raise ProtocolError("invalid_header", f"dispatch from shard {shard}, but there are {len(self.frontends)} frontends")
         dispatched_at_version = int(frames.header.get("meta_version", 0))
         stale_subscriptions: set[str] = set()
         for header, payload in zip(frames.header["messages"], frames.payloads, strict=True):
