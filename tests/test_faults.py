@@ -218,3 +218,29 @@ def test_deleting_subscriptions_under_load_crashes_nothing(herald: HeraldSystem)
         thread.join(30)
     assert published["batches"] > 0
     assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
+
+
+def test_filter_change_never_drops_a_message_on_a_lagging_sender(herald: HeraldSystem) -> None:
+    """A sender that has not yet re-read a changed filter must deliver, not settle, a message
+    the frontend stored under the new filter. SIGSTOP of that sender makes it lag for sure."""
+    from clients.protocol import shard_of
+
+    name = "lagging.filter"
+    with Client(herald.endpoint) as client:
+        client.create_topic("filtered")
+        client.create_subscription("filtered", name, filter={"k": "a"})
+        with client.subscribe("filtered", name) as subscription:
+            client.publish("filtered", b"warm", {"k": "a"})
+            warm = subscription.receive(timeout=10)
+            assert warm is not None and warm.ack()
+            pid = herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
+            try:
+                client.create_subscription("filtered", name, exist_ok=True, filter={"k": "b"})
+                client.publish("filtered", b"after-change", {"k": "b"})
+                time.sleep(1.0)  # the fault itself: the sender stays stopped with its old filter
+            finally:
+                import os
+
+                os.kill(pid, signal.SIGCONT)
+            message = subscription.receive(timeout=15)
+            assert message is not None and message.data == b"after-change"
