@@ -171,10 +171,19 @@ def build_local_config(
     restarted system where they left it.
     """
 
+    taken: set[str] = set() if port == 0 else {f"tcp://{host}:{port}"}
+
     def keep(old: str | None) -> str:
-        if old and old.startswith(f"tcp://{host}:") and port_is_free(old):
-            return old
-        return free_tcp_endpoint(host)
+        # Every endpoint of one config must differ: a port kept from the last
+        # run must not also be drawn fresh for another role, and vice versa.
+        if old and old.startswith(f"tcp://{host}:") and old not in taken and port_is_free(old):
+            chosen = old
+        else:
+            chosen = free_tcp_endpoint(host)
+            while chosen in taken:
+                chosen = free_tcp_endpoint(host)
+        taken.add(chosen)
+        return chosen
 
     def keep_all(old: tuple[str, ...] | None, count: int) -> tuple[str, ...]:
         old = old if old and len(old) == count else (None,) * count  # type: ignore[assignment]

@@ -671,6 +671,41 @@ class ConsumerEvents:
     reacks: list[tuple[str, int]] = field(default_factory=list)
 
 
+class SubscriptionView:
+    """What both subscription flavours show of themselves; the state lives in ``_core``."""
+
+    _core: ConsumerCore[Any]
+    _closed: bool
+
+    @property
+    def name(self) -> str:
+        """The subscription name."""
+        return self._core.name
+
+    @property
+    def topic(self) -> str:
+        """The topic the subscription reads."""
+        return self._core.topic
+
+    @property
+    def consumer_id(self) -> str:
+        """This consumer's id, unique per attach."""
+        return self._core.consumer_id
+
+    @property
+    def info(self) -> dict[str, Any]:
+        """The subscription record the server returned."""
+        return self._core.info
+
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`close` was called."""
+        return self._closed
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
+
+
 class ConsumerCore(Generic[M]):
     """The consumer's protocol state, shared by both flavours: no sockets.
 

@@ -42,6 +42,7 @@ from clients._core import (
     PublishItem,
     RequestIds,
     SubscriptionStatistics,
+    SubscriptionView,
     ack_result,
     attempt_deadline,
     check_timeout,
@@ -550,7 +551,7 @@ class Subscribing:
             await self._subscription.close()
 
 
-class AsyncSubscription:
+class AsyncSubscription(SubscriptionView):
     """A consumer of one subscription for asyncio: ``async for`` it, ``await msg.ack()``.
 
     Delivery is at least once; redeliveries of messages this consumer already
@@ -587,34 +588,6 @@ class AsyncSubscription:
         client._subscriptions.add(self)
 
     # ------------------------------------------------------------------ public
-
-    @property
-    def name(self) -> str:
-        """The subscription name."""
-        return self._core.name
-
-    @property
-    def topic(self) -> str:
-        """The topic the subscription reads."""
-        return self._core.topic
-
-    @property
-    def consumer_id(self) -> str:
-        """This consumer's id, unique per attach."""
-        return self._core.consumer_id
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The subscription record the server returned."""
-        return self._core.info
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
-    def __repr__(self) -> str:
-        return f"<AsyncSubscription {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
 
     async def __aenter__(self) -> AsyncSubscription:
         return self

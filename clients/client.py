@@ -40,6 +40,7 @@ from clients._core import (
     PublishId,
     RequestIds,
     SubscriptionStatistics,
+    SubscriptionView,
     ack_result,
     attempt_deadline,
     check_timeout,
@@ -401,7 +402,7 @@ class Client:
                     log.debug("<- %s dropped a stray reply to request %s", self.endpoint, frames.request_id.hex())
 
 
-class Subscription:
+class Subscription(SubscriptionView):
     """A consumer of one subscription: iterate it, ``ack()`` each message.
 
     Delivery is at least once: a message not acknowledged within the
@@ -445,34 +446,6 @@ class Subscription:
         client._subscriptions.add(self)
 
     # ------------------------------------------------------------------ public
-
-    @property
-    def name(self) -> str:
-        """The subscription name."""
-        return self._core.name
-
-    @property
-    def topic(self) -> str:
-        """The topic the subscription reads."""
-        return self._core.topic
-
-    @property
-    def consumer_id(self) -> str:
-        """This consumer's id, unique per attach."""
-        return self._core.consumer_id
-
-    @property
-    def info(self) -> dict[str, Any]:
-        """The subscription record the server returned."""
-        return self._core.info
-
-    @property
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-        return self._closed
-
-    def __repr__(self) -> str:
-        return f"<Subscription {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
 
     def __enter__(self) -> Subscription:
         return self

@@ -215,3 +215,18 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
         )
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port} is already in use" in result.stderr
+
+
+def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Ports are drawn at random and kept across restarts; no two roles may ever share one."""
+    import dataclasses
+
+    from broker.config import build_local_config
+
+    previous = None
+    for n in range(400):
+        config = build_local_config(data_dir=str(tmp_path), port=0, previous=previous if n % 2 else None)
+        endpoints = [v for v in dataclasses.asdict(config).values() if isinstance(v, str) and v.startswith("tcp://")]
+        endpoints += [e for v in dataclasses.asdict(config).values() if isinstance(v, tuple | list) for e in v]
+        assert len(endpoints) == len(set(endpoints)) == 14, endpoints
+        previous = config
