@@ -18,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from bench.harness import HeraldServer, Result, exit_on_signals, machine_description, print_table, write_report
+from bench.harness import HeraldServer, Result, exit_on_signals, finish, machine_description, print_table, run_main
 from clients import AsyncClient, Client
 
 SAMPLE_INTERVAL_S = 0.2
@@ -135,9 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     print_table(results)
     over = {name: peak for name, peak in peaks.items() if peak > args.limit_mb}
-    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    path = write_report("backlog", results, config, machine, args.json)
-    print(f"\nJSON: {path}")
+    finish("backlog", results, args, machine)
     if over:
         print(f"FAIL: peak memory over {args.limit_mb:g} MiB: {over}", file=sys.stderr)
         return 1
@@ -146,4 +144,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_main(main)

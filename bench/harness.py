@@ -271,6 +271,23 @@ def timestamp() -> str:
     return dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+def finish(kind: str, results: Sequence[Result], args: Any, machine: dict[str, Any]) -> Path:
+    """Write a benchmark's JSON (its CLI arguments as the config) and say where."""
+    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
+    path = write_report(kind, results, config, machine, args.json)
+    print(f"\nJSON: {path}")
+    return path
+
+
+def run_main(main: Callable[[], int]) -> None:
+    """Run a benchmark CLI: exit with its code, or 130 on Ctrl-C (every child is stopped on the way out)."""
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("[bench] interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
 def write_report(kind: str, results: Sequence[Result], config: dict[str, Any], machine: dict[str, Any], path: Path | None = None) -> Path:
     """Write a run's figures as JSON; by default to ``bench/results/<kind>-<timestamp>.json``.
 

@@ -27,7 +27,6 @@ not recorded.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any, Final
 
@@ -40,11 +39,12 @@ from bench.harness import (
     Result,
     Workers,
     exit_on_signals,
+    finish,
     machine_description,
     print_table,
     rate,
+    run_main,
     stage,
-    write_report,
 )
 from bench.workers import ACK_NOWAIT, ACK_SYNC, check_size, consumer, open_loop_publisher, raw_pull, raw_push
 from clients import Client
@@ -203,15 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             if key.startswith("achieved_"):
                 verdict = "kept up" if value >= KEPT_UP * args.rate else "FELL BEHIND: the latency above is mostly queueing"
                 print(f"{result.name}: {key} = {value:,.0f} of {args.rate:,.0f} scheduled ({verdict})")
-    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    path = write_report("latency", results, config, machine, args.json)
-    print(f"\nJSON: {path}")
+    finish("latency", results, args, machine)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # every child was stopped on the way out
-        print("[bench] interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

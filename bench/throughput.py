@@ -37,12 +37,13 @@ from bench.harness import (
     Result,
     Workers,
     exit_on_signals,
+    finish,
     machine_description,
     parse_int_list,
     print_table,
     rate,
+    run_main,
     stage,
-    write_report,
 )
 from bench.workers import ACK_MODES, ACK_SYNC, async_publisher, batch_publisher, check_size, consumer, raw_pull, raw_push
 from clients import Client
@@ -288,15 +289,9 @@ def main(argv: list[str] | None = None) -> int:
         result.ratio = result.value / baseline.value
     results.insert(0, baseline)
     print_table(results)
-    config = {key: (str(value) if isinstance(value, Path) else value) for key, value in vars(args).items()}
-    path = write_report("throughput", results, config, machine, args.json)
-    print(f"\nJSON: {path}")
+    finish("throughput", results, args, machine)
     return 0
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except KeyboardInterrupt:  # every child was stopped on the way out
-        print("[bench] interrupted", file=sys.stderr)
-        sys.exit(130)
+    run_main(main)

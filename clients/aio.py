@@ -108,6 +108,18 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
+async def _read_forever(sock: zmq.asyncio.Socket, on_message: Callable[[list[bytes]], Coroutine[Any, Any, None]]) -> None:
+    """Await readiness once, then drain with NOBLOCK until empty: per-message awaits cost 4-5x."""
+    while True:
+        await sock.poll(timeout=READER_POLL_MS)  # POLLIN is the default
+        for _ in range(DRAIN_BURST):
+            try:
+                raw = await sock.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            await on_message(raw)
+
+
 def _watch(task: asyncio.Task[None], on_failure: Callable[[BaseException], None]) -> None:
     """Make a long-lived task's death loud: log it and fail the work that waits on it."""
 
@@ -478,15 +490,10 @@ class AsyncClient:
         self._pending.clear()
 
     async def _read_loop(self) -> None:
-        sock = self._socket
-        while True:
-            await sock.poll(timeout=READER_POLL_MS)  # POLLIN is the default
-            for _ in range(DRAIN_BURST):
-                try:
-                    raw = await sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                self._on_reply(raw)
+        async def on_reply(raw: list[bytes]) -> None:
+            self._on_reply(raw)
+
+        await _read_forever(self._socket, on_reply)
 
     def _on_reply(self, raw: list[bytes]) -> None:
         try:
@@ -758,15 +765,7 @@ class AsyncSubscription(SubscriptionView):
         self._arrived.set()
 
     async def _read_loop(self) -> None:
-        sock = self._sub
-        while True:
-            await sock.poll(timeout=READER_POLL_MS)  # POLLIN is the default
-            for _ in range(DRAIN_BURST):
-                try:
-                    raw = await sock.recv_multipart(zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                await self._on_message(raw)
+        await _read_forever(self._sub, self._on_message)
 
     async def _on_message(self, raw: list[bytes]) -> None:
         events = self._core.handle(raw, self)
