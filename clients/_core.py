@@ -67,10 +67,14 @@ CONSUMER_RCVHWM: Final = 100_000
 CONSUMER_SNDHWM: Final = 10_000
 RECONNECT_IVL_MS: Final = 100  # first reconnect attempt after a peer vanished
 RECONNECT_IVL_MAX_MS: Final = 2_000  # backoff cap, so a restarted server is found quickly
-# A publish is tried at most this often within its one deadline; message ids
-# make the retry safe (the server de-duplicates them).
-PUBLISH_ATTEMPTS: Final = 2
+# A repeatable request (publish, reads) that got no reply is sent again after
+# RESEND_FIRST_S, then after doubling pauses up to RESEND_MAX_S, until the
+# call's deadline. A reply lost with a killed process is thus re-asked within
+# seconds; message ids make a resent publish safe (the server de-duplicates).
+RESEND_FIRST_S: Final = 1.0
+RESEND_MAX_S: Final = 4.0
 RETRY_PAUSE_S: Final = 0.05  # after a retriable error reply, before resending
+RETRY_PAUSE_MAX_S: Final = 1.0
 # Largest payload total of one PUBLISH request built by publish_batch; bigger
 # batches are split (the count limit is protocol.MAX_BATCH_MESSAGES).
 PUBLISH_BATCH_BYTES: Final = 32 * 1024 * 1024
@@ -195,38 +199,43 @@ class Call(Generic[T]):
         command: the verb, for error messages and logs.
         build: frames for a given request id (without the empty delimiter).
         parse: the value of an OK reply's header.
-        attempts: how often the request may be sent within its deadline; above
-            one only for requests that are safe to repeat.
+        repeatable: whether sending the request twice does no harm (reads,
+            publishes with their ids, creates with ``exist_ok``); only such
+            requests are resent when a reply is late or a retriable error comes.
     """
 
     command: Command
     build: Callable[[bytes], list[bytes]]
     parse: Callable[[dict[str, Any]], T]
-    attempts: int = 1
+    repeatable: bool = False
 
     def frames(self, request_id: bytes) -> list[bytes]:
         """The frames to send on a DEALER socket: empty delimiter first."""
         return [b"", *self.build(request_id)]
 
 
-def simple_call(command: Command, header: dict[str, Any], parse: Callable[[dict[str, Any]], T]) -> Call[T]:
+def simple_call(command: Command, header: dict[str, Any], parse: Callable[[dict[str, Any]], T], *, repeatable: bool = False) -> Call[T]:
     """A call whose frames are just ``encode(command, request_id, header)``."""
-    return Call(command, lambda request_id: encode(command, request_id, header), parse)
+    return Call(command, lambda request_id: encode(command, request_id, header), parse, repeatable)
 
 
-def attempt_deadline(now: float, deadline: float, attempt: int, attempts: int) -> float:
-    """When to give up on attempt ``attempt`` (0-based) of ``attempts``.
+def attempt_deadline(now: float, deadline: float, attempt: int, repeatable: bool) -> float:
+    """When attempt ``attempt`` (0-based) stops waiting for its reply and the request is resent.
 
-    The remaining time is shared equally by the remaining attempts, so a
-    retry always has time left and the whole call still ends at ``deadline``.
+    A request that is not repeatable waits for the whole deadline.
     """
-    remaining_attempts = max(1, attempts - attempt)
-    return now + max(0.0, deadline - now) / remaining_attempts
+    if not repeatable:
+        return deadline
+    pause: float = min(RESEND_MAX_S, RESEND_FIRST_S * 2.0**attempt)
+    return min(deadline, now + pause)
 
 
-def may_retry(error: HeraldError, attempt: int, attempts: int, now: float, deadline: float) -> bool:
-    """Whether a failed attempt is worth sending again (``now`` and ``deadline`` on one clock)."""
-    return error.retriable and attempt + 1 < attempts and now + RETRY_PAUSE_S < deadline
+def retry_pause(error: HeraldError, call: Call[Any], attempt: int, now: float, deadline: float) -> float | None:
+    """Seconds to wait before resending after ``error``, or None to give up and raise it."""
+    if not (error.retriable and call.repeatable):
+        return None
+    pause: float = min(RETRY_PAUSE_MAX_S, RETRY_PAUSE_S * 2.0**attempt)
+    return pause if now + pause < deadline else None
 
 
 def settings_of(kind: str, settings: Mapping[str, Any]) -> dict[str, Any]:
@@ -276,7 +285,9 @@ def _same(header: dict[str, Any]) -> dict[str, Any]:
 def create_topic_call(name: str, exist_ok: bool, settings: Mapping[str, Any]) -> Call[dict[str, Any]]:
     """TOPIC_CREATE; the reply value is the topic record."""
     header = {"name": check_name(name, "topic"), "settings": settings_of("topic", settings), "exist_ok": bool(exist_ok)}
-    return simple_call(Command.TOPIC_CREATE, header, _topic)
+    # With exist_ok a repeat answers like the first; without, a repeat after a
+    # lost reply would say topic_exists for a topic this very call created.
+    return simple_call(Command.TOPIC_CREATE, header, _topic, repeatable=bool(exist_ok))
 
 
 def delete_topic_call(name: str) -> Call[None]:
@@ -287,12 +298,12 @@ def delete_topic_call(name: str) -> Call[None]:
 def list_topics_call(prefix: str) -> Call[list[dict[str, Any]]]:
     """TOPIC_LIST, optionally only names starting with ``prefix``."""
     header = {"prefix": prefix} if prefix else {}
-    return simple_call(Command.TOPIC_LIST, header, lambda h: list(_field(h, "topics", list)))
+    return simple_call(Command.TOPIC_LIST, header, lambda h: list(_field(h, "topics", list)), repeatable=True)
 
 
 def describe_topic_call(name: str) -> Call[dict[str, Any]]:
     """TOPIC_DESCRIBE; the topic record with the names of its subscriptions."""
-    return simple_call(Command.TOPIC_DESCRIBE, {"name": check_name(name, "topic")}, _topic)
+    return simple_call(Command.TOPIC_DESCRIBE, {"name": check_name(name, "topic")}, _topic, repeatable=True)
 
 
 def create_subscription_call(topic: str, name: str, exist_ok: bool, settings: Mapping[str, Any]) -> Call[dict[str, Any]]:
@@ -303,7 +314,7 @@ def create_subscription_call(topic: str, name: str, exist_ok: bool, settings: Ma
         "settings": settings_of("subscription", settings),
         "exist_ok": bool(exist_ok),
     }
-    return simple_call(Command.SUB_CREATE, header, _subscription)
+    return simple_call(Command.SUB_CREATE, header, _subscription, repeatable=bool(exist_ok))
 
 
 def delete_subscription_call(name: str) -> Call[None]:
@@ -314,17 +325,17 @@ def delete_subscription_call(name: str) -> Call[None]:
 def list_subscriptions_call(topic: str | None) -> Call[list[dict[str, Any]]]:
     """SUB_LIST, optionally of one topic."""
     header = {"topic": check_name(topic, "topic")} if topic is not None else {}
-    return simple_call(Command.SUB_LIST, header, lambda h: list(_field(h, "subscriptions", list)))
+    return simple_call(Command.SUB_LIST, header, lambda h: list(_field(h, "subscriptions", list)), repeatable=True)
 
 
 def describe_subscription_call(name: str) -> Call[dict[str, Any]]:
     """SUB_DESCRIBE."""
-    return simple_call(Command.SUB_DESCRIBE, {"name": check_name(name, "subscription")}, _subscription)
+    return simple_call(Command.SUB_DESCRIBE, {"name": check_name(name, "subscription")}, _subscription, repeatable=True)
 
 
 def info_call() -> Call[dict[str, Any]]:
     """INFO: versions, limits and endpoints."""
-    return simple_call(Command.INFO, {}, _same)
+    return simple_call(Command.INFO, {}, _same, repeatable=True)
 
 
 def ping_call() -> Call[dict[str, Any]]:
@@ -334,7 +345,7 @@ def ping_call() -> Call[dict[str, Any]]:
 
 def status_call() -> Call[dict[str, Any]]:
     """STATUS: the answering frontend's statistics."""
-    return simple_call(Command.STATUS, {}, _same)
+    return simple_call(Command.STATUS, {}, _same, repeatable=True)
 
 
 # --------------------------------------------------------------------------- publish
@@ -447,7 +458,7 @@ def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishI
             raise ProtocolError("malformed", f"PUBLISH of {count} messages answered with {len(ids)} ids and {len(duplicate)} duplicate flags")
         return [PublishId(str(i), bool(d)) for i, d in zip(ids, duplicate, strict=True)]
 
-    return Call(Command.PUBLISH, lambda request_id: encode_publish(topic, wire_items, request_id), parse, PUBLISH_ATTEMPTS)
+    return Call(Command.PUBLISH, lambda request_id: encode_publish(topic, wire_items, request_id), parse, repeatable=True)
 
 
 # --------------------------------------------------------------------------- statistics

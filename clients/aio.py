@@ -30,7 +30,6 @@ from clients._core import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
     PUBLISH_BATCH_BYTES,
-    RETRY_PAUSE_S,
     AsyncMessage,
     Call,
     ClientCounters,
@@ -56,13 +55,13 @@ from clients._core import (
     info_call,
     list_subscriptions_call,
     list_topics_call,
-    may_retry,
     parse_reply,
     ping_call,
     publish_call,
     publish_item,
     publish_items,
     reply_header,
+    retry_pause,
     setup_socket,
     split_batch,
     status_call,
@@ -411,31 +410,40 @@ class AsyncClient:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         request_ids: list[bytes] = []
+        # A late reply to an earlier attempt is as good as one to the latest.
+        future: asyncio.Future[Frames] = loop.create_future()
+        attempt = 0
         try:
-            for attempt in range(call.attempts):
+            while loop.time() < deadline:
                 if attempt:
                     self._counters.retries += 1
                 request_id = self._ids.next()
                 request_ids.append(request_id)
-                # A late reply to an earlier attempt is as good as one to this attempt.
-                future: asyncio.Future[Frames] = loop.create_future()
-                for earlier in request_ids:
-                    self._pending[earlier] = future
+                self._pending[request_id] = future
                 self._counters.requests += 1
+                until = attempt_deadline(loop.time(), deadline, attempt, call.repeatable)
+                attempt += 1
                 try:
-                    async with asyncio.timeout_at(attempt_deadline(loop.time(), deadline, attempt, call.attempts)):
+                    async with asyncio.timeout_at(until):
                         await self._socket.send_multipart(call.frames(request_id))
-                        frames = await future
+                        frames = await asyncio.shield(future)
                 except TimeoutError:
+                    if not call.repeatable:
+                        break
+                    log.info("no reply to %s yet; sending it again", call.command.name)
                     continue
                 try:
                     return call.parse(reply_header(frames))
                 except HeraldError as error:
                     self._counters.errors += 1
-                    if not may_retry(error, attempt, call.attempts, loop.time(), deadline):
+                    pause = retry_pause(error, call, attempt - 1, loop.time(), deadline)
+                    if pause is None:
                         raise
                     log.info("retrying %s after %s", call.command.name, error)
-                    await asyncio.sleep(RETRY_PAUSE_S)
+                    future = loop.create_future()
+                    for earlier in request_ids:
+                        self._pending[earlier] = future
+                    await asyncio.sleep(pause)
             self._counters.timeouts += 1
             raise timeout_error(call.command.name, self.endpoint, self.timeout)
         finally:

@@ -29,7 +29,6 @@ from clients._core import (
     CONSUMER_SNDHWM,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
-    RETRY_PAUSE_S,
     Call,
     ClientCounters,
     ClientStatistics,
@@ -54,13 +53,13 @@ from clients._core import (
     info_call,
     list_subscriptions_call,
     list_topics_call,
-    may_retry,
     parse_reply,
     ping_call,
     publish_call,
     publish_item,
     publish_items,
     reply_header,
+    retry_pause,
     setup_socket,
     split_batch,
     status_call,
@@ -337,27 +336,37 @@ class Client:
             if self._closed:
                 raise closed_error(repr(self))
             deadline = time.monotonic() + self.timeout
+            # Replies to every attempt count: a late answer to the first is as good as any.
             waiting: set[bytes] = set()
-            for attempt in range(call.attempts):
+            attempt = 0
+            while True:
+                now = time.monotonic()
+                if now >= deadline:
+                    break
                 if attempt:
                     self._counters.retries += 1
                 request_id = self._ids.next()
                 waiting.add(request_id)
                 self._counters.requests += 1
-                until = attempt_deadline(time.monotonic(), deadline, attempt, call.attempts)
+                until = attempt_deadline(now, deadline, attempt, call.repeatable)
+                attempt += 1
                 if not self._send(call.frames(request_id), until):
                     continue
                 frames = self._wait_reply(waiting, until)
                 if frames is None:
+                    if not call.repeatable:
+                        break
+                    log.info("no reply to %s yet; sending it again", call.command.name)
                     continue
                 try:
                     return call.parse(reply_header(frames))
                 except HeraldError as error:
                     self._counters.errors += 1
-                    if not may_retry(error, attempt, call.attempts, time.monotonic(), deadline):
+                    pause = retry_pause(error, call, attempt - 1, time.monotonic(), deadline)
+                    if pause is None:
                         raise
                     log.info("retrying %s after %s", call.command.name, error)
-                    time.sleep(RETRY_PAUSE_S)
+                    time.sleep(pause)
             self._counters.timeouts += 1
             raise timeout_error(call.command.name, self.endpoint, self.timeout)
 
