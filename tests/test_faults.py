@@ -1,145 +1,61 @@
-"""Kill each process kind mid-stream and count: no acknowledged message may be
-missing from any subscription, and delivery resumes by itself.
+"""Faults mid-stream, counted: no acknowledged message may be missing from any
+subscription, no delivery may be of an id never published, and delivery resumes
+by itself.
 
-A short seeded run is part of the default suite; the workload and the checks
-are the ones a longer soak would use.
+The harness (tests/chaos.py) runs publishers and killable consumer processes;
+here each fault kind runs once on a fresh system, then all of them in a seeded
+order on one system. tests/test_soak.py runs the same harness for minutes.
 """
 
 from __future__ import annotations
 
-import contextlib
-import random
+import os
 import signal
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
-from clients import Client, HeraldError
-from tests.conftest import HeraldSystem, stored_messages, wait_for
+from clients import Client
+from tests.chaos import FAULT_KINDS, FaultHarness, Report
+from tests.conftest import HeraldSystem, stored_messages
 
-SUBSCRIPTIONS = ("fault-a", "fault-b")
-
-
-class Workload:
-    """Publishers and consumers that keep going through faults and record the history."""
-
-    def __init__(self, herald: HeraldSystem, topic: str) -> None:
-        self.herald = herald
-        self.topic = topic
-        self.acked: set[str] = set()
-        self.attempted: set[str] = set()
-        self.received: dict[str, Counter[str]] = {name: Counter() for name in SUBSCRIPTIONS}
-        self.publish_errors: Counter[str] = Counter()
-        self.stop_publishing = threading.Event()
-        self.stop_consuming = threading.Event()
-        self.lock = threading.Lock()
-        self.threads = [threading.Thread(target=self._publish, name="publisher", daemon=True)]
-        self.threads += [threading.Thread(target=self._consume, args=(name,), name=name, daemon=True) for name in SUBSCRIPTIONS]
-
-    def start(self) -> None:
-        for thread in self.threads:
-            thread.start()
-
-    def _publish(self) -> None:
-        batch_number = 0
-        with Client(self.herald.endpoint, timeout=3.0) as client:
-            while not self.stop_publishing.is_set():
-                batch_number += 1
-                items = [(f"{batch_number}".encode(), None, f"b{batch_number}-{i}") for i in range(20)]
-                with self.lock:
-                    self.attempted.update(message_id for _, _, message_id in items)
-                # Retry the same ids until acknowledged: de-duplication makes it safe.
-                while not self.stop_publishing.is_set():
-                    try:
-                        ids = client.publish_batch(self.topic, items)
-                    except HeraldError as error:
-                        self.publish_errors[error.code] += 1
-                        continue
-                    with self.lock:
-                        self.acked.update(ids)
-                    break
-                time.sleep(0.01)
-
-    def _consume(self, name: str) -> None:
-        while not self.stop_consuming.is_set():
-            try:
-                with Client(self.herald.endpoint, timeout=3.0) as client, client.subscribe(self.topic, name) as subscription:
-                    while not self.stop_consuming.is_set():
-                        message = subscription.receive(timeout=0.2)
-                        if message is None:
-                            continue
-                        with self.lock:
-                            self.received[name][message.id] += 1
-                        # An ack lost with a dead sender only brings the message back.
-                        with contextlib.suppress(HeraldError):
-                            message.ack()
-            except HeraldError:
-                time.sleep(0.2)
-
-    def missing(self) -> dict[str, int]:
-        with self.lock:
-            return {name: len(self.acked - set(self.received[name])) for name in SUBSCRIPTIONS}
-
-    def finish(self, timeout: float = 60.0) -> None:
-        self.stop_publishing.set()
-        self.threads[0].join(30)
-        wait_for(lambda: not any(self.missing().values()), timeout=timeout, interval=0.2, message="every acknowledged message delivered to every subscription")
-        self.stop_consuming.set()
-        for thread in self.threads[1:]:
-            thread.join(30)
+SEED = int(os.environ.get("HERALD_FAULT_SEED", "20261128"))
 
 
 @pytest.fixture
-def workload(herald: HeraldSystem) -> Workload:
-    with Client(herald.endpoint) as client:
-        client.create_topic("faults")
-        for name in SUBSCRIPTIONS:
-            # A short deadline so deliveries lost with a dead sender come back quickly.
-            client.create_subscription("faults", name, ack_deadline=2.0, backoff_min=0.1, backoff_max=0.5, max_attempts=1000)
-    return Workload(herald, "faults")
+def harness(herald: HeraldSystem, tmp_path: Path) -> Iterator[FaultHarness]:
+    chaos = FaultHarness(herald, tmp_path, seed=SEED)
+    yield chaos
+    chaos.close()
 
 
-@pytest.mark.parametrize("victim", ["sender-0", "sender-1", "metadata", "proxy", "frontend-0", "frontend-1"])
-def test_sigkill_one_process_mid_stream_loses_nothing(herald: HeraldSystem, workload: Workload, victim: str) -> None:
-    workload.start()
-    wait_for(lambda: len(workload.acked) >= 200, timeout=30, message="traffic flowing")
-    old_pid = herald.kill_child(victim, signal.SIGKILL)
-    herald.wait_restarted(victim, old_pid)
-    acked_at_restart = len(workload.acked)
-    wait_for(lambda: len(workload.acked) >= acked_at_restart + 200, timeout=30, message="publishing resumed after the restart")
-    workload.finish()
-    duplicates = {name: sum(c.values()) - len(c) for name, c in workload.received.items()}
-    print(f"{victim}: acked {len(workload.acked)}, duplicates {duplicates}, publish errors {dict(workload.publish_errors)}")
-    with workload.lock:
-        for name in SUBSCRIPTIONS:
-            # A publish can be stored yet unacknowledged (its reply lost in the crash), so
-            # deliveries are checked against what was sent, not only what was acknowledged.
-            assert set(workload.received[name]) <= workload.attempted, "delivered an id never published"
+def check(report: Report) -> None:
+    print(report.summary())
+    assert report.acknowledged > 0
+    assert not any(report.missing.values()), f"acknowledged messages lost: {report.missing}"
+    assert not any(report.unknown.values()), f"delivered ids that were never published: {report.unknown}"
 
 
-def test_sigkill_everything_then_restart_delivers_the_backlog(herald: HeraldSystem, workload: Workload) -> None:
-    rng = random.Random(7)
-    workload.start()
-    wait_for(lambda: len(workload.acked) >= 300, timeout=30, message="traffic flowing")
-    time.sleep(rng.uniform(0.0, 0.3))
-    herald.kill_all()
-    workload.stop_publishing.set()
-    herald.start()
-    workload.finish(timeout=90)
-    assert all(len(workload.received[name]) >= len(workload.acked) for name in SUBSCRIPTIONS)
+@pytest.mark.parametrize("kind", FAULT_KINDS)
+def test_one_fault_mid_stream_loses_nothing(harness: FaultHarness, kind: str) -> None:
+    harness.start()
+    harness.inject(kind)
+    check(harness.finish())
 
 
-def test_sigstop_sender_longer_than_ack_deadline(herald: HeraldSystem, workload: Workload) -> None:
-    workload.start()
-    wait_for(lambda: len(workload.acked) >= 200, timeout=30, message="traffic flowing")
-    pid = herald.kill_child("sender-0", signal.SIGSTOP)
-    time.sleep(3.0)  # the fault itself: longer than the 2 s ack deadline
-    import os
-
-    os.kill(pid, signal.SIGCONT)
-    workload.finish()
+def test_seeded_rounds_of_every_fault_lose_nothing(harness: FaultHarness) -> None:
+    """Every fault kind once, in an order drawn from the seed (HERALD_FAULT_SEED to replay one)."""
+    kinds = list(FAULT_KINDS)
+    harness.rng.shuffle(kinds)
+    harness.start()
+    harness.run_rounds(kinds)
+    report = harness.finish()
+    check(report)
+    assert report.rounds == len(FAULT_KINDS)
 
 
 def test_consumer_killed_with_unacked_messages(herald: HeraldSystem) -> None:
@@ -239,8 +155,6 @@ def test_filter_change_never_drops_a_message_on_a_lagging_sender(herald: HeraldS
                 client.publish("filtered", b"after-change", {"k": "b"})
                 time.sleep(1.0)  # the fault itself: the sender stays stopped with its old filter
             finally:
-                import os
-
                 os.kill(pid, signal.SIGCONT)
             message = subscription.receive(timeout=15)
             assert message is not None and message.data == b"after-change"
