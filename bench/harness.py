@@ -8,9 +8,11 @@
   reports ``ready``, waits for ``go``, reports ``done`` with its figures. The
   parent never sleeps to synchronise: it waits on the pipes and the process
   sentinels together, so a child that dies is noticed at once.
-- :class:`LatencyRecorder` keeps every sample (ints, nanoseconds) and reports
-  exact nearest-rank percentiles; :class:`Result` is one figure, printed as a
-  table row and written to JSON beside a description of the machine.
+- :class:`LatencyRecorder` is an HDR-style log-bucketed histogram (nanoseconds,
+  0.8% resolution, a few kB whatever the run length) with nearest-rank
+  percentiles; :class:`Result` is one figure, printed as a table row and
+  written to JSON beside a description of the machine.
+- :class:`ProgressLine` keeps one status line on stderr while a figure runs.
 
 Clocks: every timestamp that crosses a process boundary is ``now_ns()``,
 CLOCK_MONOTONIC, which on Linux is one clock for all processes of the host
@@ -57,6 +59,7 @@ STOP_TIMEOUT_S: Final = 30.0  # the launcher's own grace is 10 s per child; past
 WORKER_START_TIMEOUT_S: Final = 60.0  # spawn + imports of up to 17 children on 2 cores
 WORKER_STOP_TIMEOUT_S: Final = 5.0
 PERCENTILES: Final = (50.0, 90.0, 99.0, 99.9)
+DISTRIBUTION_PERCENTILES: Final = (50.0, 75.0, 90.0, 95.0, 99.0, 99.5, 99.9, 99.99, 100.0)
 DURABILITY_FSYNC: Final = "fsync: acknowledged after the RocksDB WAL is fsync'd (Herald default)"
 DURABILITY_NONE: Final = "none: in-memory ZeroMQ queues only"
 _PR_SET_PDEATHSIG: Final = 1
@@ -71,39 +74,107 @@ def now_ns() -> int:
 
 
 class LatencyRecorder:
-    """Every latency sample in nanoseconds, with exact nearest-rank percentiles.
+    """An HDR-style latency histogram in nanoseconds: log-bucketed, mergeable, bounded memory.
 
-    A run of minutes at a few thousand samples per second is a few MB of
-    ``array('q')``, so keeping every sample is simpler and exact, unlike
-    bucketed histograms. Negative samples (clock noise) are clamped to 0.
+    Values below ``2**SUB_BUCKET_BITS`` ns are counted exactly; above that,
+    each power of two is split into ``2**(SUB_BUCKET_BITS - 1)`` linear
+    sub-buckets, so any value is known to within 1/128 (0.8%) whatever its
+    magnitude, and a run of hours at any rate costs the same few kB. A
+    percentile is reported as the highest value of its bucket (never
+    optimistic) and the maximum is kept exactly. Negative samples (clock
+    noise) count as 0; samples past ``MAX_TRACKABLE_NS`` (hours) as that.
     """
 
-    __slots__ = ("_samples",)
+    __slots__ = ("_counts", "_max", "_sum", "_total")
+
+    SUB_BUCKET_BITS: Final = 8
+    _SUB: Final = 1 << SUB_BUCKET_BITS
+    _HALF: Final = _SUB >> 1
+    MAX_TRACKABLE_NS: Final = (1 << 43) - 1  # ~2.4 hours
+    _BUCKETS: Final = _SUB + (43 - SUB_BUCKET_BITS) * _HALF
 
     def __init__(self, samples: Iterable[int] = ()) -> None:
-        self._samples: array[int] = array("q", samples)
+        self._counts: array[int] = array("q", bytes(8 * self._BUCKETS))
+        self._total = 0
+        self._sum = 0
+        self._max = 0
+        for sample in samples:
+            self.record(sample)
+
+    @classmethod
+    def _index(cls, value: int) -> int:
+        if value < cls._SUB:
+            return value
+        shift = value.bit_length() - cls.SUB_BUCKET_BITS
+        return cls._SUB + (shift - 1) * cls._HALF + (value >> shift) - cls._HALF
+
+    @classmethod
+    def _highest_value(cls, index: int) -> int:
+        if index < cls._SUB:
+            return index
+        shift, sub = divmod(index - cls._SUB, cls._HALF)
+        return ((sub + cls._HALF + 1) << (shift + 1)) - 1
 
     def record(self, latency_ns: int) -> None:
         """Add one sample."""
-        self._samples.append(latency_ns if latency_ns > 0 else 0)
+        value = min(max(latency_ns, 0), self.MAX_TRACKABLE_NS)
+        self._counts[self._index(value)] += 1
+        self._total += 1
+        self._sum += value
+        if value > self._max:
+            self._max = value
 
     def merge(self, other: LatencyRecorder) -> None:
         """Add every sample of ``other``."""
-        self._samples.extend(other._samples)
+        counts = self._counts
+        for index, count in enumerate(other._counts):
+            if count:
+                counts[index] += count
+        self._total += other._total
+        self._sum += other._sum
+        self._max = max(self._max, other._max)
 
     def __len__(self) -> int:
-        return len(self._samples)
+        return self._total
 
     def to_bytes(self) -> bytes:
-        """The samples, compact, to send to another process."""
-        return self._samples.tobytes()
+        """The histogram, compact (non-empty buckets only), to send to another process."""
+        pairs = array("q", [self._total, self._sum, self._max])
+        for index, count in enumerate(self._counts):
+            if count:
+                pairs.extend((index, count))
+        return pairs.tobytes()
 
     @classmethod
     def from_bytes(cls, raw: bytes) -> LatencyRecorder:
         """The recorder :meth:`to_bytes` described."""
         recorder = cls()
-        recorder._samples.frombytes(raw)
+        if not raw:
+            return recorder
+        pairs = array("q")
+        pairs.frombytes(raw)
+        recorder._total, recorder._sum, recorder._max = pairs[0], pairs[1], pairs[2]
+        for position in range(3, len(pairs), 2):
+            recorder._counts[pairs[position]] = pairs[position + 1]
         return recorder
+
+    def value_at(self, p: float) -> int:
+        """Nearest-rank percentile ``p`` in ns: the highest value of the bucket holding the sample of rank ceil(p% of count).
+
+        Raises:
+            ValueError: when there are no samples or ``p`` is outside (0, 100].
+        """
+        if not self._total:
+            raise ValueError("no latency samples recorded")
+        if not 0 < p <= 100:
+            raise ValueError(f"percentile p = {p} must be in (0, 100]")
+        rank = max(1, math.ceil(p / 100 * self._total))
+        seen = 0
+        for index, count in enumerate(self._counts):
+            seen += count
+            if seen >= rank:
+                return min(self._highest_value(index), self._max)
+        return self._max
 
     def summary(self) -> Percentiles:
         """p50/p90/p99/p99.9/max in microseconds.
@@ -111,11 +182,12 @@ class LatencyRecorder:
         Raises:
             ValueError: when there are no samples.
         """
-        if not self._samples:
-            raise ValueError("no latency samples recorded")
-        ordered = sorted(self._samples)
-        p50, p90, p99, p999 = (percentile(ordered, p) / 1000 for p in PERCENTILES)
-        return Percentiles(p50_us=p50, p90_us=p90, p99_us=p99, p999_us=p999, max_us=ordered[-1] / 1000, mean_us=sum(ordered) / len(ordered) / 1000)
+        p50, p90, p99, p999 = (self.value_at(p) / 1000 for p in PERCENTILES)
+        return Percentiles(p50_us=p50, p90_us=p90, p99_us=p99, p999_us=p999, max_us=self._max / 1000, mean_us=self._sum / self._total / 1000)
+
+    def distribution(self, percentiles: Sequence[float] = DISTRIBUTION_PERCENTILES) -> dict[str, float]:
+        """Percentile (as text) -> microseconds: the HDR percentile spectrum, for JSON and plots."""
+        return {f"{p:g}": self.value_at(p) / 1000 for p in percentiles} if self._total else {}
 
 
 def percentile(ordered: Sequence[int], p: float) -> int:
@@ -157,6 +229,9 @@ class Result:
         durability: what an acknowledgement guaranteed during the run.
         ratio: value divided by the same run's raw-ZeroMQ baseline (None for the baseline itself or when not comparable).
         extra: anything else worth keeping (per-subscription rates, errors, settings).
+        scenario: the suite scenario the figure belongs to (``"publish"``, ``"latency"``...), empty outside the suite.
+        system: the system measured (``"herald"``, ``"redis-always"``, ``"raw-zmq"``...), empty outside the suite.
+        params: what distinguishes figures of one scenario and system (rate, subscriptions, topics); pairs for ratios match on it.
     """
 
     name: str
@@ -168,6 +243,9 @@ class Result:
     latency: Percentiles | None = None
     ratio: float | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    scenario: str = ""
+    system: str = ""
+    params: dict[str, Any] = field(default_factory=dict)
 
     def row(self) -> str:
         """One line of the results table."""
@@ -288,7 +366,9 @@ def run_main(main: Callable[[], int]) -> None:
         sys.exit(130)
 
 
-def write_report(kind: str, results: Sequence[Result], config: dict[str, Any], machine: dict[str, Any], path: Path | None = None) -> Path:
+def write_report(
+    kind: str, results: Sequence[Result], config: dict[str, Any], machine: dict[str, Any], path: Path | None = None, command: list[str] | None = None
+) -> Path:
     """Write a run's figures as JSON; by default to ``bench/results/<kind>-<timestamp>.json``.
 
     Returns:
@@ -300,7 +380,7 @@ def write_report(kind: str, results: Sequence[Result], config: dict[str, Any], m
     report = {
         "benchmark": kind,
         "finished_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "command": [Path(sys.executable).name, "-m", f"bench.{kind}", *sys.argv[1:]],
+        "command": command or [Path(sys.executable).name, "-m", f"bench.{kind}", *sys.argv[1:]],
         "config": config,
         "machine": machine,
         "results": [result.to_dict() for result in results],
@@ -568,6 +648,20 @@ class Link:
             raise WorkerError(f"{self.name}: expected {kind!r} from the parent, got {got!r}")
         return payload
 
+    def wait_order(self, timeout_s: float | None = None) -> tuple[str, Any]:
+        """Wait for the parent's next order, whatever it is: ``(kind, payload)``.
+
+        Raises:
+            WorkerError: on a closed pipe (the parent died) or the timeout.
+        """
+        if not self._conn.poll(timeout_s):
+            raise WorkerError(f"{self.name}: no order from the parent within {timeout_s} s")
+        try:
+            kind, payload = self._conn.recv()
+        except EOFError:
+            raise WorkerError(f"{self.name}: the parent went away while waiting for an order") from None
+        return str(kind), payload
+
     def parent_alive(self) -> bool:
         """False once the parent died (this process was re-parented)."""
         return os.getppid() == self._parent_pid
@@ -629,8 +723,10 @@ class Workers:
         self.workers.append(worker)
         return worker
 
-    def expect(self, workers: Sequence[Worker], kind: str, timeout_s: float) -> dict[str, Any]:
+    def expect(self, workers: Sequence[Worker], kind: str, timeout_s: float, on_progress: Callable[[str, Any], None] | None = None) -> dict[str, Any]:
         """Wait until each of ``workers`` reported ``kind``; return their payloads by name.
+
+        A ``"progress"`` report on the way goes to ``on_progress(worker name, payload)`` (or is dropped).
 
         Raises:
             WorkerError: a worker reported an error, reported something else,
@@ -660,6 +756,10 @@ class Workers:
                     raise WorkerError(f"{worker.name} closed its pipe before reporting {kind!r} (exit code {worker.process.exitcode})") from None
                 if got == "error":
                     raise WorkerError(f"{worker.name} failed:\n{payload}")
+                if got == "progress":
+                    if on_progress is not None:
+                        on_progress(worker.name, payload)
+                    continue
                 if got != kind:
                     raise WorkerError(f"{worker.name} reported {got!r} while {kind!r} was expected")
                 payloads[worker.name] = payload
@@ -720,3 +820,47 @@ def stage(message: str) -> Iterator[None]:
     started = time.monotonic()
     yield
     print(f"[bench] {message}: {time.monotonic() - started:.1f} s", file=sys.stderr, flush=True)
+
+
+class ProgressLine:
+    """One status line on stderr, rewritten in place while a figure runs (plain lines when stderr is not a terminal).
+
+    Args:
+        label: what is running, e.g. ``"fanout herald S=10"``.
+        expected: the count that means done (messages, deliveries), or 0 when unknown.
+    """
+
+    MIN_INTERVAL_S: Final = 0.5  # terminal redraws cost the benchmark CPU; twice a second is enough to watch
+
+    def __init__(self, label: str, expected: int = 0) -> None:
+        self.label = label
+        self.expected = expected
+        self.counts: dict[str, int] = {}
+        self._started = time.monotonic()
+        self._shown = 0.0
+        self._tty = sys.stderr.isatty()
+
+    def update(self, source: str, count: int) -> None:
+        """Record ``source``'s running count and redraw at most every MIN_INTERVAL_S."""
+        self.counts[source] = count
+        now = time.monotonic()
+        if now - self._shown < self.MIN_INTERVAL_S:
+            return
+        self._shown = now
+        done = sum(self.counts.values())
+        elapsed = now - self._started
+        share = f" {100 * done / self.expected:5.1f}%" if self.expected else ""
+        line = f"[bench] {self.label}: {done:,}{'/' + format(self.expected, ',') if self.expected else ''}{share} {elapsed:6.1f} s"
+        sys.stderr.write(f"\r{line}\x1b[K" if self._tty else line + "\n")
+        sys.stderr.flush()
+
+    def on_progress(self, worker: str, payload: Any) -> None:
+        """A :meth:`Workers.expect` callback: workers report ``{"count": n}``."""
+        if isinstance(payload, dict):
+            self.update(worker, int(payload.get("count", 0)))
+
+    def close(self) -> None:
+        """End the line, so the next output starts on its own."""
+        if self._tty and self._shown:
+            sys.stderr.write("\n")
+            sys.stderr.flush()

@@ -14,28 +14,35 @@ from __future__ import annotations
 import itertools
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Final
 
 import pytest
+import zmq
 
-from broker.runtime import LRUCache
+from broker.config import build_local_config
+from broker.runtime import LRUCache, drain
 from clients.protocol import (
     DEFAULT_MAX_PAYLOAD_BYTES,
     Command,
     DeliveredMessage,
+    PublishItem,
     decode,
     decode_deliver,
     decode_publish,
     encode_deliver,
     encode_publish,
 )
+from frontend.server import FrontendServer, SubscriptionCursor
 from frontend.store import DedupEntry, ShardStore, StoredMessage
 
 BATCH: Final = 100
 SIZE: Final = 100
 TOPIC: Final = "bench.micro"
 CACHE_ENTRIES: Final = 1_000
+FANOUT: Final = 100  # subscriptions of the topic in the fan-out benchmarks
+SENDERS: Final = 2
 
 
 @pytest.fixture(scope="module")
@@ -141,3 +148,108 @@ def test_lru_get_hit(benchmark: Any, cache: LRUCache[str, dict[str, Any]]) -> No
 
 def test_lru_get_miss(benchmark: Any, cache: LRUCache[str, dict[str, Any]]) -> None:
     assert benchmark(cache.get, "absent") is None
+
+
+# --------------------------------------------------------------------------- fan-out of one message
+
+
+def _topic_lookup(subscriptions: int) -> dict[str, Any]:
+    """A topic lookup as metadata answers it: the topic and its subscriptions, none filtered."""
+    settings = {"retention": 3600.0, "dedup_window": 600.0, "max_payload": None}
+    return {
+        "topic": {"id": 1, "name": TOPIC, "settings": settings},
+        "subscriptions": [{"id": sub_id, "settings": {}} for sub_id in range(1, subscriptions + 1)],
+    }
+
+
+@pytest.fixture
+def frontend(tmp_path: Path) -> Iterator[tuple[FrontendServer, list[zmq.Socket[Any]]]]:
+    """A real FrontendServer (its own shard in tmp_path, not running its loop) and PULL sockets standing in for the senders."""
+    config = build_local_config(data_dir=str(tmp_path), port=0, frontends=1, senders=SENDERS)
+    context: zmq.Context[Any] = zmq.Context()
+    intakes: list[zmq.Socket[Any]] = []
+    for endpoint in config.sender_intake_endpoints:
+        intake = context.socket(zmq.PULL)
+        intake.setsockopt(zmq.LINGER, 0)
+        intake.bind(endpoint)
+        intakes.append(intake)
+    server = FrontendServer(config, 0)
+    for sub_id in range(1, FANOUT + 1):
+        server.cursors[sub_id] = SubscriptionCursor(sub_id, sub_id % SENDERS, window=1_000, backlog=False)
+    try:
+        yield server, intakes
+    finally:
+        server._shutdown()
+        for intake in intakes:
+            intake.close(0)
+        context.term()
+
+
+def _settle(server: FrontendServer, intakes: list[zmq.Socket[Any]]) -> int:
+    """What the senders' completions would do between messages: free every cursor; drain the DISPATCHes. Returns messages received."""
+    received = 0
+    for intake in intakes:
+        received += sum(1 for _ in drain(intake, 100_000))
+    for cursor in server.cursors.values():
+        cursor.outstanding.clear()
+    server.batch_messages, server.batch_dedup, server.batch_replies, server.batch_ids = [], [], [], {}
+    return received
+
+
+def test_fanout_accept_one_message(benchmark: Any, frontend: tuple[FrontendServer, list[zmq.Socket[Any]]]) -> None:
+    """FrontendServer._accept_publish of one message to a topic with 100 subscriptions: de-dup lookup, subscription selection, batching."""
+    server, intakes = frontend
+    lookup = _topic_lookup(FANOUT)
+    ids = itertools.count()
+
+    def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
+        _settle(server, intakes)
+        item = PublishItem(f"{next(ids):032x}", {}, b"x" * SIZE)
+        return ([b"client"], b"\x00" * 8, TOPIC, [item], lookup), {}
+
+    benchmark.pedantic(server._accept_publish, setup=setup, rounds=2_000, warmup_rounds=20)
+    assert len(server.batch_messages) == 1 and server.batch_messages[0].subscriptions == list(range(1, FANOUT + 1))
+
+
+def test_fanout_plan_and_dispatch_one_message(benchmark: Any, frontend: tuple[FrontendServer, list[zmq.Socket[Any]]]) -> None:
+    """_plan_fast_dispatch + _send_dispatches of one stored message to 100 subscriptions: one DISPATCH per sender."""
+    server, intakes = frontend
+    seqs = itertools.count(1)
+    expire_ms = int((time.time() + 3600) * 1000)
+    subscriptions = list(range(1, FANOUT + 1))
+
+    def setup() -> tuple[tuple[StoredMessage], dict[str, Any]]:
+        _settle(server, intakes)
+        seq = next(seqs)
+        return (StoredMessage(seq, TOPIC, f"{seq:032x}", {}, b"x" * SIZE, time.time(), subscriptions, expire_ms),), {}
+
+    def fan_out(message: StoredMessage) -> int:
+        plan, left_on_disk = server._plan_fast_dispatch([message])
+        server._send_dispatches([(sub_id, planned, 1) for sub_id, planned in plan])
+        return len(plan) - len(left_on_disk)
+
+    planned = benchmark.pedantic(fan_out, setup=setup, rounds=2_000, warmup_rounds=20)
+    assert planned == FANOUT
+    # The last rounds' DISPATCHes (one per sender per round) may still be on their way over TCP; none was refused
+    # (a refused one is taken back, uncounted), so every round's 100 entries count as dispatched.
+    assert all(intake.poll(5_000) for intake in intakes)
+    assert _settle(server, intakes) >= SENDERS
+    assert server.counters["dispatched"] >= 2_000 * FANOUT
+
+
+def test_store_append_fanout_one_message(benchmark: Any, tmp_path: Path) -> None:
+    """ShardStore.append of one message with its 100 pending entries (fan-out at write time), sync=False: the write's own cost, no fsync."""
+    store = ShardStore(tmp_path / "shard", sync=False)
+    expire_ms = int((time.time() + 3600) * 1000)
+    subscriptions = list(range(1, FANOUT + 1))
+
+    def setup() -> tuple[tuple[list[StoredMessage], list[DedupEntry], list[tuple[int, int]]], dict[str, Any]]:
+        seq = store.next_seq()
+        message = StoredMessage(seq, TOPIC, f"{seq:032x}", {}, b"x" * SIZE, time.time(), subscriptions, expire_ms)
+        return ([message], [DedupEntry(TOPIC, message.message_id, expire_ms, seq)], [(sub_id, seq) for sub_id in subscriptions]), {}
+
+    try:
+        benchmark.pedantic(store.append, setup=setup, rounds=500, warmup_rounds=5)
+        assert len(store.pending(1, 0, 10)) >= 1 and len(store.pending(FANOUT, 0, 10)) >= 1
+    finally:
+        store.close()

@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     up = commands.add_parser("up", help="run the whole Herald system on this machine (see `herald up --help`)", add_help=False)
     up.add_argument("args", nargs=argparse.REMAINDER)
+    bench = commands.add_parser("bench", help="run the benchmark suite, against peers with --compare (see `herald bench --help`)", add_help=False)
+    bench.add_argument("args", nargs=argparse.REMAINDER)
 
     topic = commands.add_parser("topic", help="create, delete, list and describe topics")
     topic_commands = topic.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -127,10 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _up_arguments(argv: Sequence[str]) -> list[str] | None:
-    """The arguments after ``up`` when the command is ``herald [global options] up ...``, else None.
+def _up_arguments(argv: Sequence[str], command: str = "up") -> list[str] | None:
+    """The arguments after ``command`` when the command line is ``herald [global options] <command> ...``, else None.
 
-    They are handed to the launcher untouched: argparse would try to read them.
+    They are handed to the launcher (``up``) or the benchmark suite (``bench``)
+    untouched: argparse would try to read them.
     """
     index = 0
     while index < len(argv):
@@ -139,7 +142,7 @@ def _up_arguments(argv: Sequence[str]) -> list[str] | None:
             index += 2
         elif arg.startswith("--") and arg.split("=", 1)[0] in _GLOBAL_OPTIONS_WITH_VALUE:
             index += 1
-        elif arg == "up":
+        elif arg == command:
             return list(argv[index + 1 :])
         else:
             return None
@@ -414,6 +417,19 @@ def _launch(rest: list[str]) -> int:
     return up_main(rest)
 
 
+def _bench(rest: list[str]) -> int:
+    try:
+        from bench.suite import main as bench_main
+    except ImportError as exc:
+        sys.stderr.write(f"error: unavailable: `herald bench` needs the bench package and its extra (pip install -e '.[bench]'): {exc}\n")
+        return EXIT_ERROR
+    try:
+        return bench_main(rest)
+    except KeyboardInterrupt:
+        sys.stderr.write("[bench] interrupted\n")
+        return EXIT_INTERRUPTED
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``herald`` command.
 
@@ -428,6 +444,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     up_arguments = _up_arguments(arguments)
     if up_arguments is not None:
         return _launch(up_arguments)
+    bench_arguments = _up_arguments(arguments, "bench")
+    if bench_arguments is not None:
+        return _bench(bench_arguments)
     parser = build_parser()
     args = parser.parse_args(arguments)
     out, err = sys.stdout, sys.stderr
