@@ -42,7 +42,8 @@ from clients.aio import run
 
 PROGRESS_INTERVAL_S: Final = 0.5
 MAX_COALESCED: Final = 1_000  # messages in one paced batch: what a pacer far behind schedule sends at once
-POLL_S: Final = 0.2  # a consumer's wait per next_batch: how soon it notices the round's deadline
+POLL_S: Final = 0.2
+FIRST_MESSAGE_WAIT_S: Final = 5.0  # a consumer's wait per next_batch: how soon it notices the round's deadline
 
 
 def publisher_role(link: Link, spec: SystemSpec, size: int) -> None:
@@ -231,7 +232,11 @@ async def _consume_round(link: Link, consumers: list[Consumer], names: list[str]
         last_arrival = time.monotonic()
         while tally.unique < count:
             now = time.monotonic()
-            if now > deadline or (idle_end_s is not None and tally.unique and now - last_arrival > idle_end_s):
+            if now > deadline:
+                return
+            # An at-most-once reader cannot tell "late" from "lost": quiet for idle_end_s means the round is over,
+            # or for FIRST_MESSAGE_WAIT_S when nothing came at all (a SUB that joined too late, the publisher starting).
+            if idle_end_s is not None and now - last_arrival > (idle_end_s if tally.unique else max(idle_end_s, FIRST_MESSAGE_WAIT_S)):
                 return
             batch = await consumer.next_batch(min(POLL_S, max(0.001, deadline - now)))
             if not batch:

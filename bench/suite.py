@@ -84,6 +84,7 @@ DEFAULT_SIZE: Final = 100
 BATCH: Final = 100  # messages per publish request / pipeline / fetch: the issue's "pipelined by 100"
 DEFAULT_WINDOW: Final = 4  # batches in flight per publisher
 TOPICS_BATCH: Final = 10  # small, so a run of N messages touches N / 10 topics: routing cost shows per request
+AT_MOST_ONCE_DELIVERED_SHARE: Final = 0.99
 KEPT_UP_SHARE: Final = 0.95  # achieved / offered rate below this: the system fell behind
 SUSTAINABLE_P99_US: Final = 100_000.0  # a step whose p99 passes 100 ms is a growing queue, not a sustainable rate
 SEARCH_UP: Final = (15_000, 22_000, 33_000, 50_000, 75_000, 110_000, 160_000, 240_000)
@@ -116,7 +117,7 @@ class Plan:
 
 
 QUICK: Final = Plan(3_000, 300, (1, 10, 100), 20_000, (1_000, 2_000, 10_000), 1.0, 0.3, 2, 1.0, (10, 1_000), 3_000, 5_000, 20_000)
-STANDARD: Final = Plan(20_000, 2_000, (1, 10, 100), 200_000, (1_000, 2_000, 10_000), 5.0, 1.0, 8, 2.0, (10, 1_000), 20_000, 100_000, 200_000)
+STANDARD: Final = Plan(20_000, 2_000, (1, 10, 100), 200_000, (1_000, 2_000, 10_000), 4.0, 1.0, 5, 2.0, (10, 1_000), 20_000, 100_000, 100_000)
 FULL: Final = Plan(50_000, 5_000, (1, 10, 100), 500_000, (1_000, 2_000, 10_000), 10.0, 1.0, 8, 3.0, (10, 1_000, 100_000), 50_000, 1_000_000, 500_000)
 
 
@@ -428,7 +429,8 @@ def _paced_step(suite: Suite, session: Session, system: System, offered: int, se
     start = published["start_ns"]
     achieved = rate(delivered, start, sub["last_ns"]) if delivered else 0.0
     summary = latency.summary() if delivered else None
-    all_arrived = sub["unique"] >= count or system.spec.at_most_once
+    # At-most-once feeds may drop at a full HWM; more than 1% lost is not keeping up either.
+    all_arrived = delivered >= AT_MOST_ONCE_DELIVERED_SHARE * measured if system.spec.at_most_once else sub["unique"] >= count
     kept_up = bool(summary) and all_arrived and achieved >= KEPT_UP_SHARE * offered and summary is not None and summary.p99_us <= SUSTAINABLE_P99_US
     ack = LatencyRecorder.from_bytes(published["ack_latency"])
     lag = LatencyRecorder.from_bytes(published["send_lag"])
@@ -716,6 +718,7 @@ def build_parser(prog: str = "herald bench") -> argparse.ArgumentParser:
     parser.add_argument("--messages", type=int, default=None, help="timed messages per throughput figure (default by mode)")
     parser.add_argument("--rates", default=None, help="comma-separated fixed rates for the latency figures (default 1000,2000,10000)")
     parser.add_argument("--fanout", default=None, help="comma-separated subscription counts for the fanout scenario (default 1,10,100)")
+    parser.add_argument("--topics", default=None, help="comma-separated topic counts for the topics scenario (default 10,1000; --full adds 100000)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"batches of {BATCH} in flight per publisher (default {DEFAULT_WINDOW})")
     parser.add_argument("--work-dir", type=Path, default=None, help="where temporary data folders go (default: system temp; must not be tmpfs)")
     parser.add_argument("--json", type=Path, default=None, help="write the JSON here instead of bench/results/suite-<timestamp>.json")
@@ -734,6 +737,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
         plan = Plan(**{**_plan_fields(plan), "messages": args.messages, "topics_messages": args.messages})
     if args.fanout is not None:
         plan = Plan(**{**_plan_fields(plan), "fanout": tuple(parse_int_list(args.fanout))})
+    if args.topics is not None:
+        plan = Plan(**{**_plan_fields(plan), "topics": tuple(parse_int_list(args.topics))})
     if args.rates is not None:
         plan = Plan(**{**_plan_fields(plan), "rates": tuple(int(part) for part in args.rates.split(",") if part.strip())})
     return plan
@@ -790,8 +795,8 @@ def start_systems(args: argparse.Namespace, machine: dict[str, Any]) -> Iterator
         yield systems
 
 
-def run_suite(args: argparse.Namespace) -> Path:
-    """Run the chosen scenarios on every system; print the table; write the JSON.
+def run_suite(args: argparse.Namespace, command: list[str]) -> Path:
+    """Run the chosen scenarios on every system; print the table; write the JSON (``command`` is how the run was asked for).
 
     Returns:
         The JSON path.
@@ -817,7 +822,6 @@ def run_suite(args: argparse.Namespace) -> Path:
     config["plan"] = _plan_fields(plan)
     config["notes"] = notes
     config["elapsed_s"] = round(time.monotonic() - started, 1)
-    command = ["herald", "bench", *sys.argv[1:]] if Path(sys.argv[0]).name == "herald" else [Path(sys.executable).name, "-m", "bench", *sys.argv[1:]]
     path = write_report("suite", results, config, machine, args.json, command=command)
     print(f"\nJSON: {path} ({config['elapsed_s']:.0f} s)")
     return path
@@ -830,7 +834,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "herald bench") -> int:
         The process exit code.
     """
     parser = build_parser(prog)
-    args = parser.parse_args(list(argv) if argv is not None else None)
+    arguments = list(argv) if argv is not None else sys.argv[1:]
+    args = parser.parse_args(arguments)
     try:
         check_size(args.size)
     except ValueError as exc:
@@ -842,7 +847,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "herald bench") -> int:
 
     if args.report and not args.compare:
         return report.main_from_args(args.from_json, args.markdown, args.plots_dir)
-    path = run_suite(args)
+    path = run_suite(args, [*prog.split(), *arguments])
     if args.compare or args.report:
         return report.main_from_args(path, args.markdown, args.plots_dir)
     return 0
