@@ -78,6 +78,7 @@ class Launcher:
         self.children: list[Child] = []
         self.stopping = False
         self.gave_up: str | None = None
+        self.status_write_failed = False
         self.started_at = time.time()
         self._lock_file: IO[bytes] | None = None
 
@@ -202,8 +203,18 @@ class Launcher:
             ],
         }
         tmp = self.data_dir / (STATUS_FILE_NAME + ".tmp")
-        tmp.write_bytes(orjson.dumps(status, option=orjson.OPT_INDENT_2))
-        tmp.replace(self.data_dir / STATUS_FILE_NAME)
+        try:
+            tmp.write_bytes(orjson.dumps(status, option=orjson.OPT_INDENT_2))
+            tmp.replace(self.data_dir / STATUS_FILE_NAME)
+        except OSError as exc:
+            # A full disk must not take the supervisor down; the file is only a report.
+            if not self.status_write_failed:
+                log.warning("cannot write %s (%s); `herald status --data-dir` shows stale process data until it can", STATUS_FILE_NAME, exc)
+            self.status_write_failed = True
+            return
+        if self.status_write_failed:
+            log.info("%s is written again", STATUS_FILE_NAME)
+        self.status_write_failed = False
 
     def stop_all(self) -> None:
         """Stop children in the reverse of start order: proxy, frontends, senders, metadata."""
@@ -293,10 +304,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class DataDirUnusable(RuntimeError):
+    """The data folder cannot be created or written."""
+
+
+def check_data_dir(path: Path) -> None:
+    """Create ``path`` if needed and prove it takes an fsync'd write, before any child starts.
+
+    Raises:
+        DataDirUnusable: naming the folder and the operating system's reason.
+    """
+    probe = path / ".herald-write-probe"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        descriptor = os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(descriptor, b"herald")
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        probe.unlink()
+    except OSError as exc:
+        raise DataDirUnusable(f"data folder {path} is not usable: {exc.strerror or exc} (errno {exc.errno}); pick a writable --data-dir") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("launcher")
     data_dir = str(Path(args.data_dir).resolve())
+    try:
+        check_data_dir(Path(data_dir))
+    except DataDirUnusable as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     shard_count_file = Path(data_dir) / "FRONTENDS"
     if shard_count_file.exists() and int(shard_count_file.read_text().strip() or 0) != args.frontends:
         # Topics are placed by crc32(name) % frontends: changing the count would strand stored messages.

@@ -90,7 +90,10 @@ class MetadataStore:
         self.version = int(version) if version else 0
 
     def close(self) -> None:
-        self._db.close()
+        try:
+            self._db.close()
+        except Exception as exc:  # rocksdict raises plain Exception
+            log.warning("closing the metadata store reported: %s", exc)
 
     def get_topic(self, name: str) -> dict[str, Any] | None:
         raw = self._db.get(_TOPIC_PREFIX + name.encode())
@@ -123,11 +126,16 @@ class MetadataStore:
         return out
 
     def _commit(self, batch: WriteBatch) -> int:
-        self.version += 1
-        batch.put(_VERSION_KEY, str(self.version).encode())
+        version = self.version + 1
+        batch.put(_VERSION_KEY, str(version).encode())
         batch.put(_COUNTER_KEY, str(self.next_id).encode())
-        self._db.write(batch, self._sync)
-        return self.version
+        try:
+            self._db.write(batch, self._sync)
+        except Exception as exc:  # rocksdict raises plain Exception for RocksDB IO errors
+            # The version moves only with a stored change, so no event ever names a lost one.
+            raise HeraldError("storage_failed", f"the metadata store could not write ({exc}); nothing changed, retry later") from exc
+        self.version = version
+        return version
 
     def _new_id(self) -> int:
         value = self.next_id

@@ -1,0 +1,127 @@
+"""Storage faults: a full disk and an unwritable data folder.
+
+A full disk must give the publisher a clear ``storage_failed`` error, never a
+false acknowledgement and never a crash; once space is back, publishing works
+again without a restart and everything acknowledged is there. A data folder
+that cannot be written stops ``herald up`` at once with the reason.
+
+The full-disk test puts the data folder on a small tmpfs, which needs the right
+to mount (root in the CI container); without it the test is skipped, saying why.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from clients import Client, HeraldError
+from tests.conftest import PROJECT_ROOT, HeraldSystem, stored_messages, wait_for
+
+PAYLOAD_BYTES = 256 * 1024
+
+
+def _mount(args: list[str]) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(["mount", *args], capture_output=True, timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 24 MiB tmpfs, unmounted afterwards (after the system using it has stopped)."""
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    result = _mount(["-t", "tmpfs", "-o", "size=24m", "tmpfs", str(mount_point)])
+    if result.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs to fill: {result.stderr.decode().strip()}")
+    yield mount_point
+    subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def _running(herald: HeraldSystem) -> bool:
+    return all(child["running"] for child in herald.status()["children"])
+
+
+def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factory: Callable[..., HeraldSystem], small_disk: Path) -> None:
+    herald = herald_factory(data_dir=small_disk / "data")
+    acked: list[str] = []
+    refusal: HeraldError | None = None
+    with Client(herald.endpoint, timeout=3.0) as client:
+        client.create_topic("big")
+        client.create_subscription("big", "big-reader")
+        # Random bytes: RocksDB compresses, so repeated bytes would never fill the disk.
+        for _ in range(400):
+            try:
+                acked.extend(client.publish_batch("big", [os.urandom(PAYLOAD_BYTES) for _ in range(2)]))
+            except HeraldError as error:
+                refusal = error
+                break
+        assert refusal is not None, "a 24 MiB disk took 200 MiB of publishes"
+        assert refusal.code == "storage_failed", refusal
+        assert "No space left" in refusal.message
+        assert acked, "something was stored before the disk filled"
+        # Every process still runs; reads keep working on a full disk.
+        assert client.describe_topic("big")["name"] == "big"
+        # Space comes back: the same shard takes writes again, no restart needed.
+        assert _mount(["-o", "remount,size=256m", str(small_disk)]).returncode == 0
+
+        def publishes() -> bool:
+            try:
+                acked.extend(client.publish_batch("big", [os.urandom(1024)]))
+            except HeraldError as error:
+                assert error.code in ("storage_failed", "timeout"), error
+                return False
+            return True
+
+        wait_for(publishes, timeout=60, interval=0.5, message="publishing works again once space is back")
+        with client.subscribe("big", "big-reader") as subscription:
+            received: set[str] = set()
+
+            def all_received() -> bool:
+                message = subscription.receive(timeout=1)
+                while message is not None:
+                    received.add(message.id)
+                    message.ack_nowait()
+                    message = subscription.receive(timeout=0.05)
+                return set(acked) <= received
+
+            wait_for(all_received, timeout=60, interval=0, message="every acknowledged message delivered")
+    assert _running(herald), herald.status()
+    assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
+    assert herald.stop() == 0
+    assert set(acked) <= {m.message_id for m in stored_messages(herald.data_dir)} | received
+
+
+@pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
+def test_unusable_data_folder_fails_fast_with_the_reason(tmp_path: Path, kind: str) -> None:
+    if kind == "under_a_file":
+        blocker = tmp_path / "a-file"
+        blocker.write_text("not a folder")
+        data_dir = blocker / "data"
+        reason = "Not a directory"
+    else:
+        mount_point = tmp_path / "ro"
+        mount_point.mkdir()
+        result = _mount(["-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount_point)])
+        if result.returncode != 0:
+            pytest.skip(f"cannot mount a read-only tmpfs: {result.stderr.decode().strip()}")
+        data_dir = mount_point / "data"
+        reason = "Read-only file system"
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "broker.launcher", "--data-dir", str(data_dir), "--port", "0"],
+            cwd=PROJECT_ROOT,
+            capture_output=True,
+            timeout=60,
+            env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+        )
+    finally:
+        if kind == "read_only":
+            subprocess.run(["umount", "-l", str(tmp_path / "ro")], capture_output=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    message = result.stderr.decode()
+    assert f"data folder {data_dir} is not usable: {reason}" in message, message
+    assert "Traceback" not in message
