@@ -24,7 +24,6 @@ key                                     value
 from __future__ import annotations
 
 import logging
-
 import struct
 from collections import OrderedDict
 from collections.abc import Iterable
