@@ -87,8 +87,8 @@ TOPICS_BATCH: Final = 10  # small, so a run of N messages touches N / 10 topics:
 AT_MOST_ONCE_DELIVERED_SHARE: Final = 0.99
 KEPT_UP_SHARE: Final = 0.95  # achieved / offered rate below this: the system fell behind
 SUSTAINABLE_P99_US: Final = 100_000.0  # a step whose p99 passes 100 ms is a growing queue, not a sustainable rate
-SEARCH_UP: Final = (15_000, 22_000, 33_000, 50_000, 75_000, 110_000, 160_000, 240_000)
-SEARCH_DOWN: Final = (7_000, 5_000, 3_500, 2_500, 1_700, 1_200)
+# Rates the search for the highest sustainable rate tries, about 1.5x apart.
+SEARCH_LADDER: Final = (350, 500, 700, 1_000, 1_500, 2_000, 3_000, 5_000, 7_000, 10_000, 15_000, 22_000, 33_000, 50_000, 75_000, 110_000, 160_000, 240_000)
 START_TIMEOUT_S: Final = 120.0
 PHASE_TIMEOUT_S: Final = 300.0
 MAX_IN_FLIGHT: Final = 100_000
@@ -440,7 +440,7 @@ def _paced_step(suite: Suite, session: Session, system: System, offered: int, se
         "achieved_msg_per_s": achieved,
         "kept_up": kept_up,
         "delivered": delivered,
-        "lost": measured - delivered if system.spec.at_most_once else max(0, measured - delivered),
+        "lost" if system.spec.at_most_once else "not_delivered_within_step": max(0, measured - delivered),
         "publisher_errors": published["errors"],
         "last_publish_error": published["last_error"],
         "pacer_waited_for_in_flight_slot": published["pacer_blocked"],
@@ -476,13 +476,14 @@ def _latency_session(suite: Suite, system: System, scenario: str, channel: str) 
 
 
 def _search_highest(suite: Suite, system: System, scenario: str, fixed: list[Step], channel: str) -> None:
-    """The highest rate of the ladder that keeps up: upward from the best fixed rate that did, else downward."""
+    """The highest rate of the ladder that keeps up: upward from the best fixed rate that did (below any that failed), else downward."""
     plan = suite.plan
-    kept = [step.rate for step in fixed if step.kept_up]
-    best = max(kept) if kept else 0
-    ladder = [r for r in SEARCH_UP if r > best][: plan.search_steps] if best else list(SEARCH_DOWN[: plan.search_steps])
-    if best and len(kept) < len(fixed):
-        ladder = []  # a fixed rate already failed above the best one: the search would only repeat it
+    best = max((step.rate for step in fixed if step.kept_up), default=0)
+    if best:
+        ceiling = min((step.rate for step in fixed if not step.kept_up and step.rate > best), default=float("inf"))
+        ladder = [r for r in SEARCH_LADDER if best < r < ceiling][: plan.search_steps]
+    else:
+        ladder = [r for r in reversed(SEARCH_LADDER) if r < min(step.rate for step in fixed)][: plan.search_steps]
     highest: Step | None = max((s for s in fixed if s.kept_up), key=lambda s: s.rate, default=None)
     for tries, offered in enumerate(ladder, start=1):
         with _latency_session(suite, system, scenario, f"{channel}.search.{tries}") as session:
@@ -513,14 +514,21 @@ def _latency_scenario(suite: Suite, scenario: str, systems: list[System]) -> Non
         rates = [r for r in plan.rates if not system.reduced or r <= 1_000] or [min(plan.rates)]
         channel = f"bench.{scenario}.{system.spec.name}".replace("-", ".")
         fixed: list[Step] = []
-        with stage(f"{scenario} {system.spec.name}: {', '.join(map(str, rates))} msg/s"), _latency_session(suite, system, scenario, channel) as session:
-            _warm_up(session, BATCH * 5, 1)
-            for offered in rates:
-                step = _paced_step(suite, session, system, offered, plan.rate_seconds, plan.rate_warmup_s, scenario, False)
-                suite.add(step.result)
-                fixed.append(step)
-                if not step.kept_up:
-                    break  # the queue left behind would bias the next rate
+        pending = list(rates)
+        sessions = 0
+        while pending:
+            sessions += 1
+            with (
+                stage(f"{scenario} {system.spec.name}: {', '.join(map(str, pending))} msg/s"),
+                _latency_session(suite, system, scenario, f"{channel}.{sessions}") as session,
+            ):
+                _warm_up(session, BATCH * 5, 1)
+                while pending:
+                    step = _paced_step(suite, session, system, pending.pop(0), plan.rate_seconds, plan.rate_warmup_s, scenario, False)
+                    suite.add(step.result)
+                    fixed.append(step)
+                    if not step.kept_up:
+                        break  # the queue it left would bias the next rate: that one gets fresh processes and a fresh channel
         if not system.reduced and plan.search_steps:
             with stage(f"{scenario} {system.spec.name}: highest sustainable rate"):
                 _search_highest(suite, system, scenario, fixed, channel)
