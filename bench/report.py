@@ -107,7 +107,8 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
             [
                 *([f"{result['params'].get(param):,}"] if param else []),
                 result["extra"].get("system_label", result["system"]),
-                f"{_number(result['value'])} {result['unit']}",
+                f"{_number(result['value'])} {result['unit']}"
+                + (f" **incomplete**: {result['extra']['incomplete']}" if result["extra"].get("incomplete") else ""),
                 short_durability(result["durability"]),
                 _ratio(versus) if versus else "-",
                 _ratio(result.get("ratio")) if result.get("ratio") else "-",

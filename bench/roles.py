@@ -17,10 +17,10 @@ Publisher orders:
   it: a stall anywhere shows, it does not slow the schedule (no coordinated
   omission). The in-flight bound keeps memory finite; waiting for it is counted.
 
-Consumer orders: ``round`` ``{base, count, warmup, latency, deadline_s, idle_end_s}``:
+Consumer orders: ``round`` ``{base, count, warmup, latency, deadline_s, idle_end_s, stall_s}``:
 every subscription of the process reads until it has seen all ``count``
-distinct sequence numbers from ``base`` on, or ``deadline_s`` passed, or (at-most-once
-systems) nothing came for ``idle_end_s`` after the first message. Sequence
+distinct sequence numbers from ``base`` on, or ``deadline_s`` passed, or nothing
+came for ``idle_end_s`` (at-most-once systems) or ``stall_s`` (durable ones). Sequence
 numbers below ``base`` are late arrivals of an earlier round and ignored.
 Latency is receive time minus scheduled time, for ``seq >= base + warmup``.
 """
@@ -221,6 +221,7 @@ async def _consume_round(link: Link, consumers: list[Consumer], names: list[str]
     base, count, warmup = int(order["base"]), int(order["count"]), int(order["warmup"])
     record_latency = bool(order["latency"])
     idle_end_s = order.get("idle_end_s")
+    stall_s = order.get("stall_s")
     round_start = now_ns()
     deadline = time.monotonic() + float(order["deadline_s"])
     recorder = LatencyRecorder()
@@ -237,6 +238,9 @@ async def _consume_round(link: Link, consumers: list[Consumer], names: list[str]
             # An at-most-once reader cannot tell "late" from "lost": quiet for idle_end_s means the round is over,
             # or for FIRST_MESSAGE_WAIT_S when nothing came at all (a SUB that joined too late, the publisher starting).
             if idle_end_s is not None and now - last_arrival > (idle_end_s if tally.unique else max(idle_end_s, FIRST_MESSAGE_WAIT_S)):
+                return
+            # A durable system that stops delivering is a finding, not a reason to wait out the deadline: report what came.
+            if stall_s is not None and now - last_arrival > stall_s:
                 return
             batch = await consumer.next_batch(min(POLL_S, max(0.001, deadline - now)))
             if not batch:

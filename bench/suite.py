@@ -43,6 +43,7 @@ from bench.harness import (
     ProgressLine,
     Result,
     Worker,
+    WorkerError,
     Workers,
     _version,
     exit_on_signals,
@@ -77,6 +78,7 @@ from bench.peers import (
 )
 from bench.roles import consumer_role, publisher_role
 from bench.workers import check_size
+from clients.protocol import HeraldError
 
 SCENARIOS: Final = ("publish", "fanout", "latency", "topics", "backlog", "live")
 PEERS: Final = ("nats", "redis")
@@ -92,6 +94,7 @@ SEARCH_LADDER: Final = (350, 500, 700, 1_000, 1_500, 2_000, 3_000, 5_000, 7_000,
 START_TIMEOUT_S: Final = 120.0
 PHASE_TIMEOUT_S: Final = 300.0
 MAX_IN_FLIGHT: Final = 100_000
+STALL_S: Final = 30.0  # a durable consumer that got nothing new for this long ends its round short; the figure says so
 IDLE_END_S: Final = 1.0  # an at-most-once reader that saw nothing for this long has seen all it will
 LIVE_WARMUP_TRIES: Final = 5
 CONSUMER_PROCESSES: Final = 2  # one per core: more only measures the scheduler
@@ -228,6 +231,7 @@ class Suite:
         self.plan = plan
         self.results: list[Result] = []
         self.notes: list[str] = []
+        self.systems_by_name = {system.spec.name: system for system in systems}
 
     def systems_for(self, scenario: str) -> list[System]:
         return [system for system in self.systems if scenario in system.scenarios]
@@ -246,7 +250,25 @@ class Suite:
             session.close()
             teardown(system.spec, channel, topics=topics)
 
-    def add(self, result: Result) -> None:
+    @contextlib.contextmanager
+    def figure(self, label: str) -> Iterator[None]:
+        """:func:`stage`, and a failed figure becomes a note instead of costing the rest of the run (its processes are stopped first)."""
+        try:
+            with stage(label):
+                yield
+        except (WorkerError, HeraldError, RuntimeError, OSError, TimeoutError) as exc:
+            first_line = (str(exc).strip().splitlines() or [""])[0][:300]
+            self.note(f"FAILED: {label}: {type(exc).__name__}: {first_line}")
+
+    def check_complete(self, result: Result, delivered: int, expected: int) -> None:
+        """Mark a durable figure whose deliveries stopped short (the consumers gave up after STALL_S without progress)."""
+        if delivered < expected and not self.systems_by_name[result.system].spec.at_most_once:
+            result.extra["incomplete"] = f"{delivered:,} of {expected:,} delivered, then nothing for {STALL_S:.0f} s"
+            self.note(f"INCOMPLETE: {result.name}: {result.extra['incomplete']}")
+
+    def add(self, result: Result, *, delivered: int | None = None, expected: int | None = None) -> None:
+        if delivered is not None and expected is not None:
+            self.check_complete(result, delivered, expected)
         self.results.append(result)
         print(result.row(), flush=True)
 
@@ -287,6 +309,7 @@ def _consume_order(session: Session, base: int, count: int, *, latency: bool, se
         "latency": latency,
         "deadline_s": seconds,
         "idle_end_s": IDLE_END_S if session.spec.at_most_once else None,
+        "stall_s": None if session.spec.at_most_once else STALL_S,
     }
 
 
@@ -304,7 +327,7 @@ def scenario_publish(suite: Suite) -> None:
         count = suite.messages_for(system, suite.plan.messages)
         channel = "bench.publish"
         raw = system.spec.kind.startswith("raw")
-        with stage(f"publish {system.spec.name}: {count} messages"), suite.session(system, channel, 1 if raw else 0) as session:
+        with suite.figure(f"publish {system.spec.name}: {count} messages"), suite.session(system, channel, 1 if raw else 0) as session:
             _warm_up(session, suite.messages_for(system, suite.plan.warmup), window)
             base = session.take_base(count)
             order = {"base": base, "count": count, "batch": BATCH, "window": window, "channel": channel}
@@ -333,7 +356,9 @@ def scenario_publish(suite: Suite) -> None:
                     scenario="publish",
                     system=system.spec.name,
                     params={"batch": BATCH, "window": window},
-                )
+                ),
+                delivered=received,
+                expected=count,
             )
 
 
@@ -391,7 +416,9 @@ def scenario_fanout(suite: Suite) -> None:
                         scenario="fanout",
                         system=system.spec.name,
                         params={"subscriptions": subscriptions},
-                    )
+                    ),
+                    delivered=delivered,
+                    expected=subscriptions * count,
                 )
 
 
@@ -516,7 +543,7 @@ def _latency_scenario(suite: Suite, scenario: str, systems: list[System]) -> Non
         fixed: list[Step] = []
         pending = list(rates)
         sessions = 0
-        while pending:
+        while pending and sessions < len(rates):
             sessions += 1
             with (
                 stage(f"{scenario} {system.spec.name}: {', '.join(map(str, pending))} msg/s"),
@@ -530,7 +557,7 @@ def _latency_scenario(suite: Suite, scenario: str, systems: list[System]) -> Non
                     if not step.kept_up:
                         break  # the queue it left would bias the next rate: that one gets fresh processes and a fresh channel
         if not system.reduced and plan.search_steps:
-            with stage(f"{scenario} {system.spec.name}: highest sustainable rate"):
+            with suite.figure(f"{scenario} {system.spec.name}: highest sustainable rate"):
                 _search_highest(suite, system, scenario, fixed, channel)
 
 
@@ -541,7 +568,7 @@ def scenario_topics(suite: Suite) -> None:
         for system in suite.systems_for("topics"):
             count = suite.plan.topics_messages
             channel = f"bench.topics.{topics}"
-            with stage(f"topics {system.spec.name}: {topics} topics, {count} messages"):
+            with suite.figure(f"topics {system.spec.name}: {topics} topics, {count} messages"):
                 created = time.monotonic()
                 with suite.session(system, channel, 0, topics=topics, consumers=False) as session:
                     setup_s = time.monotonic() - created
@@ -599,7 +626,7 @@ def scenario_backlog(suite: Suite) -> None:
     for system in suite.systems_for("backlog"):
         count = suite.messages_for(system, suite.plan.backlog)
         channel = "bench.backlog"
-        with stage(f"backlog {system.spec.name}: {count} messages"), suite.session(system, channel, 1, consumers=False) as session:
+        with suite.figure(f"backlog {system.spec.name}: {count} messages"), suite.session(system, channel, 1, consumers=False) as session:
             base = session.take_base(count)
             order = {"base": base, "count": count, "batch": BATCH, "window": window, "channel": channel}
             published, _ = session.run_round("backlog publish", count, ("pipelined", order), None, PHASE_TIMEOUT_S * 4)
@@ -631,7 +658,9 @@ def scenario_backlog(suite: Suite) -> None:
                     scenario="backlog",
                     system=system.spec.name,
                     params={"messages": count},
-                )
+                ),
+                delivered=sub["unique"],
+                expected=count,
             )
 
 
@@ -642,7 +671,7 @@ def scenario_live(suite: Suite) -> None:
     for system in systems:
         count = suite.plan.live_messages
         channel = "bench.live"
-        with stage(f"live {system.spec.name}: {count} messages"), suite.session(system, channel, 1) as session:
+        with suite.figure(f"live {system.spec.name}: {count} messages"), suite.session(system, channel, 1) as session:
             _warm_up(session, BATCH * 10, window)
             base = session.take_base(count)
             order = {"base": base, "count": count, "batch": BATCH, "window": window, "channel": channel}
