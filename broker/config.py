@@ -34,6 +34,15 @@ DEFAULT_DRAIN_BURST_REQUESTS: Final = 2_000
 # why the at-least-once path never relies on PUB alone (acks + redelivery).
 DEFAULT_SNDHWM: Final = 100_000
 DEFAULT_RCVHWM: Final = 100_000
+# The request path (client -> proxy -> frontend, and frontend -> owning frontend)
+# queues at most this many requests per connection and direction. Short on
+# purpose: the proxy's ROUTER reads clients in turn, so a short queue behind it
+# means one flooding client delays another by a few hundred requests, not by
+# 100,000; and a queue of requests of up to max_payload_bytes each must stay
+# small to bound memory. Overflow blocks the sender (TCP back-pressure to the
+# flooding client), or, for a forward to the owning frontend, is refused with
+# the retriable error `unavailable`.
+DEFAULT_REQUEST_HWM: Final = 64
 HEARTBEAT_INTERVAL_S: Final = 0.5
 HEARTBEAT_LIVENESS: Final = 6  # missed beats before a peer is presumed dead
 PEER_EXPIRY_S: Final = HEARTBEAT_INTERVAL_S * HEARTBEAT_LIVENESS
@@ -69,6 +78,7 @@ class HeraldConfig:
     drain_burst_requests: int = DEFAULT_DRAIN_BURST_REQUESTS
     sndhwm: int = DEFAULT_SNDHWM
     rcvhwm: int = DEFAULT_RCVHWM
+    request_hwm: int = DEFAULT_REQUEST_HWM
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -242,8 +242,9 @@ class Launcher:
         self.plan()
         try:
             self.start_all()
+            self.write_status()  # before the ready line, so whoever waits for it can read the pids
             print(f"herald ready on {self.config.client_endpoint}", flush=True)
-            last_status = 0.0
+            last_status = time.monotonic()
             while not self.stopping:
                 self.supervise_once()
                 now = time.monotonic()
@@ -268,7 +269,7 @@ def _previous_config(path: Path) -> HeraldConfig | None:
         return None
 
 
-TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm"})
+TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm", "request_hwm"})
 
 
 def load_limits(path: str) -> dict[str, Any]:

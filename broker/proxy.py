@@ -18,7 +18,7 @@ import argparse
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Final
 
 import zmq
 
@@ -26,6 +26,10 @@ from broker.config import HeraldConfig
 from broker.runtime import Hwm, StopFlag, announce_ready, configure_logging, make_socket
 
 log = logging.getLogger("herald.proxy")
+
+
+# A client may have many more requests in flight than queue in the proxy at once.
+REPLY_QUEUE_FACTOR: Final = 16
 
 
 class ProxyDevice:
@@ -37,8 +41,13 @@ class ProxyDevice:
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
         # ROUTER_MANDATORY off (the default): a reply to a client that went
         # away is dropped, which is what a vanished requester needs.
-        self.clients = make_socket(self.context, zmq.ROUTER, bind=config.client_endpoint, **hwm)
-        self.frontends = make_socket(self.context, zmq.DEALER, bind=config.proxy_backend_endpoint, **hwm)
+        # Requests queue briefly (request_hwm per client and per frontend). Replies
+        # queue up to REPLY_QUEUE_FACTOR times that per client, then are dropped
+        # for a client that does not read them (a ROUTER never blocks on a peer).
+        self.clients = make_socket(
+            self.context, zmq.ROUTER, bind=config.client_endpoint, sndhwm=config.request_hwm * REPLY_QUEUE_FACTOR, rcvhwm=config.request_hwm
+        )
+        self.frontends = make_socket(self.context, zmq.DEALER, bind=config.proxy_backend_endpoint, sndhwm=config.request_hwm, rcvhwm=config.rcvhwm)
         self.live_in = make_socket(self.context, zmq.XSUB, bind=config.live_intake_endpoint, **hwm)
         self.live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, **hwm)
         self._controls: list[zmq.Socket[Any]] = []

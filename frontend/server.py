@@ -22,6 +22,7 @@ import queue
 import secrets
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,6 +66,17 @@ RETENTION_SWEEP_INTERVAL_S: Final = 1.0
 DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
 REFILL_FRACTION: Final = 4  # refill a backlog once a quarter of the window is free...
 REFILL_MAX: Final = 256  # ...or this many slots, whichever is fewer
+# Group commit limits: past GROUP_COMMIT_BYTES of payload waiting for the writer
+# the loop stops taking client requests (they wait in ZeroMQ queues); past
+# OVERLOAD_BYTES even forwarded publishes are refused with `unavailable`.
+GROUP_COMMIT_BYTES: Final = 8 * 2**20
+OVERLOAD_BYTES: Final = 32 * 2**20
+# Publishes for another frontend's topic wait here while that frontend's queue is
+# full; at FORWARD_WAITING_MAX the loop stops taking client requests, and one
+# that waited FORWARD_WAIT_S is refused (the owner is down or stuck).
+FORWARD_WAITING_MAX: Final = 64
+FORWARD_WAIT_S: Final = 2.0
+FORWARD_RETRY_MS: Final = 2
 _ADMIN_COMMANDS: Final = frozenset(
     {
         Command.TOPIC_CREATE,
@@ -209,10 +221,13 @@ class FrontendServer:
         self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
-        self.backend = make_socket(self.context, zmq.DEALER, connect=config.proxy_backend_endpoint, **hwm)
-        self.control = make_socket(self.context, zmq.PULL, bind=config.frontend_control_endpoints[index], **hwm)
+        requests: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.request_hwm}
+        self.backend = make_socket(self.context, zmq.DEALER, connect=config.proxy_backend_endpoint, **requests)
+        self.control = make_socket(self.context, zmq.PULL, bind=config.frontend_control_endpoints[index], **requests)
         self.peers = {
-            i: make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for i, endpoint in enumerate(config.frontend_control_endpoints) if i != index
+            i: make_socket(self.context, zmq.PUSH, connect=endpoint, sndhwm=config.request_hwm, rcvhwm=config.rcvhwm)
+            for i, endpoint in enumerate(config.frontend_control_endpoints)
+            if i != index
         }
         self.senders = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.sender_intake_endpoints]
         self.metadata = MetadataLink(self.context, config, hwm)
@@ -222,6 +237,8 @@ class FrontendServer:
         self.stop = StopFlag()
         self.meta_version = 0
         self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
+        self.batch_bytes = 0  # payload bytes in batch_messages
+        self.forwards_waiting: dict[int, deque[tuple[float, list[bytes], list[bytes]]]] = {owner: deque() for owner in self.peers}
         self.batch_messages: list[StoredMessage] = []
         self.batch_dedup: list[DedupEntry] = []
         self.batch_replies: list[PendingPublish] = []
@@ -243,6 +260,7 @@ class FrontendServer:
             "dead_lettered": 0,
             "commits": 0,
             "storage_failures": 0,
+            "shed": 0,
         }
 
     # ------------------------------------------------------------------ loop
@@ -254,12 +272,21 @@ class FrontendServer:
             Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
             Timer(RETENTION_SWEEP_INTERVAL_S, self._sweep_retention),
         ]
+        # While the batch waiting for the writer is full, client requests stay in
+        # their ZeroMQ queues (back-pressure to the proxy and the clients), so the
+        # loop polls without the backend rather than spinning on it.
         poller = zmq.Poller()
-        for sock in (self.backend, self.control, *self.metadata.sockets, self.live, self.writer.done):
+        full_poller = zmq.Poller()
+        for sock in (self.control, *self.metadata.sockets, self.live, self.writer.done):
             poller.register(sock, zmq.POLLIN)
+            full_poller.register(sock, zmq.POLLIN)
+        poller.register(self.backend, zmq.POLLIN)
         try:
             while not self.stop.stopping:
-                ready = dict(poller.poll(timeout=50))
+                forwards_waiting = any(self.forwards_waiting.values())
+                paused = self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
+                # With forwards waiting for room, look again soon: a peer's free slot raises no event here.
+                ready = dict((full_poller if paused else poller).poll(timeout=FORWARD_RETRY_MS if forwards_waiting else 50))
                 if self.metadata.events in ready:
                     for event in self.metadata.drain_events():
                         self._on_metadata_event(event)
@@ -269,13 +296,19 @@ class FrontendServer:
                 if self.metadata.rpc in ready:
                     self.metadata.on_replies()
                 if self.control in ready:
-                    for frames in drain(self.control):
+                    for frames in drain(self.control, self.config.drain_burst_requests):
                         self._on_control(frames)
+                        if self.batch_bytes >= GROUP_COMMIT_BYTES:
+                            break  # a pass must end for the writer to take the batch
                 if self.backend in ready:
                     for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
+                        if self.batch_bytes >= GROUP_COMMIT_BYTES:
+                            break
                 if self.writer.done in ready and (job := self.writer.collect()) is not None:
                     self._finish_commit(job)
+                if forwards_waiting:
+                    self._flush_forwards()
                 self._commit_batch()
                 self._dispatch_backlogs()
                 now = time.monotonic()
@@ -289,6 +322,10 @@ class FrontendServer:
         # Drain: whatever was accepted is committed and acknowledged; requests
         # still waiting for metadata are refused cleanly.
         self.metadata.fail_all(HeraldError("unavailable", "frontend is shutting down; retry"))
+        for waiting in self.forwards_waiting.values():
+            for _, envelope, body in waiting:
+                self._reply_error(envelope, request_id_of(body), HeraldError("unavailable", "frontend is shutting down; retry"))
+            waiting.clear()
         self._commit_batch()
         while (job := self.writer.wait()) is not None:
             self._finish_commit(job)  # submits the next batch, if any
@@ -417,11 +454,41 @@ class FrontendServer:
         self._with_topic(topic, lambda info: self._accept_publish(envelope, frames.request_id, topic, items, info))
 
     def _forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> None:
+        """Send a publish to the frontend that owns its topic, in arrival order.
+
+        When the owner's queue is full the request waits here (and the loop stops
+        taking new client requests) rather than being refused: a refusal would make
+        every client race for the next free slot, and a flooding client wins races.
+        """
+        waiting = self.forwards_waiting[owner]
+        if not waiting and self._send_forward(owner, envelope, body):
+            return
+        waiting.append((time.monotonic(), envelope, body))
+
+    def _send_forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> bool:
         try:
             send_frames(self.peers[owner], encode(Command.FORWARD, b"", {"envelope": len(envelope)}, envelope + body), NOBLOCK)
-            self.counters["forwarded"] += 1
         except zmq.Again:
-            raise HeraldError("unavailable", f"frontend {owner}, which owns this topic, is not keeping up; retry") from None
+            return False
+        self.counters["forwarded"] += 1
+        return True
+
+    def _flush_forwards(self) -> None:
+        now = time.monotonic()
+        for owner, waiting in self.forwards_waiting.items():
+            while waiting:
+                queued_at, envelope, body = waiting[0]
+                if now - queued_at > FORWARD_WAIT_S:
+                    # The owner is down or stuck: say so rather than hold the client.
+                    error = HeraldError("unavailable", f"frontend {owner}, which owns this topic, took nothing for {FORWARD_WAIT_S:g} s; retry")
+                    self._reply_error(envelope, request_id_of(body), error)
+                elif not self._send_forward(owner, envelope, body):
+                    break
+                waiting.popleft()
+
+    @property
+    def _forwards_backed_up(self) -> bool:
+        return any(len(waiting) >= FORWARD_WAITING_MAX for waiting in self.forwards_waiting.values())
 
     def _with_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
         """Run ``then`` with the topic's lookup (topic and subscriptions), from cache or metadata."""
@@ -484,6 +551,14 @@ class FrontendServer:
                         "payload_too_large",
                         f"payload {index} of {len(item.payload)} bytes exceeds max_payload of {limit} bytes for topic {topic_name!r}",
                     )
+            if self.batch_bytes >= OVERLOAD_BYTES:
+                # Forwarded publishes bypass the back-pressure above; past this much
+                # unwritten data they are refused rather than queued without bound.
+                self.counters["shed"] += 1
+                raise HeraldError(
+                    "unavailable",
+                    f"frontend {self.index} has {self.batch_bytes // 2**20} MiB waiting to be written; retry",
+                )
         except HeraldError as error:
             self._reply_error(envelope, request_id, error)
             return
@@ -519,6 +594,7 @@ class FrontendServer:
                 seq = self.store.next_seq()
             subs = [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
             self.batch_messages.append(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
+            self.batch_bytes += len(item.payload)
             ids.append(message_id)
             duplicate.append(False)
         self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate, relied_on))
@@ -534,6 +610,7 @@ class FrontendServer:
         job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after, self.batch_after_failure)
         self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
         self.batch_after, self.batch_after_failure = [], []
+        self.batch_bytes = 0
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
         self.writer.submit(job)
 

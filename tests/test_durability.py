@@ -230,3 +230,29 @@ def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: igno
         endpoints += [e for v in dataclasses.asdict(config).values() if isinstance(v, tuple | list) for e in v]
         assert len(endpoints) == len(set(endpoints)) == 14, endpoints
         previous = config
+
+
+def test_crash_looping_child_makes_the_launcher_give_up(herald: HeraldSystem) -> None:
+    """A child that dies at every start is restarted with backoff, then the launcher stops
+    everything with a message naming it (about 33 s of backoff in all)."""
+    import os
+    import shutil
+
+    metadata_dir = herald.data_dir / "metadata"
+    # Move the store away and leave a file in its place: every restart fails to open it.
+    shutil.move(metadata_dir, herald.data_dir / "metadata.moved")
+    metadata_dir.write_text("not a database")
+    herald.kill_child("metadata")
+    assert herald.process is not None
+    assert herald.process.wait(90) == 1
+    status = herald.status()
+    assert [c["restarts"] for c in status["children"] if c["name"] == "metadata"] == [8], status
+    assert not any(child["running"] for child in status["children"]), status
+    log = herald.log_path.read_text()
+    assert "metadata crashed 8 times in 120 s" in log and "giving up" in log, herald.log_tail()
+    assert "herald stopped: metadata crashed" in log
+    # The data is intact: put the store back and the system starts again.
+    metadata_dir.unlink()
+    shutil.move(herald.data_dir / "metadata.moved", metadata_dir)
+    herald.start()
+    assert os.path.exists(herald.data_dir / "herald-status.json")

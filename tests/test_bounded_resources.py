@@ -1,0 +1,221 @@
+"""Bounded resources: one misbehaving peer must neither grow a process without
+bound nor stop other clients from being served.
+
+- a client that floods PUBLISH requests and never reads a reply;
+- a subscriber that attaches and never reads its deliveries;
+- 1,000 idle consumer connections on one sender.
+
+Each test watches the resident memory of every Herald process while the
+misbehaviour lasts and checks a well-behaved client is served meanwhile. The
+memory bound asserted is generous (what matters is "bounded", not a figure:
+figures belong to bench/); docs/operations.md explains the high-water marks
+that make the bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import zmq
+
+from clients import Client
+from clients.protocol import consumer_topic_frame, encode_attach
+from tests.conftest import PROJECT_ROOT, HeraldSystem, wait_for
+
+# Far above what any process needs here (the largest, a frontend, stays near
+# 100 MiB), far below what an unbounded queue reaches within these tests.
+RSS_LIMIT_MIB = 400
+
+
+def rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class MemoryWatch:
+    """Samples the RSS of every Herald child in the background; keeps each one's peak."""
+
+    def __init__(self, herald: HeraldSystem) -> None:
+        self.pids = {child["name"]: child["pid"] for child in herald.status()["children"]}
+        self.peak: dict[str, float] = dict.fromkeys(self.pids, 0.0)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> MemoryWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.1):
+            for name, pid in self.pids.items():
+                with contextlib.suppress(OSError):
+                    self.peak[name] = max(self.peak[name], rss_mib(pid))
+
+    def check(self) -> None:
+        print("peak RSS MiB: " + ", ".join(f"{name} {mib:.0f}" for name, mib in sorted(self.peak.items())))
+        over = {name: round(mib) for name, mib in self.peak.items() if mib > RSS_LIMIT_MIB}
+        assert not over, f"processes grew past {RSS_LIMIT_MIB} MiB: {over}"
+
+
+def served_while(herald: HeraldSystem, misbehaving: Callable[[threading.Event], Any], seconds: float, well_behaved: Callable[[Client], None]) -> list[float]:
+    """Run ``misbehaving`` in a thread for ``seconds`` while ``well_behaved`` is called in a loop; returns its latencies."""
+    stop = threading.Event()
+    thread = threading.Thread(target=misbehaving, args=(stop,), daemon=True)
+    latencies: list[float] = []
+    with MemoryWatch(herald) as watch:
+        thread.start()
+        try:
+            with Client(herald.endpoint, timeout=30.0) as client:
+                deadline = time.monotonic() + seconds
+                while time.monotonic() < deadline:
+                    started = time.monotonic()
+                    well_behaved(client)  # raises HeraldError("timeout") if not served
+                    latencies.append(time.monotonic() - started)
+                    time.sleep(0.05)
+        finally:
+            stop.set()
+            thread.join(30)
+    watch.check()
+    assert all(child["running"] and child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
+    latencies.sort()
+    print(f"well-behaved client: {len(latencies)} calls, median {latencies[len(latencies) // 2] * 1000:.1f} ms, max {latencies[-1] * 1000:.1f} ms")
+    return latencies
+
+
+FLOODER = """
+import sys, time, zmq
+from clients.protocol import encode_publish
+frames = [b"", *encode_publish("flood", [(b"f" * 1024, None, None)] * 100, b"")]
+sock = zmq.Context().socket(zmq.DEALER)
+sock.setsockopt(zmq.SNDHWM, 1_000_000)
+sock.connect(sys.argv[1])
+sent = 0
+while True:  # as fast as the socket takes them, never reading a reply
+    try:
+        frames[3] = sent.to_bytes(8, "big")
+        sock.send_multipart(frames, zmq.NOBLOCK)
+        sent += 1
+    except zmq.Again:
+        time.sleep(0.001)
+"""
+
+
+def test_flooding_publisher_that_never_reads_replies(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("flood")
+        client.create_topic("polite")
+
+    def flood(stop: threading.Event) -> None:
+        # Its own process, as a real flooding client would be: it must not share our GIL.
+        process = subprocess.Popen([sys.executable, "-c", FLOODER, herald.endpoint], cwd=PROJECT_ROOT, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+        try:
+            stop.wait()
+        finally:
+            process.kill()
+            process.wait(10)
+
+    served_while(herald, flood, 8.0, lambda client: client.publish("polite", b"hello") and None)
+    with Client(herald.endpoint) as client:
+        shed = sum(client.status()["shed"] for _ in range(4))
+    print(f"publishes refused as overload (sampled from the answering frontends): {shed}")
+
+
+def test_subscriber_that_never_reads(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("feed")
+        stuck = client.create_subscription("feed", "never-reads", max_unacked=1000)
+        client.create_subscription("feed", "reads")
+
+    def never_read(stop: threading.Event) -> None:
+        context: zmq.Context[Any] = zmq.Context()
+        sub = context.socket(zmq.SUB)
+        sub.setsockopt(zmq.RCVHWM, 10)
+        sub.setsockopt(zmq.SUBSCRIBE, consumer_topic_frame("stuck"))
+        sub.connect(stuck["endpoints"]["deliver"])
+        push = context.socket(zmq.PUSH)
+        push.connect(stuck["endpoints"]["ack"])
+        try:
+            while not stop.wait(0.5):  # heartbeats only: attached, ready, and never reading
+                push.send_multipart(encode_attach("never-reads", "stuck", ready=True))
+        finally:
+            sub.close(0)
+            push.close(0)
+            context.term()
+
+    published: list[str] = []
+    received: set[str] = set()
+    with Client(herald.endpoint) as reader_client, reader_client.subscribe("feed", "reads") as reader:
+
+        def publish_and_read(client: Client) -> None:
+            published.extend(client.publish_batch("feed", [b"r" * 4096] * 200))
+            while (message := reader.receive(timeout=0.01)) is not None:
+                received.add(message.id)
+                message.ack_nowait()
+
+        served_while(herald, never_read, 8.0, publish_and_read)
+
+        def caught_up() -> bool:
+            while (message := reader.receive(timeout=0.2)) is not None:
+                received.add(message.id)
+                message.ack_nowait()
+            return set(published) <= received
+
+        wait_for(caught_up, timeout=60, interval=0, message="the reading subscription got everything")
+    with Client(herald.endpoint) as client:
+        backlog = client.describe_subscription("never-reads")
+    print(f"never-reads: {backlog}")
+
+
+def test_a_thousand_idle_consumers(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("idle")
+        idle = client.create_subscription("idle", "idle-consumers")
+        client.create_subscription("idle", "busy")
+    context: zmq.Context[Any] = zmq.Context()
+    context.set(zmq.MAX_SOCKETS, 4096)
+    sockets: list[zmq.Socket[Any]] = []
+
+    def idle_consumers(stop: threading.Event) -> None:
+        pushes = []
+        for n in range(1000):
+            sub = context.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, consumer_topic_frame(f"idle-{n}"))
+            sub.connect(idle["endpoints"]["deliver"])
+            push = context.socket(zmq.PUSH)
+            push.setsockopt(zmq.LINGER, 0)
+            push.connect(idle["endpoints"]["ack"])
+            sockets.extend((sub, push))
+            pushes.append((n, push))
+        while not stop.wait(1.0):  # attached and heartbeating, never ready for a message
+            for n, push in pushes:
+                push.send_multipart(encode_attach("idle-consumers", f"idle-{n}", ready=False))
+
+    try:
+        with Client(herald.endpoint) as reader_client, reader_client.subscribe("idle", "busy") as busy:
+
+            def round_trip(client: Client) -> None:
+                message_id = client.publish("idle", b"ping")
+                message = busy.receive(timeout=10)
+                assert message is not None and message.id == message_id
+                message.ack_nowait()
+
+            served_while(herald, idle_consumers, 8.0, round_trip)
+    finally:
+        for sock in sockets:
+            sock.close(0)
+        context.term()
