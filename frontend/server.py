@@ -64,6 +64,11 @@ log = logging.getLogger("herald.frontend")
 TOPIC_CACHE_ENTRIES: Final = 100_000
 RETENTION_SWEEP_INTERVAL_S: Final = 1.0
 DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
+# A DISPATCH message is cut at this many entries or this estimated header size,
+# far below the protocol's MAX_HEADER_BYTES (4 MiB) that the sender enforces.
+DISPATCH_MAX_ENTRIES: Final = 1000
+DISPATCH_MAX_HEADER_BYTES: Final = 1 * 2**20
+DISPATCH_ENTRY_BYTES: Final = 120  # an entry's JSON without its id, topic and attributes
 REFILL_FRACTION: Final = 4  # refill a backlog once a quarter of the window is free...
 REFILL_MAX: Final = 256  # ...or this many slots, whichever is fewer
 # Group commit limits: past GROUP_COMMIT_BYTES of payload waiting for the writer
@@ -698,12 +703,14 @@ class FrontendServer:
     # ------------------------------------------------------------------ dispatch to senders
 
     def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> None:
-        by_sender: dict[int, tuple[list[dict[str, Any]], list[bytes]]] = {}
+        # One write fans out to (messages x subscriptions) entries: they go in
+        # several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
+        chunks: dict[int, tuple[list[dict[str, Any]], list[bytes], int]] = {}
         for sub_id, message, attempt in entries:
             cursor = self.cursors.get(sub_id)
             if cursor is None:
                 continue  # the subscription was deleted while its write was in flight
-            headers, payloads = by_sender.setdefault(cursor.sender, ([], []))
+            headers, payloads, size = chunks.get(cursor.sender) or ([], [], 0)
             headers.append(
                 {
                     "sub": sub_id,
@@ -716,16 +723,26 @@ class FrontendServer:
                 }
             )
             payloads.append(message.payload)
-        for sender_index, (headers, payloads) in by_sender.items():
-            dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
-            frames = encode(Command.DISPATCH, b"", dispatch, payloads)
-            try:
-                send_frames(self.senders[sender_index], frames, NOBLOCK)
-                self.counters["dispatched"] += len(headers)
-            except zmq.Again:
-                # The sender is not draining; take the entries back, they stay on disk.
-                for header in headers:
-                    self._release(header["sub"], header["seq"])
+            size += DISPATCH_ENTRY_BYTES + len(message.message_id) + len(message.topic)
+            if message.attributes:
+                size += sum(len(key) + len(value) + 6 for key, value in message.attributes.items())
+            if size >= DISPATCH_MAX_HEADER_BYTES or len(headers) >= DISPATCH_MAX_ENTRIES:
+                self._send_dispatch(cursor.sender, headers, payloads)
+                chunks.pop(cursor.sender, None)
+            else:
+                chunks[cursor.sender] = (headers, payloads, size)
+        for sender_index, (headers, payloads, _) in chunks.items():
+            self._send_dispatch(sender_index, headers, payloads)
+
+    def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes]) -> None:
+        dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
+        try:
+            send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, payloads), NOBLOCK)
+            self.counters["dispatched"] += len(headers)
+        except zmq.Again:
+            # The sender is not draining; take the entries back, they stay on disk.
+            for header in headers:
+                self._release(header["sub"], header["seq"])
 
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""

@@ -322,3 +322,29 @@ def test_subscription_name_too_long_for_its_dead_letter_topic(herald: HeraldSyst
             client.create_subscription("names", "s" * 251)
         assert excinfo.value.code == "invalid_name"
         client.create_subscription("names", "s" * 251, dead_letter_topic="names.dead")
+
+
+def test_wide_fan_out_of_a_big_batch_is_delivered_everywhere(herald: HeraldSystem) -> None:
+    """One write fanned out to 10 subscriptions with 3 KiB of attributes per message is
+    more than one DISPATCH header may hold (4 MiB): the frontend must split it."""
+    names = [f"wide-{n}" for n in range(10)]
+    attributes = {f"k{n}": "v" * 1000 for n in range(3)}
+    with Client(herald.endpoint) as client:
+        client.create_topic("wide")
+        for name in names:
+            client.create_subscription("wide", name)
+        subscriptions = [client.subscribe("wide", name) for name in names]
+        try:
+            ids = set(client.publish_batch("wide", [(b"w", attributes)] * 400))
+            for subscription in subscriptions:
+                received: set[str] = set()
+                deadline = time.monotonic() + 30
+                while received != ids and time.monotonic() < deadline:
+                    message = subscription.receive(timeout=1)
+                    if message is not None:
+                        received.add(message.id)
+                        message.ack_nowait()
+                assert received == ids, f"{subscription.name}: {len(received)} of {len(ids)}"
+        finally:
+            for subscription in subscriptions:
+                subscription.close()
