@@ -8,8 +8,10 @@ same file (JSON or TOML), so the roles can run on different hosts.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import random
+import re
 import socket
 import tomllib
 from dataclasses import dataclass, field
@@ -52,6 +54,34 @@ REQUEST_TIMEOUT_S: Final = 10.0
 Durability = Literal["fsync", "async"]
 
 
+def hash_token(token: str) -> str:
+    """The SHA-256 (hex) under which a token is kept: configs and logs never hold the token itself."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+@dataclass(frozen=True, kw_only=True)
+class Credential:
+    """A named client credential: what it may do, on which topics, how fast.
+
+    ``publish`` and ``subscribe`` are topic-name prefixes (``""`` allows every
+    topic); ``admin`` allows creating and deleting topics and subscriptions.
+    Rates are for the whole system, in messages (and payload bytes) per second;
+    None means no limit. A burst of one second's worth is allowed.
+    """
+
+    name: str
+    token_sha256: str
+    publish: tuple[str, ...] = ()
+    subscribe: tuple[str, ...] = ()
+    admin: bool = False
+    publish_rate: float | None = None
+    publish_bytes_rate: float | None = None
+
+    def may(self, action: str, topic: str) -> bool:
+        prefixes = self.publish if action == "publish" else self.subscribe
+        return self.admin or any(topic.startswith(prefix) for prefix in prefixes)
+
+
 @dataclass(frozen=True, kw_only=True)
 class HeraldConfig:
     """Every endpoint, path and limit of one Herald installation.
@@ -79,6 +109,10 @@ class HeraldConfig:
     sndhwm: int = DEFAULT_SNDHWM
     rcvhwm: int = DEFAULT_RCVHWM
     request_hwm: int = DEFAULT_REQUEST_HWM
+    # No credentials: open, for development on loopback (the launcher says so).
+    credentials: tuple[Credential, ...] = ()
+    max_topics: int | None = None
+    max_subscriptions: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -116,6 +150,7 @@ class HeraldConfig:
         if unknown:
             raise ValueError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(sorted(known))}")
         values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+        values["credentials"] = tuple(c if isinstance(c, Credential) else _credential_from_json(c) for c in values.get("credentials", ()))
         config = cls(**values)
         config.validate()
         return config
@@ -126,6 +161,137 @@ class HeraldConfig:
         data = Path(path).read_bytes()
         raw = tomllib.loads(data.decode()) if str(path).endswith(".toml") else orjson.loads(data)
         return cls.from_mapping(raw)
+
+
+def _credential_from_json(raw: dict[str, Any]) -> Credential:
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
+    return Credential(**fields)
+
+
+# ---------------------------------------------------------------------------- the `herald up --config` file
+
+# Keys of the file `herald up --config` reads; endpoints always come from flags.
+TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm", "request_hwm", "max_topics", "max_subscriptions"})
+CREDENTIAL_KEYS: Final = frozenset({"name", "token", "token_sha256", "publish", "subscribe", "admin", "publish_rate", "publish_bytes_rate"})
+_SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
+
+
+class ConfigFileError(ValueError):
+    """A problem in a config file, as ``FILE:LINE: what is wrong``."""
+
+
+def load_up_file(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check the TOML file of `herald up --config`: the overrides it sets.
+
+    Raises:
+        ConfigFileError: naming the file, the line (when it can be found) and the problem.
+    """
+    name = str(path)
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigFileError(f"{name}: cannot read it: {exc}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        line = re.search(r"line (\d+)", str(exc))
+        raise ConfigFileError(f"{name}:{line.group(1) if line else '?'}: not valid TOML: {exc}") from None
+    lines = text.splitlines()
+
+    def fail(key: str, what: str, table: int | None = None) -> ConfigFileError:
+        return ConfigFileError(f"{name}:{_line_of(lines, key, table)}: {what}")
+
+    overrides: dict[str, Any] = {}
+    for key, value in raw.items():
+        if key == "credentials":
+            continue
+        if key not in TUNABLE_KEYS:
+            return_keys = ", ".join(sorted(TUNABLE_KEYS | {"credentials"}))
+            raise fail(key, f"unknown key {key!r}; the file may set {return_keys}")
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise fail(key, f"{key} = {value!r} must be a positive integer")
+        overrides[key] = value
+    credentials = raw.get("credentials", [])
+    if not isinstance(credentials, list) or not all(isinstance(c, dict) for c in credentials):
+        raise fail("credentials", "credentials must be an array of tables: [[credentials]]")
+    parsed: list[Credential] = []
+    for index, entry in enumerate(credentials):
+        parsed.append(_credential(entry, index, fail))
+    names = [c.name for c in parsed]
+    for index, credential in enumerate(parsed):
+        if names.index(credential.name) != index:
+            raise fail("name", f"credential name {credential.name!r} is used twice", index)
+    hashes = [c.token_sha256 for c in parsed]
+    for index, credential in enumerate(parsed):
+        if hashes.index(credential.token_sha256) != index:
+            raise fail("token", f"credential {credential.name!r} has the same token as {parsed[hashes.index(credential.token_sha256)].name!r}", index)
+    if parsed:
+        overrides["credentials"] = tuple(parsed)
+    return overrides
+
+
+def _credential(entry: dict[str, Any], index: int, fail: Any) -> Credential:
+    unknown = sorted(set(entry) - CREDENTIAL_KEYS)
+    if unknown:
+        raise fail(unknown[0], f"unknown credential key {unknown[0]!r}; a credential may set {', '.join(sorted(CREDENTIAL_KEYS))}", index)
+    name = entry.get("name")
+    if not isinstance(name, str) or not name:
+        raise fail("name", f"credential {index + 1} needs a name (a non-empty string)", index)
+    if ("token" in entry) == ("token_sha256" in entry):
+        raise fail("token", f"credential {name!r} needs exactly one of token or token_sha256", index)
+    if "token" in entry:
+        token = entry["token"]
+        if not isinstance(token, str) or len(token) < 16:
+            raise fail(
+                "token",
+                f"credential {name!r}: token must be a string of at least 16 characters (try `python -c 'import secrets; print(secrets.token_urlsafe())'`)",
+                index,
+            )
+        token_sha256 = hash_token(token)
+    else:
+        token_sha256 = entry["token_sha256"]
+        if not isinstance(token_sha256, str) or not _SHA256_HEX.match(token_sha256):
+            raise fail("token_sha256", f"credential {name!r}: token_sha256 must be 64 lowercase hex digits", index)
+    lists: dict[str, tuple[str, ...]] = {}
+    for key in ("publish", "subscribe"):
+        value = entry.get(key, [])
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise fail(key, f'credential {name!r}: {key} must be a list of topic-name prefixes ("" for every topic)', index)
+        lists[key] = tuple(value)
+    admin = entry.get("admin", False)
+    if not isinstance(admin, bool):
+        raise fail("admin", f"credential {name!r}: admin must be true or false", index)
+    rates: dict[str, float | None] = {}
+    for key in ("publish_rate", "publish_bytes_rate"):
+        value = entry.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int | float) or value <= 0):
+            raise fail(key, f"credential {name!r}: {key} = {value!r} must be a positive number", index)
+        rates[key] = float(value) if value is not None else None
+    return Credential(
+        name=name,
+        token_sha256=token_sha256,
+        publish=lists["publish"],
+        subscribe=lists["subscribe"],
+        admin=admin,
+        publish_rate=rates["publish_rate"],
+        publish_bytes_rate=rates["publish_bytes_rate"],
+    )
+
+
+def _line_of(lines: list[str], key: str, table: int | None) -> int | str:
+    """The 1-based line that sets ``key`` (in the ``table``-th [[credentials]] when given), or '?'."""
+    start = 0
+    if table is not None:
+        headers = [n for n, line in enumerate(lines) if line.strip().startswith("[[credentials]]")]
+        if table < len(headers):
+            start = headers[table]
+    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=")
+    for number in range(start, len(lines)):
+        if pattern.match(lines[number]):
+            return number + 1
+        if table is not None and number > start and lines[number].strip().startswith("["):
+            break
+    return start + 1 if table is not None else "?"
 
 
 # Internal ports are drawn below Linux's ephemeral range (32768-60999 by

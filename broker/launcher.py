@@ -21,7 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -29,7 +28,18 @@ from typing import IO, Any, Final
 import orjson
 import zmq
 
-from broker.config import DEFAULT_DATA_DIR, DEFAULT_FRONTENDS, DEFAULT_HOST, DEFAULT_PORT, DEFAULT_SENDERS, HeraldConfig, build_local_config, port_is_free
+from broker.config import (
+    DEFAULT_DATA_DIR,
+    DEFAULT_FRONTENDS,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    DEFAULT_SENDERS,
+    TUNABLE_KEYS,
+    HeraldConfig,
+    build_local_config,
+    load_up_file,
+    port_is_free,
+)
 from broker.runtime import READY_PREFIX, configure_logging
 from clients.protocol import Command, HeraldError, decode, encode, split_envelope
 
@@ -243,6 +253,10 @@ class Launcher:
         try:
             self.start_all()
             self.write_status()  # before the ready line, so whoever waits for it can read the pids
+            if self.config.credentials:
+                log.info("%d credentials configured; every request but PING needs a token", len(self.config.credentials))
+            else:
+                log.warning("no credentials configured: anyone who can reach %s may use Herald (fine on loopback for development)", self.config.client_endpoint)
             print(f"herald ready on {self.config.client_endpoint}", flush=True)
             last_status = time.monotonic()
             while not self.stopping:
@@ -269,25 +283,6 @@ def _previous_config(path: Path) -> HeraldConfig | None:
         return None
 
 
-TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm", "request_hwm"})
-
-
-def load_limits(path: str) -> dict[str, Any]:
-    """The limits a TOML file sets for `herald up`; unknown keys are an error naming the file."""
-    with open(path, "rb") as handle:
-        try:
-            raw = tomllib.load(handle)
-        except tomllib.TOMLDecodeError as exc:
-            raise ValueError(f"{path}: {exc}") from None
-    unknown = sorted(set(raw) - TUNABLE_KEYS)
-    if unknown:
-        raise ValueError(f"{path}: unknown key {unknown[0]!r}; `herald up --config` accepts {', '.join(sorted(TUNABLE_KEYS))}")
-    for key, value in raw.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-            raise ValueError(f"{path}: {key} = {value!r} must be a positive integer")
-    return dict(raw)
-
-
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="herald up", description="Run the whole Herald system on this machine.")
     parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR})")
@@ -301,7 +296,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default="fsync",
         help="fsync: acknowledge after the WAL is fsync'd (default); async: after the OS has it (survives a process crash, not a power loss)",
     )
-    parser.add_argument("--config", help=f"a TOML file setting limits ({', '.join(sorted(TUNABLE_KEYS))}); endpoints come from the flags")
+    parser.add_argument(
+        "--config",
+        help=f"a TOML file of limits ({', '.join(sorted(TUNABLE_KEYS))}) and [[credentials]]; endpoints come from the flags; check it with `herald config check FILE`",
+    )
     return parser.parse_args(argv)
 
 
@@ -350,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     overrides: dict[str, Any] = {}
     try:
         if args.config:
-            overrides = load_limits(args.config)
+            overrides = load_up_file(args.config)
         previous = _previous_config(Path(data_dir) / RUNTIME_CONFIG_NAME)
         config = build_local_config(
             data_dir=data_dir,

@@ -205,18 +205,22 @@ class Call(Generic[T]):
     """
 
     command: Command
-    build: Callable[[bytes], list[bytes]]
+    build: Callable[[bytes, str | None], list[bytes]]
     parse: Callable[[dict[str, Any]], T]
     repeatable: bool = False
 
-    def frames(self, request_id: bytes) -> list[bytes]:
-        """The frames to send on a DEALER socket: empty delimiter first."""
-        return [b"", *self.build(request_id)]
+    def frames(self, request_id: bytes, token: str | None = None) -> list[bytes]:
+        """The frames to send on a DEALER socket: empty delimiter first, ``token`` in the header."""
+        return [b"", *self.build(request_id, token)]
 
 
 def simple_call(command: Command, header: dict[str, Any], parse: Callable[[dict[str, Any]], T], *, repeatable: bool = False) -> Call[T]:
     """A call whose frames are just ``encode(command, request_id, header)``."""
-    return Call(command, lambda request_id: encode(command, request_id, header), parse, repeatable)
+
+    def build(request_id: bytes, token: str | None) -> list[bytes]:
+        return encode(command, request_id, {**header, "token": token} if token else header)
+
+    return Call(command, build, parse, repeatable)
 
 
 def attempt_deadline(now: float, deadline: float, attempt: int, repeatable: bool) -> float:
@@ -235,6 +239,9 @@ def retry_pause(error: HeraldError, call: Call[Any], attempt: int, now: float, d
     if not (error.retriable and call.repeatable):
         return None
     pause: float = min(RETRY_PAUSE_MAX_S, RETRY_PAUSE_S * 2.0**attempt)
+    hint = error.details.get("retry_after")  # rate_limited says when the request would fit
+    if isinstance(hint, int | float) and not isinstance(hint, bool) and hint > 0:
+        pause = float(hint)
     return pause if now + pause < deadline else None
 
 
@@ -458,7 +465,7 @@ def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishI
             raise ProtocolError("malformed", f"PUBLISH of {count} messages answered with {len(ids)} ids and {len(duplicate)} duplicate flags")
         return [PublishId(str(i), bool(d)) for i, d in zip(ids, duplicate, strict=True)]
 
-    return Call(Command.PUBLISH, lambda request_id: encode_publish(topic, wire_items, request_id), parse, repeatable=True)
+    return Call(Command.PUBLISH, lambda request_id, token: encode_publish(topic, wire_items, request_id, token), parse, repeatable=True)
 
 
 # --------------------------------------------------------------------------- statistics
@@ -729,8 +736,9 @@ class ConsumerCore(Generic[M]):
     subscription's ``max_unacked`` deliveries out to one consumer.
     """
 
-    def __init__(self, info: dict[str, Any], consumer_id: str, make: Callable[..., M], *, window: int = ACKED_WINDOW) -> None:
+    def __init__(self, info: dict[str, Any], consumer_id: str, make: Callable[..., M], *, window: int = ACKED_WINDOW, token: str | None = None) -> None:
         self.info = info
+        self.token = token
         self.name: str = _field(info, "name", str)
         self.topic: str = _field(info, "topic", str)
         endpoints = _field(info, "endpoints", dict)
@@ -759,15 +767,15 @@ class ConsumerCore(Generic[M]):
 
         A request id lets an ERROR answering this ATTACH be told apart.
         """
-        return encode_attach(self.name, self.consumer_id, ready=ready, request_id=request_id)
+        return encode_attach(self.name, self.consumer_id, ready=ready, request_id=request_id, token=self.token)
 
     def ack_frames(self, refs: list[tuple[str, int]], request_id: bytes = b"") -> list[bytes]:
         """ACK of (ref, attempt) pairs; a request id asks for an ACK_REPLY."""
-        return encode_acks(Command.ACK, self.name, self.consumer_id, refs, request_id)
+        return encode_acks(Command.ACK, self.name, self.consumer_id, refs, request_id, self.token)
 
     def nack_frames(self, refs: list[tuple[str, int]]) -> list[bytes]:
         """NACK of (ref, attempt) pairs, without asking for a reply."""
-        return encode_acks(Command.NACK, self.name, self.consumer_id, refs)
+        return encode_acks(Command.NACK, self.name, self.consumer_id, refs, token=self.token)
 
     def queue_ack(self, message: MessageFields) -> bool:
         """Queue a fire-and-forget ack; True when enough are queued to send now."""
@@ -785,7 +793,8 @@ class ConsumerCore(Generic[M]):
 
     def detach_frames(self) -> list[bytes]:
         """DETACH: the sender hands this consumer's unacknowledged messages on at once."""
-        return encode(Command.DETACH, b"", {"subscription": self.name, "consumer": self.consumer_id})
+        header = {"subscription": self.name, "consumer": self.consumer_id}
+        return encode(Command.DETACH, b"", {**header, "token": self.token} if self.token else header)
 
     # -- results of acks
 

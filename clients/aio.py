@@ -140,15 +140,17 @@ class AsyncClient:
         endpoint: the request endpoint of the proxy.
         timeout: seconds any one call waits for its reply before raising
             ``HeraldError("timeout")``.
+        token: the credential's token, for a server that requires one.
 
     Any number of calls may run concurrently (``asyncio.gather``); they share one
     socket and are matched to their replies by request id. Use ``async with``,
     or ``await close()``. A client belongs to the event loop that first uses it.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = check_timeout(timeout)
+        self.token = token
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket = self._context.socket(zmq.DEALER)
         try:
@@ -425,7 +427,7 @@ class AsyncClient:
                 attempt += 1
                 try:
                     async with asyncio.timeout_at(until):
-                        await self._socket.send_multipart(call.frames(request_id))
+                        await self._socket.send_multipart(call.frames(request_id, self.token))
                         frames = await asyncio.shield(future)
                 except TimeoutError:
                     if not call.repeatable:
@@ -581,7 +583,7 @@ class AsyncSubscription(SubscriptionView):
         """Prepare a consumer for ``info`` (a SUB_CREATE/SUB_DESCRIBE record); ``_attach`` connects it."""
         self._client = client
         self._timeout = client.timeout
-        self._core: ConsumerCore[AsyncMessage] = ConsumerCore(info, consumer_id or secrets.token_hex(8), AsyncMessage)
+        self._core: ConsumerCore[AsyncMessage] = ConsumerCore(info, consumer_id or secrets.token_hex(8), AsyncMessage, token=client.token)
         self._ids = RequestIds()
         self._awaiting: dict[bytes, asyncio.Future[list[str]]] = {}
         self._arrived = asyncio.Event()

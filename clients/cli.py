@@ -31,6 +31,7 @@ from clients.client import Client
 from clients.protocol import HeraldError
 
 ENDPOINT_ENV: Final = "HERALD_ENDPOINT"
+TOKEN_ENV: Final = "HERALD_TOKEN"  # noqa: S105 - the variable's name, not a secret
 STDIN_BATCH: Final = 500  # lines per PUBLISH when reading stdin: one fsync per batch, bounded memory
 EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
@@ -68,6 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"request endpoint of the server (default ${ENDPOINT_ENV} or {DEFAULT_ENDPOINT})",
     )
     parser.add_argument("--timeout", type=_positive_float, default=DEFAULT_TIMEOUT_S, help=f"seconds to wait for each reply (default {DEFAULT_TIMEOUT_S:g})")
+    parser.add_argument(
+        "--token",
+        default=os.environ.get(TOKEN_ENV),
+        help=f"the credential's token, for a server configured with credentials (default ${TOKEN_ENV}; prefer the variable: a flag shows in `ps`)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole Herald system on this machine (see `herald up --help`)", add_help=False)
@@ -119,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("name", help="subscription name (created when absent)")
     subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     subscribe.add_argument("--timeout", dest="idle_s", type=_positive_float, metavar="S", help="stop when no message came for S seconds")
+
+    config = commands.add_parser("config", help="check a `herald up --config` file")
+    config_commands = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    check = config_commands.add_parser("check", help="exit 0 when FILE is valid; else print FILE:LINE: what is wrong and exit 1")
+    check.add_argument("file", metavar="FILE")
 
     status = commands.add_parser("status", help="check that the server answers and print its state")
     status.add_argument(
@@ -389,8 +400,28 @@ class _UsageError(Exception):
     """A command line that parsed but makes no sense; exits with status 2."""
 
 
+def _config_check(path: str, out: TextIO, err: TextIO) -> int:
+    try:
+        from broker.config import ConfigFileError, load_up_file
+    except ImportError as exc:
+        err.write(f"error: unavailable: `herald config check` needs the Herald server package (broker): {exc}\n")
+        return EXIT_ERROR
+    try:
+        settings = load_up_file(path)
+    except ConfigFileError as exc:
+        err.write(f"{exc}\n")
+        return EXIT_ERROR
+    credentials = settings.pop("credentials", ())
+    limits = ", ".join(f"{key} = {value}" for key, value in sorted(settings.items())) or "defaults"
+    names = ", ".join(credential.name for credential in credentials) or "none: the server is open"
+    out.write(f"{path}: valid; limits: {limits}; credentials: {names}\n")
+    return EXIT_OK
+
+
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) -> int:
-    with Client(args.endpoint, timeout=args.timeout) as client:
+    if args.command == "config":
+        return _config_check(args.file, out, err)
+    with Client(args.endpoint, timeout=args.timeout, token=args.token) as client:
         match args.command:
             case "topic":
                 return _topic(client, args, out)

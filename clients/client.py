@@ -93,13 +93,15 @@ class Client:
         endpoint: the request endpoint of the proxy.
         timeout: seconds any one call waits for its reply before raising
             ``HeraldError("timeout")``; a dead server raises the same error.
+        token: the credential's token, for a server that requires one.
 
     Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
         self.endpoint = endpoint
         self.timeout = check_timeout(timeout)
+        self.token = token
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         try:
@@ -350,7 +352,7 @@ class Client:
                 self._counters.requests += 1
                 until = attempt_deadline(now, deadline, attempt, call.repeatable)
                 attempt += 1
-                if not self._send(call.frames(request_id), until):
+                if not self._send(call.frames(request_id, self.token), until):
                     continue
                 frames = self._wait_reply(waiting, until)
                 if frames is None:
@@ -433,7 +435,7 @@ class Subscription(SubscriptionView):
         """
         self._client = client
         self._timeout = client.timeout
-        self._core: ConsumerCore[Message] = ConsumerCore(info, consumer_id or secrets.token_hex(8), Message)
+        self._core: ConsumerCore[Message] = ConsumerCore(info, consumer_id or secrets.token_hex(8), Message, token=client.token)
         self._ids = RequestIds()
         self._awaiting: dict[bytes, list[str] | HeraldError | None] = {}
         self._stop = threading.Event()

@@ -39,6 +39,11 @@ MAX_REQUEST_ID_BYTES: Final = 64
 MAX_NAME_BYTES: Final = 255
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024  # 1 MiB, the usual broker default
 MAX_HEADER_BYTES: Final = 4 * 1024 * 1024  # a batch header of ~10k messages fits
+# Header fields a frontend adds to an admin request it relays to metadata:
+# the request came from a client (quotas apply), and the credential may only
+# attach to an existing subscription (it has subscribe, not admin, permission).
+RELAY_QUOTA_FIELD: Final = "quota"
+RELAY_ONLY_EXISTING_FIELD: Final = "only_existing"
 MAX_BATCH_MESSAGES: Final = 10_000  # bounds one request's memory and fsync size
 MAX_ATTRIBUTES: Final = 64
 MAX_ATTRIBUTE_BYTES: Final = 1024
@@ -146,6 +151,7 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("unauthenticated", 420, False, "the request carries no valid credential"),
     ErrorSpec("forbidden", 421, False, "the credential may not do this"),
     ErrorSpec("rate_limited", 429, True, "the client sends faster than its limit allows"),
+    ErrorSpec("quota_exceeded", 430, False, "a server-wide limit (max_topics, max_subscriptions) is reached"),
     ErrorSpec("internal", 500, True, "the server failed while handling the request"),
     ErrorSpec("unavailable", 503, True, "a process the request needs is not answering; retry later"),
     ErrorSpec("storage_failed", 507, True, "the store refused the write (disk full or not writable); nothing was acknowledged"),
@@ -248,12 +254,12 @@ def encode_error(request_id: bytes, error: HeraldError) -> list[bytes]:
     return encode(Command.ERROR, request_id, error.to_header())
 
 
-def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES) -> Frames:
+def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, accept: frozenset[Command] | None = None) -> Frames:
     """Parse and check the fixed part of a Herald message.
 
     Validation runs in a fixed order: frame count, signature, request id,
-    command, header. The request id is recovered as early as possible so that an
-    error reply can still be matched by the peer.
+    command (one of ``accept``, when given), header. The request id is recovered
+    as early as possible so that an error reply can still be matched by the peer.
 
     Raises:
         ProtocolError: with a catalog code naming the first thing wrong.
@@ -270,6 +276,8 @@ def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES) -> 
     command = _COMMANDS_BY_VALUE.get(raw_command)
     if command is None:
         raise ProtocolError("unknown_command", f"unknown command {raw_command[:32]!r}")
+    if accept is not None and command not in accept:
+        raise ProtocolError("unknown_command", f"{command.name} is not a command this endpoint accepts; see docs/protocol.md")
     if len(raw_header) > max_header_bytes:
         raise ProtocolError("invalid_header", f"header of {len(raw_header)} bytes exceeds {max_header_bytes} bytes")
     try:
@@ -451,6 +459,8 @@ def check_subscription_settings(raw: Any) -> dict[str, Any]:
     if isinstance(raw, dict) and "backoff" in raw:
         raw = dict(raw)
         backoff = raw.pop("backoff")
+        if backoff is None:
+            backoff = [None, None]  # null means the defaults, as for every setting
         if isinstance(backoff, dict) and set(backoff) <= {"min", "max"}:
             backoff = [backoff.get("min"), backoff.get("max")]
         if not (isinstance(backoff, list | tuple) and len(backoff) == 2):
@@ -503,7 +513,7 @@ class PublishItem:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, str | None]], request_id: bytes) -> list[bytes]:
+def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, str | None]], request_id: bytes, token: str | None = None) -> list[bytes]:
     """Frames of a PUBLISH request for ``items`` of (payload, attributes, message id)."""
     messages: list[dict[str, Any]] = []
     payloads: list[bytes] = []
@@ -515,7 +525,10 @@ def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, s
             entry["attributes"] = attributes
         messages.append(entry)
         payloads.append(payload)
-    return encode(Command.PUBLISH, request_id, {"topic": topic, "messages": messages}, payloads)
+    header: dict[str, Any] = {"topic": topic, "messages": messages}
+    if token:
+        header["token"] = token
+    return encode(Command.PUBLISH, request_id, header, payloads)
 
 
 def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishItem]]:
@@ -589,18 +602,27 @@ def parse_delivery_ref(ref: Any) -> tuple[int, int]:
     raise ProtocolError("invalid_header", f"delivery ref {str(ref)[:40]!r} is not '<shard>.<seq>'")
 
 
-def encode_attach(subscription: str, consumer: str, *, ready: bool, request_id: bytes = b"", max_unacked: int | None = None) -> list[bytes]:
+def encode_attach(
+    subscription: str, consumer: str, *, ready: bool, request_id: bytes = b"", max_unacked: int | None = None, token: str | None = None
+) -> list[bytes]:
     """ATTACH (also the consumer heartbeat), sent on the consumer's PUSH socket."""
     header: dict[str, Any] = {"subscription": subscription, "consumer": consumer, "ready": ready}
     if max_unacked is not None:
         header["max_unacked"] = max_unacked
+    if token:
+        header["token"] = token
     return encode(Command.ATTACH, request_id, header)
 
 
-def encode_acks(command: Command, subscription: str, consumer: str, refs: list[tuple[str, int]], request_id: bytes = b"") -> list[bytes]:
+def encode_acks(
+    command: Command, subscription: str, consumer: str, refs: list[tuple[str, int]], request_id: bytes = b"", token: str | None = None
+) -> list[bytes]:
     """ACK or NACK of (ref, attempt) pairs; a non-empty request id asks for an ACK_REPLY."""
     key = "acks" if command is Command.ACK else "nacks"
-    return encode(command, request_id, {"subscription": subscription, "consumer": consumer, key: [[ref, attempt] for ref, attempt in refs]})
+    header: dict[str, Any] = {"subscription": subscription, "consumer": consumer, key: [[ref, attempt] for ref, attempt in refs]}
+    if token:
+        header["token"] = token
+    return encode(command, request_id, header)
 
 
 # --------------------------------------------------------------------------- transport helpers

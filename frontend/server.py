@@ -28,14 +28,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+import orjson
 import zmq
 
+from broker.auth import TOKEN_HEADER, Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, PEER_EXPIRY_S, HeraldConfig
 from broker.runtime import Hwm, LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     CLIENT_COMMANDS,
     NOBLOCK,
     PROTOCOL_VERSION,
+    RELAY_ONLY_EXISTING_FIELD,
+    RELAY_QUOTA_FIELD,
     SERVER_VERSION,
     Command,
     Frames,
@@ -82,6 +86,7 @@ OVERLOAD_BYTES: Final = 32 * 2**20
 FORWARD_WAITING_MAX: Final = 64
 FORWARD_WAIT_S: Final = 2.0
 FORWARD_RETRY_MS: Final = 2
+_CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
 _ADMIN_COMMANDS: Final = frozenset(
     {
         Command.TOPIC_CREATE,
@@ -223,6 +228,7 @@ class FrontendServer:
         self.index = index
         self.epoch = secrets.randbits(63)
         self.store = ShardStore(Path(config.data_dir) / f"shard-{index}", sync=config.durability == "fsync")
+        self.auth = Authorizer(config.credentials, share=config.frontends)
         self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
@@ -374,19 +380,40 @@ class FrontendServer:
         self.counters["errors"] += 1
         self._reply(envelope, encode_error(request_id, error))
 
-    def _on_client_request(self, raw: list[bytes]) -> None:
+    def _on_client_request(self, raw: list[bytes], *, forwarded: bool = False) -> None:
         envelope, body = split_envelope(raw)
         self.counters["requests"] += 1
         try:
-            frames = decode(body)
-            if frames.command not in CLIENT_COMMANDS:
-                raise ProtocolError("unknown_command", f"{frames.command.name} is not a client command; see docs/protocol.md")
+            frames = decode(body, accept=CLIENT_COMMANDS)
+            self._authorize(frames, forwarded)
             self._handle_client_frames(envelope, body, frames)
         except HeraldError as error:
             self._reply_error(envelope, request_id_of(body), error)
         except Exception as exc:
             log.exception("internal error")
             self._reply_error(envelope, request_id_of(body), HeraldError("internal", f"{type(exc).__name__}: {exc}"))
+
+    def _authorize(self, frames: Frames, forwarded: bool) -> None:
+        """Refuse a request its credential may not make; charge a publish to its rate limits.
+
+        A forwarded publish was checked and charged by the frontend that took it
+        from the proxy; the owner checks it again (cheap) but does not charge it twice.
+        """
+        if self.auth.open or frames.command is Command.PING:
+            return
+        credential = self.auth.identify(frames.header)
+        command = frames.command
+        if command is Command.PUBLISH:
+            self.auth.require(credential, "publish", check_name(get_field(frames.header, "topic", str), "topic"))
+            if not forwarded:
+                self.auth.charge_publish(credential, len(frames.payloads), sum(map(len, frames.payloads)))
+        elif command is Command.SUB_CREATE and credential is not None and not credential.admin:
+            # Subscribing to an existing subscription is allowed with subscribe
+            # permission; metadata refuses to create or change one for it.
+            self.auth.require(credential, "subscribe", check_name(get_field(frames.header, "topic", str), "topic"))
+            frames.header[RELAY_ONLY_EXISTING_FIELD] = True
+        elif command in _CHANGE_COMMANDS:
+            self.auth.require(credential, "admin")
 
     def _handle_client_frames(self, envelope: list[bytes], body: list[bytes], frames: Frames) -> None:
         match frames.command:
@@ -430,6 +457,7 @@ class FrontendServer:
             "topic_cache": self.topics.statistics(),
             "subscriptions_dispatching": len(self.cursors),
             "outstanding": sum(len(c.outstanding) for c in self.cursors.values()),
+            "refused": dict(self.auth.refused),
             **self.counters,
         }
 
@@ -445,7 +473,14 @@ class FrontendServer:
         def on_failure(error: HeraldError) -> None:
             self._reply_error(envelope, client_rid, error)
 
-        self.metadata.call(frames.command, frames.header, on_reply, on_failure)
+        # The token stays here (metadata needs no secrets); quotas apply to clients.
+        header = {key: value for key, value in frames.header.items() if key != TOKEN_HEADER}
+        header[RELAY_QUOTA_FIELD] = True
+        try:
+            self.metadata.call(frames.command, header, on_reply, on_failure)
+        except (TypeError, orjson.JSONEncodeError) as exc:
+            # orjson parses deeper nesting than it will write back.
+            raise HeraldError("invalid_header", f"the header cannot be relayed: {exc}") from None
 
     # ------------------------------------------------------------------ publish
 
@@ -791,7 +826,7 @@ class FrontendServer:
                 case Command.FORWARD:
                     count = int(frames.header.get("envelope", 0))
                     envelope, body = frames.payloads[:count], frames.payloads[count:]
-                    self._on_client_request(envelope + body)
+                    self._on_client_request(envelope + body, forwarded=True)
                     self.counters["requests"] -= 1  # counted by the frontend that received it
                 case Command.CREDIT:
                     self._on_credit(frames.header)

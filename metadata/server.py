@@ -24,6 +24,8 @@ from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 from broker.config import HEARTBEAT_INTERVAL_S, METADATA_SYNC_TIMEOUT_S, PEER_EXPIRY_S, HeraldConfig
 from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
+    RELAY_ONLY_EXISTING_FIELD,
+    RELAY_QUOTA_FIELD,
     SERVER_VERSION,
     TOPIC_SETTINGS,
     Command,
@@ -189,6 +191,9 @@ class MetadataServer:
     def __init__(self, config: HeraldConfig) -> None:
         self.config = config
         self.store = MetadataStore(Path(config.data_dir) / "metadata")
+        # Counted once at start, then kept up to date: quotas never scan the store.
+        self.topic_count = len(self.store.topics())
+        self.subscription_count = len(self.store.subscriptions())
         self.lookups: LRUCache[str, dict[str, Any]] = LRUCache(LOOKUP_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
         self.rpc = make_socket(self.context, zmq.ROUTER, bind=config.metadata_rpc_endpoint)
@@ -351,7 +356,11 @@ class MetadataServer:
             if exist_ok:
                 return encode_ok(rid, {"topic": existing, "created": False}), 0
             raise HeraldError("topic_exists", f"topic {name!r} already exists; delete it first or pass exist_ok")
+        limit = self.config.max_topics
+        if limit is not None and header.get(RELAY_QUOTA_FIELD) and self.topic_count >= limit:
+            raise HeraldError("quota_exceeded", f"this server holds at most {limit} topics (max_topics); delete one first")
         topic, version = self.store.create_topic(name, settings)
+        self.topic_count += 1
         self._announce(version, "topic", name, name)
         log.info("created topic %r", name)
         return encode_ok(rid, {"topic": topic, "created": True}), version
@@ -362,6 +371,8 @@ class MetadataServer:
             raise HeraldError("topic_not_found", f"topic {name!r} does not exist")
         doomed = [{"name": s["name"], "id": s["id"]} for s in self.store.subscriptions(name)]
         deleted_subs, version = self.store.delete_topic(name)
+        self.topic_count -= 1
+        self.subscription_count -= len(deleted_subs)
         self._announce(version, "topic", name, name, deleted_subscriptions=doomed)
         log.info("deleted topic %r and its subscriptions %s", name, deleted_subs)
         return encode_ok(rid, {"deleted": name, "subscriptions": deleted_subs}), version
@@ -381,6 +392,8 @@ class MetadataServer:
                 raise HeraldError("subscription_exists", f"subscription {name!r} already exists on topic {existing['topic']!r}")
             if not exist_ok:
                 raise HeraldError("subscription_exists", f"subscription {name!r} already exists")
+            if header.get(RELAY_ONLY_EXISTING_FIELD) and header.get("settings") and existing["settings"] != settings:
+                raise HeraldError("forbidden", f"changing the settings of subscription {name!r} needs an admin credential")
             if existing["settings"] == settings or not header.get("settings"):
                 return encode_ok(rid, {"subscription": self._with_endpoints(existing), "created": False}), 0
             # Changed settings (e.g. a new filter) apply at once: same id, new settings.
@@ -388,7 +401,13 @@ class MetadataServer:
             version = self.store.update_subscription(existing)
             self._announce(version, "subscription", name, topic_name)
             return encode_ok(rid, {"subscription": self._with_endpoints(existing), "created": False, "updated": True}), version
+        if header.get(RELAY_ONLY_EXISTING_FIELD):
+            raise HeraldError("forbidden", f"subscription {name!r} does not exist, and creating one needs an admin credential")
+        limit = self.config.max_subscriptions
+        if limit is not None and header.get(RELAY_QUOTA_FIELD) and self.subscription_count >= limit:
+            raise HeraldError("quota_exceeded", f"this server holds at most {limit} subscriptions (max_subscriptions); delete one first")
         sub, version = self.store.create_subscription(topic, name, settings)
+        self.subscription_count += 1
         self._announce(version, "subscription", name, topic_name)
         log.info("created subscription %r on %r", name, topic_name)
         return encode_ok(rid, {"subscription": self._with_endpoints(sub), "created": True}), version
@@ -399,6 +418,7 @@ class MetadataServer:
         if sub is None:
             raise HeraldError("subscription_not_found", f"subscription {name!r} does not exist")
         version = self.store.delete_subscription(sub)
+        self.subscription_count -= 1
         self._announce(version, "subscription", name, sub["topic"], deleted_subscriptions=[{"name": name, "id": sub["id"]}])
         log.info("deleted subscription %r", name)
         return encode_ok(rid, {"deleted": name}), version

@@ -28,6 +28,7 @@ from typing import Any, Final
 
 import zmq
 
+from broker.auth import Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, HeraldConfig
 from broker.runtime import Hwm, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
@@ -138,6 +139,7 @@ class SenderServer:
         self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], **hwm)
         self.frontends = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.frontend_control_endpoints]
         self.metadata = MetadataLink(self.context, config, hwm)
+        self.auth = Authorizer(config.credentials)
         self.stop = StopFlag()
         self.subs: dict[str, SubscriptionState] = {}
         self.subs_by_id: dict[int, SubscriptionState] = {}
@@ -392,10 +394,13 @@ class SenderServer:
         try:
             frames = decode(body)
             request_id = frames.request_id
-            consumer_id = get_field(frames.header, "consumer", str)
-            if not consumer_id or len(consumer_id) > 128 or "\0" in consumer_id:
+            claimed_id = get_field(frames.header, "consumer", str)
+            if not claimed_id or len(claimed_id) > 128 or "\0" in claimed_id:
+                # Not answered: an id with NUL would address another consumer's SUB prefix.
                 raise ProtocolError("invalid_header", "consumer must be a non-empty string of at most 128 characters without NUL")
+            consumer_id = claimed_id
             name = check_name(get_field(frames.header, "subscription", str), "subscription")
+            self.auth.identify(frames.header)
             match frames.command:
                 case Command.ATTACH:
                     self._on_attach(name, consumer_id, frames)
@@ -416,6 +421,7 @@ class SenderServer:
                 self._reply_to_consumer(consumer_id, encode_error(request_id, error))
 
     def _on_attach(self, name: str, consumer_id: str, frames: Frames) -> None:
+        requested = get_field(frames.header, "max_unacked", int, required=False)  # checked before parking
         state = self.subs.get(name)
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
@@ -427,7 +433,7 @@ class SenderServer:
                 self._lookup_subscription(name)
             parked[consumer_id] = frames
             return
-        requested = get_field(frames.header, "max_unacked", int, required=False)
+        self.auth.require(self.auth.identify(frames.header), "subscribe", str(state.info["topic"]))
         limit = int(state.settings["max_unacked"])
         max_unacked = min(limit, requested) if requested and requested > 0 else limit
         consumer = state.consumers.get(consumer_id)
@@ -548,7 +554,11 @@ class SenderServer:
             state.info = info
             state.version = max(state.version, int(frames.header.get("version", 0)))
         for attach in parked:
-            self._on_attach(name, str(attach.header["consumer"]), attach)
+            consumer_id = str(attach.header["consumer"])
+            try:
+                self._on_attach(name, consumer_id, attach)
+            except HeraldError as error:
+                self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error))
 
     def _forget_subscription(self, name: str) -> None:
         state = self.subs.pop(name, None)

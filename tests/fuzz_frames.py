@@ -955,7 +955,7 @@ def documented_consumer_reply(frames: list[bytes], sender: int, world: ConsumerW
         return ExpectedReply(topic, b"ERROR", request_id, code=code, asynchronous=asynchronous)
 
     if len(consumer) > MAX_CONSUMER_ID_CHARACTERS or "\x00" in consumer:
-        return error("invalid_header")
+        return None  # not addressable: an id with NUL would reach another consumer's SUB prefix
     subscription = header.get("subscription")
     if not isinstance(subscription, str):
         return error("invalid_header")

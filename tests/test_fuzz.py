@@ -19,8 +19,8 @@ The cases and the oracles live in tests/fuzz_frames.py. One Herald serves the
 fuzzing; the last test checks that no process died or restarted, that
 messages stored before the fuzzing are still there and deliverable, and that
 a publish/subscribe/ack round trip with the client library works. The bugs
-the fuzzing found have strict xfail tests near the end, the crashing ones on
-a Herald of their own.
+the fuzzing found (all fixed) have regression tests near the end, the ones
+that used to crash a process on a Herald of their own.
 
 Runs are derandomized, so CI sees the same examples every time. Each property
 is parametrized over its strata (a frame check, a command's bad field, a
@@ -503,14 +503,13 @@ def test_mutated_consumer_messages_get_the_documented_answer_and_the_sender_surv
     assert_every_process_healthy(world.system)
 
 
-# ---------------------------------------------------------------- bugs the fuzzing found
-# Each known bug keeps the properties green by staying out of their cases, and
-# has a strict xfail here with the smallest input that shows it. The crashing
-# ones hurt a system of their own (``victim``), never the fuzzed one.
+# ---------------------------------------------------------------- bugs the fuzzing found (all fixed)
+# Each one keeps the smallest input that showed it. The ones that used to crash
+# a process run against a system of their own (``victim``), never the fuzzed one.
 
-# Nested arrays, 280 KB: orjson 3.8.3 (pyproject allows orjson>=3.8) recurses
-# without a limit and overflows the C stack at ~130,000 levels (CVE-2024-27454,
-# ijl/orjson#458, fixed in orjson 3.9.15). MAX_HEADER_BYTES (4 MiB) lets it in.
+# Nested arrays, 280 KB: orjson before 3.9.15 recursed without a limit and
+# overflowed the C stack at ~130,000 levels (CVE-2024-27454); pyproject now
+# requires a fixed orjson. MAX_HEADER_BYTES (4 MiB) lets such a header in.
 DEEP_JSON: Final = b"[" * 140_000 + b"]" * 140_000
 
 
@@ -589,35 +588,18 @@ def join(inbox: zmq.Socket[Any], push: zmq.Socket[Any], subscription: str, consu
         inbox.recv_multipart()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a non-client verb (DISPATCH, REGISTER, OK, ...) with an unparsable header gets invalid_header, "
-    "but docs/protocol.md §2 (check 4 before check 5) and §12 promise unknown_command: clients.protocol.decode() "
-    "checks the header before FrontendServer._on_client_request checks CLIENT_COMMANDS",
-)
 def test_internal_verb_with_a_bad_header_gets_unknown_command(requests: RequestLink) -> None:
     body = [SIGNATURE, b"DISPATCH", b"r1", b"{not json"]
     reply = requests.exchange([b"", *body])
     check_reply(reply[1:], body, frozenset({"unknown_command"}), ok_allowed=False)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: an admin request (TOPIC_*, SUB_*) whose header nests 255 levels or more, even in a field the "
-    "server ignores, gets ERROR internal with retriable=true (a documented client retries it forever): the "
-    "frontend re-encodes the header for metadata and orjson.dumps refuses 255 levels that orjson.loads accepted",
-)
 def test_deeply_nested_ignored_field_in_an_admin_request_is_not_an_internal_error(requests: RequestLink) -> None:
     body = [SIGNATURE, b"TOPIC_LIST", b"r1", b'{"prefix": "fz.", "x-ignored": ' + b"[" * 300 + b"]" * 300 + b"}"]
     reply = requests.exchange([b"", *body])
     check_reply(reply[1:], body, FIELD_LEVEL_CODES, ok_allowed=True)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a header of 140,000 nested arrays (280 KB) kills the frontend that parses it with SIGSEGV and gets "
-    "no reply: orjson 3.8.3 overflows the stack (CVE-2024-27454; pyproject allows orjson>=3.8, the fix is in 3.9.15)",
-)
 def test_deeply_nested_header_on_the_request_endpoint_gets_invalid_header(victim: HeraldSystem) -> None:
     frontends = running_pids(victim, "frontend-")
     link = RequestLink(victim.endpoint)
@@ -630,11 +612,6 @@ def test_deeply_nested_header_on_the_request_endpoint_gets_invalid_header(victim
         link.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: a header of 140,000 nested arrays (280 KB) on a sender's ack endpoint kills the sender with SIGSEGV: "
-    "orjson 3.8.3 overflows the stack (CVE-2024-27454; pyproject allows orjson>=3.8, the fix is in 3.9.15)",
-)
 def test_deeply_nested_header_on_the_ack_endpoint_is_dropped_and_the_sender_survives(victim: HeraldSystem) -> None:
     senders = running_pids(victim, "sender-")
     endpoints = orjson.loads((victim.data_dir / "herald-runtime.json").read_bytes())
@@ -647,13 +624,6 @@ def test_deeply_nested_header_on_the_ack_endpoint_is_dropped_and_the_sender_surv
         answer_or_death(inbox, {"sender-0": senders["sender-0"]}, lambda message: message[2:4] == [b"ERROR", b"after"])
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="BUG: the first ATTACH a sender gets for an existing subscription it has not looked up yet is parked; "
-    "when metadata answers, SenderServer._on_subscription_info calls _on_attach outside _on_consumer_message's "
-    "try, so a bad max_unacked raises out of the poll loop and the sender process exits (the launcher restarts it; "
-    "8 such messages in a row make it give up on the whole system)",
-)
 def test_first_attach_with_a_bad_max_unacked_gets_an_error_and_the_sender_survives(victim: HeraldSystem) -> None:
     with Client(victim.endpoint, timeout=15) as client:
         client.create_topic("jobs", exist_ok=True)
