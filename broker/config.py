@@ -113,6 +113,10 @@ class HeraldConfig:
     credentials: tuple[Credential, ...] = ()
     max_topics: int | None = None
     max_subscriptions: int | None = None
+    # CURVE on the endpoints clients reach (broker/curve.py): the server's secret
+    # certificate file, and a folder of allowed clients' public certificates.
+    curve_secret_key_file: str | None = None
+    curve_clients_dir: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -172,6 +176,7 @@ def _credential_from_json(raw: dict[str, Any]) -> Credential:
 
 # Keys of the file `herald up --config` reads; endpoints always come from flags.
 TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm", "request_hwm", "max_topics", "max_subscriptions"})
+PATH_KEYS: Final = frozenset({"curve_secret_key_file", "curve_clients_dir"})
 CREDENTIAL_KEYS: Final = frozenset({"name", "token", "token_sha256", "publish", "subscribe", "admin", "publish_rate", "publish_bytes_rate"})
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -205,8 +210,11 @@ def load_up_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     for key, value in raw.items():
         if key == "credentials":
             continue
+        if key in PATH_KEYS:
+            overrides[key] = _checked_path(key, value, Path(name).parent, fail)
+            continue
         if key not in TUNABLE_KEYS:
-            return_keys = ", ".join(sorted(TUNABLE_KEYS | {"credentials"}))
+            return_keys = ", ".join(sorted(TUNABLE_KEYS | PATH_KEYS | {"credentials"}))
             raise fail(key, f"unknown key {key!r}; the file may set {return_keys}")
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise fail(key, f"{key} = {value!r} must be a positive integer")
@@ -228,6 +236,26 @@ def load_up_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if parsed:
         overrides["credentials"] = tuple(parsed)
     return overrides
+
+
+def _checked_path(key: str, value: Any, base: Path, fail: Any) -> str:
+    """An absolute path for ``key`` (relative ones are relative to the config file), checked to exist."""
+    if not isinstance(value, str) or not value:
+        raise fail(key, f"{key} must be a path (a string)")
+    path = (base / value).resolve()
+    if key == "curve_clients_dir":
+        if not path.is_dir():
+            raise fail(key, f"{key} = {value!r}: {path} is not a folder")
+        return str(path)
+    try:
+        import zmq.auth
+
+        _, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise fail(key, f"{key} = {value!r}: cannot read a certificate from {path}: {exc}") from None
+    if not secret:
+        raise fail(key, f"{key} = {value!r}: {path} holds no secret key; name the .key_secret file `herald keys generate` wrote")
+    return str(path)
 
 
 def _credential(entry: dict[str, Any], index: int, fail: Any) -> Credential:

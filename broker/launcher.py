@@ -40,6 +40,7 @@ from broker.config import (
     load_up_file,
     port_is_free,
 )
+from broker.curve import ServerKeys
 from broker.runtime import READY_PREFIX, configure_logging
 from clients.protocol import Command, HeraldError, decode, encode, split_envelope
 
@@ -158,6 +159,8 @@ class Launcher:
                 attempt += 1
                 sock = context.socket(zmq.DEALER)
                 sock.setsockopt(zmq.LINGER, 0)
+                if self.config.curve_secret_key_file:
+                    ServerKeys(self.config.curve_secret_key_file).connect_as_self(sock)
                 sock.connect(self.config.client_endpoint)
                 sock.send_multipart([b"", *encode(Command.PING, attempt.to_bytes(4, "big"))])
                 if sock.poll(500):

@@ -23,6 +23,7 @@ from typing import Any, Final
 import zmq
 
 from broker.config import HeraldConfig
+from broker.curve import start_curve
 from broker.runtime import Hwm, StopFlag, announce_ready, configure_logging, make_socket
 
 log = logging.getLogger("herald.proxy")
@@ -44,12 +45,20 @@ class ProxyDevice:
         # Requests queue briefly (request_hwm per client and per frontend). Replies
         # queue up to REPLY_QUEUE_FACTOR times that per client, then are dropped
         # for a client that does not read them (a ROUTER never blocks on a peer).
+        curve = start_curve(config, self.context)
+        self.authenticator = curve[1] if curve else None
+        secure = curve[0].serve if curve else None
         self.clients = make_socket(
-            self.context, zmq.ROUTER, bind=config.client_endpoint, sndhwm=config.request_hwm * REPLY_QUEUE_FACTOR, rcvhwm=config.request_hwm
+            self.context,
+            zmq.ROUTER,
+            bind=config.client_endpoint,
+            sndhwm=config.request_hwm * REPLY_QUEUE_FACTOR,
+            rcvhwm=config.request_hwm,
+            prepare=secure,
         )
         self.frontends = make_socket(self.context, zmq.DEALER, bind=config.proxy_backend_endpoint, sndhwm=config.request_hwm, rcvhwm=config.rcvhwm)
         self.live_in = make_socket(self.context, zmq.XSUB, bind=config.live_intake_endpoint, **hwm)
-        self.live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, **hwm)
+        self.live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, prepare=secure, **hwm)
         self._controls: list[zmq.Socket[Any]] = []
         self._threads: list[threading.Thread] = []
 
@@ -86,6 +95,8 @@ class ProxyDevice:
             thread.join(timeout=2)
         for sock in (self.clients, self.frontends, self.live_in, self.live_out, *self._controls):
             sock.close(0)
+        if self.authenticator is not None:
+            self.authenticator.stop()
         self.context.term()
         log.info("stopped")
 

@@ -58,8 +58,11 @@ def make_socket(
     linger_ms: int = 0,
     subscribe: bytes | None = None,
     identity: bytes | None = None,
+    prepare: Callable[[zmq.Socket[Any]], None] | None = None,
 ) -> zmq.Socket[Any]:
     """Create a socket with options set before bind and connect, in one place.
+
+    ``prepare`` sets further options before bind, e.g. CURVE (see broker.curve).
 
     Linger defaults to 0: a dying process must not hang on unsent messages,
     since everything that matters is either in RocksDB or will be retried.
@@ -72,6 +75,8 @@ def make_socket(
         sock.setsockopt(zmq.IDENTITY, identity)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe if subscribe is not None else b"")
+    if prepare is not None:
+        prepare(sock)
     if bind:
         sock.bind(bind)
     if connect:

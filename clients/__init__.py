@@ -27,7 +27,7 @@ asyncio (``clients.aio.run`` uses uvloop when installed)::
     run(main())
 """
 
-from clients._core import AsyncMessage, ClientStatistics, Message, PublishId, SubscriptionStatistics
+from clients._core import AsyncMessage, ClientStatistics, CurveKeys, Message, PublishId, SubscriptionStatistics
 from clients.aio import AsyncClient, AsyncSubscription
 from clients.client import Client, Subscription
 from clients.protocol import HeraldError, ProtocolError
@@ -38,6 +38,7 @@ __all__ = [
     "AsyncSubscription",
     "Client",
     "ClientStatistics",
+    "CurveKeys",
     "HeraldError",
     "Message",
     "ProtocolError",

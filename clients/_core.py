@@ -914,6 +914,41 @@ class ConsumerCore(Generic[M]):
 # --------------------------------------------------------------------------- sockets
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """What a client needs to reach a server that runs CURVE: the server's public
+    key and this client's key pair (Z85-encoded, as in ZeroMQ certificate files).
+
+    The server admits the client only if its public key is in the server's
+    ``curve_clients_dir`` (when it has one).
+    """
+
+    server_public: bytes
+    public: bytes
+    secret: bytes
+
+    @classmethod
+    def from_files(cls, server_public_file: str, client_secret_file: str) -> CurveKeys:
+        """Keys from certificate files, as ``herald keys generate`` writes them.
+
+        Args:
+            server_public_file: the server's ``.key`` file.
+            client_secret_file: this client's ``.key_secret`` file (it holds both halves).
+        """
+        import zmq.auth
+
+        server_public, _ = zmq.auth.load_certificate(server_public_file)
+        public, secret = zmq.auth.load_certificate(client_secret_file)
+        if not secret:
+            raise ValueError(f"{client_secret_file} holds no secret key; pass the client's .key_secret file")
+        return cls(server_public, public, secret)
+
+    def apply(self, sock: Any) -> None:
+        sock.curve_serverkey = self.server_public
+        sock.curve_publickey = self.public
+        sock.curve_secretkey = self.secret
+
+
 def setup_socket(
     sock: Any,
     *,
@@ -922,6 +957,7 @@ def setup_socket(
     rcvhwm: int,
     subscribe: bytes | None = None,
     immediate: bool = False,
+    curve: CurveKeys | None = None,
 ) -> None:
     """Set a fresh socket's options, then connect it: one place for both flavours.
 
@@ -942,6 +978,8 @@ def setup_socket(
         sock.setsockopt(zmq.IMMEDIATE, 1)
     if subscribe is not None:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe)
+    if curve is not None:
+        curve.apply(sock)
     try:
         sock.connect(connect)
     except zmq.ZMQError as exc:

@@ -35,6 +35,7 @@ from clients._core import (
     ClientCounters,
     ClientStatistics,
     ConsumerCore,
+    CurveKeys,
     ItemLike,
     MessageFields,
     PublishId,
@@ -141,20 +142,24 @@ class AsyncClient:
         timeout: seconds any one call waits for its reply before raising
             ``HeraldError("timeout")``.
         token: the credential's token, for a server that requires one.
+        curve: keys for a server that runs CURVE encryption (:class:`CurveKeys`).
 
     Any number of calls may run concurrently (``asyncio.gather``); they share one
     socket and are matched to their replies by request id. Use ``async with``,
     or ``await close()``. A client belongs to the event loop that first uses it.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
+    def __init__(
+        self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None, curve: CurveKeys | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = check_timeout(timeout)
         self.token = token
+        self.curve = curve
         self._context = zmq.asyncio.Context()
         self._socket: zmq.asyncio.Socket = self._context.socket(zmq.DEALER)
         try:
-            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True, curve=curve)
         except ValueError:
             self._context.term()
             raise
@@ -596,8 +601,15 @@ class AsyncSubscription(SubscriptionView):
         self._sub: zmq.asyncio.Socket = context.socket(zmq.SUB)
         self._push: zmq.asyncio.Socket = context.socket(zmq.PUSH)
         try:
-            setup_socket(self._sub, connect=self._core.deliver_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self._core.topic_frame)
-            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM)
+            setup_socket(
+                self._sub,
+                connect=self._core.deliver_endpoint,
+                sndhwm=CONSUMER_SNDHWM,
+                rcvhwm=CONSUMER_RCVHWM,
+                subscribe=self._core.topic_frame,
+                curve=client.curve,
+            )
+            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, curve=client.curve)
         except BaseException:
             self._sub.close(0)
             self._push.close(0)

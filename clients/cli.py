@@ -26,11 +26,13 @@ from typing import Any, BinaryIO, Final, TextIO
 
 import orjson
 
-from clients._core import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT_S
+from clients._core import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT_S, CurveKeys
 from clients.client import Client
 from clients.protocol import HeraldError
 
 ENDPOINT_ENV: Final = "HERALD_ENDPOINT"
+CURVE_SERVER_KEY_ENV: Final = "HERALD_CURVE_SERVER_KEY"
+CURVE_KEY_ENV: Final = "HERALD_CURVE_KEY"
 TOKEN_ENV: Final = "HERALD_TOKEN"  # noqa: S105 - the variable's name, not a secret
 STDIN_BATCH: Final = 500  # lines per PUBLISH when reading stdin: one fsync per batch, bounded memory
 EXIT_OK: Final = 0
@@ -73,6 +75,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--token",
         default=os.environ.get(TOKEN_ENV),
         help=f"the credential's token, for a server configured with credentials (default ${TOKEN_ENV}; prefer the variable: a flag shows in `ps`)",
+    )
+    parser.add_argument(
+        "--curve-server-key",
+        default=os.environ.get(CURVE_SERVER_KEY_ENV),
+        metavar="FILE",
+        help=f"the server's public certificate (.key), for a server that runs CURVE (default ${CURVE_SERVER_KEY_ENV})",
+    )
+    parser.add_argument(
+        "--curve-key",
+        default=os.environ.get(CURVE_KEY_ENV),
+        metavar="FILE",
+        help=f"this client's secret certificate (.key_secret) (default ${CURVE_KEY_ENV})",
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -125,6 +139,12 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("name", help="subscription name (created when absent)")
     subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
     subscribe.add_argument("--timeout", dest="idle_s", type=_positive_float, metavar="S", help="stop when no message came for S seconds")
+
+    keys = commands.add_parser("keys", help="make CURVE key pairs (ZeroMQ certificate files)")
+    keys_commands = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    generate = keys_commands.add_parser("generate", help="write NAME.key (public) and NAME.key_secret (secret, mode 600) in DIR")
+    generate.add_argument("dir", metavar="DIR")
+    generate.add_argument("--name", default="server", help="the certificate name (default server; use one per client)")
 
     config = commands.add_parser("config", help="check a `herald up --config` file")
     config_commands = config.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -418,10 +438,31 @@ def _config_check(path: str, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
+def _keys_generate(directory: str, name: str, out: TextIO) -> int:
+    from broker.curve import generate_keys
+
+    public, secret = generate_keys(directory, name)
+    out.write(f"public key: {public}\nsecret key: {secret} (keep it private)\n")
+    return EXIT_OK
+
+
+def _curve_keys(args: argparse.Namespace) -> CurveKeys | None:
+    if not args.curve_server_key and not args.curve_key:
+        return None
+    if not (args.curve_server_key and args.curve_key):
+        raise _UsageError("CURVE needs both --curve-server-key and --curve-key")
+    try:
+        return CurveKeys.from_files(args.curve_server_key, args.curve_key)
+    except OSError as exc:
+        raise _UsageError(f"cannot read a CURVE certificate: {exc}") from None
+
+
 def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) -> int:
     if args.command == "config":
         return _config_check(args.file, out, err)
-    with Client(args.endpoint, timeout=args.timeout, token=args.token) as client:
+    if args.command == "keys":
+        return _keys_generate(args.dir, args.name, out)
+    with Client(args.endpoint, timeout=args.timeout, token=args.token, curve=_curve_keys(args)) as client:
         match args.command:
             case "topic":
                 return _topic(client, args, out)

@@ -33,6 +33,7 @@ from clients._core import (
     ClientCounters,
     ClientStatistics,
     ConsumerCore,
+    CurveKeys,
     ItemLike,
     Message,
     MessageFields,
@@ -94,18 +95,22 @@ class Client:
         timeout: seconds any one call waits for its reply before raising
             ``HeraldError("timeout")``; a dead server raises the same error.
         token: the credential's token, for a server that requires one.
+        curve: keys for a server that runs CURVE encryption (:class:`CurveKeys`).
 
     Use it as a context manager, or call :meth:`close`.
     """
 
-    def __init__(self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None) -> None:
+    def __init__(
+        self, endpoint: str = DEFAULT_ENDPOINT, *, timeout: float = DEFAULT_TIMEOUT_S, token: str | None = None, curve: CurveKeys | None = None
+    ) -> None:
         self.endpoint = endpoint
         self.timeout = check_timeout(timeout)
         self.token = token
+        self.curve = curve
         self._context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._socket: zmq.Socket[bytes] = self._context.socket(zmq.DEALER)
         try:
-            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True)
+            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True, curve=curve)
         except ValueError:
             self._context.term()
             raise
@@ -445,8 +450,15 @@ class Subscription(SubscriptionView):
         self._sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
         self._push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
         try:
-            setup_socket(self._sub, connect=self._core.deliver_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self._core.topic_frame)
-            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM)
+            setup_socket(
+                self._sub,
+                connect=self._core.deliver_endpoint,
+                sndhwm=CONSUMER_SNDHWM,
+                rcvhwm=CONSUMER_RCVHWM,
+                subscribe=self._core.topic_frame,
+                curve=client.curve,
+            )
+            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, curve=client.curve)
             self._attach()
         except BaseException:
             self._sub.close(0)
@@ -634,7 +646,7 @@ class Subscription(SubscriptionView):
         # zmq sockets are not thread-safe: this thread sends on a PUSH of its own.
         sock: zmq.Socket[bytes] = self._client._context.socket(zmq.PUSH)
         try:
-            setup_socket(sock, connect=self._core.ack_endpoint, sndhwm=CONSUMER_HEARTBEAT_QUEUE, rcvhwm=CONSUMER_HEARTBEAT_QUEUE)
+            setup_socket(sock, connect=self._core.ack_endpoint, sndhwm=CONSUMER_HEARTBEAT_QUEUE, rcvhwm=CONSUMER_HEARTBEAT_QUEUE, curve=self._client.curve)
             frames = self._core.attach_frames(ready=True)
             while not self._stop.wait(CONSUMER_HEARTBEAT_S):
                 with contextlib.suppress(zmq.Again):  # sender unreachable: heartbeats are idempotent, the next one counts

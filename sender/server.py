@@ -30,6 +30,7 @@ import zmq
 
 from broker.auth import Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, HeraldConfig
+from broker.curve import start_curve
 from broker.runtime import Hwm, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     ACK_OK,
@@ -135,8 +136,11 @@ class SenderServer:
         self.context: zmq.Context[Any] = zmq.Context()
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
         self.intake = make_socket(self.context, zmq.PULL, bind=config.sender_intake_endpoints[index], **hwm)
-        self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], **hwm)
-        self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], **hwm)
+        curve = start_curve(config, self.context)
+        self.authenticator = curve[1] if curve else None
+        secure = curve[0].serve if curve else None
+        self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], prepare=secure, **hwm)
+        self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], prepare=secure, **hwm)
         self.frontends = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.frontend_control_endpoints]
         self.metadata = MetadataLink(self.context, config, hwm)
         self.auth = Authorizer(config.credentials)
@@ -204,6 +208,8 @@ class SenderServer:
             for sock in (self.intake, self.deliver, self.consumer_in, *self.frontends):
                 sock.close(linger=200)
             self.metadata.close()
+            if self.authenticator is not None:
+                self.authenticator.stop()
             self.context.term()
             log.info("stopped")
 
