@@ -41,6 +41,7 @@ from broker.config import (
     port_is_free,
 )
 from broker.curve import ServerKeys
+from broker.metrics import MetricsServer
 from broker.runtime import READY_PREFIX, configure_logging
 from clients.protocol import Command, HeraldError, decode, encode, split_envelope
 
@@ -82,7 +83,7 @@ class DataDirInUse(Exception):
 class Launcher:
     """Starts, watches and stops the children of one Herald installation."""
 
-    def __init__(self, config: HeraldConfig) -> None:
+    def __init__(self, config: HeraldConfig, metrics_port: int | None = None) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.config_path = self.data_dir / RUNTIME_CONFIG_NAME
@@ -90,6 +91,8 @@ class Launcher:
         self.stopping = False
         self.gave_up: str | None = None
         self.status_write_failed = False
+        self.metrics_port = metrics_port
+        self.metrics: MetricsServer | None = None
         self.started_at = time.time()
         self._lock_file: IO[bytes] | None = None
 
@@ -199,21 +202,26 @@ class Launcher:
             log.warning("%s exited with code %s; restarting in %.1f s", child.name, code, child.backoff_s)
             child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
 
+    def processes(self) -> list[dict[str, Any]]:
+        """Each child's pid, state, uptime and restarts (for the status file, metrics and health)."""
+        return [
+            {
+                "name": child.name,
+                "pid": child.process.pid if child.process else None,
+                "running": child.process is not None and child.process.poll() is None,
+                "uptime_s": round(time.monotonic() - child.started_at, 1) if child.process else 0.0,
+                "restarts": child.restarts,
+            }
+            for child in self.children
+        ]
+
     def write_status(self) -> None:
         status = {
             "pid": os.getpid(),
             "started_at": self.started_at,
             "client_endpoint": self.config.client_endpoint,
-            "children": [
-                {
-                    "name": child.name,
-                    "pid": child.process.pid if child.process else None,
-                    "running": child.process is not None and child.process.poll() is None,
-                    "uptime_s": round(time.monotonic() - child.started_at, 1) if child.process else 0.0,
-                    "restarts": child.restarts,
-                }
-                for child in self.children
-            ],
+            "metrics": f"http://{self.config.host}:{self.metrics.port}/metrics" if self.metrics else None,
+            "children": self.processes(),
         }
         tmp = self.data_dir / (STATUS_FILE_NAME + ".tmp")
         try:
@@ -255,6 +263,10 @@ class Launcher:
         self.plan()
         try:
             self.start_all()
+            if self.metrics_port is not None:
+                self.metrics = MetricsServer(self.config.host, self.metrics_port, str(self.data_dir), self.processes)
+                self.metrics.start()
+                log.info("metrics on http://%s:%d/metrics, health on /health", self.config.host, self.metrics.port)
             self.write_status()  # before the ready line, so whoever waits for it can read the pids
             if self.config.credentials:
                 log.info("%d credentials configured; every request but PING needs a token", len(self.config.credentials))
@@ -270,6 +282,8 @@ class Launcher:
                     last_status = now
                 time.sleep(SUPERVISE_INTERVAL_S)
         finally:
+            if self.metrics is not None:
+                self.metrics.stop()
             self.stop_all()
             self.write_status()
         if self.gave_up:
@@ -286,22 +300,45 @@ def _previous_config(path: Path) -> HeraldConfig | None:
         return None
 
 
+ENV_PREFIX: Final = "HERALD_"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """Flags of `herald up`; each defaults to its HERALD_* variable (e.g. HERALD_DATA_DIR), then to the built-in default.
+
+    Precedence: flag, then environment variable, then the config file (for what it
+    sets), then the default.
+    """
+
+    def env(name: str, default: Any) -> Any:
+        return os.environ.get(ENV_PREFIX + name, default)
+
     parser = argparse.ArgumentParser(prog="herald up", description="Run the whole Herald system on this machine.")
-    parser.add_argument("--data-dir", default=DEFAULT_DATA_DIR, help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR})")
-    parser.add_argument("--host", default=DEFAULT_HOST, help=f"address to listen on (default {DEFAULT_HOST})")
-    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"client port (default {DEFAULT_PORT}; 0 picks a free one)")
-    parser.add_argument("--frontends", type=int, default=DEFAULT_FRONTENDS, help=f"frontend processes (default {DEFAULT_FRONTENDS})")
-    parser.add_argument("--senders", type=int, default=DEFAULT_SENDERS, help=f"sender processes (default {DEFAULT_SENDERS})")
+    parser.add_argument(
+        "--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR), help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR}; $HERALD_DATA_DIR)"
+    )
+    parser.add_argument("--host", default=env("HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST}; $HERALD_HOST)")
+    parser.add_argument("--port", type=int, default=env("PORT", DEFAULT_PORT), help=f"client port (default {DEFAULT_PORT}; 0 picks a free one; $HERALD_PORT)")
+    parser.add_argument(
+        "--frontends", type=int, default=env("FRONTENDS", DEFAULT_FRONTENDS), help=f"frontend processes (default {DEFAULT_FRONTENDS}; $HERALD_FRONTENDS)"
+    )
+    parser.add_argument("--senders", type=int, default=env("SENDERS", DEFAULT_SENDERS), help=f"sender processes (default {DEFAULT_SENDERS}; $HERALD_SENDERS)")
     parser.add_argument(
         "--durability",
         choices=["fsync", "async"],
-        default="fsync",
-        help="fsync: acknowledge after the WAL is fsync'd (default); async: after the OS has it (survives a process crash, not a power loss)",
+        default=env("DURABILITY", "fsync"),
+        help="fsync: acknowledge after the WAL is fsync'd (default); async: after the OS has it (survives a process crash, not a power loss); $HERALD_DURABILITY",
     )
     parser.add_argument(
         "--config",
-        help=f"a TOML file of limits ({', '.join(sorted(TUNABLE_KEYS))}) and [[credentials]]; endpoints come from the flags; check it with `herald config check FILE`",
+        default=env("CONFIG", None),
+        help=f"a TOML file of limits ({', '.join(sorted(TUNABLE_KEYS))}), CURVE keys and [[credentials]]; check it with `herald config check FILE`; $HERALD_CONFIG",
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=env("METRICS_PORT", None),
+        help="serve Prometheus /metrics and /health on this port of --host (0 picks a free one; default off; $HERALD_METRICS_PORT)",
     )
     return parser.parse_args(argv)
 
@@ -369,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     if not port_is_free(config.client_endpoint):
         print(f"error: {config.client_endpoint} is already in use (another herald, or another server); pick another --port", file=sys.stderr)
         return 2
-    launcher = Launcher(config)
+    launcher = Launcher(config, args.metrics_port)
     try:
         code = launcher.run()
     except DataDirInUse as exc:

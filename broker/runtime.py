@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypedDict, TypeVar
 
+import orjson
 import zmq
 
 from clients.protocol import NOBLOCK, recv_frames
@@ -30,14 +31,39 @@ V = TypeVar("V")
 log = logging.getLogger("herald")
 
 
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, role, pid, level, logger, message (and exc when there is one)."""
+
+    def __init__(self, role: str) -> None:
+        super().__init__()
+        self.role = role
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": round(record.created, 6),
+            "role": self.role,
+            "pid": record.process,
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        request_id = getattr(record, "request_id", None)
+        if request_id is not None:
+            entry["request_id"] = request_id
+        if record.exc_info:
+            entry["exc"] = self.formatException(record.exc_info)
+        return orjson.dumps(entry).decode()
+
+
 def configure_logging(role: str) -> None:
-    """Log lines to stderr with the role and pid, level from HERALD_LOG_LEVEL."""
+    """Log to stderr: HERALD_LOG_LEVEL (default INFO) and HERALD_LOG_FORMAT (text, or json for one object per line)."""
     level = os.environ.get("HERALD_LOG_LEVEL", "INFO").upper()
-    logging.basicConfig(
-        level=getattr(logging, level, logging.INFO),
-        stream=sys.stderr,
-        format=f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s",
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if os.environ.get("HERALD_LOG_FORMAT", "text").lower() == "json":
+        handler.setFormatter(JsonFormatter(role))
+    else:
+        handler.setFormatter(logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s"))
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
 
 
 class Hwm(TypedDict):

@@ -33,6 +33,7 @@ import zmq
 
 from broker.auth import TOKEN_HEADER, Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, PEER_EXPIRY_S, HeraldConfig
+from broker.metrics import SNAPSHOT_INTERVAL_S, CommitHistogram, SnapshotWriter
 from broker.runtime import Hwm, LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     CLIENT_COMMANDS,
@@ -129,6 +130,7 @@ class CommitJob:
     # conclude that such a subscription has caught up.
     left_on_disk: set[int] = field(default_factory=set)
     error: StorageError | None = None
+    submitted_at: float = 0.0
 
 
 class CommitWriter:
@@ -152,6 +154,7 @@ class CommitWriter:
         self._thread.start()
 
     def submit(self, job: CommitJob) -> None:
+        job.submitted_at = time.monotonic()
         self.in_flight = job
         self._jobs.put(job)
 
@@ -229,6 +232,8 @@ class FrontendServer:
         self.epoch = secrets.randbits(63)
         self.store = ShardStore(Path(config.data_dir) / f"shard-{index}", sync=config.durability == "fsync")
         self.auth = Authorizer(config.credentials, share=config.frontends)
+        self.snapshots = SnapshotWriter(config.data_dir, f"frontend-{index}")
+        self.commit_seconds = CommitHistogram()
         self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
@@ -281,6 +286,7 @@ class FrontendServer:
         announce_ready("frontend", index=self.index, shard=self.store.last_seq, control=self.config.frontend_control_endpoints[self.index])
         timers = [
             Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
+            Timer(SNAPSHOT_INTERVAL_S, self._write_snapshot),
             Timer(RETENTION_SWEEP_INTERVAL_S, self._sweep_retention),
         ]
         # While the batch waiting for the writer is full, client requests stay in
@@ -347,6 +353,16 @@ class FrontendServer:
         self.context.term()
         self.store.close()
         log.info("stopped")
+
+    def _write_snapshot(self) -> None:
+        self.snapshots.write(
+            {
+                **self.statistics(),
+                "commit_seconds": self.commit_seconds.snapshot(),
+                "rocksdb_sst_bytes": self.store.property_int("rocksdb.total-sst-files-size"),
+                "rocksdb_memtable_bytes": self.store.property_int("rocksdb.cur-size-all-mem-tables"),
+            }
+        )
 
     def _heartbeat(self) -> None:
         self.metadata.send(Command.EVENT_ACK, {"frontend": self.index, "version": self.meta_version})
@@ -679,9 +695,17 @@ class FrontendServer:
                 action()
         else:
             self.counters["commits"] += 1
+            self.commit_seconds.observe(time.monotonic() - job.submitted_at)
             self.counters["published"] += len(job.messages)
             for pending in job.replies:
                 self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))
+            if log.isEnabledFor(logging.DEBUG):
+                # With HERALD_LOG_LEVEL=DEBUG a message can be followed by its shard:seq
+                # from here through the sender's "delivered" and "acked" lines.
+                for message in job.messages:
+                    log.debug("stored id=%s seq=%d:%d topic=%s", message.message_id, self.index, message.seq, message.topic)
+                for pending in job.replies:
+                    log.debug("acknowledged request=%s ids=%s", pending.request_id.hex(), pending.message_ids)
             if self.live_prefixes:
                 self._publish_live(job.messages)
             self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan])

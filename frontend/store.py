@@ -151,6 +151,13 @@ class ShardStore:
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
 
+    def property_int(self, name: str) -> int:
+        """A RocksDB integer property (e.g. rocksdb.total-sst-files-size), 0 if unknown."""
+        try:
+            return int(self._db.property_int_value(name) or 0)
+        except Exception:  # rocksdict raises plain Exception
+            return 0
+
     def close(self) -> None:
         try:
             self._db.close()

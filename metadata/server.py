@@ -22,6 +22,7 @@ import zmq
 from rocksdict import Options, Rdict, WriteBatch, WriteOptions
 
 from broker.config import HEARTBEAT_INTERVAL_S, METADATA_SYNC_TIMEOUT_S, PEER_EXPIRY_S, HeraldConfig
+from broker.metrics import SNAPSHOT_INTERVAL_S, SnapshotWriter
 from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     RELAY_ONLY_EXISTING_FIELD,
@@ -202,12 +203,14 @@ class MetadataServer:
         self.pending_changes: list[PendingChange] = []
         self.stop = StopFlag()
         self.requests_handled = 0
+        self.snapshots = SnapshotWriter(config.data_dir, "metadata")
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> None:
         announce_ready("metadata", rpc=self.config.metadata_rpc_endpoint, events=self.config.metadata_events_endpoint, version=self.store.version)
         heartbeat = Timer(HEARTBEAT_INTERVAL_S, self._publish_heartbeat)
+        snapshot = Timer(SNAPSHOT_INTERVAL_S, self._write_snapshot)
         poller = zmq.Poller()
         poller.register(self.rpc, zmq.POLLIN)
         try:
@@ -218,6 +221,7 @@ class MetadataServer:
                         self._on_request(frames)
                 now = time.monotonic()
                 heartbeat.run_if_due(now)
+                snapshot.run_if_due(now)
                 self._release_synced_changes(now)
         finally:
             for change in self.pending_changes:
@@ -226,6 +230,17 @@ class MetadataServer:
             self.events.close(0)
             self.context.term()
             self.store.close()
+
+    def _write_snapshot(self) -> None:
+        self.snapshots.write(
+            {
+                "requests": self.requests_handled,
+                "meta_version": self.store.version,
+                "topics": self.topic_count,
+                "subscriptions": self.subscription_count,
+                "lookup_cache_size": int(self.lookups.statistics()["size"]),
+            }
+        )
 
     def _publish_heartbeat(self) -> None:
         send_frames(self.events, [EVENTS_TOPIC, *encode(Command.EVENT, b"", {"kind": "heartbeat", "version": self.store.version})])

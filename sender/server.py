@@ -31,6 +31,7 @@ import zmq
 from broker.auth import Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, HeraldConfig
 from broker.curve import start_curve
+from broker.metrics import SNAPSHOT_INTERVAL_S, SnapshotWriter
 from broker.runtime import Hwm, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
     ACK_OK,
@@ -144,6 +145,7 @@ class SenderServer:
         self.frontends = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.frontend_control_endpoints]
         self.metadata = MetadataLink(self.context, config, hwm)
         self.auth = Authorizer(config.credentials)
+        self.snapshots = SnapshotWriter(config.data_dir, f"sender-{index}")
         self.stop = StopFlag()
         self.subs: dict[str, SubscriptionState] = {}
         self.subs_by_id: dict[int, SubscriptionState] = {}
@@ -173,7 +175,11 @@ class SenderServer:
 
     def run(self) -> None:
         announce_ready("sender", index=self.index, deliver=self.config.sender_deliver_endpoints[self.index], ack=self.config.sender_ack_endpoints[self.index])
-        timers = [Timer(HEARTBEAT_INTERVAL_S, self._send_credit), Timer(CONSUMER_HEARTBEAT_S / 2, self._expire_consumers)]
+        timers = [
+            Timer(HEARTBEAT_INTERVAL_S, self._send_credit),
+            Timer(CONSUMER_HEARTBEAT_S / 2, self._expire_consumers),
+            Timer(SNAPSHOT_INTERVAL_S, lambda: self.snapshots.write({**self.statistics(), "refused": dict(self.auth.refused)})),
+        ]
         poller = zmq.Poller()
         for sock in (self.intake, self.consumer_in, *self.metadata.sockets):
             poller.register(sock, zmq.POLLIN)
@@ -330,6 +336,9 @@ class SenderServer:
                     chunk = [d.message(d.attempt) for d in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]]
                     send_frames(self.deliver, encode_deliver(consumer_id, state.name, chunk))
                     self.counters["delivered"] += len(chunk)
+                    if log.isEnabledFor(logging.DEBUG):
+                        for delivery in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]:
+                            log.debug("delivered seq=%d:%d sub=%s attempt=%d consumer=%s", delivery.key[1], delivery.key[2], state.name, delivery.attempt, consumer_id)
 
     def _expire_deadlines(self, now: float) -> None:
         if len(self.deadlines) > self.deadline_compact_at:
@@ -498,6 +507,8 @@ class SenderServer:
                 if holder is not None:
                     holder.unacked.discard(delivery.key)
                 self.completions.setdefault(shard, []).append([state.sub_id, seq])
+                if log.isEnabledFor(logging.DEBUG):
+                    log.debug("acked seq=%d:%d sub=%s attempt=%d consumer=%s", shard, seq, name, attempt, consumer_id)
             else:
                 results.append(ACK_OK)
                 self.counters["nacked"] += 1

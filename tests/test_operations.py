@@ -1,0 +1,106 @@
+"""Operating Herald: Prometheus metrics that match a known workload, health, JSON logs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from clients import Client
+from tests.conftest import HeraldSystem, wait_for
+
+
+def scrape(url: str) -> dict[str, float]:
+    """Prometheus text as {'name{labels}': value}, summed over roles by name in ``total``."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
+
+
+def total(samples: dict[str, float], name: str) -> float:
+    return sum(value for key, value in samples.items() if key == name or key.startswith(name + "{"))
+
+
+def health(url: str) -> tuple[int, dict[str, object]]:
+    try:
+        with urllib.request.urlopen(url, timeout=10) as response:
+            return response.status, orjson.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, orjson.loads(error.read())
+
+
+@pytest.fixture
+def observed(herald_factory: Callable[..., HeraldSystem], monkeypatch: pytest.MonkeyPatch) -> HeraldSystem:
+    monkeypatch.setenv("HERALD_LOG_FORMAT", "json")
+    return herald_factory("--metrics-port", "0")
+
+
+def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
+    metrics_url = observed.status()["metrics"]
+    with Client(observed.endpoint) as client:
+        client.create_topic("counted")
+        client.create_subscription("counted", "counted-a")
+        client.create_subscription("counted", "counted-b")
+        client.publish_batch("counted", [b"m"] * 100)
+        with client.subscribe("counted", "counted-a") as subscription:
+            for _ in range(100):
+                message = subscription.receive(timeout=10)
+                assert message is not None
+                assert message.ack()
+
+    def settled() -> dict[str, float] | None:
+        samples = scrape(metrics_url)
+        return samples if total(samples, "herald_acked_total") >= 100 and total(samples, "herald_published_total") >= 100 else None
+
+    samples = wait_for(settled, timeout=15, interval=0.5, message="metrics caught up with the workload")
+    assert total(samples, "herald_published_total") == 100
+    assert total(samples, "herald_acked_total") == 100
+    assert total(samples, "herald_delivered_total") >= 100
+    assert total(samples, "herald_commit_seconds_count") >= 1
+    assert samples['herald_process_up{role="proxy"}'] == 1.0
+    assert samples['herald_process_restarts_total{role="sender-0"}'] == 0.0
+    assert samples['herald_topics{role="metadata"}'] == 1.0
+    assert total(samples, "herald_rocksdb_memtable_bytes") > 0
+
+
+def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
+    health_url = observed.status()["metrics"].replace("/metrics", "/health")
+    _, body = wait_for(lambda: (result := health(health_url))[0] == 200 and result, timeout=15, interval=0.5, message="healthy")
+    assert body["healthy"] is True
+    pid = observed.kill_child("sender-1", signal.SIGSTOP)
+    try:
+        _, body = wait_for(lambda: (result := health(health_url))[0] == 503 and result, timeout=20, interval=0.5, message="unhealthy")
+        roles = body["roles"]
+        assert isinstance(roles, dict) and "stuck" in roles["sender-1"] and roles["sender-0"] == "ok"
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    wait_for(lambda: health(health_url)[0] == 200, timeout=15, interval=0.5, message="healthy again")
+
+
+def test_json_logs(observed: HeraldSystem) -> None:
+    from clients.protocol import shard_of
+
+    with Client(observed.endpoint) as client:
+        client.create_topic("logged")
+        with client.subscribe("logged", "logged-sub"):
+            pass  # the sender logs the consumer's attach and departure
+    sender = f"sender-{shard_of('logged-sub', 2)}"
+
+    def parsed() -> list[dict[str, object]]:
+        lines = [line for line in observed.log_path.read_text().splitlines() if line.strip()]
+        return [orjson.loads(line) for line in lines]  # every line is one JSON object
+
+    wait_for(lambda: any(entry["role"] == sender for entry in parsed()), timeout=10, message=f"a JSON line from {sender}")
+    entries = parsed()
+    assert {entry["role"] for entry in entries} >= {"launcher", "metadata", sender}
+    assert all({"ts", "role", "pid", "level", "logger", "msg"} <= entry.keys() for entry in entries)
