@@ -37,6 +37,12 @@ COMMIT_BUCKETS_S: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 GAUGES: Final = frozenset(
     {"subscriptions", "topics", "consumers", "in_flight", "outstanding", "subscriptions_dispatching", "last_seq", "meta_version", "lookup_cache_size"}
 )
+# Snapshot keys whose value is a {label: count} map, with the label's name.
+LABELLED: Final = {
+    "refused": ("reason", "requests refused by authentication, permission or rate limit"),
+    "requests_by_command": ("command", "client requests received, by command"),
+    "errors_by_code": ("code", "error replies sent, by error code"),
+}
 HELP: Final = {
     "requests": "client requests received",
     "errors": "client requests answered with an error",
@@ -109,10 +115,11 @@ class SnapshotCollector(Collector):
             for key, value in snapshot.items():
                 if key == "commit_seconds" and isinstance(value, dict):
                     yield self._histogram(role, value)
-                elif key == "refused" and isinstance(value, dict):
-                    family = families.setdefault("refused", CounterMetricFamily("herald_refused", "requests refused", labels=["role", "reason"]))
-                    for reason, count in value.items():
-                        family.add_metric([role, reason], float(count))
+                elif key in LABELLED and isinstance(value, dict):
+                    label, help_text = LABELLED[key]
+                    family = families.setdefault(key, CounterMetricFamily(f"herald_{key}", help_text, labels=["role", label]))
+                    for label_value, count in value.items():
+                        family.add_metric([role, str(label_value)], float(count))
                 elif key == "topic_cache" and isinstance(value, dict):
                     for part in ("hits", "misses"):
                         name = f"topic_cache_{part}"

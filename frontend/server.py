@@ -22,7 +22,7 @@ import queue
 import secrets
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -234,6 +234,8 @@ class FrontendServer:
         self.auth = Authorizer(config.credentials, share=config.frontends)
         self.snapshots = SnapshotWriter(config.data_dir, f"frontend-{index}")
         self.commit_seconds = CommitHistogram()
+        self.requests_by_command: Counter[str] = Counter()
+        self.errors_by_code: Counter[str] = Counter()
         self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
@@ -394,6 +396,7 @@ class FrontendServer:
 
     def _reply_error(self, envelope: list[bytes], request_id: bytes, error: HeraldError) -> None:
         self.counters["errors"] += 1
+        self.errors_by_code[error.code] += 1
         self._reply(envelope, encode_error(request_id, error))
 
     def _on_client_request(self, raw: list[bytes], *, forwarded: bool = False) -> None:
@@ -401,6 +404,8 @@ class FrontendServer:
         self.counters["requests"] += 1
         try:
             frames = decode(body, accept=CLIENT_COMMANDS)
+            if not forwarded:
+                self.requests_by_command[frames.command.name] += 1
             self._authorize(frames, forwarded)
             self._handle_client_frames(envelope, body, frames)
         except HeraldError as error:
@@ -474,6 +479,8 @@ class FrontendServer:
             "subscriptions_dispatching": len(self.cursors),
             "outstanding": sum(len(c.outstanding) for c in self.cursors.values()),
             "refused": dict(self.auth.refused),
+            "requests_by_command": dict(self.requests_by_command),
+            "errors_by_code": dict(self.errors_by_code),
             **self.counters,
         }
 

@@ -338,7 +338,9 @@ class SenderServer:
                     self.counters["delivered"] += len(chunk)
                     if log.isEnabledFor(logging.DEBUG):
                         for delivery in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]:
-                            log.debug("delivered seq=%d:%d sub=%s attempt=%d consumer=%s", delivery.key[1], delivery.key[2], state.name, delivery.attempt, consumer_id)
+                            log.debug(
+                                "delivered seq=%d:%d sub=%s attempt=%d consumer=%s", delivery.key[1], delivery.key[2], state.name, delivery.attempt, consumer_id
+                            )
 
     def _expire_deadlines(self, now: float) -> None:
         if len(self.deadlines) > self.deadline_compact_at:

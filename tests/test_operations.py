@@ -71,6 +71,8 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
     assert samples['herald_process_restarts_total{role="sender-0"}'] == 0.0
     assert samples['herald_topics{role="metadata"}'] == 1.0
     assert total(samples, "herald_rocksdb_memtable_bytes") > 0
+    by_command = {key: value for key, value in samples.items() if key.startswith("herald_requests_by_command_total{")}
+    assert sum(value for key, value in by_command.items() if 'command="PUBLISH"' in key) == 1  # one publish_batch
 
 
 def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
