@@ -43,6 +43,10 @@ LABELLED: Final = {
     "requests_by_command": ("command", "client requests received, by command"),
     "errors_by_code": ("code", "error replies sent, by error code"),
 }
+# Like LABELLED, but levels (gauges), not running totals.
+LABELLED_GAUGES: Final = {
+    "backlog": ("subscription", "messages stored and not yet settled, per subscription (in this frontend's shard)"),
+}
 HELP: Final = {
     "requests": "client requests received",
     "errors": "client requests answered with an error",
@@ -115,6 +119,11 @@ class SnapshotCollector(Collector):
             for key, value in snapshot.items():
                 if key == "commit_seconds" and isinstance(value, dict):
                     yield self._histogram(role, value)
+                elif key in LABELLED_GAUGES and isinstance(value, dict):
+                    label, help_text = LABELLED_GAUGES[key]
+                    gauge = families.setdefault(key, GaugeMetricFamily(f"herald_{key}", help_text, labels=["role", label]))
+                    for label_value, level in value.items():
+                        gauge.add_metric([role, str(label_value)], float(level))
                 elif key in LABELLED and isinstance(value, dict):
                     label, help_text = LABELLED[key]
                     family = families.setdefault(key, CounterMetricFamily(f"herald_{key}", help_text, labels=["role", label]))

@@ -367,6 +367,22 @@ def _local_processes(data_dir: Path, out: TextIO) -> None:
             out.write(
                 f"  {child.get('name', '?'):<12} {state:<8} pid {child.get('pid')}  up {child.get('uptime_s', 0)} s  restarts {child.get('restarts', 0)}\n"
             )
+    _local_backlog(data_dir, out)
+
+
+def _local_backlog(data_dir: Path, out: TextIO) -> None:
+    """Print the backlog per subscription, summed over the frontends' metric snapshots."""
+    backlog: dict[str, int] = {}
+    for path in sorted((data_dir / "metrics").glob("frontend-*.json")):
+        try:
+            snapshot = orjson.loads(path.read_bytes())
+        except (OSError, ValueError):
+            continue
+        for name, count in (snapshot.get("backlog") or {}).items():
+            backlog[name] = backlog.get(name, 0) + int(count)
+    out.write("backlog per subscription (stored, not yet settled):" + ("" if backlog else " none") + "\n")
+    for name, count in sorted(backlog.items()):
+        out.write(f"  {name:<40} {count}\n")
 
 
 def _topic(client: Client, args: argparse.Namespace, out: TextIO) -> int:

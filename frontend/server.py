@@ -235,6 +235,9 @@ class FrontendServer:
         self.snapshots = SnapshotWriter(config.data_dir, f"frontend-{index}")
         self.commit_seconds = CommitHistogram()
         self.requests_by_command: Counter[str] = Counter()
+        # Subscription names by id, learnt from topic lookups, to label the backlog
+        # (a subscription this frontend has not looked up since it started shows as "id:N").
+        self.sub_names: dict[int, str] = {}
         self.errors_by_code: Counter[str] = Counter()
         self.topics: LRUCache[str, dict[str, Any]] = LRUCache(TOPIC_CACHE_ENTRIES)
         self.context: zmq.Context[Any] = zmq.Context()
@@ -285,6 +288,7 @@ class FrontendServer:
 
     def run(self) -> None:
         self.metadata.send(Command.REGISTER, {"frontend": self.index, "version": self.meta_version})
+        self.metadata.call(Command.SUB_LIST, {}, self._learn_subscription_names, lambda _error: None)  # only labels metrics
         announce_ready("frontend", index=self.index, shard=self.store.last_seq, control=self.config.frontend_control_endpoints[self.index])
         timers = [
             Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
@@ -355,6 +359,11 @@ class FrontendServer:
         self.context.term()
         self.store.close()
         log.info("stopped")
+
+    def _learn_subscription_names(self, reply: Frames) -> None:
+        for sub in reply.header.get("subscriptions") or ():
+            if isinstance(sub, dict) and "id" in sub and "name" in sub:
+                self.sub_names[int(sub["id"])] = str(sub["name"])
 
     def _write_snapshot(self) -> None:
         self.snapshots.write(
@@ -480,6 +489,7 @@ class FrontendServer:
             "outstanding": sum(len(c.outstanding) for c in self.cursors.values()),
             "refused": dict(self.auth.refused),
             "requests_by_command": dict(self.requests_by_command),
+            "backlog": {self.sub_names.get(sub_id, f"id:{sub_id}"): count for sub_id, count in self.store.backlog.items()},
             "errors_by_code": dict(self.errors_by_code),
             **self.counters,
         }
@@ -580,6 +590,8 @@ class FrontendServer:
                 return
             info = reply.header
             self.topics.put(topic, info)
+            for sub in info.get("subscriptions") or ():
+                self.sub_names[int(sub["id"])] = str(sub["name"])
             for waiter in waiting:
                 self._safely(waiter, info, None)
 
@@ -703,6 +715,7 @@ class FrontendServer:
         else:
             self.counters["commits"] += 1
             self.commit_seconds.observe(time.monotonic() - job.submitted_at)
+            self.store.count_appended(job.messages)
             self.counters["published"] += len(job.messages)
             for pending in job.replies:
                 self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))

@@ -150,6 +150,42 @@ class ShardStore:
         self._fanout: OrderedDict[int, list[int]] = OrderedDict()
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
+        # Pending entries per subscription (the backlog), counted once here and
+        # then kept exact: +1 per fanned-out entry once its write is durable
+        # (count_appended), -1 per entry that existed when settled or expired.
+        # Only the poll-loop thread touches it.
+        self.backlog: dict[int, int] = self._count_backlog()
+
+    def _count_backlog(self) -> dict[int, int]:
+        counts: dict[int, int] = {}
+        iterator = self._db.iter()
+        iterator.seek(_PENDING)
+        while iterator.valid():
+            key = iterator.key()
+            if not key.startswith(_PENDING):
+                break
+            sub_id = _U64.unpack_from(key, 1)[0]
+            counts[sub_id] = counts.get(sub_id, 0) + 1
+            iterator.next()
+        return counts
+
+    def count_appended(self, messages: list[StoredMessage]) -> None:
+        """Add the pending entries of a durable append to the backlog counts."""
+        backlog = self.backlog
+        for message in messages:
+            for sub_id in message.subscriptions:
+                backlog[sub_id] = backlog.get(sub_id, 0) + 1
+
+    def _count_settled(self, keys: list[tuple[int, int]]) -> None:
+        """Subtract the entries among ``keys`` that still exist (call before deleting them)."""
+        if not keys:
+            return
+        backlog = self.backlog
+        for (sub_id, _), value in zip(keys, self._get_many([_pending_key(sub_id, seq) for sub_id, seq in keys]), strict=True):
+            if value is not None and sub_id in backlog:
+                backlog[sub_id] -= 1
+                if backlog[sub_id] <= 0:
+                    del backlog[sub_id]
 
     def property_int(self, name: str) -> int:
         """A RocksDB integer property (e.g. rocksdb.total-sst-files-size), 0 if unknown."""
@@ -271,6 +307,7 @@ class ShardStore:
                 continue
             batch.delete(_pending_key(sub_id, seq))
             settled.add((sub_id, seq))
+        self._count_settled(list(settled))
         seqs = {seq for _, seq in settled}
         fanout = {seq: subs for seq in seqs if (subs := self._fanout.pop(seq, None)) is not None}
         unknown = [seq for seq in seqs if seq not in fanout]
@@ -309,6 +346,7 @@ class ShardStore:
         """
         batch = WriteBatch(raw_mode=True)
         removed = 0
+        expiring: list[tuple[int, int]] = []
         for key, value in self._items_below(_EXPIRY, _EXPIRY + _U64.pack(now_ms), limit):
             for (seq,) in _U64.iter_unpack(value):
                 raw = self._db.get(_message_key(seq))
@@ -316,9 +354,11 @@ class ShardStore:
                     continue  # every subscription settled it already
                 for sub_id in decode_message(seq, raw).subscriptions:
                     batch.delete(_pending_key(sub_id, seq))
+                    expiring.append((sub_id, seq))
                 batch.delete(_message_key(seq))
                 removed += 1
             batch.delete(key)
+        self._count_settled(expiring)
         for key, value in self._items_below(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms), limit):
             for dedup_key in orjson.loads(value):
                 batch.delete(dedup_key.encode("utf-8", "surrogateescape"))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
+import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -12,7 +14,7 @@ import orjson
 import pytest
 
 from clients import Client
-from tests.conftest import HeraldSystem, wait_for
+from tests.conftest import PROJECT_ROOT, HeraldSystem, wait_for
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -71,8 +73,34 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
     assert samples['herald_process_restarts_total{role="sender-0"}'] == 0.0
     assert samples['herald_topics{role="metadata"}'] == 1.0
     assert total(samples, "herald_rocksdb_memtable_bytes") > 0
+    # counted-a acknowledged all 100; counted-b never read any.
+    assert (
+        samples.get('herald_backlog{role="frontend-0",subscription="counted-b"}', 0)
+        + samples.get('herald_backlog{role="frontend-1",subscription="counted-b"}', 0)
+        == 100
+    )
+    assert total(samples, "herald_backlog") == 100
     by_command = {key: value for key, value in samples.items() if key.startswith("herald_requests_by_command_total{")}
     assert sum(value for key, value in by_command.items() if 'command="PUBLISH"' in key) == 1  # one publish_batch
+
+    # The backlog is counted again from disk after a restart, and `herald status` shows it.
+    observed.restart()
+
+    def backlog_after_restart() -> bool:
+        samples = scrape(observed.status()["metrics"])
+        return sum(value for key, value in samples.items() if key.startswith("herald_backlog{") and 'subscription="counted-b"' in key) == 100
+
+    wait_for(backlog_after_restart, timeout=15, interval=0.5, message="the backlog counted from disk")
+    result = subprocess.run(
+        [sys.executable, "-m", "clients.cli", "--endpoint", observed.endpoint, "status", "--data-dir", str(observed.data_dir)],
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "counted-b" in result.stdout and " 100" in result.stdout, result.stdout
 
 
 def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
