@@ -23,6 +23,7 @@ import orjson
 from clients.protocol import DEFAULT_MAX_PAYLOAD_BYTES
 
 DEFAULT_HOST: Final = "127.0.0.1"
+LOOPBACK_HOST: Final = "127.0.0.1"  # where `herald up` binds every internal endpoint
 DEFAULT_PORT: Final = 5555
 DEFAULT_DATA_DIR: Final = "./herald-data"
 DEFAULT_FRONTENDS: Final = 2  # one per core on the reference 2-core machine
@@ -167,9 +168,15 @@ class HeraldConfig:
         return cls.from_mapping(raw)
 
 
-def _credential_from_json(raw: dict[str, Any]) -> Credential:
-    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()}
-    return Credential(**fields)
+def _credential_from_json(raw: Any) -> Credential:
+    """A credential of a role's config file (JSON from the launcher, or TOML by hand), checked like `herald up`'s."""
+
+    def fail(key: str, what: str, _table: int | None = None) -> ValueError:
+        return ValueError(f"credentials: {what}")
+
+    if not isinstance(raw, dict):
+        raise ValueError(f"credentials: each entry must be a table, got {type(raw).__name__}")
+    return _credential({k: list(v) if isinstance(v, tuple) else v for k, v in raw.items()}, 0, fail)
 
 
 # ---------------------------------------------------------------------------- the `herald up --config` file
@@ -377,21 +384,24 @@ def build_local_config(
 
     taken: set[str] = set() if port == 0 else {f"tcp://{host}:{port}"}
 
-    def keep(old: str | None) -> str:
-        # Every endpoint of one config must differ: a port kept from the last
-        # run must not also be drawn fresh for another role, and vice versa.
-        if old and old.startswith(f"tcp://{host}:") and old not in taken and port_is_free(old):
+    def keep(old: str | None, *, internal: bool = False) -> str:
+        # Internal endpoints listen on loopback only: nothing off this machine may
+        # pose as a frontend or talk to metadata, whatever --host is. Every endpoint
+        # of one config must differ: a port kept from the last run must not also
+        # be drawn fresh for another role, and vice versa.
+        on = LOOPBACK_HOST if internal else host
+        if old and old.startswith(f"tcp://{on}:") and old not in taken and port_is_free(old):
             chosen = old
         else:
-            chosen = free_tcp_endpoint(host)
+            chosen = free_tcp_endpoint(on)
             while chosen in taken:
-                chosen = free_tcp_endpoint(host)
+                chosen = free_tcp_endpoint(on)
         taken.add(chosen)
         return chosen
 
-    def keep_all(old: tuple[str, ...] | None, count: int) -> tuple[str, ...]:
+    def keep_all(old: tuple[str, ...] | None, count: int, *, internal: bool = False) -> tuple[str, ...]:
         old = old if old and len(old) == count else (None,) * count  # type: ignore[assignment]
-        return tuple(keep(endpoint) for endpoint in old)  # type: ignore[union-attr]
+        return tuple(keep(endpoint, internal=internal) for endpoint in old)  # type: ignore[union-attr]
 
     if port == 0:
         client = keep(previous.client_endpoint if previous else None)
@@ -402,12 +412,12 @@ def build_local_config(
         host=host,
         client_endpoint=client,
         live_endpoint=keep(previous.live_endpoint if previous else None),
-        live_intake_endpoint=keep(previous.live_intake_endpoint if previous else None),
-        proxy_backend_endpoint=keep(previous.proxy_backend_endpoint if previous else None),
-        metadata_rpc_endpoint=keep(previous.metadata_rpc_endpoint if previous else None),
-        metadata_events_endpoint=keep(previous.metadata_events_endpoint if previous else None),
-        frontend_control_endpoints=keep_all(previous.frontend_control_endpoints if previous else None, frontends),
-        sender_intake_endpoints=keep_all(previous.sender_intake_endpoints if previous else None, senders),
+        live_intake_endpoint=keep(previous.live_intake_endpoint if previous else None, internal=True),
+        proxy_backend_endpoint=keep(previous.proxy_backend_endpoint if previous else None, internal=True),
+        metadata_rpc_endpoint=keep(previous.metadata_rpc_endpoint if previous else None, internal=True),
+        metadata_events_endpoint=keep(previous.metadata_events_endpoint if previous else None, internal=True),
+        frontend_control_endpoints=keep_all(previous.frontend_control_endpoints if previous else None, frontends, internal=True),
+        sender_intake_endpoints=keep_all(previous.sender_intake_endpoints if previous else None, senders, internal=True),
         sender_deliver_endpoints=keep_all(previous.sender_deliver_endpoints if previous else None, senders),
         sender_ack_endpoints=keep_all(previous.sender_ack_endpoints if previous else None, senders),
         **overrides,

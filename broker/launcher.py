@@ -204,16 +204,19 @@ class Launcher:
 
     def processes(self) -> list[dict[str, Any]]:
         """Each child's pid, state, uptime and restarts (for the status file, metrics and health)."""
-        return [
-            {
-                "name": child.name,
-                "pid": child.process.pid if child.process else None,
-                "running": child.process is not None and child.process.poll() is None,
-                "uptime_s": round(time.monotonic() - child.started_at, 1) if child.process else 0.0,
-                "restarts": child.restarts,
-            }
-            for child in self.children
-        ]
+        rows = []
+        for child in self.children:
+            process = child.process  # read once: the HTTP thread runs this while supervise_once() replaces it
+            rows.append(
+                {
+                    "name": child.name,
+                    "pid": process.pid if process else None,
+                    "running": process is not None and process.poll() is None,
+                    "uptime_s": round(time.monotonic() - child.started_at, 1) if process else 0.0,
+                    "restarts": child.restarts,
+                }
+            )
+        return rows
 
     def write_status(self) -> None:
         status = {
@@ -261,10 +264,17 @@ class Launcher:
         signal.signal(signal.SIGINT, on_signal)
         self.lock_data_dir()
         self.plan()
+        if self.metrics_port is not None:
+            # Bound before any child starts, so a taken port fails fast like the client port.
+            try:
+                self.metrics = MetricsServer(self.config.host, self.metrics_port, str(self.data_dir), self.processes)
+            except OSError as exc:
+                raise MetricsPortTaken(
+                    f"cannot serve metrics on {self.config.host}:{self.metrics_port}: {exc.strerror or exc}; pick another --metrics-port"
+                ) from None
         try:
             self.start_all()
-            if self.metrics_port is not None:
-                self.metrics = MetricsServer(self.config.host, self.metrics_port, str(self.data_dir), self.processes)
+            if self.metrics is not None:
                 self.metrics.start()
                 log.info("metrics on http://%s:%d/metrics, health on /health", self.config.host, self.metrics.port)
             self.write_status()  # before the ready line, so whoever waits for it can read the pids
@@ -343,6 +353,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+class MetricsPortTaken(RuntimeError):
+    """The --metrics-port cannot be bound."""
+
+
 class DataDirUnusable(RuntimeError):
     """The data folder cannot be created or written."""
 
@@ -410,6 +424,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         code = launcher.run()
     except DataDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except MetricsPortTaken as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except (RuntimeError, HeraldError) as exc:

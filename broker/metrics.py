@@ -231,5 +231,6 @@ class MetricsServer:
         self.thread.start()
 
     def stop(self) -> None:
-        self.server.shutdown()
+        if self.thread.is_alive():  # shutdown() waits for serve_forever, which may never have started
+            self.server.shutdown()
         self.server.server_close()

@@ -39,7 +39,7 @@ EXIT_OK: Final = 0
 EXIT_ERROR: Final = 1
 EXIT_USAGE: Final = 2
 EXIT_INTERRUPTED: Final = 130
-_GLOBAL_OPTIONS_WITH_VALUE: Final = frozenset({"--endpoint", "--timeout"})
+_GLOBAL_OPTIONS_WITH_VALUE: Final = frozenset({"--endpoint", "--timeout", "--token", "--curve-server-key", "--curve-key"})
 
 
 # --------------------------------------------------------------------------- parser

@@ -82,10 +82,12 @@ REFILL_MAX: Final = 256  # ...or this many slots, whichever is fewer
 GROUP_COMMIT_BYTES: Final = 8 * 2**20
 OVERLOAD_BYTES: Final = 32 * 2**20
 # Publishes for another frontend's topic wait here while that frontend's queue is
-# full; at FORWARD_WAITING_MAX the loop stops taking client requests, and one
-# that waited FORWARD_WAIT_S is refused (the owner is down or stuck).
+# full. While the owner keeps taking them, FORWARD_WAITING_MAX waiting makes the
+# loop stop taking client requests (back-pressure, in arrival order); once the
+# owner has taken nothing for FORWARD_STALL_S (it is down or stuck) the waiting
+# ones are refused with `unavailable` and this frontend serves its own topics on.
 FORWARD_WAITING_MAX: Final = 64
-FORWARD_WAIT_S: Final = 2.0
+FORWARD_STALL_S: Final = 0.2
 FORWARD_RETRY_MS: Final = 2
 _CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
 _ADMIN_COMMANDS: Final = frozenset(
@@ -260,6 +262,7 @@ class FrontendServer:
         self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
         self.batch_bytes = 0  # payload bytes in batch_messages
         self.forwards_waiting: dict[int, deque[tuple[float, list[bytes], list[bytes]]]] = {owner: deque() for owner in self.peers}
+        self.forward_progress: dict[int, float] = dict.fromkeys(self.peers, 0.0)  # when each owner last took a forward
         self.batch_messages: list[StoredMessage] = []
         self.batch_dedup: list[DedupEntry] = []
         self.batch_replies: list[PendingPublish] = []
@@ -326,11 +329,11 @@ class FrontendServer:
                 if self.backend in ready:
                     for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
-                        if self.batch_bytes >= GROUP_COMMIT_BYTES:
+                        if self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up:
                             break
                 if self.writer.done in ready and (job := self.writer.collect()) is not None:
                     self._finish_commit(job)
-                if forwards_waiting:
+                if any(self.forwards_waiting.values()):
                     self._flush_forwards()
                 self._commit_batch()
                 self._dispatch_backlogs()
@@ -489,7 +492,7 @@ class FrontendServer:
             "outstanding": sum(len(c.outstanding) for c in self.cursors.values()),
             "refused": dict(self.auth.refused),
             "requests_by_command": dict(self.requests_by_command),
-            "backlog": {self.sub_names.get(sub_id, f"id:{sub_id}"): count for sub_id, count in self.store.backlog.items()},
+            "backlog": {self.sub_names.get(sub_id, f"id:{sub_id}"): count for sub_id, count in (self.store.backlog or {}).items()},
             "errors_by_code": dict(self.errors_by_code),
             **self.counters,
         }
@@ -529,13 +532,16 @@ class FrontendServer:
     def _forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> None:
         """Send a publish to the frontend that owns its topic, in arrival order.
 
-        When the owner's queue is full the request waits here (and the loop stops
-        taking new client requests) rather than being refused: a refusal would make
-        every client race for the next free slot, and a flooding client wins races.
+        When the owner's queue is full the request waits here rather than being
+        refused: a refusal would make every client race for the next free slot,
+        and a flooding client wins races. A stalled owner is another matter:
+        see FORWARD_STALL_S.
         """
         waiting = self.forwards_waiting[owner]
         if not waiting and self._send_forward(owner, envelope, body):
             return
+        if len(waiting) >= FORWARD_WAITING_MAX:
+            raise HeraldError("unavailable", f"frontend {owner}, which owns this topic, is not keeping up; retry")
         waiting.append((time.monotonic(), envelope, body))
 
     def _send_forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> bool:
@@ -544,24 +550,28 @@ class FrontendServer:
         except zmq.Again:
             return False
         self.counters["forwarded"] += 1
+        self.forward_progress[owner] = time.monotonic()
         return True
 
     def _flush_forwards(self) -> None:
         now = time.monotonic()
         for owner, waiting in self.forwards_waiting.items():
-            while waiting:
-                queued_at, envelope, body = waiting[0]
-                if now - queued_at > FORWARD_WAIT_S:
-                    # The owner is down or stuck: say so rather than hold the client.
-                    error = HeraldError("unavailable", f"frontend {owner}, which owns this topic, took nothing for {FORWARD_WAIT_S:g} s; retry")
-                    self._reply_error(envelope, request_id_of(body), error)
-                elif not self._send_forward(owner, envelope, body):
-                    break
+            while waiting and self._send_forward(owner, waiting[0][1], waiting[0][2]):
                 waiting.popleft()
+            if waiting and now - max(self.forward_progress[owner], waiting[0][0]) > FORWARD_STALL_S:
+                # The owner is down or stuck: say so rather than hold the clients (or this loop).
+                error = HeraldError("unavailable", f"frontend {owner}, which owns this topic, took nothing for {FORWARD_STALL_S:g} s; retry")
+                for _, envelope, body in waiting:
+                    self._reply_error(envelope, request_id_of(body), error)
+                waiting.clear()
 
     @property
     def _forwards_backed_up(self) -> bool:
-        return any(len(waiting) >= FORWARD_WAITING_MAX for waiting in self.forwards_waiting.values())
+        """True while some owner is slow but alive: then wait for it instead of reading more requests."""
+        now = time.monotonic()
+        return any(
+            len(waiting) >= FORWARD_WAITING_MAX and now - self.forward_progress[owner] <= FORWARD_STALL_S for owner, waiting in self.forwards_waiting.items()
+        )
 
     def _with_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
         """Run ``then`` with the topic's lookup (topic and subscriptions), from cache or metadata."""
@@ -785,11 +795,24 @@ class FrontendServer:
         # One write fans out to (messages x subscriptions) entries: they go in
         # several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
         chunks: dict[int, tuple[list[dict[str, Any]], list[bytes], int]] = {}
+        attribute_bytes: dict[int, int] = {}  # per seq: attributes are shared by a message's entries
         for sub_id, message, attempt in entries:
             cursor = self.cursors.get(sub_id)
             if cursor is None:
                 continue  # the subscription was deleted while its write was in flight
+            if message.attributes:
+                extra = attribute_bytes.get(message.seq)
+                if extra is None:
+                    # Encoded, not counted in characters: JSON escapes a control character to 6 bytes.
+                    extra = attribute_bytes[message.seq] = len(orjson.dumps(message.attributes))
+            else:
+                extra = 0
+            # Ids are bounded, not escaped here: count each character at its worst (6 bytes).
+            entry_bytes = DISPATCH_ENTRY_BYTES + 6 * len(message.message_id) + len(message.topic) + extra
             headers, payloads, size = chunks.get(cursor.sender) or ([], [], 0)
+            if headers and (size + entry_bytes > DISPATCH_MAX_HEADER_BYTES or len(headers) >= DISPATCH_MAX_ENTRIES):
+                self._send_dispatch(cursor.sender, headers, payloads)
+                headers, payloads, size = [], [], 0
             headers.append(
                 {
                     "sub": sub_id,
@@ -802,14 +825,7 @@ class FrontendServer:
                 }
             )
             payloads.append(message.payload)
-            size += DISPATCH_ENTRY_BYTES + len(message.message_id) + len(message.topic)
-            if message.attributes:
-                size += sum(len(key) + len(value) + 6 for key, value in message.attributes.items())
-            if size >= DISPATCH_MAX_HEADER_BYTES or len(headers) >= DISPATCH_MAX_ENTRIES:
-                self._send_dispatch(cursor.sender, headers, payloads)
-                chunks.pop(cursor.sender, None)
-            else:
-                chunks[cursor.sender] = (headers, payloads, size)
+            chunks[cursor.sender] = (headers, payloads, size + entry_bytes)
         for sender_index, (headers, payloads, _) in chunks.items():
             self._send_dispatch(sender_index, headers, payloads)
 

@@ -36,6 +36,9 @@ from rocksdict import BlockBasedOptions, Cache, Options, Rdict, WriteBatch, Writ
 
 log = logging.getLogger("herald.frontend.store")
 
+# Pending entries counted at start, at most (about a second per million); see ShardStore.backlog.
+BACKLOG_COUNT_LIMIT: Final = 5_000_000
+
 _U64: Final = struct.Struct(">Q")
 _U32: Final = struct.Struct(">I")
 _PAIR: Final = struct.Struct(">QQ")
@@ -153,17 +156,24 @@ class ShardStore:
         # Pending entries per subscription (the backlog), counted once here and
         # then kept exact: +1 per fanned-out entry once its write is durable
         # (count_appended), -1 per entry that existed when settled or expired.
-        # Only the poll-loop thread touches it.
-        self.backlog: dict[int, int] = self._count_backlog()
+        # Only the poll-loop thread touches it. Past BACKLOG_COUNT_LIMIT entries the
+        # count at start would delay readiness too long: then there is no count.
+        self.deleted_subscriptions: set[int] = set()
+        self.backlog: dict[int, int] | None = self._count_backlog()
 
-    def _count_backlog(self) -> dict[int, int]:
+    def _count_backlog(self) -> dict[int, int] | None:
         counts: dict[int, int] = {}
+        seen = 0
         iterator = self._db.iter()
         iterator.seek(_PENDING)
         while iterator.valid():
             key = iterator.key()
             if not key.startswith(_PENDING):
                 break
+            seen += 1
+            if seen > BACKLOG_COUNT_LIMIT:
+                log.warning("more than %d pending entries: the backlog per subscription is not counted in this run", BACKLOG_COUNT_LIMIT)
+                return None
             sub_id = _U64.unpack_from(key, 1)[0]
             counts[sub_id] = counts.get(sub_id, 0) + 1
             iterator.next()
@@ -172,20 +182,32 @@ class ShardStore:
     def count_appended(self, messages: list[StoredMessage]) -> None:
         """Add the pending entries of a durable append to the backlog counts."""
         backlog = self.backlog
+        if backlog is None:
+            return
+        deleted = self.deleted_subscriptions
         for message in messages:
             for sub_id in message.subscriptions:
-                backlog[sub_id] = backlog.get(sub_id, 0) + 1
+                if sub_id not in deleted:  # a write that was in flight while its subscription was deleted
+                    backlog[sub_id] = backlog.get(sub_id, 0) + 1
 
-    def _count_settled(self, keys: list[tuple[int, int]]) -> None:
-        """Subtract the entries among ``keys`` that still exist (call before deleting them)."""
-        if not keys:
-            return
+    def _existing(self, keys: list[tuple[int, int]]) -> list[int]:
+        """The subscription ids of the entries among ``keys`` that exist now (read before deleting them)."""
+        if not keys or self.backlog is None:
+            return []
+        values = self._get_many([_pending_key(sub_id, seq) for sub_id, seq in keys])
+        return [sub_id for (sub_id, _), value in zip(keys, values, strict=True) if value is not None]
+
+    def _count_settled(self, sub_ids: list[int]) -> None:
+        """Subtract entries that existed, once their deletion is written."""
         backlog = self.backlog
-        for (sub_id, _), value in zip(keys, self._get_many([_pending_key(sub_id, seq) for sub_id, seq in keys]), strict=True):
-            if value is not None and sub_id in backlog:
-                backlog[sub_id] -= 1
-                if backlog[sub_id] <= 0:
-                    del backlog[sub_id]
+        if backlog is None:
+            return
+        for sub_id in sub_ids:
+            left = backlog.get(sub_id, 0) - 1
+            if left > 0:
+                backlog[sub_id] = left
+            else:
+                backlog.pop(sub_id, None)
 
     def property_int(self, name: str) -> int:
         """A RocksDB integer property (e.g. rocksdb.total-sst-files-size), 0 if unknown."""
@@ -307,7 +329,7 @@ class ShardStore:
                 continue
             batch.delete(_pending_key(sub_id, seq))
             settled.add((sub_id, seq))
-        self._count_settled(list(settled))
+        existed = self._existing(list(settled))
         seqs = {seq for _, seq in settled}
         fanout = {seq: subs for seq in seqs if (subs := self._fanout.pop(seq, None)) is not None}
         unknown = [seq for seq in seqs if seq not in fanout]
@@ -323,6 +345,7 @@ class ShardStore:
             batch.delete(_message_key(seq))
         if settled:
             self._write(batch, self._lazy)
+            self._count_settled(existed)
         return len(settled)
 
     def delete_subscription(self, sub_id: int, chunk: int = 10_000) -> int:
@@ -332,9 +355,12 @@ class ShardStore:
             The number of pending entries removed.
         """
         removed = 0
+        self.deleted_subscriptions.add(sub_id)
         while True:
             entries = [(sub_id, seq) for seq, _ in self.pending(sub_id, 0, chunk)]
             if not entries:
+                if self.backlog is not None:
+                    self.backlog.pop(sub_id, None)
                 return removed
             removed += self.complete(entries)
 
@@ -358,12 +384,13 @@ class ShardStore:
                 batch.delete(_message_key(seq))
                 removed += 1
             batch.delete(key)
-        self._count_settled(expiring)
+        existed = self._existing(expiring)
         for key, value in self._items_below(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms), limit):
             for dedup_key in orjson.loads(value):
                 batch.delete(dedup_key.encode("utf-8", "surrogateescape"))
             batch.delete(key)
         self._write(batch, self._lazy)
+        self._count_settled(existed)
         return removed
 
     def _items_below(self, prefix: bytes, upper: bytes, limit: int) -> list[tuple[bytes, bytes]]:

@@ -49,8 +49,11 @@ class MetadataLink:
 
     def send(self, command: Command, header: dict[str, Any], request_id: bytes = b"") -> None:
         """Send without expecting an answer (heartbeats, acknowledgements of events)."""
+        self._send_frames(command, encode(command, request_id, header))
+
+    def _send_frames(self, command: Command, frames: list[bytes]) -> None:
         try:
-            send_frames(self.rpc, [b"", *encode(command, request_id, header)], NOBLOCK)
+            send_frames(self.rpc, [b"", *frames], NOBLOCK)
         except zmq.Again:
             log.warning("metadata is not draining its socket; %s not sent", command.name)
 
@@ -65,8 +68,9 @@ class MetadataLink:
         """Send a request; ``on_reply`` gets the reply (OK or ERROR), ``on_failure`` a timeout."""
         self._next_id += 1
         request_id = self._next_id.to_bytes(8, "big")
+        frames = encode(command, request_id, header)  # first: a header that cannot be encoded raises before any call is pending
         self._calls[request_id] = PendingCall(on_reply, on_failure, time.monotonic() + timeout_s)
-        self.send(command, header, request_id)
+        self._send_frames(command, frames)
 
     def on_replies(self) -> None:
         """Hand every reply waiting on the DEALER to its call's callback."""

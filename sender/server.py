@@ -417,7 +417,10 @@ class SenderServer:
                 raise ProtocolError("invalid_header", "consumer must be a non-empty string of at most 128 characters without NUL")
             consumer_id = claimed_id
             name = check_name(get_field(frames.header, "subscription", str), "subscription")
-            self.auth.identify(frames.header)
+            credential = self.auth.identify(frames.header)
+            if credential is not None and frames.command is not Command.ATTACH and (state := self.subs.get(name)) is not None:
+                # Settling or dropping a subscription's deliveries is reading it.
+                self.auth.require(credential, "subscribe", str(state.info["topic"]))
             match frames.command:
                 case Command.ATTACH:
                     self._on_attach(name, consumer_id, frames)

@@ -348,3 +348,32 @@ def test_wide_fan_out_of_a_big_batch_is_delivered_everywhere(herald: HeraldSyste
         finally:
             for subscription in subscriptions:
                 subscription.close()
+
+
+def test_fan_out_of_attributes_that_json_escapes_is_delivered(herald: HeraldSystem) -> None:
+    """Control characters in attributes take 6 bytes each in JSON: the DISPATCH split must
+    count encoded bytes, or a header past 4 MiB is dropped by the sender and its entries stall."""
+    from clients.protocol import shard_of
+
+    names = [name for name in (f"escaped-{n}" for n in range(50)) if shard_of(name, 2) == 0][:2]
+    attributes = {f"k{n}": "\x01" * 600 for n in range(64)}  # ~230 KB of JSON per message
+    with Client(herald.endpoint) as client:
+        client.create_topic("escaped")
+        for name in names:
+            client.create_subscription("escaped", name)
+        subscriptions = [client.subscribe("escaped", name) for name in names]
+        try:
+            ids = set(client.publish_batch("escaped", [(b"e", attributes)] * 10))  # one write: 20 entries, ~4.6 MB to one sender
+            for subscription in subscriptions:
+                received: set[str] = set()
+                deadline = time.monotonic() + 30
+                while received != ids and time.monotonic() < deadline:
+                    message = subscription.receive(timeout=1)
+                    if message is not None:
+                        assert message.attributes == attributes
+                        received.add(message.id)
+                        message.ack_nowait()
+                assert received == ids, f"{subscription.name}: {len(received)} of {len(ids)}"
+        finally:
+            for subscription in subscriptions:
+                subscription.close()

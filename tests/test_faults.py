@@ -9,6 +9,7 @@ order on one system. tests/test_soak.py runs the same harness for minutes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -158,3 +159,39 @@ def test_filter_change_never_drops_a_message_on_a_lagging_sender(herald: HeraldS
                 os.kill(pid, signal.SIGCONT)
             message = subscription.receive(timeout=15)
             assert message is not None and message.data == b"after-change"
+
+
+def test_a_stuck_frontend_does_not_stop_the_other(herald: HeraldSystem) -> None:
+    """With frontend-1 stopped, publishes it owns are refused within the client's deadline,
+    and frontend-0 keeps serving its own topics, even while forwards to frontend-1 pile up."""
+    from clients import HeraldError
+    from tests.conftest import topic_for_shard
+
+    mine, stuck = topic_for_shard("alive.", 0), topic_for_shard("stuck.", 1)
+    with Client(herald.endpoint) as client:
+        client.create_topic(mine)
+        client.create_topic(stuck)
+    stop = threading.Event()
+
+    def pile_up_forwards() -> None:
+        with Client(herald.endpoint, timeout=2.0) as client:
+            while not stop.is_set():
+                with contextlib.suppress(HeraldError):
+                    client.publish_batch(stuck, [b"s"] * 50)
+
+    pid = herald.kill_child("frontend-1", signal.SIGSTOP)
+    threads = [threading.Thread(target=pile_up_forwards, daemon=True) for _ in range(4)]
+    try:
+        for thread in threads:
+            thread.start()
+        time.sleep(1.0)
+        with Client(herald.endpoint, timeout=10.0) as client:
+            # Half of these reach the stopped frontend first and are lost with it;
+            # the client resends them and frontend-0 answers.
+            for _ in range(20):
+                client.publish(mine, b"still here")
+    finally:
+        stop.set()
+        os.kill(pid, signal.SIGCONT)
+        for thread in threads:
+            thread.join(30)

@@ -21,7 +21,7 @@ import pytest
 import zmq
 
 from clients import Client, HeraldError
-from clients.protocol import Command, consumer_topic_frame, decode, encode_attach
+from clients.protocol import Command, consumer_topic_frame, decode, encode_acks, encode_attach
 from tests.conftest import PROJECT_ROOT, HeraldSystem, RawClient
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -133,6 +133,16 @@ def test_the_sender_checks_the_token_of_a_native_consumer(secured: HeraldSystem)
 
         assert answer("anonymous", None) == "unauthenticated"
         assert answer("reader", READER_TOKEN) == "forbidden"  # subscribe is for orders.* only
+        # Settling someone else's deliveries is refused too, once the sender knows the subscription.
+        push.send_multipart(encode_acks(Command.ACK, "secret-sub", "reader", [("0.1", 1)], b"k", token=ORDERS_TOKEN))
+        deadline = time.monotonic() + 15
+        code = None
+        while code is None and time.monotonic() < deadline:
+            if inbox.poll(200):
+                frames = decode(inbox.recv_multipart()[1:])
+                if frames.request_id == b"k":
+                    code = frames.header.get("code")
+        assert code == "forbidden"
     finally:
         inbox.close(0)
         push.close(0)
