@@ -41,7 +41,7 @@ from broker.config import (
     port_is_free,
 )
 from broker.curve import ServerKeys
-from broker.metrics import MetricsServer
+from broker.metrics import METRICS_DIR_NAME, MetricsServer
 from broker.runtime import READY_PREFIX, configure_logging
 from clients.protocol import Command, HeraldError, decode, encode, split_envelope
 
@@ -112,6 +112,9 @@ class Launcher:
     def plan(self) -> None:
         self.config_path.write_bytes(self.config.to_json())
         (self.data_dir / "FRONTENDS").write_text(str(self.config.frontends))
+        # Snapshots of a previous run (perhaps with more senders) must not be served as this run's.
+        for stale in (self.data_dir / METRICS_DIR_NAME).glob("*.json"):
+            stale.unlink(missing_ok=True)
         config = ["--config", str(self.config_path)]
         self.children = [Child("metadata", ["-m", "metadata", *config])]
         self.children += [Child(f"sender-{i}", ["-m", "sender", *config, "--index", str(i)]) for i in range(self.config.senders)]
