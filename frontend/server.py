@@ -87,7 +87,7 @@ OVERLOAD_BYTES: Final = 32 * 2**20
 # owner has taken nothing for FORWARD_STALL_S (it is down or stuck) the waiting
 # ones are refused with `unavailable` and this frontend serves its own topics on.
 FORWARD_WAITING_MAX: Final = 64
-FORWARD_STALL_S: Final = 0.2
+FORWARD_STALL_S: Final = 1.0
 FORWARD_RETRY_MS: Final = 2
 _CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
 _ADMIN_COMMANDS: Final = frozenset(
