@@ -324,30 +324,35 @@ def test_subscription_name_too_long_for_its_dead_letter_topic(herald: HeraldSyst
         client.create_subscription("names", "s" * 251, dead_letter_topic="names.dead")
 
 
-def test_wide_fan_out_of_a_big_batch_is_delivered_everywhere(herald: HeraldSystem) -> None:
-    """One write fanned out to 10 subscriptions with 3 KiB of attributes per message is
-    more than one DISPATCH header may hold (4 MiB): the frontend must split it."""
-    names = [f"wide-{n}" for n in range(10)]
-    attributes = {f"k{n}": "v" * 1000 for n in range(3)}
+def fan_out_one_write(herald: HeraldSystem, topic: str, names: list[str], items: list[tuple[bytes, dict[str, str]]]) -> None:
+    """Publish ``items`` in one request to a topic with consumers on every one of ``names``; each must get all."""
     with Client(herald.endpoint) as client:
-        client.create_topic("wide")
+        client.create_topic(topic)
         for name in names:
-            client.create_subscription("wide", name)
-        subscriptions = [client.subscribe("wide", name) for name in names]
+            client.create_subscription(topic, name)
+        subscriptions = [client.subscribe(topic, name) for name in names]
         try:
-            ids = set(client.publish_batch("wide", [(b"w", attributes)] * 400))
+            ids = set(client.publish_batch(topic, items))
             for subscription in subscriptions:
                 received: set[str] = set()
                 deadline = time.monotonic() + 30
                 while received != ids and time.monotonic() < deadline:
                     message = subscription.receive(timeout=1)
                     if message is not None:
+                        assert message.attributes == items[0][1]
                         received.add(message.id)
                         message.ack_nowait()
                 assert received == ids, f"{subscription.name}: {len(received)} of {len(ids)}"
         finally:
             for subscription in subscriptions:
                 subscription.close()
+
+
+def test_wide_fan_out_of_a_big_batch_is_delivered_everywhere(herald: HeraldSystem) -> None:
+    """One write fanned out to 10 subscriptions with 3 KiB of attributes per message is
+    more than one DISPATCH header may hold (4 MiB): the frontend must split it."""
+    attributes = {f"k{n}": "v" * 1000 for n in range(3)}
+    fan_out_one_write(herald, "wide", [f"wide-{n}" for n in range(10)], [(b"w", attributes)] * 400)
 
 
 def test_fan_out_of_attributes_that_json_escapes_is_delivered(herald: HeraldSystem) -> None:
@@ -355,25 +360,6 @@ def test_fan_out_of_attributes_that_json_escapes_is_delivered(herald: HeraldSyst
     count encoded bytes, or a header past 4 MiB is dropped by the sender and its entries stall."""
     from clients.protocol import shard_of
 
-    names = [name for name in (f"escaped-{n}" for n in range(50)) if shard_of(name, 2) == 0][:2]
+    names = [name for name in (f"escaped-{n}" for n in range(50)) if shard_of(name, 2) == 0][:2]  # one sender gets both
     attributes = {f"k{n}": "\x01" * 600 for n in range(64)}  # ~230 KB of JSON per message
-    with Client(herald.endpoint) as client:
-        client.create_topic("escaped")
-        for name in names:
-            client.create_subscription("escaped", name)
-        subscriptions = [client.subscribe("escaped", name) for name in names]
-        try:
-            ids = set(client.publish_batch("escaped", [(b"e", attributes)] * 10))  # one write: 20 entries, ~4.6 MB to one sender
-            for subscription in subscriptions:
-                received: set[str] = set()
-                deadline = time.monotonic() + 30
-                while received != ids and time.monotonic() < deadline:
-                    message = subscription.receive(timeout=1)
-                    if message is not None:
-                        assert message.attributes == attributes
-                        received.add(message.id)
-                        message.ack_nowait()
-                assert received == ids, f"{subscription.name}: {len(received)} of {len(ids)}"
-        finally:
-            for subscription in subscriptions:
-                subscription.close()
+    fan_out_one_write(herald, "escaped", names, [(b"e", attributes)] * 10)  # one write: 20 entries, ~4.6 MB
