@@ -760,6 +760,11 @@ class ConsumerCore(Generic[M]):
         self.nacked = 0
         self.malformed = 0
 
+    def connect(self, sub: Any, push: Any, curve: CurveKeys | None) -> None:
+        """Set up and connect fresh SUB (deliveries) and PUSH (attach, acks) sockets, for either client flavour."""
+        setup_socket(sub, connect=self.deliver_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self.topic_frame, curve=curve)
+        setup_socket(push, connect=self.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, curve=curve)
+
     # -- frames to send
 
     def attach_frames(self, *, ready: bool, request_id: bytes = b"") -> list[bytes]:

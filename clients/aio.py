@@ -25,8 +25,6 @@ import zmq.asyncio
 from clients._core import (
     CLIENT_RCVHWM,
     CLIENT_SNDHWM,
-    CONSUMER_RCVHWM,
-    CONSUMER_SNDHWM,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
     PUBLISH_BATCH_BYTES,
@@ -601,15 +599,7 @@ class AsyncSubscription(SubscriptionView):
         self._sub: zmq.asyncio.Socket = context.socket(zmq.SUB)
         self._push: zmq.asyncio.Socket = context.socket(zmq.PUSH)
         try:
-            setup_socket(
-                self._sub,
-                connect=self._core.deliver_endpoint,
-                sndhwm=CONSUMER_SNDHWM,
-                rcvhwm=CONSUMER_RCVHWM,
-                subscribe=self._core.topic_frame,
-                curve=client.curve,
-            )
-            setup_socket(self._push, connect=self._core.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, curve=client.curve)
+            self._core.connect(self._sub, self._push, client.curve)
         except BaseException:
             self._sub.close(0)
             self._push.close(0)
