@@ -28,7 +28,6 @@ Latency is receive time minus scheduled time, for ``seq >= base + warmup``.
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Final
@@ -37,7 +36,7 @@ import zmq.asyncio
 
 from bench.harness import LatencyRecorder, Link, WorkerError, now_ns
 from bench.peers import Consumer, Publisher, SystemSpec, open_consumer, open_publisher
-from bench.workers import MEASURED, Schedule, parse_payload, payload
+from bench.workers import MEASURED, Pacer, parse_payload, payload
 from clients.aio import run
 
 PROGRESS_INTERVAL_S: Final = 0.5
@@ -104,7 +103,6 @@ class _PacedState:
     completed: int = 0
     errors: int = 0
     last_error: str = ""
-    blocked: int = 0
     batches: int = 0
 
 
@@ -114,8 +112,7 @@ async def _paced(publisher: Publisher, order: dict[str, Any], size: int) -> dict
     loop = asyncio.get_running_loop()
     ack_latency = LatencyRecorder()
     send_lag = LatencyRecorder()
-    slots = threading.BoundedSemaphore(max_in_flight)
-    stop = threading.Event()
+    pacer = Pacer(rate, count, max_in_flight)
     finished = asyncio.Event()
     state = _PacedState()
     due_now: list[tuple[int, int]] = []
@@ -132,8 +129,7 @@ async def _paced(publisher: Publisher, order: dict[str, Any], size: int) -> dict
             state.errors += len(batch)
             state.last_error = repr(exc)
         finally:
-            for _ in batch:
-                slots.release()
+            pacer.release(len(batch))
             state.completed += len(batch)
             if state.completed >= count:
                 finished.set()
@@ -154,30 +150,19 @@ async def _paced(publisher: Publisher, order: dict[str, Any], size: int) -> dict
             loop.call_soon(flush)
         due_now.append((k, due))
 
-    def emit(k: int, due: int) -> None:
-        if not slots.acquire(blocking=False):
-            state.blocked += 1
-            while not slots.acquire(timeout=1.0):
-                if stop.is_set():
-                    return
-        loop.call_soon_threadsafe(submit, k, due)
-
-    schedule = Schedule(rate, count)
-    pacer = threading.Thread(target=schedule.run, args=(emit, stop), name="pacer", daemon=True)
-    pacer.start()
+    pacer.start(loop, submit)
     try:
         await asyncio.wait_for(finished.wait(), timeout=count / rate + float(order.get("timeout_s", 120.0)))
     finally:
-        stop.set()
-        await asyncio.to_thread(pacer.join)
+        await pacer.finish()
     return {
-        "start_ns": schedule.due_ns(warmup),
+        "start_ns": pacer.schedule.due_ns(warmup),
         "end_ns": now_ns(),
         "ack_latency": ack_latency.to_bytes(),
         "send_lag": send_lag.to_bytes(),
         "errors": state.errors,
         "last_error": state.last_error,
-        "pacer_blocked": state.blocked,
+        "pacer_blocked": pacer.blocked,
         "batches": state.batches,
     }
 

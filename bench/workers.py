@@ -101,6 +101,41 @@ class Schedule:
             emit(k, due)
 
 
+class Pacer:
+    """Open-loop pacing for an asyncio publisher: a thread hands message ``k`` to
+    ``submit`` on the event loop at its due time, once one of ``max_in_flight``
+    slots is free. A full window delays the hand-over; the delay then shows as
+    latency, since latency runs from the due time (nothing is skipped)."""
+
+    def __init__(self, rate_per_s: float, total: int, max_in_flight: int) -> None:
+        self.schedule = Schedule(rate_per_s, total)
+        self.slots = threading.BoundedSemaphore(max_in_flight)
+        self.stop = threading.Event()
+        self.blocked = 0  # times the pacer waited for an in-flight slot
+        self._thread: threading.Thread | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop, submit: Callable[[int, int], None]) -> None:
+        def emit(k: int, due: int) -> None:
+            if not self.slots.acquire(blocking=False):
+                self.blocked += 1
+                while not self.slots.acquire(timeout=1.0):
+                    if self.stop.is_set():
+                        return
+            loop.call_soon_threadsafe(submit, k, due)
+
+        self._thread = threading.Thread(target=self.schedule.run, args=(emit, self.stop), name="pacer", daemon=True)
+        self._thread.start()
+
+    def release(self, count: int = 1) -> None:
+        for _ in range(count):
+            self.slots.release()
+
+    async def finish(self) -> None:
+        self.stop.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+
+
 # --------------------------------------------------------------------------- raw ZeroMQ baseline
 
 
@@ -250,7 +285,6 @@ class _OpenLoopState:
     completed: int = 0  # publishes answered, with an ack or an error
     errors: int = 0
     last_error: str = ""
-    blocked: int = 0  # times the pacer waited for an in-flight slot
 
 
 def open_loop_publisher(link: Link, endpoint: str, topic: str, rate_per_s: float, count: int, warmup: int, size: int, max_in_flight: int) -> None:
@@ -267,8 +301,7 @@ async def _open_loop_publisher(link: Link, endpoint: str, topic: str, rate_per_s
         total = warmup + count
         ack_latency = LatencyRecorder()  # scheduled time -> durable ack, measured messages only
         send_lag = LatencyRecorder()  # scheduled time -> publish() called
-        slots = threading.BoundedSemaphore(max_in_flight)  # bounds memory if the server stalls; the lag then shows as latency
-        stop = threading.Event()
+        pacer = Pacer(rate_per_s, total, max_in_flight)  # the window bounds memory if the server stalls
         finished = asyncio.Event()
         state = _OpenLoopState()
         tasks: set[asyncio.Task[None]] = set()
@@ -283,7 +316,7 @@ async def _open_loop_publisher(link: Link, endpoint: str, topic: str, rate_per_s
                 state.errors += 1
                 state.last_error = repr(exc)
             finally:
-                slots.release()
+                pacer.release()
                 state.completed += 1
                 if state.completed == total:
                     finished.set()
@@ -295,32 +328,21 @@ async def _open_loop_publisher(link: Link, endpoint: str, topic: str, rate_per_s
             tasks.add(task)
             task.add_done_callback(tasks.discard)
 
-        def emit(k: int, due: int) -> None:
-            if not slots.acquire(blocking=False):
-                state.blocked += 1
-                while not slots.acquire(timeout=1.0):
-                    if stop.is_set():
-                        return
-            loop.call_soon_threadsafe(submit, k, due)
-
-        schedule = Schedule(rate_per_s, total)
-        pacer = threading.Thread(target=schedule.run, args=(emit, stop), name="pacer", daemon=True)
-        pacer.start()
+        pacer.start(loop, submit)
         try:
             await asyncio.wait_for(finished.wait(), timeout=total / rate_per_s + CLIENT_TIMEOUT_S)
         finally:
-            stop.set()
-            pacer.join()
+            await pacer.finish()
         link.send(
             "done",
             {
-                "start_ns": schedule.due_ns(warmup),
+                "start_ns": pacer.schedule.due_ns(warmup),
                 "end_ns": now_ns(),
                 "ack_latency": ack_latency.to_bytes(),
                 "send_lag": send_lag.to_bytes(),
                 "errors": state.errors,
                 "last_error": state.last_error,
-                "pacer_blocked": state.blocked,
+                "pacer_blocked": pacer.blocked,
             },
         )
 
