@@ -232,6 +232,26 @@ def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: igno
         previous = config
 
 
+def test_internal_endpoints_listen_on_loopback_whatever_the_host(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Only what clients and consumers reach follows --host; nothing else may be reachable
+    from another machine (a stranger could pose as a frontend, past CURVE and tokens)."""
+    from broker.config import build_local_config
+
+    host = "127.0.0.2"  # a loopback address other than 127.0.0.1 stands in for the machine's address
+    config = build_local_config(data_dir=str(tmp_path), host=host, port=0)
+    public = [config.client_endpoint, config.live_endpoint, *config.sender_deliver_endpoints, *config.sender_ack_endpoints]
+    internal = [
+        config.proxy_backend_endpoint,
+        config.live_intake_endpoint,
+        config.metadata_rpc_endpoint,
+        config.metadata_events_endpoint,
+        *config.frontend_control_endpoints,
+        *config.sender_intake_endpoints,
+    ]
+    assert all(endpoint.startswith(f"tcp://{host}:") for endpoint in public), public
+    assert all(endpoint.startswith("tcp://127.0.0.1:") for endpoint in internal), internal
+
+
 def test_crash_looping_child_makes_the_launcher_give_up(herald: HeraldSystem) -> None:
     """A child that dies at every start is restarted with backoff, then the launcher stops
     everything with a message naming it (about 33 s of backoff in all)."""
