@@ -62,7 +62,15 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
 
     def settled() -> dict[str, float] | None:
         samples = scrape(metrics_url)
-        return samples if total(samples, "herald_acked_total") >= 100 and total(samples, "herald_published_total") >= 100 else None
+        # Each role writes its snapshot once a second, each on its own clock: wait for all of them.
+        caught_up = (
+            total(samples, "herald_acked_total") >= 100
+            and total(samples, "herald_published_total") >= 100
+            and samples.get('herald_topics{role="metadata"}', 0.0) >= 1
+            and total(samples, "herald_backlog") >= 100
+            and sum(value for key, value in samples.items() if key.startswith("herald_requests_by_command_total{") and 'command="PUBLISH"' in key) >= 1
+        )
+        return samples if caught_up else None
 
     samples = wait_for(settled, timeout=15, interval=0.5, message="metrics caught up with the workload")
     assert total(samples, "herald_published_total") == 100
