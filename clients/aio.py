@@ -1,12 +1,12 @@
 """The asyncio Herald client.
 
 :class:`AsyncClient` keeps many requests in flight on one DEALER socket: each
-request registers a future under its request id, and one reader task
-(``_read_loop``) wakes when replies are ready, drains every queued reply with
-``NOBLOCK`` (one wake-up per burst, not per message) and resolves the futures.
-The reader also wakes on a short timer, so an edge-triggered wake-up that
-``zmq.asyncio`` misses (pyzmq issue 2173) costs a few milliseconds, never a
-hang. Use :func:`run` to run a coroutine on uvloop when it is installed.
+request registers a future under its request id, and one loop reader on the
+socket drains every queued reply with ``NOBLOCK`` (one wake-up per burst, not
+per message) and resolves the futures. The sockets are plain ZeroMQ sockets
+driven by the event loop (:class:`_LoopSocket`), not ``zmq.asyncio`` ones, whose
+per-call futures cost more Python than the rest of a request. Use :func:`run`
+to run a coroutine on uvloop when it is installed.
 """
 
 from __future__ import annotations
@@ -17,10 +17,9 @@ import logging
 import secrets
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
-from typing import Any, Final, TypeVar
+from typing import Any, Final, TypeVar, cast
 
 import zmq
-import zmq.asyncio
 
 from clients._core import (
     CLIENT_RCVHWM,
@@ -70,11 +69,14 @@ from clients.protocol import (
     ATTACH_RETRY_S,
     CONSUMER_HEARTBEAT_S,
     MAX_BATCH_MESSAGES,
+    NOBLOCK,
     Frames,
     HeraldError,
     ProtocolError,
     check_name,
+    recv_frames,
     request_id_of,
+    send_frames,
     split_envelope,
 )
 
@@ -82,10 +84,13 @@ log = logging.getLogger("herald.client")
 
 T = TypeVar("T")
 
-# The reader re-checks its socket at least this often even without a wake-up
-# (bounds the cost of a missed edge-triggered notification, pyzmq issue 2173).
-READER_POLL_MS: Final = 50
-DRAIN_BURST: Final = 10_000  # replies handled per wake-up before yielding to other tasks
+# A socket is re-checked at least this often even without a wake-up (bounds the
+# cost of a missed edge-triggered notification, pyzmq issue 2173).
+RECHECK_S: Final = 0.05
+DRAIN_BURST: Final = 1_000  # messages handled per callback before yielding to other tasks
+_POLLIN: Final = int(zmq.POLLIN)
+_POLLOUT: Final = int(zmq.POLLOUT)
+_EVENTS: Final = int(zmq.EVENTS)
 # DETACH is flushed on close for at most this long (see clients.client).
 DETACH_LINGER_MS: Final = 500
 
@@ -106,16 +111,139 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     return uvloop.run(main)
 
 
-async def _read_forever(sock: zmq.asyncio.Socket, on_message: Callable[[list[bytes]], Coroutine[Any, Any, None]]) -> None:
-    """Await readiness once, then drain with NOBLOCK until empty: per-message awaits cost 4-5x."""
-    while True:
-        await sock.poll(timeout=READER_POLL_MS)  # POLLIN is the default
+class _LoopSocket:
+    """A plain ZeroMQ socket driven by the event loop: calls never block.
+
+    ``zmq.asyncio`` wraps every send and receive in futures and flag enums,
+    which cost about 300 us of client CPU per PING round trip here, several
+    times what the server spends on it. Here a send is one direct ``NOBLOCK``
+    call, and one loop reader on the socket's FD drains every ready message
+    into ``on_message``.
+
+    ZeroMQ's FD is edge-triggered, and any call on the socket may consume the
+    edge (pyzmq issue 2173), so every send schedules a check of ``EVENTS``
+    (one per loop iteration however many sends), and a timer re-checks every
+    ``RECHECK_S`` as a backstop.
+
+    Args:
+        sock: a socket of a plain ``zmq.Context``.
+        on_message: called with each received multipart message; None for a
+            socket that only sends.
+        on_failure: called when ``on_message`` raises.
+    """
+
+    def __init__(
+        self,
+        sock: zmq.Socket[Any],
+        on_message: Callable[[list[bytes]], None] | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self.sock = sock
+        self._on_message = on_message
+        self._on_failure = on_failure
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        self._writable: list[asyncio.Future[None]] = []
+        self._check_scheduled = False
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Start watching the socket on ``loop`` (once; later calls do nothing)."""
+        if self._loop is not None:
+            return
+        self._loop = loop
+        loop.add_reader(self._fd, self._check)
+        self._timer = loop.call_later(RECHECK_S, self._recheck)
+        self._schedule_check()
+
+    def send(self, frames: list[bytes]) -> bool:
+        """Send now if the socket takes it; False when it would block (nothing sent)."""
+        try:
+            send_frames(self.sock, frames, NOBLOCK)
+            return True
+        except zmq.Again:
+            return False
+        finally:
+            self._schedule_check()
+
+    async def send_wait(self, frames: list[bytes]) -> None:
+        """Send, waiting for room (or a connection) as long as it takes; cancel to give up."""
+        loop = asyncio.get_running_loop()
+        self.start(loop)
+        while not self.send(frames):
+            waiter: asyncio.Future[None] = loop.create_future()
+            self._writable.append(waiter)
+            await waiter
+
+    def close(self, linger: int = 0) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._fd)
+        if self._timer is not None:
+            self._timer.cancel()
+        for waiter in self._writable:
+            waiter.cancel()
+        self._writable.clear()
+        self.sock.close(linger=linger)
+
+    def _schedule_check(self) -> None:
+        if not self._check_scheduled and self._loop is not None:
+            self._check_scheduled = True
+            self._loop.call_soon(self._check)
+
+    def _recheck(self) -> None:
+        assert self._loop is not None
+        self._timer = self._loop.call_later(RECHECK_S, self._recheck)
+        self._check()
+
+    def _check(self) -> None:
+        self._check_scheduled = False
+        sock = self.sock
+        if sock.closed:
+            return
         for _ in range(DRAIN_BURST):
+            events = cast(int, sock.getsockopt(_EVENTS))
+            if events & _POLLOUT and self._writable:
+                for waiter in self._writable:
+                    if not waiter.done():
+                        waiter.set_result(None)
+                self._writable.clear()
+            if not events & _POLLIN or self._on_message is None:
+                return
             try:
-                raw = await sock.recv_multipart(zmq.NOBLOCK)
+                frames = recv_frames(sock, NOBLOCK)
             except zmq.Again:
-                break
-            await on_message(raw)
+                return
+            try:
+                self._on_message(frames)
+            except Exception as exc:
+                log.error("handling a message failed: %r", exc, exc_info=exc)
+                if self._on_failure is not None:
+                    self._on_failure(exc)
+        self._schedule_check()  # more is waiting: come back after other callbacks ran
+
+
+async def _wait_until(future: asyncio.Future[Any], until: float) -> None:
+    """Return when ``future`` is done or the loop clock passes ``until``; never cancels ``future``.
+
+    Lighter than ``asyncio.timeout_at`` around ``asyncio.shield``: one timer and
+    one callback, no task cancellation.
+    """
+    if future.done():
+        return
+    loop = asyncio.get_running_loop()
+    waiter: asyncio.Future[None] = loop.create_future()
+
+    def wake(_: object = None) -> None:
+        if not waiter.done():
+            waiter.set_result(None)
+
+    timer = loop.call_at(until, wake)
+    future.add_done_callback(wake)
+    try:
+        await waiter
+    finally:
+        timer.cancel()
+        future.remove_done_callback(wake)
 
 
 def _watch(task: asyncio.Task[None], on_failure: Callable[[BaseException], None]) -> None:
@@ -154,16 +282,17 @@ class AsyncClient:
         self.timeout = check_timeout(timeout)
         self.token = token
         self.curve = curve
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket = self._context.socket(zmq.DEALER)
+        self._context: zmq.Context[Any] = zmq.Context()
+        socket: zmq.Socket[Any] = self._context.socket(zmq.DEALER)
         try:
-            setup_socket(self._socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True, curve=curve)
+            setup_socket(socket, connect=endpoint, sndhwm=CLIENT_SNDHWM, rcvhwm=CLIENT_RCVHWM, immediate=True, curve=curve)
         except ValueError:
+            socket.close(0)
             self._context.term()
             raise
+        self._io = _LoopSocket(socket, self._on_reply, lambda error: self._fail_pending(HeraldError("internal", f"the reply reader failed: {error!r}")))
         self._ids = RequestIds()
         self._pending: dict[bytes, asyncio.Future[Frames]] = {}
-        self._reader: asyncio.Task[None] | None = None
         self._counters = ClientCounters()
         self._subscriptions: set[AsyncSubscription] = set()
         self._batches: dict[str, _Coalesced] = {}
@@ -199,13 +328,8 @@ class AsyncClient:
         self._batches.clear()
         for task in list(self._batch_tasks):
             task.cancel()
-        if self._reader is not None:
-            self._reader.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-            self._reader = None
         self._fail_pending(error)
-        self._socket.close(linger=0)
+        self._io.close(linger=0)
         self._context.term()
 
     def statistics(self) -> ClientStatistics:
@@ -411,8 +535,9 @@ class AsyncClient:
     async def _request(self, call: Call[T]) -> T:
         if self._closed:
             raise closed_error(repr(self))
-        self._ensure_reader()
         loop = asyncio.get_running_loop()
+        io = self._io
+        io.start(loop)
         deadline = loop.time() + self.timeout
         request_ids: list[bytes] = []
         # A late reply to an earlier attempt is as good as one to the latest.
@@ -428,15 +553,22 @@ class AsyncClient:
                 self._counters.requests += 1
                 until = attempt_deadline(loop.time(), deadline, attempt, call.repeatable)
                 attempt += 1
-                try:
-                    async with asyncio.timeout_at(until):
-                        await self._socket.send_multipart(call.frames(request_id, self.token))
-                        frames = await asyncio.shield(future)
-                except TimeoutError:
+                request = call.frames(request_id, self.token)
+                if not io.send(request):
+                    try:
+                        async with asyncio.timeout_at(until):
+                            await io.send_wait(request)
+                    except TimeoutError:
+                        if not call.repeatable:
+                            break
+                        continue  # not connected yet: try again with the attempt schedule
+                await _wait_until(future, until)
+                if not future.done():
                     if not call.repeatable:
                         break
                     log.info("no reply to %s yet; sending it again", call.command.name)
                     continue
+                frames = future.result()
                 try:
                     return call.parse(reply_header(frames))
                 except HeraldError as error:
@@ -491,22 +623,11 @@ class AsyncClient:
             batch.fail(exc if isinstance(exc, HeraldError) else closed_error(repr(self)))
             raise
 
-    def _ensure_reader(self) -> None:
-        if self._reader is None or self._reader.done():
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"herald-read-{self.endpoint}")
-            _watch(self._reader, lambda error: self._fail_pending(HeraldError("internal", f"the reply reader failed: {error!r}")))
-
     def _fail_pending(self, error: HeraldError) -> None:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(error)
         self._pending.clear()
-
-    async def _read_loop(self) -> None:
-        async def on_reply(raw: list[bytes]) -> None:
-            self._on_reply(raw)
-
-        await _read_forever(self._socket, on_reply)
 
     def _on_reply(self, raw: list[bytes]) -> None:
         try:
@@ -592,18 +713,19 @@ class AsyncSubscription(SubscriptionView):
         self._arrived = asyncio.Event()
         self._welcomed = asyncio.Event()
         self._welcome: asyncio.Future[list[str]] | None = None
-        self._reader: asyncio.Task[None] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
         self._closed = False
         context = client._context
-        self._sub: zmq.asyncio.Socket = context.socket(zmq.SUB)
-        self._push: zmq.asyncio.Socket = context.socket(zmq.PUSH)
+        sub: zmq.Socket[Any] = context.socket(zmq.SUB)
+        push: zmq.Socket[Any] = context.socket(zmq.PUSH)
         try:
-            self._core.connect(self._sub, self._push, client.curve)
+            self._core.connect(sub, push, client.curve)
         except BaseException:
-            self._sub.close(0)
-            self._push.close(0)
+            sub.close(0)
+            push.close(0)
             raise
+        self._sub = _LoopSocket(sub, self._on_message, self._on_task_failure)
+        self._push = _LoopSocket(push)
         client._subscriptions.add(self)
 
     # ------------------------------------------------------------------ public
@@ -667,24 +789,19 @@ class AsyncSubscription(SubscriptionView):
             return
         self._closed = True
         self._arrived.set()
-        for task in (self._heartbeat, self._reader):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._heartbeat
         for future in self._awaiting.values():
             if not future.done():
                 future.set_exception(closed_error(repr(self)))
         linger_ms = 0
         if self._welcomed.is_set():
-            with contextlib.suppress(zmq.Again):
-                if (frames := self._core.take_pending_acks()) is not None:
-                    await self._push.send_multipart(frames, zmq.NOBLOCK)
-            try:
-                await self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
+            if (frames := self._core.take_pending_acks()) is not None:
+                self._push.send(frames)
+            if self._push.send(self._core.detach_frames()):
                 linger_ms = DETACH_LINGER_MS
-            except zmq.Again:
-                pass
         self._push.close(linger=linger_ms)
         self._sub.close(linger=0)
         self._client._subscriptions.discard(self)
@@ -694,14 +811,14 @@ class AsyncSubscription(SubscriptionView):
     def _ack_nowait(self, message: MessageFields) -> None:
         if self._closed:
             raise closed_error(repr(self))
-        if self._core.queue_ack(message):
-            # Enough are queued: send them now from a task, without blocking the caller.
-            flush = asyncio.get_running_loop().create_task(self._flush_acks(), name=f"herald-acks-{self.name}")
+        if self._core.queue_ack(message) and (frames := self._core.take_pending_acks()) is not None and not self._push.send(frames):
+            # Enough are queued but the socket is full: send them from a task, without blocking the caller.
+            flush = asyncio.get_running_loop().create_task(self._push.send_wait(frames), name=f"herald-acks-{self.name}")
             _watch(flush, lambda error: log.warning("queued acks not sent (%r); those messages will be redelivered and acknowledged again", error))
 
     async def _flush_acks(self) -> None:
         if (frames := self._core.take_pending_acks()) is not None:
-            await self._push.send_multipart(frames)
+            await self._push.send_wait(frames)
 
     async def _ack(self, message: AsyncMessage) -> bool:
         def build(request_id: bytes) -> list[bytes]:
@@ -717,7 +834,7 @@ class AsyncSubscription(SubscriptionView):
         if self._closed:
             raise closed_error(repr(self))
         async with self._deadline("NACK", self._core.ack_endpoint):
-            await self._push.send_multipart(self._core.nack_frames([(message.ref, message.attempt)]))
+            await self._push.send_wait(self._core.nack_frames([(message.ref, message.attempt)]))
         self._core.nacked += 1
 
     # ------------------------------------------------------------------ plumbing
@@ -739,7 +856,7 @@ class AsyncSubscription(SubscriptionView):
         self._awaiting[request_id] = future
         try:
             async with self._deadline(what, self._core.deliver_endpoint):
-                await self._push.send_multipart(build(request_id))
+                await self._push.send_wait(build(request_id))
                 return await future
         finally:
             self._awaiting.pop(request_id, None)
@@ -748,20 +865,20 @@ class AsyncSubscription(SubscriptionView):
     async def _attach(self) -> None:
         """Send ATTACH until the sender's WELCOME shows our SUB filter reached it (slow joiner)."""
         try:
-            self._reader = asyncio.get_running_loop().create_task(self._read_loop(), name=f"herald-consume-{self.name}")
-            _watch(self._reader, self._on_task_failure)
+            loop = asyncio.get_running_loop()
+            self._sub.start(loop)
+            self._push.start(loop)
             request_id = self._ids.next()
             # Resolved by the first WELCOME, or failed by an ERROR answering this ATTACH.
             welcome: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
             self._awaiting[request_id] = self._welcome = welcome
             async with self._deadline(f"ATTACH to subscription {self.name!r}", self._core.deliver_endpoint):
                 while not welcome.done():
-                    with contextlib.suppress(zmq.Again):
-                        await self._push.send_multipart(self._core.attach_frames(ready=False, request_id=request_id), zmq.NOBLOCK)
+                    self._push.send(self._core.attach_frames(ready=False, request_id=request_id))
                     await asyncio.wait([welcome], timeout=ATTACH_RETRY_S)
                 self._awaiting.pop(request_id, None)
                 welcome.result()  # raises the sender's error, if that is what came
-                await self._push.send_multipart(self._core.attach_frames(ready=True))
+                await self._push.send_wait(self._core.attach_frames(ready=True))
             self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop(), name=f"herald-heartbeat-{self.name}")
             _watch(self._heartbeat, self._on_task_failure)
         except BaseException:
@@ -776,10 +893,7 @@ class AsyncSubscription(SubscriptionView):
                 future.set_exception(failure)
         self._arrived.set()
 
-    async def _read_loop(self) -> None:
-        await _read_forever(self._sub, self._on_message)
-
-    async def _on_message(self, raw: list[bytes]) -> None:
+    def _on_message(self, raw: list[bytes]) -> None:
         events = self._core.handle(raw, self)
         if events.welcomed:
             self._welcomed.set()
@@ -799,8 +913,7 @@ class AsyncSubscription(SubscriptionView):
                     future.set_exception(events.fatal)
         if events.reacks:
             # Best effort: if this ack is lost the sender redelivers and we ack again.
-            with contextlib.suppress(zmq.Again):
-                await self._push.send_multipart(self._core.ack_frames(events.reacks), zmq.NOBLOCK)
+            self._push.send(self._core.ack_frames(events.reacks))
         if self._core.buffer or events.fatal is not None:
             self._arrived.set()
 
@@ -808,8 +921,7 @@ class AsyncSubscription(SubscriptionView):
         frames = self._core.attach_frames(ready=True)
         while True:
             await asyncio.sleep(CONSUMER_HEARTBEAT_S)
-            with contextlib.suppress(zmq.Again):  # sender unreachable: the next heartbeat counts
-                await self._push.send_multipart(frames, zmq.NOBLOCK)
+            self._push.send(frames)  # sender unreachable: the next heartbeat counts
 
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncSubscription", "Subscribing", "run"]
