@@ -65,6 +65,10 @@ from metadata.link import MetadataLink
 log = logging.getLogger("herald.sender")
 
 MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most this many
+# The window a sender asks of the frontends is this many times its consumers'
+# max_unacked: the next deliveries wait in the sender's memory, ready the moment
+# acks free room, instead of the frontend reading them back from RocksDB later.
+READ_AHEAD: Final = 2
 DEADLINE_HEAP_COMPACT_AT: Final = 50_000  # entries; compaction keeps the heap within ~2x the live deliveries
 
 DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
@@ -119,10 +123,13 @@ class SubscriptionState:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return dict(self.info["settings"])
+        """The subscription's settings (read-only: shared with ``info``)."""
+        settings: dict[str, Any] = self.info["settings"]
+        return settings
 
     def window(self) -> int:
-        return sum(c.max_unacked for c in self.consumers.values() if c.ready)
+        """Messages the frontends may hand this sender: the consumers' room, read ahead by READ_AHEAD."""
+        return READ_AHEAD * sum(c.max_unacked for c in self.consumers.values() if c.ready)
 
 
 class SenderServer:
