@@ -69,6 +69,12 @@ MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most t
 # max_unacked: the next deliveries wait in the sender's memory, ready the moment
 # acks free room, instead of the frontend reading them back from RocksDB later.
 READ_AHEAD: Final = 2
+# COMPLETE (settled entries, for the frontend to delete) goes out once this many
+# wait or the oldest has waited COMPLETE_DELAY_S. Nothing waits on it but
+# storage clean-up, and at low rates one COMPLETE per ack cost the owning
+# frontend a poll-loop pass and a RocksDB write per message.
+COMPLETE_BATCH: Final = 250
+COMPLETE_DELAY_S: Final = 0.005
 DEADLINE_HEAP_COMPACT_AT: Final = 50_000  # entries; compaction keeps the heap within ~2x the live deliveries
 
 DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
@@ -161,6 +167,7 @@ class SenderServer:
         self.deadlines: list[tuple[float, DeliveryKey, int]] = []  # heap of (due, key, attempt)
         self.redeliveries: list[tuple[float, DeliveryKey, int]] = []  # heap of (not before, key, attempt)
         self.completions: dict[int, list[list[int]]] = {}
+        self.completions_since: float | None = None  # when the oldest waiting completion was first seen
         self.attempted: dict[int, list[list[int]]] = {}
         self.dead_letters: dict[int, list[list[Any]]] = {}
         self.deadline_compact_at = DEADLINE_HEAP_COMPACT_AT
@@ -217,7 +224,7 @@ class SenderServer:
                     timer.run_if_due(now)
                 self.metadata.expire(now)
         finally:
-            self._flush_to_frontends()
+            self._flush_to_frontends(force=True)
             for sock in (self.intake, self.deliver, self.consumer_in, *self.frontends):
                 sock.close(linger=200)
             self.metadata.close()
@@ -228,6 +235,9 @@ class SenderServer:
 
     def _poll_timeout_ms(self) -> int:
         soonest = min((heap[0][0] for heap in (self.deadlines, self.redeliveries) if heap), default=None)
+        if self.completions_since is not None:
+            due = self.completions_since + COMPLETE_DELAY_S
+            soonest = due if soonest is None else min(soonest, due)
         if soonest is None:
             return 100
         return max(0, min(100, int((soonest - time.monotonic()) * 1000) + 1))
@@ -252,14 +262,22 @@ class SenderServer:
             with contextlib.suppress(zmq.Again):
                 send_frames(sock, frames, NOBLOCK)
 
-    def _flush_to_frontends(self) -> None:
+    def _flush_to_frontends(self, *, force: bool = False) -> None:
         for shard, dead in list(self.dead_letters.items()):
             try:
                 send_frames(self.frontends[shard], encode(Command.DEAD, b"", {"entries": dead}), NOBLOCK)
                 del self.dead_letters[shard]
             except zmq.Again:
                 log.warning("frontend %d is not draining; %d dead-letters wait for the next pass", shard, len(dead))
-        for command, pending in ((Command.COMPLETE, self.completions), (Command.ATTEMPTED, self.attempted)):
+        flush: list[tuple[Command, dict[int, list[list[int]]]]] = [(Command.ATTEMPTED, self.attempted)]
+        if self.completions:
+            now = time.monotonic()
+            if self.completions_since is None:
+                self.completions_since = now
+            if force or now - self.completions_since >= COMPLETE_DELAY_S or sum(map(len, self.completions.values())) >= COMPLETE_BATCH:
+                flush.append((Command.COMPLETE, self.completions))
+                self.completions_since = None
+        for command, pending in flush:
             for shard, entries in pending.items():
                 if entries and shard < len(self.frontends):
                     try:
