@@ -148,9 +148,20 @@ class _LoopSocket:
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Start watching the socket on ``loop`` (once; later calls do nothing)."""
-        if self._loop is not None:
+        """Watch the socket on ``loop``; a no-op when already watched there.
+
+        A socket moves to a new loop only once its first loop is closed (one
+        ``asyncio.run`` after another); two live loops cannot share it.
+        """
+        if self._loop is loop:
             return
+        if self._loop is not None:
+            if not self._loop.is_closed():
+                raise RuntimeError("this Herald client is in use by another running event loop")
+            if self._timer is not None:
+                self._timer.cancel()
+            self._writable.clear()
+            self._check_scheduled = False
         self._loop = loop
         loop.add_reader(self._fd, self._check)
         self._timer = loop.call_later(RECHECK_S, self._recheck)

@@ -108,6 +108,30 @@ def test_pipelined_async_publishes_each_get_their_own_reply(herald: HeraldSystem
         assert stored[message_id] == ("pipelined" if i % 2 else "pipelined.other", f"payload-{i}".encode(), {"i": str(i)})
 
 
+def test_async_client_outlives_its_first_event_loop(herald: HeraldSystem) -> None:
+    """One AsyncClient used by one asyncio.run after another: its sockets move to the new loop."""
+    client = AsyncClient(herald.endpoint, timeout=10.0)
+
+    async def publish(payload: bytes) -> str:
+        await client.create_topic("two.loops", exist_ok=True)
+        return str(await client.publish("two.loops", payload))
+
+    async def consume() -> bytes:
+        async with client.subscribe("two.loops", "two.loops.sub") as subscription:
+            await client.publish("two.loops", b"third")
+            message = await subscription.receive(timeout=10.0)
+            assert message is not None
+            await message.ack()
+            return message.data
+
+    try:
+        first, second = asyncio.run(publish(b"first")), asyncio.run(publish(b"second"))
+        assert first != second
+        assert asyncio.run(consume()) == b"third"
+    finally:
+        asyncio.run(client.close())
+
+
 def test_subscribe_receive_ack_and_stale_ack(herald: HeraldSystem) -> None:
     with Client(herald.endpoint) as client:
         client.create_topic("tasks")
