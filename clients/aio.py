@@ -115,7 +115,7 @@ class _LoopSocket:
     """A plain ZeroMQ socket driven by the event loop: calls never block.
 
     ``zmq.asyncio`` wraps every send and receive in futures and flag enums,
-    which cost about 300 us of client CPU per PING round trip here, several
+    which cost about 360 us of client CPU per PING round trip here, several
     times what the server spends on it. Here a send is one direct ``NOBLOCK``
     call, and one loop reader on the socket's FD drains every ready message
     into ``on_message``.
