@@ -250,6 +250,19 @@ def herald_module(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldSy
     system.stop()
 
 
+def run_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the `herald` command line (``python -m clients.cli``) from this checkout."""
+    return subprocess.run(
+        [sys.executable, "-m", "clients.cli", *args],
+        input=stdin,
+        cwd=PROJECT_ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+    )
+
+
 def topic_for_shard(prefix: str, shard: int, shards: int = 2) -> str:
     """A topic name that the frontend ``shard`` owns."""
     from clients.protocol import shard_of

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -14,7 +13,7 @@ import pytest
 
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
-from tests.conftest import PROJECT_ROOT, HeraldSystem, stored_messages
+from tests.conftest import HeraldSystem, run_cli, stored_messages
 
 
 def test_topics_round_trip(herald: HeraldSystem) -> None:
@@ -226,40 +225,27 @@ def test_four_publishers_three_subscriptions_every_message_at_least_once(herald:
     print(f"duplicates delivered: {duplicates}")
 
 
-def run_cli(herald: HeraldSystem, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "clients.cli", "--endpoint", herald.endpoint, *args],
-        input=stdin,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=PROJECT_ROOT,
-    )
+def herald_cli(herald: HeraldSystem, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return run_cli("--endpoint", herald.endpoint, *args, stdin=stdin)
 
 
 def test_cli(herald: HeraldSystem) -> None:
-    assert run_cli(herald, "topic", "create", "cli.topic").returncode == 0
-    assert "cli.topic" in run_cli(herald, "topic", "list").stdout
-    assert run_cli(herald, "subscription", "create", "cli.topic", "cli.sub").returncode == 0
-    one = run_cli(herald, "publish", "cli.topic", "hello", "--attr", "k=v")
+    assert herald_cli(herald, "topic", "create", "cli.topic").returncode == 0
+    assert "cli.topic" in herald_cli(herald, "topic", "list").stdout
+    assert herald_cli(herald, "subscription", "create", "cli.topic", "cli.sub").returncode == 0
+    one = herald_cli(herald, "publish", "cli.topic", "hello", "--attr", "k=v")
     assert one.returncode == 0 and one.stdout.strip()
-    lines = run_cli(herald, "publish", "cli.topic", stdin="a\nb\nc\n")
+    lines = herald_cli(herald, "publish", "cli.topic", stdin="a\nb\nc\n")
     assert lines.returncode == 0 and len(lines.stdout.split()) == 3
-    received = run_cli(herald, "subscribe", "cli.topic", "cli.sub", "--count", "4", "--timeout", "20")
+    received = herald_cli(herald, "subscribe", "cli.topic", "cli.sub", "--count", "4", "--timeout", "20")
     assert received.returncode == 0, received.stderr
     assert [line.count('"data"') for line in received.stdout.splitlines()] == [1, 1, 1, 1]
-    missing = run_cli(herald, "publish", "nope", "x")
+    missing = herald_cli(herald, "publish", "nope", "x")
     assert missing.returncode == 1 and "topic_not_found" in missing.stderr
-    status = run_cli(herald, "status", "--data-dir", str(herald.data_dir))
+    status = herald_cli(herald, "status", "--data-dir", str(herald.data_dir))
     assert status.returncode == 0, status.stderr
     assert "frontend-1" in status.stdout and "restarts 0" in status.stdout
-    dead = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "--endpoint", free_tcp_endpoint(), "--timeout", "1", "status"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=PROJECT_ROOT,
-    )
+    dead = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status")
     assert dead.returncode == 1
 
 

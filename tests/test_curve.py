@@ -9,28 +9,18 @@ reaches a Herald process.
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from clients import Client, CurveKeys, HeraldError
-from tests.conftest import PROJECT_ROOT, HeraldSystem
+from tests.conftest import HeraldSystem, run_cli
 
 
 def generate(keys: Path, name: str) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "keys", "generate", str(keys), "--name", name],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
-    )
+    result = run_cli("keys", "generate", str(keys), "--name", name)
     assert result.returncode == 0, result.stderr
     assert (keys / f"{name}.key").exists() and (keys / f"{name}.key_secret").stat().st_mode & 0o077 == 0
 

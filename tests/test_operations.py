@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Callable
@@ -14,7 +12,7 @@ import orjson
 import pytest
 
 from clients import Client
-from tests.conftest import PROJECT_ROOT, HeraldSystem, wait_for
+from tests.conftest import HeraldSystem, run_cli, wait_for
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -99,14 +97,7 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
         return sum(value for key, value in samples.items() if key.startswith("herald_backlog{") and 'subscription="counted-b"' in key) == 100
 
     wait_for(backlog_after_restart, timeout=15, interval=0.5, message="the backlog counted from disk")
-    result = subprocess.run(
-        [sys.executable, "-m", "clients.cli", "--endpoint", observed.endpoint, "status", "--data-dir", str(observed.data_dir)],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
-    )
+    result = run_cli("--endpoint", observed.endpoint, "status", "--data-dir", str(observed.data_dir))
     assert result.returncode == 0, result.stderr
     assert "counted-b" in result.stdout and " 100" in result.stdout, result.stdout
 

@@ -8,9 +8,6 @@ each mistake.
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +19,7 @@ import zmq
 
 from clients import Client, HeraldError
 from clients.protocol import Command, consumer_topic_frame, decode, encode_acks, encode_attach
-from tests.conftest import PROJECT_ROOT, HeraldSystem, RawClient
+from tests.conftest import HeraldSystem, RawClient, run_cli
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 ORDERS_TOKEN = "orders-token-0123456789abcdef"
@@ -220,17 +217,6 @@ def test_an_open_server_says_so(herald: HeraldSystem) -> None:
     assert "no credentials configured" in herald.log_path.read_text()
 
 
-def _herald(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "clients.cli", *args],
-        cwd=PROJECT_ROOT,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
-    )
-
-
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
@@ -249,7 +235,7 @@ def _herald(*args: str) -> subprocess.CompletedProcess[str]:
 def test_config_check_names_the_line(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "herald.toml"
     path.write_text(text)
-    result = _herald("config", "check", str(path))
+    result = run_cli("config", "check", str(path))
     assert result.returncode == 1, result
     assert f"{path}{expected}" in result.stderr, result.stderr
 
@@ -257,11 +243,11 @@ def test_config_check_names_the_line(tmp_path: Path, text: str, expected: str) -
 def test_config_check_accepts_a_valid_file_and_herald_up_refuses_a_bad_one(tmp_path: Path) -> None:
     good = tmp_path / "good.toml"
     good.write_text(CONFIG)
-    result = _herald("config", "check", str(good))
+    result = run_cli("config", "check", str(good))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout and "orders-service" in result.stdout and ORDERS_TOKEN not in result.stdout
     bad = tmp_path / "bad.toml"
     bad.write_text('[[credentials]]\nname = "a"\nadmin = "yes"\ntoken = "0123456789abcdef0"\n')
-    result = _herald("up", "--data-dir", str(tmp_path / "data"), "--port", "0", "--config", str(bad))
+    result = run_cli("up", "--data-dir", str(tmp_path / "data"), "--port", "0", "--config", str(bad))
     assert result.returncode == 2, result
     assert f"{bad}:3: credential 'a': admin must be true or false" in result.stderr
