@@ -223,7 +223,11 @@ def test_fanout_plan_and_dispatch_one_message(benchmark: Any, frontend: tuple[Fr
         seq = next(seqs)
         return (StoredMessage(seq, TOPIC, f"{seq:032x}", {}, b"x" * SIZE, time.time(), subscriptions, expire_ms),), {}
 
+    rounds = 0
+
     def fan_out(message: StoredMessage) -> int:
+        nonlocal rounds
+        rounds += 1
         plan, left_on_disk = server._plan_fast_dispatch([message])
         server._send_dispatches([(sub_id, planned, 1) for sub_id, planned in plan])
         return len(plan) - len(left_on_disk)
@@ -234,7 +238,7 @@ def test_fanout_plan_and_dispatch_one_message(benchmark: Any, frontend: tuple[Fr
     # (a refused one is taken back, uncounted), so every round's 100 entries count as dispatched.
     assert all(intake.poll(5_000) for intake in intakes)
     assert _settle(server, intakes) >= SENDERS
-    assert server.counters["dispatched"] >= 2_000 * FANOUT
+    assert server.counters["dispatched"] >= rounds * FANOUT  # one round only under --benchmark-disable
 
 
 def test_store_append_fanout_one_message(benchmark: Any, tmp_path: Path) -> None:

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final, NamedTuple
 
 import orjson
+import zmq
 
 SIGNATURE: Final = b"HRLD1"
 PROTOCOL_VERSION: Final = 1
@@ -633,12 +634,24 @@ _SNDMORE: Final = 2
 NOBLOCK: Final = 1
 
 
+# pyzmq's Python-level Socket.send only adds DRAFT routing-id and group handling
+# before calling the compiled send beneath it; calling that directly costs a
+# third less per frame (2.1 against 3.3 us for a 6-frame message here), which
+# matters where every message is several frames (DELIVER, the live feed).
+_PLAIN_SEND: Final = zmq.Socket.send
+_COMPILED_SEND: Final = zmq.backend.Socket.send
+
+
 def send_frames(sock: Any, frames: list[bytes], flags: int = 0) -> None:
     """Send a multipart message; ``flags`` may be :data:`NOBLOCK` (raises zmq.Again)."""
-    send = sock.send
     last = len(frames) - 1
+    if type(sock).send is _PLAIN_SEND:  # not a zmq.asyncio socket, whose send must stay its own
+        send = _COMPILED_SEND
+        for index, frame in enumerate(frames):
+            send(sock, frame, flags | _SNDMORE if index < last else flags)
+        return
     for index, frame in enumerate(frames):
-        send(frame, flags | _SNDMORE if index < last else flags)
+        sock.send(frame, flags | _SNDMORE if index < last else flags)
 
 
 def recv_frames(sock: Any, flags: int = 0) -> list[bytes]:
@@ -671,11 +684,13 @@ class DeliveredMessage(NamedTuple):
 
 def encode_deliver(consumer_id: str, subscription: str, messages: list[DeliveredMessage]) -> list[bytes]:
     """A DELIVER on a sender's PUB socket, addressed to one consumer."""
-    headers = [{"id": m.id, "topic": m.topic, "attempt": m.attempt, "attributes": m.attributes, "ts": m.ts, "ref": m.ref} for m in messages]
-    return [
-        consumer_topic_frame(consumer_id),
-        *encode(Command.DELIVER, b"", {"subscription": subscription, "messages": headers}, [m.payload for m in messages]),
-    ]
+    entries = [{"id": m.id, "topic": m.topic, "attempt": m.attempt, "attributes": m.attributes, "ts": m.ts, "ref": m.ref} for m in messages]
+    return encode_deliver_entries(consumer_id, subscription, entries, [m.payload for m in messages])
+
+
+def encode_deliver_entries(consumer_id: str, subscription: str, entries: list[dict[str, Any]], payloads: list[bytes]) -> list[bytes]:
+    """A DELIVER from entries that already hold exactly the fields of a DELIVER message (the sender's hot path)."""
+    return [consumer_topic_frame(consumer_id), *encode(Command.DELIVER, b"", {"subscription": subscription, "messages": entries}, payloads)]
 
 
 def decode_deliver(frames: Frames) -> tuple[list[DeliveredMessage], int]:

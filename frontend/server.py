@@ -34,7 +34,7 @@ import zmq
 from broker.auth import TOKEN_HEADER, Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, PEER_EXPIRY_S, HeraldConfig
 from broker.metrics import SNAPSHOT_INTERVAL_S, CommitHistogram, SnapshotWriter
-from broker.runtime import Hwm, LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from broker.runtime import Hwm, LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket, tune_gc
 from clients.protocol import (
     CLIENT_COMMANDS,
     NOBLOCK,
@@ -232,6 +232,15 @@ class SubscriptionCursor:
         self.outstanding.clear()
         self.scanned_to = 0
         self.backlog = True
+
+
+@dataclass(slots=True)
+class DispatchChunk:
+    """The DISPATCH being filled for one sender."""
+
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    payloads: list[bytes] = field(default_factory=list)
+    size: int = 0
 
 
 @dataclass
@@ -814,26 +823,28 @@ class FrontendServer:
     def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> None:
         # One write fans out to (messages x subscriptions) entries: they go in
         # several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
-        chunks: dict[int, tuple[list[dict[str, Any]], list[bytes], int]] = {}
-        attribute_bytes: dict[int, int] = {}  # per seq: attributes are shared by a message's entries
+        chunks: dict[int, DispatchChunk] = {}
+        entry_bytes_of: dict[int, int] = {}  # per seq: a message's entries share its id, topic and attributes
+        cursors = self.cursors
         for sub_id, message, attempt in entries:
-            cursor = self.cursors.get(sub_id)
+            cursor = cursors.get(sub_id)
             if cursor is None:
                 continue  # the subscription was deleted while its write was in flight
-            if message.attributes:
-                extra = attribute_bytes.get(message.seq)
-                if extra is None:
-                    # Encoded, not counted in characters: JSON escapes a control character to 6 bytes.
-                    extra = attribute_bytes[message.seq] = len(orjson.dumps(message.attributes))
-            else:
-                extra = 0
-            # Ids are bounded, not escaped here: count each character at its worst (6 bytes).
-            entry_bytes = DISPATCH_ENTRY_BYTES + 6 * len(message.message_id) + len(message.topic) + extra
-            headers, payloads, size = chunks.get(cursor.sender) or ([], [], 0)
-            if headers and (size + entry_bytes > DISPATCH_MAX_HEADER_BYTES or len(headers) >= DISPATCH_MAX_ENTRIES):
-                self._send_dispatch(cursor.sender, headers, payloads)
-                headers, payloads, size = [], [], 0
-            headers.append(
+            entry_bytes = entry_bytes_of.get(message.seq)
+            if entry_bytes is None:
+                # Ids are bounded, not escaped here: count each character at its worst (6 bytes).
+                # Attributes are encoded, not counted in characters: JSON escapes a control character to 6 bytes.
+                entry_bytes = DISPATCH_ENTRY_BYTES + 6 * len(message.message_id) + len(message.topic)
+                if message.attributes:
+                    entry_bytes += len(orjson.dumps(message.attributes))
+                entry_bytes_of[message.seq] = entry_bytes
+            chunk = chunks.get(cursor.sender)
+            if chunk is None:
+                chunk = chunks[cursor.sender] = DispatchChunk()
+            elif chunk.size + entry_bytes > DISPATCH_MAX_HEADER_BYTES or len(chunk.entries) >= DISPATCH_MAX_ENTRIES:
+                self._send_dispatch(cursor.sender, chunk.entries, chunk.payloads)
+                chunk = chunks[cursor.sender] = DispatchChunk()
+            chunk.entries.append(
                 {
                     "sub": sub_id,
                     "seq": message.seq,
@@ -844,10 +855,10 @@ class FrontendServer:
                     "ts": message.timestamp,
                 }
             )
-            payloads.append(message.payload)
-            chunks[cursor.sender] = (headers, payloads, size + entry_bytes)
-        for sender_index, (headers, payloads, _) in chunks.items():
-            self._send_dispatch(sender_index, headers, payloads)
+            chunk.payloads.append(message.payload)
+            chunk.size += entry_bytes
+        for sender_index, chunk in chunks.items():
+            self._send_dispatch(sender_index, chunk.entries, chunk.payloads)
 
     def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes]) -> None:
         dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
@@ -1069,5 +1080,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True, help="which frontend (and shard) this is, from 0")
     args = parser.parse_args(argv)
     configure_logging(f"frontend-{args.index}")
-    FrontendServer(HeraldConfig.load(args.config), args.index).run()
+    server = FrontendServer(HeraldConfig.load(args.config), args.index)
+    tune_gc()
+    server.run()
     return 0

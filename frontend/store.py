@@ -155,7 +155,7 @@ class ShardStore:
         self._durable.sync = sync
         self._lazy = WriteOptions()
         self._lazy.sync = False
-        # seq -> subscription ids of recently appended messages (see complete()).
+        # seq -> the subscriptions whose entries of a recent message are still pending (see complete()).
         self._fanout: OrderedDict[int, list[int]] = OrderedDict()
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
@@ -275,7 +275,12 @@ class ShardStore:
             batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
         while len(fanout) > FANOUT_CACHE_ENTRIES:
             fanout.popitem(last=False)
-        self._write(batch, self._durable)
+        try:
+            self._write(batch, self._durable)
+        except StorageError:
+            for message in messages:  # complete() trusts the map: only stored entries may be in it
+                fanout.pop(message.seq, None)
+            raise
 
     def next_seq(self) -> int:
         self.last_seq += 1
@@ -321,38 +326,62 @@ class ShardStore:
     def complete(self, entries: Iterable[tuple[int, int]]) -> int:
         """Delete settled (subscription id, seq) entries; free messages no one needs.
 
-        Which subscriptions a recent message was fanned out to comes from a
-        bounded in-memory map filled at append, so settling a message that only
-        one subscription had costs no read at all.
+        Which subscriptions still hold a recent message comes from a bounded
+        in-memory map, filled at append and narrowed here, so settling a recent
+        message costs no read at all: only messages older than the map are read
+        back (their body, and which of their other entries are left).
 
         Returns:
             The number of entries settled (repeats included: deleting twice is harmless).
         """
         batch = WriteBatch(raw_mode=True)
-        settled: set[tuple[int, int]] = set()
+        settled_by_seq: dict[int, list[int]] = {}
+        settled = 0
         for sub_id, seq in entries:
-            if (sub_id, seq) in settled:
+            subs = settled_by_seq.setdefault(seq, [])
+            if sub_id in subs:
                 continue
+            subs.append(sub_id)
             batch.delete(_pending_key(sub_id, seq))
-            settled.add((sub_id, seq))
-        existed = self._existing(list(settled))
-        seqs = {seq for _, seq in settled}
-        fanout = {seq: subs for seq in seqs if (subs := self._fanout.pop(seq, None)) is not None}
-        unknown = [seq for seq in seqs if seq not in fanout]
-        if unknown:
-            for seq, raw in zip(unknown, self._get_many([_message_key(seq) for seq in unknown]), strict=True):
-                if raw is not None:
-                    fanout[seq] = decode_message(seq, raw).subscriptions
-        for seq, subscriptions in fanout.items():
-            others = [other for other in subscriptions if (other, seq) not in settled]
-            if others and any(value is not None for value in self._get_many([_pending_key(other, seq) for other in others])):
-                self._fanout[seq] = others
+            settled += 1
+        if not settled:
+            return 0
+        existed: list[int] = []
+        unknown: list[int] = []
+        fanout = self._fanout
+        for seq, subs in settled_by_seq.items():
+            holders = fanout.pop(seq, None)
+            if holders is None:
+                unknown.append(seq)
                 continue
+            existed.extend(sub_id for sub_id in subs if sub_id in holders)
+            others = [other for other in holders if other not in subs]
+            if others:
+                fanout[seq] = others
+            else:
+                batch.delete(_message_key(seq))
+        if unknown:
+            self._settle_unknown(batch, unknown, settled_by_seq, existed)
+        self._write(batch, self._lazy)
+        self._count_settled(existed)
+        return settled
+
+    def _settle_unknown(self, batch: WriteBatch, seqs: list[int], settled_by_seq: dict[int, list[int]], existed: list[int]) -> None:
+        """:meth:`complete` for messages the in-memory map no longer holds: read what is left of them."""
+        keys = [(sub_id, seq) for seq in seqs for sub_id in settled_by_seq[seq]]
+        existed.extend(self._existing(keys))
+        for seq, raw in zip(seqs, self._get_many([_message_key(seq) for seq in seqs]), strict=True):
+            if raw is None:
+                continue
+            subs = settled_by_seq[seq]
+            others = [other for other in decode_message(seq, raw).subscriptions if other not in subs]
+            if others:
+                values = self._get_many([_pending_key(other, seq) for other in others])
+                left = [other for other, value in zip(others, values, strict=True) if value is not None]
+                if left:
+                    self._fanout[seq] = left
+                    continue
             batch.delete(_message_key(seq))
-        if settled:
-            self._write(batch, self._lazy)
-            self._count_settled(existed)
-        return len(settled)
 
     def delete_subscription(self, sub_id: int, chunk: int = 10_000) -> int:
         """Drop a deleted subscription's backlog, and message bodies no one else needs.
@@ -384,6 +413,7 @@ class ShardStore:
                 raw = self._db.get(_message_key(seq))
                 if raw is None:
                     continue  # every subscription settled it already
+                self._fanout.pop(seq, None)
                 for sub_id in decode_message(seq, raw).subscriptions:
                     batch.delete(_pending_key(sub_id, seq))
                     expiring.append((sub_id, seq))

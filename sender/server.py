@@ -32,7 +32,7 @@ from broker.auth import Authorizer
 from broker.config import HEARTBEAT_INTERVAL_S, HeraldConfig
 from broker.curve import start_curve
 from broker.metrics import SNAPSHOT_INTERVAL_S, SnapshotWriter
-from broker.runtime import Hwm, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
+from broker.runtime import Hwm, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket, tune_gc
 from clients.protocol import (
     ACK_OK,
     ACK_STALE,
@@ -41,7 +41,6 @@ from clients.protocol import (
     CONSUMER_HEARTBEAT_S,
     NOBLOCK,
     Command,
-    DeliveredMessage,
     Frames,
     HeraldError,
     ProtocolError,
@@ -51,7 +50,7 @@ from clients.protocol import (
     decode,
     delivery_ref,
     encode,
-    encode_deliver,
+    encode_deliver_entries,
     encode_error,
     get_field,
     matches_filter,
@@ -85,15 +84,13 @@ class Delivery:
     """One message of one subscription, from dispatch until it is settled."""
 
     key: DeliveryKey
-    header: dict[str, Any]
+    # The DISPATCH entry turned into a DELIVER entry in place (sub and seq taken
+    # out, ref put in), so each delivery sends it as it is.
+    entry: dict[str, Any]
     payload: bytes
     attempt: int
     consumer: str | None = None
     deadline: float = 0.0
-
-    def message(self, attempt: int) -> DeliveredMessage:
-        header = self.header
-        return DeliveredMessage(header["id"], header["topic"], attempt, header["attributes"], header["ts"], header["ref"], self.payload)
 
 
 @dataclass
@@ -307,15 +304,15 @@ class SenderServer:
             raise ProtocolError("invalid_header", f"dispatch from shard {shard}, but there are {len(self.frontends)} frontends")
         dispatched_at_version = int(frames.header.get("meta_version", 0))
         stale_subscriptions: set[str] = set()
-        for header, payload in zip(frames.header["messages"], frames.payloads, strict=True):
-            state = self.subs_by_id.get(int(header["sub"]))
+        for entry, payload in zip(frames.header["messages"], frames.payloads, strict=True):
+            state = self.subs_by_id.get(int(entry.pop("sub")))
             if state is None:
                 continue
-            key: DeliveryKey = (state.sub_id, shard, int(header["seq"]))
+            key: DeliveryKey = (state.sub_id, shard, int(entry.pop("seq")))
             if key in state.deliveries:
                 continue  # the frontend restarted and handed it out again; ours is still live
             self.counters["dispatched"] += 1
-            if not matches_filter(header["attributes"], state.settings.get("filter")):
+            if not matches_filter(entry["attributes"], state.settings.get("filter")):
                 if state.version >= dispatched_at_version:
                     self.counters["filtered"] += 1
                     self.completions.setdefault(shard, []).append([state.sub_id, key[2]])
@@ -323,8 +320,8 @@ class SenderServer:
                 # Our settings may predate the filter the frontend stored this
                 # message under: deliver it (at least once) and catch up.
                 stale_subscriptions.add(state.name)
-            header["ref"] = delivery_ref(shard, key[2])
-            state.deliveries[key] = Delivery(key, header, payload, int(header["attempt"]))
+            entry["ref"] = delivery_ref(shard, key[2])
+            state.deliveries[key] = Delivery(key, entry, payload, int(entry["attempt"]))
             state.ready.append(key)
         for name in stale_subscriptions:
             self._lookup_subscription(name)
@@ -358,8 +355,12 @@ class SenderServer:
                     turn += 1
             for consumer_id, deliveries in batches.items():
                 for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
-                    chunk = [d.message(d.attempt) for d in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]]
-                    send_frames(self.deliver, encode_deliver(consumer_id, state.name, chunk))
+                    chunk = deliveries[start : start + MAX_MESSAGES_PER_DELIVER]
+                    entries = []
+                    for delivery in chunk:
+                        delivery.entry["attempt"] = delivery.attempt
+                        entries.append(delivery.entry)
+                    send_frames(self.deliver, encode_deliver_entries(consumer_id, state.name, entries, [d.payload for d in chunk]))
                     self.counters["delivered"] += len(chunk)
                     if log.isEnabledFor(logging.DEBUG):
                         for delivery in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]:
@@ -629,5 +630,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--index", type=int, required=True, help="which sender this is, from 0")
     args = parser.parse_args(argv)
     configure_logging(f"sender-{args.index}")
-    SenderServer(HeraldConfig.load(args.config), args.index).run()
+    server = SenderServer(HeraldConfig.load(args.config), args.index)
+    tune_gc()
+    server.run()
     return 0
