@@ -513,7 +513,10 @@ class ZmqSubConsumer:
         with contextlib.suppress(zmq.Again):
             while len(batch) < DRAIN_LIMIT:
                 frames = self.drain.recv_multipart(zmq.NOBLOCK)
-                batch.append(decode(frames[1:]).payloads[0] if self.herald else frames[-1])
+                if self.herald:
+                    batch.extend(decode(frames[1:]).payloads)  # one MESSAGE holds a write's messages of one topic
+                else:
+                    batch.append(frames[-1])
         return batch
 
     async def close(self) -> None:

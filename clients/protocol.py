@@ -314,6 +314,33 @@ def live_topic_frame(topic: str) -> bytes:
     return topic.encode() + LIVE_TOPIC_TERMINATOR
 
 
+MAX_MESSAGES_PER_LIVE: Final = 500  # one live-feed MESSAGE carries at most this many
+
+
+def encode_live(topic: str, entries: list[dict[str, Any]], payloads: list[bytes]) -> list[list[bytes]]:
+    """The live-feed MESSAGEs for messages of one topic, in order.
+
+    Each carries up to MAX_MESSAGES_PER_LIVE messages, and is split further
+    while its header would exceed MAX_HEADER_BYTES (what readers accept).
+
+    Args:
+        entries: ``{id, topic, attributes, ts}`` per message.
+        payloads: one body per entry.
+    """
+    topic_frame = live_topic_frame(topic)
+    out: list[list[bytes]] = []
+    pending = [(start, min(start + MAX_MESSAGES_PER_LIVE, len(entries))) for start in range(0, len(entries), MAX_MESSAGES_PER_LIVE)]
+    while pending:
+        start, end = pending.pop(0)
+        frames = encode(Command.MESSAGE, b"", {"messages": entries[start:end]}, payloads[start:end])
+        if len(frames[3]) > MAX_HEADER_BYTES and end - start > 1:
+            middle = (start + end) // 2
+            pending[:0] = [(start, middle), (middle, end)]
+            continue
+        out.append([topic_frame, *frames])
+    return out
+
+
 def consumer_topic_frame(consumer_id: str) -> bytes:
     """The first frame of a message a sender directs at one consumer."""
     return consumer_id.encode() + LIVE_TOPIC_TERMINATOR

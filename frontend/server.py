@@ -52,6 +52,7 @@ from clients.protocol import (
     decode_publish,
     encode,
     encode_error,
+    encode_live,
     encode_ok,
     get_field,
     live_topic_frame,
@@ -773,14 +774,22 @@ class FrontendServer:
         self._commit_batch()
 
     def _publish_live(self, messages: list[StoredMessage]) -> None:
+        # One MESSAGE per topic of the write, not one per message: a message of
+        # several frames cost about as much to send as to store and fan out.
         prefixes = tuple(self.live_prefixes)
-        live = self.live
+        batches: dict[str, tuple[list[dict[str, Any]], list[bytes]] | None] = {}
         for message in messages:
-            topic_frame = live_topic_frame(message.topic)
-            if not topic_frame.startswith(prefixes):
-                continue
-            header = {"id": message.message_id, "topic": message.topic, "attributes": message.attributes, "ts": message.timestamp}
-            send_frames(live, [topic_frame, *encode(Command.MESSAGE, b"", header, [message.payload])])
+            topic = message.topic
+            if topic not in batches:
+                batches[topic] = ([], []) if live_topic_frame(topic).startswith(prefixes) else None
+            batch = batches[topic]
+            if batch is not None:
+                batch[0].append({"id": message.message_id, "topic": topic, "attributes": message.attributes, "ts": message.timestamp})
+                batch[1].append(message.payload)
+        for topic, wanted in batches.items():
+            if wanted is not None:
+                for frames in encode_live(topic, *wanted):
+                    send_frames(self.live, frames)
 
     def _on_live_subscription(self, raw: list[bytes]) -> None:
         # XPUB reports each subscribe (0x01 + prefix) and unsubscribe (0x00 + prefix)

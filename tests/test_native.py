@@ -55,20 +55,20 @@ def test_live_feed_with_a_plain_sub_socket(herald: HeraldSystem, raw: RawClient)
         ids = publish(raw, "orders", [b"one", b"two"], [{"k": "v"}, {}])
         eu = publish(raw, "orders.eu", [b"eu"])
         us = publish(raw, "orders.us", [b"us"])
-        received_exact = []
-        while exact.poll(1000):
-            frames = exact.recv_multipart()
-            assert frames[0] == b"orders\x00"
-            message = decode(frames[1:])
-            assert message.command is Command.MESSAGE
-            received_exact.append((message.header["id"], message.header["attributes"], message.payloads[0]))
-            if len(received_exact) == 2:
-                break
-        assert received_exact == [(ids[0], {"k": "v"}, b"one"), (ids[1], {}, b"two")]
+        # The two messages of one PUBLISH arrive in one MESSAGE: an entry and a payload frame each, in order.
+        assert exact.poll(2000)
+        frames = exact.recv_multipart()
+        assert frames[0] == b"orders\x00"
+        message = decode(frames[1:])
+        assert message.command is Command.MESSAGE
+        entries = message.header["messages"]
+        assert [(e["id"], e["topic"], e["attributes"]) for e in entries] == [(ids[0], "orders", {"k": "v"}), (ids[1], "orders", {})]
+        assert message.payloads == [b"one", b"two"]
+        assert all(isinstance(e["ts"], float) for e in entries)
         received_family = []
         while len(received_family) < 2 and family.poll(2000):
             frames = family.recv_multipart()
-            received_family.append((frames[0], decode(frames[1:]).header["id"]))
+            received_family.extend((frames[0], entry["id"]) for entry in decode(frames[1:]).header["messages"])
         assert received_family == [(b"orders.eu\x00", eu[0]), (b"orders.us\x00", us[0])]
         assert not exact.poll(300), "orders2 must not reach a subscriber of exactly 'orders'"
     finally:
