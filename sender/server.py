@@ -115,20 +115,21 @@ class SubscriptionState:
     consumers: dict[str, Consumer] = field(default_factory=dict)
     ready: deque[DeliveryKey] = field(default_factory=deque)
     deliveries: dict[DeliveryKey, Delivery] = field(default_factory=dict)
+    # Read from ``info`` once, not per message: id and name never change, settings only through refresh().
+    sub_id: int = field(init=False)
+    name: str = field(init=False)
+    settings: dict[str, Any] = field(init=False)  # read-only: shared with ``info``
 
-    @property
-    def sub_id(self) -> int:
-        return int(self.info["id"])
+    def __post_init__(self) -> None:
+        self.sub_id = int(self.info["id"])
+        self.name = str(self.info["name"])
+        self.settings = self.info["settings"]
 
-    @property
-    def name(self) -> str:
-        return str(self.info["name"])
-
-    @property
-    def settings(self) -> dict[str, Any]:
-        """The subscription's settings (read-only: shared with ``info``)."""
-        settings: dict[str, Any] = self.info["settings"]
-        return settings
+    def refresh(self, info: dict[str, Any], version: int) -> None:
+        """Take newer settings of the same subscription."""
+        self.info = info
+        self.settings = info["settings"]
+        self.version = max(self.version, version)
 
     def window(self) -> int:
         """Messages the frontends may hand this sender: the consumers' room, read ahead by READ_AHEAD."""
@@ -304,25 +305,30 @@ class SenderServer:
             raise ProtocolError("invalid_header", f"dispatch from shard {shard}, but there are {len(self.frontends)} frontends")
         dispatched_at_version = int(frames.header.get("meta_version", 0))
         stale_subscriptions: set[str] = set()
+        subs_by_id = self.subs_by_id
+        accepted = 0
         for entry, payload in zip(frames.header["messages"], frames.payloads, strict=True):
-            state = self.subs_by_id.get(int(entry.pop("sub")))
+            state = subs_by_id.get(int(entry.pop("sub")))
             if state is None:
                 continue
-            key: DeliveryKey = (state.sub_id, shard, int(entry.pop("seq")))
+            seq = int(entry.pop("seq"))
+            key: DeliveryKey = (state.sub_id, shard, seq)
             if key in state.deliveries:
                 continue  # the frontend restarted and handed it out again; ours is still live
-            self.counters["dispatched"] += 1
-            if not matches_filter(entry["attributes"], state.settings.get("filter")):
+            accepted += 1
+            wanted = state.settings.get("filter")
+            if wanted and not matches_filter(entry["attributes"], wanted):
                 if state.version >= dispatched_at_version:
                     self.counters["filtered"] += 1
-                    self.completions.setdefault(shard, []).append([state.sub_id, key[2]])
+                    self.completions.setdefault(shard, []).append([state.sub_id, seq])
                     continue
                 # Our settings may predate the filter the frontend stored this
                 # message under: deliver it (at least once) and catch up.
                 stale_subscriptions.add(state.name)
-            entry["ref"] = delivery_ref(shard, key[2])
+            entry["ref"] = delivery_ref(shard, seq)
             state.deliveries[key] = Delivery(key, entry, payload, int(entry["attempt"]))
             state.ready.append(key)
+        self.counters["dispatched"] += accepted
         for name in stale_subscriptions:
             self._lookup_subscription(name)
 
@@ -515,38 +521,51 @@ class SenderServer:
         if consumer is not None:
             consumer.last_seen = time.monotonic()
         now = time.monotonic()
-        results: list[str] = []
         # Check every entry before applying any, so a bad list changes nothing.
         parsed: list[tuple[int, int, int]] = []
         for item in items:
             if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)):
                 raise ProtocolError("invalid_header", f"each {key_name} entry must be [ref, attempt], got {str(item)[:60]}")
             parsed.append((*parse_delivery_ref(item[0]), item[1]))
+        if state is None:
+            results = [ACK_UNKNOWN] * len(parsed)
+            self.counters["unknown_acks"] += len(parsed)
+        else:
+            results = self._apply_acks(state, parsed, frames.command is Command.ACK, consumer_id, now)
+        if frames.request_id:
+            self._reply_to_consumer(consumer_id, encode(Command.ACK_REPLY, frames.request_id, {"results": results}))
+
+    def _apply_acks(self, state: SubscriptionState, parsed: list[tuple[int, int, int]], settling: bool, consumer_id: str, now: float) -> list[str]:
+        """Settle (ACK) or take back (NACK) checked (shard, seq, attempt) entries; one result per entry."""
+        results: list[str] = []
+        sub_id, deliveries, holders = state.sub_id, state.deliveries, state.consumers
+        debug = log.isEnabledFor(logging.DEBUG)
+        acked = 0
         for shard, seq, attempt in parsed:
-            delivery = state.deliveries.get((state.sub_id, shard, seq)) if state else None
-            if state is None or delivery is None or attempt > delivery.attempt:
+            delivery = deliveries.get((sub_id, shard, seq))
+            if delivery is None or attempt > delivery.attempt:
                 results.append(ACK_UNKNOWN)
                 self.counters["unknown_acks"] += 1
             elif attempt < delivery.attempt:
                 results.append(ACK_STALE)
                 self.counters["stale_acks"] += 1
-            elif frames.command is Command.ACK:
+            elif settling:
                 results.append(ACK_OK)
-                self.counters["acked"] += 1
-                del state.deliveries[delivery.key]
-                holder = state.consumers.get(delivery.consumer) if delivery.consumer else None
+                acked += 1
+                del deliveries[delivery.key]
+                holder = holders.get(delivery.consumer) if delivery.consumer else None
                 if holder is not None:
                     holder.unacked.discard(delivery.key)
-                self.completions.setdefault(shard, []).append([state.sub_id, seq])
-                if log.isEnabledFor(logging.DEBUG):
-                    log.debug("acked seq=%d:%d sub=%s attempt=%d consumer=%s", shard, seq, name, attempt, consumer_id)
+                self.completions.setdefault(shard, []).append([sub_id, seq])
+                if debug:
+                    log.debug("acked seq=%d:%d sub=%s attempt=%d consumer=%s", shard, seq, state.name, attempt, consumer_id)
             else:
                 results.append(ACK_OK)
                 self.counters["nacked"] += 1
                 if delivery.consumer is not None:
                     self._retry(state, delivery, now, backoff=True)
-        if frames.request_id:
-            self._reply_to_consumer(consumer_id, encode(Command.ACK_REPLY, frames.request_id, {"results": results}))
+        self.counters["acked"] += acked
+        return results
 
     def _on_detach(self, name: str, consumer_id: str) -> None:
         state = self.subs.get(name)
@@ -599,8 +618,7 @@ class SenderServer:
             self.subs[name] = state
             self.subs_by_id[state.sub_id] = state
         else:
-            state.info = info
-            state.version = max(state.version, int(frames.header.get("version", 0)))
+            state.refresh(info, int(frames.header.get("version", 0)))
         for attach in parked:
             consumer_id = str(attach.header["consumer"])
             try:
