@@ -124,7 +124,9 @@ def drain(sock: zmq.Socket[Any], limit: int = DRAIN_BURST) -> Iterator[list[byte
 # The servers allocate a few containers per message and free them at once, yet
 # each allocation counts toward the collector's gen-0 threshold (700 by default):
 # under load it ran every few requests, about 5% of the frontend's poll loop
-# (py-spy). A higher threshold runs it less often over about as many survivors.
+# (py-spy). Measured with gc.callbacks over one loaded run, a sender spent 137 ms
+# collecting at 700 and 46 ms at 20 000, with the longest pause the same (4.3
+# against 4.6 ms): the survivors per collection hardly grow.
 GC_GEN0_THRESHOLD: Final = 20_000
 
 
