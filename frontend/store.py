@@ -362,7 +362,16 @@ class ShardStore:
                 batch.delete(_message_key(seq))
         if unknown:
             self._settle_unknown(batch, unknown, settled_by_seq, existed)
-        self._write(batch, self._lazy)
+            while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
+                fanout.popitem(last=False)
+        try:
+            self._write(batch, self._lazy)
+        except StorageError:
+            # The map was narrowed for a write that did not happen: forget these
+            # messages, so the next settle reads what is really left of them.
+            for seq in settled_by_seq:
+                fanout.pop(seq, None)
+            raise
         self._count_settled(existed)
         return settled
 
