@@ -19,6 +19,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -87,8 +88,11 @@ ACKED_WINDOW: Final = 10_000
 # --------------------------------------------------------------------------- small helpers
 
 
-# ack_nowait() sends queued acks in one ACK once this many are waiting.
+# ack_nowait() sends queued acks in one ACK once this many are waiting, or once
+# the oldest has waited ACK_FLUSH_DELAY_S: at low rates an ACK per message cost
+# the sender (and this client) a wake-up per message.
 ACK_FLUSH_COUNT: Final = 256
+ACK_FLUSH_DELAY_S: Final = 0.005
 
 _id_prefix = secrets.token_hex(8)
 _id_counter = itertools.count(1)
@@ -583,8 +587,9 @@ class Message(MessageFields):
         return self._owner._ack(self)
 
     def ack_nowait(self) -> None:
-        """Acknowledge without waiting: acks are batched and sent on the next
-        ``receive()`` (or when enough are queued, or on close).
+        """Acknowledge without waiting: acks are batched, and sent once 256 are
+        queued or the oldest has waited 5 ms (a blocking Subscription sends
+        them from ``receive()``, or on close).
 
         The fast path for throughput. A stale or lost ack is not reported: the
         message is redelivered and, being known as acknowledged, dropped and
@@ -619,7 +624,7 @@ class AsyncMessage(MessageFields):
         return await self._owner._ack(self)
 
     def ack_nowait(self) -> None:
-        """Acknowledge without waiting; batched and sent on the next ``receive()`` or close (see :meth:`Message.ack_nowait`)."""
+        """Acknowledge without waiting; batched and sent within a few milliseconds (see :meth:`Message.ack_nowait`)."""
         self._owner._ack_nowait(self)
 
     async def nack(self) -> None:
@@ -753,6 +758,7 @@ class ConsumerCore(Generic[M]):
         self._make = make
         self._acks_in_flight: dict[bytes, MessageFields] = {}
         self.pending_acks: list[tuple[str, int]] = []
+        self.acks_due: float | None = None  # time.monotonic() by which the queued acks go out
         self.delivered = 0
         self.duplicates_dropped = 0
         self.acked_count = 0
@@ -783,7 +789,9 @@ class ConsumerCore(Generic[M]):
         return encode_acks(Command.NACK, self.name, self.consumer_id, refs, token=self.token)
 
     def queue_ack(self, message: MessageFields) -> bool:
-        """Queue a fire-and-forget ack; True when enough are queued to send now."""
+        """Queue a fire-and-forget ack; True when enough are queued to send now (else by :attr:`acks_due`)."""
+        if not self.pending_acks:
+            self.acks_due = time.monotonic() + ACK_FLUSH_DELAY_S
         self.pending_acks.append((message.ref, message.attempt))
         self.acked.add(message.id)
         self.acked_count += 1
@@ -794,6 +802,7 @@ class ConsumerCore(Generic[M]):
         if not self.pending_acks:
             return None
         refs, self.pending_acks = self.pending_acks, []
+        self.acks_due = None
         return self.ack_frames(refs)
 
     def detach_frames(self) -> list[bytes]:

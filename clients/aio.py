@@ -22,6 +22,7 @@ from typing import Any, Final, TypeVar, cast
 import zmq
 
 from clients._core import (
+    ACK_FLUSH_DELAY_S,
     CLIENT_RCVHWM,
     CLIENT_SNDHWM,
     DEFAULT_ENDPOINT,
@@ -725,6 +726,8 @@ class AsyncSubscription(SubscriptionView):
         self._welcomed = asyncio.Event()
         self._welcome: asyncio.Future[list[str]] | None = None
         self._heartbeat: asyncio.Task[None] | None = None
+        self._ack_timer: asyncio.TimerHandle | None = None  # sends the queued acks ACK_FLUSH_DELAY_S after the first
+        self._ack_timer_loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         context = client._context
         sub: zmq.Socket[Any] = context.socket(zmq.SUB)
@@ -782,7 +785,6 @@ class AsyncSubscription(SubscriptionView):
                 return message
             if self._core.failure is not None:
                 raise self._core.failure
-            await self._flush_acks()
             self._arrived.clear()
             try:
                 async with asyncio.timeout_at(deadline):
@@ -800,6 +802,8 @@ class AsyncSubscription(SubscriptionView):
             return
         self._closed = True
         self._arrived.set()
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()  # the queued acks go out below, before DETACH
         if self._heartbeat is not None:
             self._heartbeat.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -822,14 +826,23 @@ class AsyncSubscription(SubscriptionView):
     def _ack_nowait(self, message: MessageFields) -> None:
         if self._closed:
             raise closed_error(repr(self))
-        if self._core.queue_ack(message) and (frames := self._core.take_pending_acks()) is not None and not self._push.send(frames):
-            # Enough are queued but the socket is full: send them from a task, without blocking the caller.
+        loop = asyncio.get_running_loop()
+        if self._core.queue_ack(message):
+            self._send_queued_acks()
+        elif self._ack_timer is None or self._ack_timer_loop is not loop:
+            # One timer per batch of acks; a timer on a loop that has closed since never fires.
+            self._ack_timer, self._ack_timer_loop = loop.call_later(ACK_FLUSH_DELAY_S, self._send_queued_acks), loop
+
+    def _send_queued_acks(self) -> None:
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
+        if self._closed or (frames := self._core.take_pending_acks()) is None:
+            return
+        if not self._push.send(frames):
+            # The socket is full: send them from a task, without blocking the caller.
             flush = asyncio.get_running_loop().create_task(self._push.send_wait(frames), name=f"herald-acks-{self.name}")
             _watch(flush, lambda error: log.warning("queued acks not sent (%r); those messages will be redelivered and acknowledged again", error))
-
-    async def _flush_acks(self) -> None:
-        if (frames := self._core.take_pending_acks()) is not None:
-            await self._push.send_wait(frames)
 
     async def _ack(self, message: AsyncMessage) -> bool:
         def build(request_id: bytes) -> list[bytes]:

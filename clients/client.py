@@ -490,15 +490,21 @@ class Subscription(SubscriptionView):
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
+            acks_due = self._core.acks_due
+            if acks_due is not None and time.monotonic() >= acks_due:
+                self._flush_acks()
+                acks_due = None
             if (message := self._core.next_message()) is not None:
                 return message
             if self._core.failure is not None:
                 raise self._core.failure
-            self._flush_acks()
             wait_ms = IDLE_POLL_MS if deadline is None else min(IDLE_POLL_MS, _poll_ms(deadline))
+            if acks_due is not None:
+                wait_ms = min(wait_ms, _poll_ms(acks_due))
             if self._sub.poll(wait_ms, zmq.POLLIN):
                 self._drain()
             elif deadline is not None and time.monotonic() >= deadline:
+                self._flush_acks()  # nothing here sends them before the next receive()
                 return None
 
     def statistics(self) -> SubscriptionStatistics:
