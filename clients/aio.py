@@ -776,6 +776,8 @@ class AsyncSubscription(SubscriptionView):
             HeraldError: ``subscription_not_found`` when the subscription was
                 deleted; ``unavailable`` when this subscription is closed.
         """
+        if not self._closed and (message := self._core.next_message()) is not None:
+            return message  # the common case under load: already buffered, nothing to wait for
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(0.0, timeout)
         while True:
@@ -826,11 +828,11 @@ class AsyncSubscription(SubscriptionView):
     def _ack_nowait(self, message: MessageFields) -> None:
         if self._closed:
             raise closed_error(repr(self))
-        loop = asyncio.get_running_loop()
         if self._core.queue_ack(message):
             self._send_queued_acks()
-        elif self._ack_timer is None or self._ack_timer_loop is not loop:
+        elif self._ack_timer is None or self._ack_timer_loop is None or self._ack_timer_loop.is_closed():
             # One timer per batch of acks; a timer on a loop that has closed since never fires.
+            loop = asyncio.get_running_loop()
             self._ack_timer, self._ack_timer_loop = loop.call_later(ACK_FLUSH_DELAY_S, self._send_queued_acks), loop
 
     def _send_queued_acks(self) -> None:
