@@ -131,6 +131,25 @@ def test_async_client_outlives_its_first_event_loop(herald: HeraldSystem) -> Non
         asyncio.run(client.close())
 
 
+def test_async_ack_nowait_goes_out_without_another_receive(herald: HeraldSystem) -> None:
+    """Queued acks leave on the loop's timer (ACK_FLUSH_DELAY_S), not only from a later receive()."""
+
+    async def main() -> int:
+        async with AsyncClient(herald.endpoint, timeout=10.0) as client:
+            await client.create_topic("acked.later", exist_ok=True)
+            async with client.subscribe("acked.later", "acked.later.sub", ack_deadline=0.5, backoff_min=0.0, backoff_max=0.0) as subscription:
+                await client.publish("acked.later", b"once")
+                message = await subscription.receive(timeout=10.0)
+                assert message is not None
+                message.ack_nowait()
+                # Three ack deadlines with no receive(): an ack still queued here would bring
+                # the message back, and the subscription would count it as a dropped duplicate.
+                await asyncio.sleep(1.5)
+                return subscription.statistics().duplicates_dropped
+
+    assert asyncio.run(main()) == 0
+
+
 def test_subscribe_receive_ack_and_stale_ack(herald: HeraldSystem) -> None:
     with Client(herald.endpoint) as client:
         client.create_topic("tasks")
