@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import pytest
 import zmq
 
+from clients import protocol
 from clients.protocol import SIGNATURE, Command, decode, encode
 from tests.conftest import HeraldSystem, RawClient, wait_for
 from tests.native import NativeConsumer
@@ -185,6 +187,55 @@ def test_two_consumers_share_and_flow_control_bounds_each(herald: HeraldSystem, 
     finally:
         first.close()
         second.close()
+
+
+def test_a_big_publish_reaches_the_live_feed_in_messages_of_at_most_500(herald: HeraldSystem, raw: RawClient) -> None:
+    make_topic(raw, "bulk")
+    live = raw.request(Command.INFO).header["live"]
+    context: zmq.Context[Any] = zmq.Context()
+    sub = context.socket(zmq.SUB)
+    sub.setsockopt(zmq.SUBSCRIBE, b"bulk\x00")
+    sub.setsockopt(zmq.RCVHWM, 0)
+    sub.connect(live)
+    try:
+
+        def probe() -> bool:
+            publish(raw, "bulk", [b"probe"])
+            return bool(sub.poll(100))
+
+        wait_for(probe, timeout=10, message="live subscription propagated")
+        while sub.poll(300):
+            sub.recv_multipart()
+        payloads = [f"m{index}".encode() for index in range(1200)]
+        ids = publish(raw, "bulk", payloads)
+        sizes: list[int] = []
+        received: list[tuple[str, bytes]] = []
+        while len(received) < len(ids) and sub.poll(5000):
+            message = decode(sub.recv_multipart()[1:])
+            entries = message.header["messages"]
+            assert len(entries) == len(message.payloads)
+            sizes.append(len(entries))
+            received.extend((entry["id"], payload) for entry, payload in zip(entries, message.payloads, strict=True))
+        assert received == list(zip(ids, payloads, strict=True))  # every message, in publish order
+        assert sizes == [500, 500, 200]
+    finally:
+        sub.close(0)
+        context.term()
+
+
+def test_live_messages_split_to_stay_under_the_header_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """encode_live halves a batch whose header would exceed MAX_HEADER_BYTES (readers refuse bigger ones)."""
+    monkeypatch.setattr(protocol, "MAX_HEADER_BYTES", 2_000)
+    entries = [{"id": f"{index:032x}", "topic": "t", "attributes": {"k": "v" * 20}, "ts": 1.0} for index in range(100)]
+    payloads = [str(index).encode() for index in range(100)]
+    messages = protocol.encode_live("t", entries, payloads)
+    assert len(messages) > 1
+    got: list[tuple[str, bytes]] = []
+    for frames in messages:
+        assert frames[0] == b"t\x00" and len(frames[4]) <= 2_000
+        decoded = decode(frames[1:], max_header_bytes=2_000)
+        got.extend((entry["id"], payload) for entry, payload in zip(decoded.header["messages"], decoded.payloads, strict=True))
+    assert got == [(entry["id"], payload) for entry, payload in zip(entries, payloads, strict=True)]
 
 
 def test_offline_subscription_keeps_backlog_and_two_subscriptions_each_get_everything(herald: HeraldSystem, raw: RawClient) -> None:
