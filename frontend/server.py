@@ -20,6 +20,7 @@ import logging
 import os
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections import Counter, deque
@@ -97,6 +98,12 @@ FORWARD_RETRY_MS: Final = 2
 # Larger batches go to the writer thread, so validating the next batch overlaps
 # the fsync of this one.
 INLINE_COMMIT_MESSAGES: Final = 16
+# After its fsync the writer thread must take the GIL back from a busy poll
+# loop, which by default lets go only every 5 ms: that wait would be added to
+# every commit. A shorter interval hands it over sooner (alternating runs of
+# `python -m bench --scenarios fanout --fanout 1`: 20.8-23.3k against
+# 17.8-21.2k deliveries/s, with the GIL released during the fsync as well).
+GIL_SWITCH_INTERVAL_S: Final = 0.0005
 _CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
 _ADMIN_COMMANDS: Final = frozenset(
     {
@@ -146,8 +153,8 @@ class CommitJob:
 class CommitWriter:
     """Runs the shard's fsync'd appends on one thread, one job at a time, in order.
 
-    rocksdict releases the GIL while RocksDB writes and syncs, so the poll loop
-    keeps draining and validating meanwhile. The thread signals completion on
+    The fsync runs with the GIL released (:meth:`ShardStore.append` syncs with
+    ``flush_wal``), so the poll loop keeps draining and validating meanwhile. The thread signals completion on
     an inproc PAIR socket that the poll loop watches. Small jobs skip the
     thread (:meth:`write_now`, see INLINE_COMMIT_MESSAGES).
     """
@@ -1091,5 +1098,6 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(f"frontend-{args.index}")
     server = FrontendServer(HeraldConfig.load(args.config), args.index)
     tune_gc()
+    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     server.run()
     return 0

@@ -151,14 +151,16 @@ class ShardStore:
         options.set_memtable_whole_key_filtering(True)
         options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
         self._db = Rdict(str(path), options)
-        self._durable = WriteOptions()
-        self._durable.sync = sync
+        self._sync = sync
         self._lazy = WriteOptions()
         self._lazy.sync = False
         # seq -> the subscriptions whose entries of a recent message are still pending (see complete()).
         self._fanout: OrderedDict[int, list[int]] = OrderedDict()
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
+        # The highest seq whose append has returned: backlog scans stop there, so
+        # they never hand out a message of a write whose fsync is still running.
+        self.durable_seq: int = self.last_seq
         # Pending entries per subscription (the backlog), counted once here and
         # then kept exact: +1 per fanned-out entry once its write is durable
         # (count_appended), -1 per entry that existed when settled or expired.
@@ -276,11 +278,15 @@ class ShardStore:
         while len(fanout) > FANOUT_CACHE_ENTRIES:
             fanout.popitem(last=False)
         try:
-            self._write(batch, self._durable)
+            self._write(batch, self._lazy)
+            if self._sync:
+                self._sync_wal()
         except StorageError:
             for message in messages:  # complete() trusts the map: only stored entries may be in it
                 fanout.pop(message.seq, None)
             raise
+        if messages:
+            self.durable_seq = batch_last_seq
 
     def next_seq(self) -> int:
         self.last_seq += 1
@@ -290,6 +296,19 @@ class ShardStore:
         """Values of ``keys`` in one RocksDB MultiGet (None where absent)."""
         found: list[bytes | None] = self._db.get(keys)  # type: ignore[arg-type, assignment]
         return found
+
+    def _sync_wal(self) -> None:
+        """fsync the WAL (everything written so far), with the GIL released.
+
+        A write with ``sync=True`` holds the GIL through its fsync in rocksdict,
+        which froze the poll loop for every group commit; ``flush_wal`` does not.
+        The fsync also runs outside RocksDB's write group, so the poll loop's own
+        unsynced writes (settles, attempts) no longer queue behind it.
+        """
+        try:
+            self._db.flush_wal(True)
+        except Exception as exc:  # rocksdict raises plain exceptions for IO errors
+            raise StorageError(str(exc)) from exc
 
     def _write(self, batch: WriteBatch, options: WriteOptions) -> None:
         try:
@@ -476,16 +495,20 @@ class ShardStore:
         return [decode_message(seq, raw) if raw is not None else None for seq, raw in zip(seqs, found, strict=True)]
 
     def pending(self, sub_id: int, after_seq: int, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``."""
+        """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``, up to :attr:`durable_seq`."""
         out: list[tuple[int, int]] = []
         prefix = _PENDING + _U64.pack(sub_id)
+        last = self.durable_seq
         iterator = self._db.iter()
         iterator.seek(_pending_key(sub_id, after_seq + 1))
         while iterator.valid() and len(out) < limit:
             key = iterator.key()
             if not key.startswith(prefix):
                 break
-            out.append((_U64.unpack_from(key, 9)[0], _U32.unpack(iterator.value())[0]))
+            seq = _U64.unpack_from(key, 9)[0]
+            if seq > last:
+                break
+            out.append((seq, _U32.unpack(iterator.value())[0]))
             iterator.next()
         return out
 
