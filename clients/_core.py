@@ -15,6 +15,7 @@ Frames are never built here by hand: every request goes through
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import os
@@ -22,7 +23,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import zmq
@@ -668,10 +669,13 @@ class AckedWindow:
 
     def add(self, message_id: str) -> None:
         """Remember an acknowledged id, forgetting the oldest beyond capacity."""
-        self._ids[message_id] = None
-        self._ids.move_to_end(message_id)
-        if len(self._ids) > self.capacity:
-            self._ids.popitem(last=False)
+        ids = self._ids
+        if message_id in ids:
+            ids.move_to_end(message_id)
+            return
+        ids[message_id] = None
+        if len(ids) > self.capacity:
+            ids.popitem(last=False)
 
     def __contains__(self, message_id: object) -> bool:
         return message_id in self._ids
@@ -681,6 +685,28 @@ class AckedWindow:
 
 
 M = TypeVar("M", bound=MessageFields)
+
+
+@functools.cache
+def slot_constructor(cls: type[M]) -> Callable[..., M]:
+    """A positional constructor for the frozen slots dataclass ``cls`` that sets each slot directly.
+
+    A frozen dataclass's ``__init__`` goes through ``object.__setattr__`` for
+    every field; the slots' own descriptors do the same work in about half the
+    time (0.89 against 1.64 us per message here, ``bench/test_micro.py``), a
+    cost every consumer pays per delivery. Like the dataclass's own
+    ``__init__``, it is compiled once from source built from the field names.
+    Only for classes without defaults or ``__post_init__`` (the messages).
+    """
+    names = [f.name for f in fields(cls)]
+    namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
+    namespace.update({f"set_{name}": getattr(cls, name).__set__ for name in names})
+    source = f"def build({', '.join(names)}):\n    obj = new(cls)\n"
+    source += "".join(f"    set_{name}(obj, {name})\n" for name in names)
+    source += "    return obj\n"
+    exec(source, namespace)  # noqa: S102 - the source holds only the class's own field names
+    build: Callable[..., M] = namespace["build"]
+    return build
 
 
 @dataclass(slots=True)
@@ -755,7 +781,7 @@ class ConsumerCore(Generic[M]):
         self.acked = AckedWindow(window)
         self.welcomed = False
         self.failure: HeraldError | None = None
-        self._make = make
+        self._make = slot_constructor(make)
         self._acks_in_flight: dict[bytes, MessageFields] = {}
         self.pending_acks: list[tuple[str, int]] = []
         self.acks_due: float | None = None  # time.monotonic() by which the queued acks go out

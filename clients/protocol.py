@@ -610,8 +610,6 @@ CONSUMER_EXPIRY_S: Final = CONSUMER_HEARTBEAT_S * CONSUMER_LIVENESS
 # SUB socket's subscription may not have reached the sender yet (slow joiner).
 ATTACH_RETRY_S: Final = 0.1
 
-_REF_PATTERN: Final = re.compile(r"[0-9]{1,9}\.[0-9]{1,19}")
-
 ACK_OK: Final = "ok"
 ACK_STALE: Final = "stale"
 ACK_UNKNOWN: Final = "unknown"
@@ -623,10 +621,16 @@ def delivery_ref(shard: int, seq: int) -> str:
 
 
 def parse_delivery_ref(ref: Any) -> tuple[int, int]:
-    """(shard, seq) of a delivery ref, or ProtocolError ``invalid_header``."""
-    if isinstance(ref, str) and _REF_PATTERN.fullmatch(ref):
-        shard, _, seq = ref.partition(".")
-        return int(shard), int(seq)
+    """(shard, seq) of a delivery ref, or ProtocolError ``invalid_header``.
+
+    A ref is 1-9 ASCII digits, a dot, 1-19 ASCII digits. Checked with string
+    methods rather than a regex, which cost a third of this call's time, paid
+    per acknowledged message in the sender.
+    """
+    if isinstance(ref, str):
+        shard, dot, seq = ref.partition(".")
+        if dot and 0 < len(shard) <= 9 and 0 < len(seq) <= 19 and ref.isascii() and shard.isdigit() and seq.isdigit():
+            return int(shard), int(seq)
     raise ProtocolError("invalid_header", f"delivery ref {str(ref)[:40]!r} is not '<shard>.<seq>'")
 
 
