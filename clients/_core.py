@@ -23,7 +23,7 @@ import secrets
 import time
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final, Generic, Protocol, TypeVar
 
 import zmq
@@ -699,6 +699,11 @@ def slot_constructor(cls: type[M]) -> Callable[..., M]:
     Only for classes without defaults or ``__post_init__`` (the messages).
     """
     names = [f.name for f in fields(cls)]
+    unsupported = [f.name for f in fields(cls) if f.default is not MISSING or f.default_factory is not MISSING or not f.init]
+    if unsupported or hasattr(cls, "__post_init__") or {"new", "cls", "obj"} & set(names):
+        raise TypeError(
+            f"slot_constructor cannot build {cls.__name__}: fields with defaults or init=False ({unsupported}), __post_init__, or a field named new/cls/obj"
+        )
     namespace: dict[str, Any] = {"new": object.__new__, "cls": cls}
     namespace.update({f"set_{name}": getattr(cls, name).__set__ for name in names})
     source = f"def build({', '.join(names)}):\n    obj = new(cls)\n"

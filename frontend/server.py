@@ -292,6 +292,7 @@ class FrontendServer:
         self.live = make_socket(self.context, zmq.XPUB, connect=config.live_intake_endpoint, **hwm)
         self.live_prefixes: dict[bytes, int] = {}
         self.stop = StopFlag()
+        self.exit_code = 0
         self.meta_version = 0
         self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
         self.batch_bytes = 0  # payload bytes in batch_messages
@@ -745,7 +746,11 @@ class FrontendServer:
                 if cursor is not None:
                     cursor.outstanding.discard(message.seq)
                     cursor.backlog = True
-            error = HeraldError("storage_failed", f"the shard could not write the batch ({job.error}); nothing was stored, retry later")
+            if self.store.sync_failed is None:
+                error = HeraldError("storage_failed", f"the shard could not write the batch ({job.error}); nothing was stored, retry later")
+            else:
+                # The batch may be on disk or not: a retry with the same ids is answered correctly either way.
+                error = HeraldError("storage_failed", f"the shard could not fsync the batch ({job.error}); it is restarting, retry with the same message ids")
             for pending in job.replies:
                 self._reply_error(pending.envelope, pending.request_id, error)
             # Later publishes told "duplicate" of an id in this failed write would
@@ -759,6 +764,12 @@ class FrontendServer:
             self.batch_replies = still_good
             for action in job.after_failure:
                 action()
+            if self.store.sync_failed is not None and not self.stop.stopping:
+                log.critical(
+                    "the WAL could not be fsync'd (%s); stopping so that a restart rebuilds shard %d from what is on disk", self.store.sync_failed, self.index
+                )
+                self.stop.stopping = True
+                self.exit_code = 1
         else:
             self.counters["commits"] += 1
             self.commit_seconds.observe(time.monotonic() - job.submitted_at)
@@ -1100,4 +1111,4 @@ def main(argv: list[str] | None = None) -> int:
     tune_gc()
     sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     server.run()
-    return 0
+    return server.exit_code

@@ -161,6 +161,12 @@ class ShardStore:
         # The highest seq whose append has returned: backlog scans stop there, so
         # they never hand out a message of a write whose fsync is still running.
         self.durable_seq: int = self.last_seq
+        # Set when an fsync of the WAL failed. The batch it was for is already
+        # readable (write, then sync), and the kernel may have dropped its pages,
+        # so nothing written after it can be trusted to be durable either: every
+        # later append is refused, and the frontend stops so that a restart
+        # rebuilds the shard from what is really on disk.
+        self.sync_failed: str | None = None
         # Pending entries per subscription (the backlog), counted once here and
         # then kept exact: +1 per fanned-out entry once its write is durable
         # (count_appended), -1 per entry that existed when settled or expired.
@@ -247,8 +253,11 @@ class ShardStore:
                 recorded as attempt 1 so a redelivery after a crash counts up.
 
         Raises:
-            StorageError: the write failed; the caller must not acknowledge.
+            StorageError: the write failed, or an earlier fsync did (see
+                :attr:`sync_failed`); the caller must not acknowledge.
         """
+        if self.sync_failed is not None:
+            raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing more is written until the frontend restarts")
         batch = WriteBatch(raw_mode=True)
         handed_out = set(first_attempts)
         expiring: dict[int, list[int]] = {}
@@ -308,6 +317,7 @@ class ShardStore:
         try:
             self._db.flush_wal(True)
         except Exception as exc:  # rocksdict raises plain exceptions for IO errors
+            self.sync_failed = str(exc)
             raise StorageError(str(exc)) from exc
 
     def _write(self, batch: WriteBatch, options: WriteOptions) -> None:

@@ -1,4 +1,4 @@
-"""Storage faults: a full disk and an unwritable data folder.
+"""Storage faults: a full disk, an unwritable data folder and a failed WAL fsync.
 
 A full disk must give the publisher a clear ``storage_failed`` error, never a
 false acknowledgement and never a crash; once space is back, publishing works
@@ -14,12 +14,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from clients import Client, HeraldError
+from frontend.store import ShardStore, StorageError, StoredMessage
 from tests.conftest import PROJECT_ROOT, HeraldSystem, stored_messages, wait_for
 
 PAYLOAD_BYTES = 256 * 1024
@@ -125,3 +128,47 @@ def test_unusable_data_folder_fails_fast_with_the_reason(tmp_path: Path, kind: s
     message = result.stderr.decode()
     assert f"data folder {data_dir} is not usable: {reason}" in message, message
     assert "Traceback" not in message
+
+
+class _WalSyncFails:
+    """A shard's RocksDB handle whose WAL fsync fails, as on an EIO from the disk; everything else is the real database."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.failing = True
+
+    def flush_wal(self, sync: bool) -> None:
+        if self.failing:
+            raise OSError("IO error: fdatasync: Input/output error")
+        self._db.flush_wal(sync)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+def test_a_failed_wal_fsync_refuses_every_later_append(tmp_path: Path) -> None:
+    """After an fsync failure the written batch is readable but maybe not on disk, and the kernel may have dropped its
+    pages: nothing appended later may be acknowledged as durable, even once fsync works again, until a restart."""
+    store = ShardStore(tmp_path / "shard")
+    try:
+        store.append([_message(store, "before")], [])
+        durable_before = store.durable_seq
+        handle = _WalSyncFails(store._db)
+        store._db = handle  # type: ignore[assignment]
+        with pytest.raises(StorageError, match="Input/output error"):
+            store.append([_message(store, "lost")], [])
+        assert store.sync_failed is not None
+        assert store.durable_seq == durable_before, "a batch whose fsync failed must not become scannable"
+        handle.failing = False
+        with pytest.raises(StorageError, match="an earlier fsync of the WAL failed"):
+            store.append([_message(store, "after")], [])
+        assert [seq for seq, _ in store.pending(_SUBSCRIPTION, 0, 10)] == [durable_before]
+    finally:
+        store.close()
+
+
+_SUBSCRIPTION = 7
+
+
+def _message(store: ShardStore, message_id: str) -> StoredMessage:
+    return StoredMessage(store.next_seq(), "topic", message_id, {}, b"payload", time.time(), [_SUBSCRIPTION], int((time.time() + 60) * 1000))
