@@ -172,3 +172,55 @@ _SUBSCRIPTION = 7
 
 def _message(store: ShardStore, message_id: str) -> StoredMessage:
     return StoredMessage(store.next_seq(), "topic", message_id, {}, b"payload", time.time(), [_SUBSCRIPTION], int((time.time() + 60) * 1000))
+
+
+@pytest.fixture
+def fail_one_wal_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """LD_PRELOAD every Herald process with tests/fail_wal_fsync.c; returns the trigger file to create.
+
+    Creating the file makes the next fsync of a frontend's WAL fail with EIO, once.
+    """
+    library = tmp_path / "fail_wal_fsync.so"
+    try:
+        built = subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(PROJECT_ROOT / "tests" / "fail_wal_fsync.c"), "-ldl"], capture_output=True, timeout=60
+        )
+    except FileNotFoundError:
+        pytest.skip("gcc is not installed: cannot build the fsync-failing shim")
+    if built.returncode != 0:
+        pytest.skip(f"cannot build the fsync-failing shim: {built.stderr.decode().strip()}")
+    trigger = tmp_path / "fail-next-wal-fsync"
+    monkeypatch.setenv("LD_PRELOAD", str(library))
+    monkeypatch.setenv("HERALD_TEST_FSYNC_FAIL_TRIGGER", str(trigger))
+    return trigger
+
+
+def test_a_failed_wal_fsync_restarts_the_frontend_and_loses_nothing_acknowledged(herald_factory: Callable[..., HeraldSystem], fail_one_wal_fsync: Path) -> None:
+    """A real EIO from fdatasync on a frontend's WAL: that batch is refused, the frontend exits and is restarted, the
+    client's retry with the same ids is stored, and everything acknowledged is delivered."""
+    herald = herald_factory()
+    with Client(herald.endpoint, timeout=20) as client:
+        client.create_topic("synced")
+        client.create_subscription("synced", "reader")
+        acked = list(client.publish_batch("synced", [(b"before", None, f"before-{n}") for n in range(20)]))
+        fail_one_wal_fsync.touch()
+        # Refused with storage_failed, which the client retries (same ids) until the restarted frontend takes it.
+        acked.extend(client.publish_batch("synced", [(b"during", None, f"during-{n}") for n in range(20)]))
+        assert not fail_one_wal_fsync.exists(), "the shim never saw a WAL fsync"
+        acked.extend(client.publish_batch("synced", [(b"after", None, f"after-{n}") for n in range(20)]))
+        assert client.statistics().retries >= 1, "the refused batch was never retried"
+    log = herald.log_path.read_text(errors="replace")
+    assert "could not be fsync'd" in log and "exited with code 1; restarting" in log, log[-3000:]
+    assert sorted(acked) == sorted(f"{phase}-{n}" for phase in ("before", "during", "after") for n in range(20))
+    with Client(herald.endpoint) as client, client.subscribe("synced", "reader") as subscription:
+        received: set[str] = set()
+
+        def all_received() -> bool:
+            message = subscription.receive(timeout=1)
+            while message is not None:
+                received.add(message.id)
+                message.ack_nowait()
+                message = subscription.receive(timeout=0.05)
+            return set(acked) <= received
+
+        wait_for(all_received, timeout=60, interval=0, message="every acknowledged message delivered")
