@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from clients import Client, HeraldError
+from clients import Client, HeraldError, Subscription
 from frontend.store import ShardStore, StorageError, StoredMessage
 from tests.conftest import PROJECT_ROOT, HeraldSystem, stored_messages, wait_for
 
@@ -42,6 +42,22 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         pytest.skip(f"cannot mount a small tmpfs to fill: {result.stderr.decode().strip()}")
     yield mount_point
     subprocess.run(["umount", "-l", str(mount_point)], capture_output=True, timeout=30)
+
+
+def _receive_all(subscription: Subscription, acked: list[str]) -> set[str]:
+    """Read and acknowledge until every id in ``acked`` has arrived (or fail after 60 s); the ids received."""
+    received: set[str] = set()
+
+    def all_received() -> bool:
+        message = subscription.receive(timeout=1)
+        while message is not None:
+            received.add(message.id)
+            message.ack_nowait()
+            message = subscription.receive(timeout=0.05)
+        return set(acked) <= received
+
+    wait_for(all_received, timeout=60, interval=0, message="every acknowledged message delivered")
+    return received
 
 
 def _running(herald: HeraldSystem) -> bool:
@@ -81,17 +97,7 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
 
         wait_for(publishes, timeout=60, interval=0.5, message="publishing works again once space is back")
         with client.subscribe("big", "big-reader") as subscription:
-            received: set[str] = set()
-
-            def all_received() -> bool:
-                message = subscription.receive(timeout=1)
-                while message is not None:
-                    received.add(message.id)
-                    message.ack_nowait()
-                    message = subscription.receive(timeout=0.05)
-                return set(acked) <= received
-
-            wait_for(all_received, timeout=60, interval=0, message="every acknowledged message delivered")
+            received = _receive_all(subscription, acked)
     assert _running(herald), herald.status()
     assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
     assert herald.stop() == 0
@@ -213,14 +219,4 @@ def test_a_failed_wal_fsync_restarts_the_frontend_and_loses_nothing_acknowledged
     assert "could not be fsync'd" in log and "exited with code 1; restarting" in log, log[-3000:]
     assert sorted(acked) == sorted(f"{phase}-{n}" for phase in ("before", "during", "after") for n in range(20))
     with Client(herald.endpoint) as client, client.subscribe("synced", "reader") as subscription:
-        received: set[str] = set()
-
-        def all_received() -> bool:
-            message = subscription.receive(timeout=1)
-            while message is not None:
-                received.add(message.id)
-                message.ack_nowait()
-                message = subscription.receive(timeout=0.05)
-            return set(acked) <= received
-
-        wait_for(all_received, timeout=60, interval=0, message="every acknowledged message delivered")
+        _receive_all(subscription, acked)
