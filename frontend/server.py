@@ -153,10 +153,11 @@ class CommitJob:
 class CommitWriter:
     """Runs the shard's fsync'd appends on one thread, one job at a time, in order.
 
-    The fsync runs with the GIL released (:meth:`ShardStore.append` syncs with
-    ``flush_wal``), so the poll loop keeps draining and validating meanwhile. The thread signals completion on
-    an inproc PAIR socket that the poll loop watches. Small jobs skip the
-    thread (:meth:`write_now`, see INLINE_COMMIT_MESSAGES).
+    The fsync runs with the GIL released (:meth:`ShardStore.append` syncs
+    with ``flush_wal``), so the poll loop keeps draining and validating
+    meanwhile. The thread signals completion on an inproc PAIR socket that
+    the poll loop watches. Small jobs skip the thread (:meth:`write_now`, see
+    INLINE_COMMIT_MESSAGES).
     """
 
     def __init__(self, store: ShardStore, context: zmq.Context[Any], name: str) -> None:
