@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -169,6 +170,46 @@ def test_a_failed_wal_fsync_refuses_every_later_append(tmp_path: Path) -> None:
         with pytest.raises(StorageError, match="an earlier fsync of the WAL failed"):
             store.append([_message(store, "after")], [])
         assert [seq for seq, _ in store.pending(_SUBSCRIPTION, 0, 10)] == [durable_before]
+    finally:
+        store.close()
+
+
+class _WalSyncWaits:
+    """A shard's RocksDB handle whose WAL fsync waits until released, as a slow disk would; otherwise the real database."""
+
+    def __init__(self, db: Any) -> None:
+        self._db = db
+        self.syncing = threading.Event()
+        self.release = threading.Event()
+
+    def flush_wal(self, sync: bool) -> None:
+        self.syncing.set()
+        self.release.wait(timeout=30)
+        self._db.flush_wal(sync)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._db, name)
+
+
+def test_backlog_scans_skip_a_batch_whose_fsync_has_not_returned(tmp_path: Path) -> None:
+    """The batch is readable once written, before its fsync ends; a backlog scan must not hand it out until then."""
+    store = ShardStore(tmp_path / "shard")
+    try:
+        store.append([_message(store, "durable")], [])
+        durable = store.durable_seq
+        handle = _WalSyncWaits(store._db)
+        store._db = handle  # type: ignore[assignment]
+        in_flight = [_message(store, "in-flight")]
+        writer = threading.Thread(target=store.append, args=(in_flight, []))
+        writer.start()
+        try:
+            assert handle.syncing.wait(timeout=10), "the append never reached its fsync"
+            assert store.read_message(in_flight[0].seq) is not None, "the written batch should already be readable"
+            assert [seq for seq, _ in store.pending(_SUBSCRIPTION, 0, 10)] == [durable]
+        finally:
+            handle.release.set()
+            writer.join(timeout=10)
+        assert [seq for seq, _ in store.pending(_SUBSCRIPTION, 0, 10)] == [durable, in_flight[0].seq]
     finally:
         store.close()
 
