@@ -63,7 +63,7 @@ from clients.protocol import (
     shard_of,
     split_envelope,
 )
-from frontend.store import DedupEntry, ShardStore, StorageError, StoredMessage
+from frontend.store import PURGE_CHUNK, DedupEntry, ShardStore, StorageError, StoredMessage
 from metadata.link import MetadataLink
 
 log = logging.getLogger("herald.frontend")
@@ -104,6 +104,7 @@ INLINE_COMMIT_MESSAGES: Final = 16
 # `python -m bench --scenarios fanout --fanout 1`: 20.8-23.3k against
 # 17.8-21.2k deliveries/s, with the GIL released during the fsync as well).
 GIL_SWITCH_INTERVAL_S: Final = 0.0005
+SHUTDOWN_PURGE_S: Final = 2.0  # a graceful stop spends at most this long removing deleted backlogs
 _CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
 _ADMIN_COMMANDS: Final = frozenset(
     {
@@ -321,13 +322,14 @@ class FrontendServer:
             "commits": 0,
             "storage_failures": 0,
             "shed": 0,
+            "purged": 0,
         }
 
     # ------------------------------------------------------------------ loop
 
     def run(self) -> None:
         self.metadata.send(Command.REGISTER, {"frontend": self.index, "version": self.meta_version})
-        self.metadata.call(Command.SUB_LIST, {}, self._learn_subscription_names, lambda _error: None)  # only labels metrics
+        self.metadata.call(Command.SUB_LIST, {}, self._on_subscription_list, lambda _error: None)
         announce_ready("frontend", index=self.index, shard=self.store.last_seq, control=self.config.frontend_control_endpoints[self.index])
         timers = [
             Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
@@ -348,7 +350,9 @@ class FrontendServer:
                 forwards_waiting = any(self.forwards_waiting.values())
                 paused = self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
                 # With forwards waiting for room, look again soon: a peer's free slot raises no event here.
-                ready = dict((full_poller if paused else poller).poll(timeout=FORWARD_RETRY_MS if forwards_waiting else 50))
+                # Likewise while a deleted backlog is being purged: one chunk per pass, between requests.
+                timeout = 0 if self.store.purging else FORWARD_RETRY_MS if forwards_waiting else 50
+                ready = dict((full_poller if paused else poller).poll(timeout=timeout))
                 if self.metadata.events in ready:
                     for event in self.metadata.drain_events():
                         self._on_metadata_event(event)
@@ -373,6 +377,8 @@ class FrontendServer:
                     self._flush_forwards()
                 self._commit_batch()
                 self._dispatch_backlogs()
+                if self.store.purging:
+                    self._purge_deleted()
                 now = time.monotonic()
                 for timer in timers:
                     timer.run_if_due(now)
@@ -391,6 +397,10 @@ class FrontendServer:
         self._commit_batch()
         while (job := self.writer.wait()) is not None:
             self._finish_commit(job)  # submits the next batch, if any
+        # What is left of a deleted backlog after this is purged at the next start.
+        deadline = time.monotonic() + SHUTDOWN_PURGE_S
+        while self.store.purging and time.monotonic() < deadline:
+            self._purge_deleted()
         self.writer.close()
         for sock in (self.backend, self.control, self.live, *self.senders, *self.peers.values()):
             sock.close(linger=200)
@@ -399,10 +409,23 @@ class FrontendServer:
         self.store.close()
         log.info("stopped")
 
-    def _learn_subscription_names(self, reply: Frames) -> None:
+    def _on_subscription_list(self, reply: Frames) -> None:
+        """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening."""
+        known: set[int] = set()
         for sub in reply.header.get("subscriptions") or ():
             if isinstance(sub, dict) and "id" in sub and "name" in sub:
+                known.add(int(sub["id"]))
                 self.sub_names[int(sub["id"])] = str(sub["name"])
+        orphans = self.store.purge_orphans(known)
+        if orphans:
+            log.info("purging the backlogs of %d deleted subscriptions (ids %s)", len(orphans), ", ".join(map(str, orphans[:10])))
+
+    def _purge_deleted(self, limit: int = PURGE_CHUNK) -> None:
+        try:
+            self.counters["purged"] += self.store.purge(limit)
+        except StorageError as exc:
+            log.error("could not remove the backlog of deleted subscriptions: %s; retention or the next start removes it", exc)
+            self.store.cancel_purges()
 
     def _write_snapshot(self) -> None:
         self.snapshots.write(
@@ -529,6 +552,7 @@ class FrontendServer:
             "refused": dict(self.auth.refused),
             "requests_by_command": dict(self.requests_by_command),
             "backlog": {self.sub_names.get(sub_id, f"id:{sub_id}"): count for sub_id, count in (self.store.backlog or {}).items()},
+            "purging": self.store.purging,
             "errors_by_code": dict(self.errors_by_code),
             **self.counters,
         }
@@ -977,8 +1001,11 @@ class FrontendServer:
             peer.epoch = epoch
         peer.last_seen = time.monotonic()
         windows: dict[str, int] = header.get("windows", {})
+        deleted = self.store.deleted_subscriptions
         for key, window in windows.items():
             sub_id = int(key)
+            if sub_id in deleted:
+                continue  # a sender that has not heard of the deletion yet; its backlog is being purged
             credited = self.cursors.get(sub_id)
             if credited is None:
                 credited = self.cursors[sub_id] = SubscriptionCursor(sub_id, sender_index)
@@ -1094,10 +1121,7 @@ class FrontendServer:
         for doomed in event.get("deleted_subscriptions", []):
             sub_id = int(doomed["id"])
             self.cursors.pop(sub_id, None)
-            try:
-                self.store.delete_subscription(sub_id)
-            except StorageError as exc:
-                log.error("could not free backlog of %s: %s", doomed.get("name"), exc)
+            self.store.delete_subscription(sub_id)  # its backlog goes in chunks, see _purge_deleted
         self.meta_version = version
         self.metadata.send(Command.EVENT_ACK, {"frontend": self.index, "version": version})
 
