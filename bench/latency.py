@@ -15,8 +15,8 @@ Figures:
 
 - raw pyzmq PUSH->PULL at the rate (5-frame messages; durability: none);
 - Herald publish -> deliver: AsyncClient publishing on the schedule, one
-  sync consumer process (``Client.subscribe``) that acknowledges each message
-  before reading the next, so a message waiting behind earlier acks counts;
+  sync consumer process (``Client.subscribe``) acknowledging with
+  ``ack_nowait()`` (``--ack sync``: each message before reading the next);
 - Herald publish -> durable ack, measured at the publisher from the same
   scheduled times.
 

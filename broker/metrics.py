@@ -35,7 +35,18 @@ COMMIT_BUCKETS_S: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5,
 
 # Snapshot keys that are gauges (a level), not counters (a running total).
 GAUGES: Final = frozenset(
-    {"subscriptions", "topics", "consumers", "in_flight", "outstanding", "subscriptions_dispatching", "last_seq", "meta_version", "lookup_cache_size"}
+    {
+        "subscriptions",
+        "topics",
+        "consumers",
+        "in_flight",
+        "outstanding",
+        "subscriptions_dispatching",
+        "last_seq",
+        "meta_version",
+        "lookup_cache_size",
+        "purging",
+    }
 )
 # Snapshot keys whose value is a {label: count} map, with the label's name.
 LABELLED: Final = {
@@ -59,6 +70,8 @@ HELP: Final = {
     "commits": "group commits (one fsync each)",
     "storage_failures": "group commits the store refused",
     "shed": "publishes refused as overload",
+    "purged": "pending entries of deleted subscriptions removed",
+    "purging": "deleted subscriptions whose backlog is still being removed",
     "delivered": "DELIVER messages sent to consumers",
     "acked": "acknowledgements applied",
     "redelivered": "deliveries sent again after the ack deadline or a NACK",
