@@ -307,6 +307,7 @@ class FrontendServer:
         self.batch_after: list[Callable[[], None]] = []
         self.batch_after_failure: list[Callable[[], None]] = []
         self.dead_in_progress: set[tuple[int, int]] = set()
+        self.expired_in_sweep = 0  # messages the retention sweep under way has removed
         self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
         self.cursors: dict[int, SubscriptionCursor] = {}
         self.sender_peers = [SenderPeer() for _ in config.sender_intake_endpoints]
@@ -350,8 +351,10 @@ class FrontendServer:
                 forwards_waiting = any(self.forwards_waiting.values())
                 paused = self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
                 # With forwards waiting for room, look again soon: a peer's free slot raises no event here.
-                # Likewise while a deleted backlog is being purged: one chunk per pass, between requests.
-                timeout = 0 if self.store.purging else FORWARD_RETRY_MS if forwards_waiting else 50
+                # Likewise while a deleted backlog is being purged or expired messages
+                # removed: one chunk per pass, between requests.
+                chunked_work = self.store.purging or self.store.expiring
+                timeout = 0 if chunked_work else FORWARD_RETRY_MS if forwards_waiting else 50
                 ready = dict((full_poller if paused else poller).poll(timeout=timeout))
                 if self.metadata.events in ready:
                     for event in self.metadata.drain_events():
@@ -379,6 +382,8 @@ class FrontendServer:
                 self._dispatch_backlogs()
                 if self.store.purging:
                     self._purge_deleted()
+                if self.store.expiring:
+                    self._sweep_retention()
                 now = time.monotonic()
                 for timer in timers:
                     timer.run_if_due(now)
@@ -450,15 +455,19 @@ class FrontendServer:
                         cursor.window = 0
 
     def _sweep_retention(self) -> None:
+        """One pass of the retention sweep; the loop runs the next one at once while ``store.expiring``."""
         try:
             removed = self.store.expire(int(time.time() * 1000))
         except StorageError as exc:
             log.error("retention sweep failed: %s", exc)
             return
         if removed:
-            log.info("retention removed %d expired messages", removed)
+            self.expired_in_sweep += removed
             for cursor in self.cursors.values():
                 cursor.backlog = True
+        if self.expired_in_sweep and not self.store.expiring:
+            log.info("retention removed %d expired messages", self.expired_in_sweep)
+            self.expired_in_sweep = 0
 
     # ------------------------------------------------------------------ client requests
 

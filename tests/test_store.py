@@ -1,0 +1,73 @@
+"""ShardStore's scans and sweeps: exact ranges, and bounded work per call.
+
+The poll loop runs every store call, so no call may take time in proportion
+to everything stored: the retention sweep removes a chunk per call and says
+whether more is due, and range scans stop at their range's end.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from frontend.store import EXPIRE_CHUNK, DedupEntry, ShardStore, StoredMessage
+
+BATCH = 100
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[ShardStore]:
+    shard = ShardStore(tmp_path / "shard", sync=False)
+    yield shard
+    shard.close()
+
+
+def _append(store: ShardStore, count: int, subscriptions: list[int], expire_ms: int = 2**40, ids: str = "id") -> list[int]:
+    seqs: list[int] = []
+    for first in range(0, count, BATCH):
+        messages = [
+            StoredMessage(store.next_seq(), "t", f"{ids}-{first + i}", {}, b"x", 0.0, subscriptions, expire_ms) for i in range(min(BATCH, count - first))
+        ]
+        dedup = [DedupEntry("t", m.message_id, expire_ms, m.seq) for m in messages]
+        store.append(messages, dedup)
+        store.count_appended(messages)
+        seqs.extend(m.seq for m in messages)
+    return seqs
+
+
+def test_pending_reads_one_subscription_up_to_the_durable_seq(store: ShardStore) -> None:
+    _append(store, 10, [1, 2, 3])
+    store.complete([(2, seq) for seq in range(1, 6)])
+    assert store.pending(2, 0, 100) == [(seq, 0) for seq in range(6, 11)]
+    assert store.pending(2, 7, 100) == [(8, 0), (9, 0), (10, 0)]
+    assert store.pending(2, 0, 2) == [(6, 0), (7, 0)]
+    assert store.pending(1, 9, 100) == [(10, 0)]
+    assert store.pending(3, 10, 100) == []
+    assert store.pending(4, 0, 100) == []
+    store.durable_seq = 8  # as while the batch with seqs 9 and 10 is being fsync'd
+    assert store.pending(1, 0, 100) == [(seq, 0) for seq in range(1, 9)]
+
+
+def test_the_retention_sweep_removes_a_bounded_chunk_per_call(store: ShardStore) -> None:
+    total = 3 * EXPIRE_CHUNK + BATCH // 2
+    _append(store, total, [1, 2], expire_ms=1_000)
+    kept = _append(store, 10, [1], expire_ms=10_000, ids="kept")
+    removed: list[int] = []
+    while True:
+        removed.append(store.expire(now_ms=5_000))
+        assert removed[-1] <= EXPIRE_CHUNK + BATCH, "a call goes past its chunk by one batch at most"
+        if not store.expiring:
+            break
+        assert len(removed) < 100
+    assert len(removed) >= 4
+    assert sum(removed) == total
+    assert [m.seq for m in store.messages()] == kept
+    assert store.count_pending(2) == 0
+    assert store.pending(1, 0, 100) == [(seq, 0) for seq in kept]
+    assert store.backlog == {1: 10}
+    # Every de-duplication id that expired is forgotten; the later ones are kept.
+    assert store.find_duplicates("t", [f"id-{i}" for i in range(total)]) == set()
+    assert store.find_duplicates("t", [f"kept-{i}" for i in range(10)]) == {f"kept-{i}" for i in range(10)}
+    assert store.expire(now_ms=5_000) == 0 and not store.expiring
