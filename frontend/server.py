@@ -71,6 +71,7 @@ log = logging.getLogger("herald.frontend")
 TOPIC_CACHE_ENTRIES: Final = 100_000
 RETENTION_SWEEP_INTERVAL_S: Final = 1.0
 DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
+DISPATCH_PASS_LIMIT: Final = 2000  # ...and for all subscriptions together
 # A DISPATCH message is cut at this many entries or this estimated header size,
 # far below the protocol's MAX_HEADER_BYTES (4 MiB) that the sender enforces.
 DISPATCH_MAX_ENTRIES: Final = 1000
@@ -308,6 +309,8 @@ class FrontendServer:
         self.batch_after_failure: list[Callable[[], None]] = []
         self.dead_in_progress: set[tuple[int, int]] = set()
         self.expired_in_sweep = 0  # messages the retention sweep under way has removed
+        self.dispatch_turn = 0  # which ready subscription the next backlog pass starts with
+        self.dispatch_more = False  # the last backlog pass stopped at DISPATCH_PASS_LIMIT
         self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
         self.cursors: dict[int, SubscriptionCursor] = {}
         self.sender_peers = [SenderPeer() for _ in config.sender_intake_endpoints]
@@ -351,9 +354,10 @@ class FrontendServer:
                 forwards_waiting = any(self.forwards_waiting.values())
                 paused = self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
                 # With forwards waiting for room, look again soon: a peer's free slot raises no event here.
-                # Likewise while a deleted backlog is being purged or expired messages
-                # removed: one chunk per pass, between requests.
-                chunked_work = self.store.purging or self.store.expiring
+                # Likewise while a backlog pass stopped at its limit, a deleted backlog
+                # is being purged or expired messages removed: one chunk per pass,
+                # between requests.
+                chunked_work = self.dispatch_more or self.store.purging or self.store.expiring
                 timeout = 0 if chunked_work else FORWARD_RETRY_MS if forwards_waiting else 50
                 ready = dict((full_poller if paused else poller).poll(timeout=timeout))
                 if self.metadata.events in ready:
@@ -940,22 +944,44 @@ class FrontendServer:
             cursor.backlog = True
 
     def _dispatch_backlogs(self) -> None:
-        entries: list[tuple[int, StoredMessage, int]] = []
-        attempts: list[tuple[int, int, int]] = []
-        for cursor in self.cursors.values():
+        """Hand out stored backlog to subscriptions with credit: at most DISPATCH_PASS_LIMIT entries per pass.
+
+        Many subscriptions draining at once (consumers back after an outage)
+        would otherwise make one pass read every subscription's whole window:
+        100 subscriptions of 2 000 credit each is 200 000 entries, a second or
+        more in which nothing is published or settled. Past the limit the
+        rest waits for the next pass, which follows at once (``dispatch_more``);
+        each pass starts one subscription further on, so all of them progress.
+        """
+        self.dispatch_more = False
+        ready = [
+            cursor
+            for cursor in self.cursors.values()
             # Refill a backlog in chunks, not one message per ack: each scan and
             # DISPATCH has a fixed cost that a larger batch shares.
-            if not cursor.backlog or cursor.free < max(1, min(cursor.window // REFILL_FRACTION, REFILL_MAX)):
-                continue
-            wanted = min(cursor.free, DISPATCH_SCAN_LIMIT)
+            if cursor.backlog and cursor.free >= max(1, min(cursor.window // REFILL_FRACTION, REFILL_MAX))
+        ]
+        if not ready:
+            return
+        first = self.dispatch_turn % len(ready)
+        self.dispatch_turn += 1
+        budget = DISPATCH_PASS_LIMIT
+        entries: list[tuple[int, StoredMessage, int]] = []
+        attempts: list[tuple[int, int, int]] = []
+        for cursor in ready[first:] + ready[:first]:
+            if budget <= 0:
+                self.dispatch_more = True
+                break
+            wanted = min(cursor.free, DISPATCH_SCAN_LIMIT, budget)
             found = self.store.pending(cursor.sub_id, cursor.scanned_to, wanted)
+            budget -= max(1, len(found))
             in_flight = self.writer.in_flight
             if len(found) < wanted and (in_flight is None or cursor.sub_id not in in_flight.left_on_disk):
                 cursor.backlog = False
             if found:
                 cursor.scanned_to = found[-1][0]
             wanted_seqs = [(seq, previous) for seq, previous in found if seq not in cursor.outstanding]
-            messages = self.store.read_messages([seq for seq, _ in wanted_seqs])
+            messages = self.store.read_messages([seq for seq, _ in wanted_seqs])  # cached: subscriptions of a topic share them
             for (seq, previous_attempts), message in zip(wanted_seqs, messages, strict=True):
                 if message is None:
                     continue

@@ -57,6 +57,8 @@ _DEDUP: Final = b"D"
 _EXPIRY: Final = b"E"
 _DEDUP_EXPIRY: Final = b"F"
 _LAST_SEQ: Final = b"Z"
+BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)
+BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its payload
 FANOUT_CACHE_ENTRIES: Final = 50_000  # ~200 bytes each (10 MiB); covers a second or more of live traffic
 # RocksDB's memory is bounded on purpose (invariant: bounded memory): two
 # memtables of WRITE_BUFFER_BYTES plus a block cache of BLOCK_CACHE_BYTES.
@@ -179,6 +181,12 @@ class ShardStore:
         self._lazy.sync = False
         # seq -> the subscriptions whose entries of a recent message are still pending (see complete()).
         self._fanout: OrderedDict[int, list[int]] = OrderedDict()
+        # seq -> decoded message, for backlog reads: subscriptions of one topic
+        # drain the same messages, each of which was read and decoded once per
+        # subscription. Bounded by BODY_CACHE_BYTES, emptied of each message as
+        # it is deleted.
+        self._bodies: OrderedDict[int, StoredMessage] = OrderedDict()
+        self._body_bytes = 0
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
         # The highest seq whose append has returned: backlog scans stop there, so
@@ -288,7 +296,7 @@ class ShardStore:
         for message in messages:
             seq = message.seq
             batch.put(_message_key(seq), encode_message(message))
-            fanout[seq] = message.subscriptions
+            fanout[seq] = list(message.subscriptions)  # complete() narrows it in place
             expiring.setdefault(message.expire_ms, []).append(seq)
             for sub_id in message.subscriptions:
                 batch.put(_pending_key(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
@@ -427,16 +435,20 @@ class ShardStore:
         unknown: list[int] = []
         fanout = self._fanout
         for seq, subs in settled_by_seq.items():
-            holders = fanout.pop(seq, None)
+            holders = fanout.get(seq)
             if holders is None:
                 unknown.append(seq)
                 continue
-            existed.extend(sub_id for sub_id in subs if sub_id in holders)
-            others = [other for other in holders if other not in subs]
-            if others:
-                fanout[seq] = others
-            else:
+            # In place, one C-level remove per settle: rebuilding the list made
+            # settling a message of N subscriptions cost N^2 in Python.
+            for sub_id in subs:
+                if sub_id in holders:
+                    holders.remove(sub_id)
+                    existed.append(sub_id)
+            if not holders:
+                del fanout[seq]
                 batch.delete(_message_key(seq))
+                self._forget_body(seq)
         if unknown:
             self._settle_unknown(batch, unknown, settled_by_seq, existed, known_pending)
             while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
@@ -470,6 +482,7 @@ class ShardStore:
                 self._fanout[seq] = left
             else:
                 batch.delete(_message_key(seq))
+                self._forget_body(seq)
 
     def delete_subscription(self, sub_id: int) -> None:
         """Forget a deleted subscription at once; :meth:`purge` removes its backlog later, in chunks.
@@ -569,6 +582,7 @@ class ShardStore:
                 batch.delete(_pending_key(sub_id, seq))
                 expiring.append((sub_id, seq))
             batch.delete(_message_key(seq))
+            self._forget_body(seq)
             removed += 1
         for key in index_keys:
             batch.delete(key)
@@ -613,11 +627,40 @@ class ShardStore:
         return decode_message(seq, raw) if raw is not None else None
 
     def read_messages(self, seqs: list[int]) -> list[StoredMessage | None]:
-        """Messages by seq in one multi-get (None where settled or expired)."""
+        """Messages by seq (None where settled or expired): from the body cache, the rest in one multi-get."""
         if not seqs:
             return []
-        found = self._get_many([_message_key(seq) for seq in seqs])
-        return [decode_message(seq, raw) if raw is not None else None for seq, raw in zip(seqs, found, strict=True)]
+        bodies = self._bodies
+        found: dict[int, StoredMessage] = {}
+        unread: list[int] = []
+        for seq in seqs:
+            message = bodies.get(seq)
+            if message is None:
+                unread.append(seq)
+            else:
+                bodies.move_to_end(seq)
+                found[seq] = message
+        if unread:
+            for seq, raw in zip(unread, self._get_many([_message_key(seq) for seq in unread]), strict=True):
+                if raw is not None:
+                    message = found[seq] = decode_message(seq, raw)
+                    self._remember_body(message)
+        return [found.get(seq) for seq in seqs]
+
+    def _remember_body(self, message: StoredMessage) -> None:
+        bodies = self._bodies
+        if message.seq not in bodies:
+            bodies[message.seq] = message
+            self._body_bytes += len(message.payload) + BODY_OVERHEAD_BYTES
+        while self._body_bytes > BODY_CACHE_BYTES and bodies:
+            _, evicted = bodies.popitem(last=False)
+            self._body_bytes -= len(evicted.payload) + BODY_OVERHEAD_BYTES
+
+    def _forget_body(self, seq: int) -> None:
+        """Drop a message being deleted from the body cache, so the cache never outlives the message."""
+        message = self._bodies.pop(seq, None)
+        if message is not None:
+            self._body_bytes -= len(message.payload) + BODY_OVERHEAD_BYTES
 
     def pending(self, sub_id: int, after_seq: int, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``, up to :attr:`durable_seq`."""
