@@ -357,7 +357,7 @@ class FrontendServer:
                 # Likewise while a backlog pass stopped at its limit, a deleted backlog
                 # is being purged or expired messages removed: one chunk per pass,
                 # between requests.
-                chunked_work = self.dispatch_more or self.store.purging or self.store.expiring
+                chunked_work = self.dispatch_more or self.store.purge_runnable or self.store.expiring
                 timeout = 0 if chunked_work else FORWARD_RETRY_MS if forwards_waiting else 50
                 ready = dict((full_poller if paused else poller).poll(timeout=timeout))
                 if self.metadata.events in ready:
@@ -384,7 +384,7 @@ class FrontendServer:
                     self._flush_forwards()
                 self._commit_batch()
                 self._dispatch_backlogs()
-                if self.store.purging:
+                if self.store.purge_runnable:
                     self._purge_deleted()
                 if self.store.expiring:
                     self._sweep_retention()
@@ -408,7 +408,7 @@ class FrontendServer:
             self._finish_commit(job)  # submits the next batch, if any
         # What is left of a deleted backlog after this is purged at the next start.
         deadline = time.monotonic() + SHUTDOWN_PURGE_S
-        while self.store.purging and time.monotonic() < deadline:
+        while self.store.purge_runnable and time.monotonic() < deadline:
             self._purge_deleted()
         self.writer.close()
         for sock in (self.backend, self.control, self.live, *self.senders, *self.peers.values()):
@@ -420,12 +420,21 @@ class FrontendServer:
 
     def _on_subscription_list(self, reply: Frames) -> None:
         """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening."""
+        listed = reply.header.get("subscriptions")
+        if reply.command is not Command.OK or not isinstance(listed, list):
+            # Only a full list may decide that a backlog is an orphan: an error would make every backlog look like one.
+            log.warning(
+                "metadata did not list the subscriptions (%s); orphaned backlogs are not purged in this run", reply.header.get("message", reply.command.name)
+            )
+            return
         known: set[int] = set()
-        for sub in reply.header.get("subscriptions") or ():
+        for sub in listed:
             if isinstance(sub, dict) and "id" in sub and "name" in sub:
                 known.add(int(sub["id"]))
                 self.sub_names[int(sub["id"])] = str(sub["name"])
         orphans = self.store.purge_orphans(known)
+        for sub_id in orphans:
+            self.cursors.pop(sub_id, None)  # one a sender's credit created before this list came
         if orphans:
             log.info("purging the backlogs of %d deleted subscriptions (ids %s)", len(orphans), ", ".join(map(str, orphans[:10])))
 
@@ -932,6 +941,8 @@ class FrontendServer:
             self.counters["dispatched"] += len(headers)
         except zmq.Again:
             # The sender is not draining; take the entries back, they stay on disk.
+            # Nor may the next backlog pass follow at once: it would only spin.
+            self.dispatch_more = False
             for header in headers:
                 self._release(header["sub"], header["seq"])
 

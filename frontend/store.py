@@ -58,7 +58,8 @@ _EXPIRY: Final = b"E"
 _DEDUP_EXPIRY: Final = b"F"
 _LAST_SEQ: Final = b"Z"
 BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)
-BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its payload
+BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its encoded bytes
+SUBSCRIPTION_ID_BYTES: Final = 40  # one id in a decoded message's subscription list
 FANOUT_CACHE_ENTRIES: Final = 50_000  # ~200 bytes each (10 MiB); covers a second or more of live traffic
 # RocksDB's memory is bounded on purpose (invariant: bounded memory): two
 # memtables of WRITE_BUFFER_BYTES plus a block cache of BLOCK_CACHE_BYTES.
@@ -102,6 +103,7 @@ class _Purge:
 
     after_seq: int  # its entries up to this seq are removed
     until_seq: int  # the highest seq that may carry it
+    idle_at: int = -1  # finished_seq when a pass last found nothing left but writes still to come
 
 
 @dataclass(slots=True)
@@ -185,13 +187,17 @@ class ShardStore:
         # drain the same messages, each of which was read and decoded once per
         # subscription. Bounded by BODY_CACHE_BYTES, emptied of each message as
         # it is deleted.
-        self._bodies: OrderedDict[int, StoredMessage] = OrderedDict()
+        self._bodies: OrderedDict[int, tuple[StoredMessage, int]] = OrderedDict()  # seq -> (message, bytes counted)
         self._body_bytes = 0
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
         # The highest seq whose append has returned: backlog scans stop there, so
         # they never hand out a message of a write whose fsync is still running.
         self.durable_seq: int = self.last_seq
+        # The highest seq whose append has ended, written or refused. Set after
+        # durable_seq, so a reader that reads this first and durable_seq second
+        # knows that every batch up to here that was written is visible below it.
+        self.finished_seq: int = self.last_seq
         # Set when an fsync of the WAL failed. The batch it was for is already
         # readable (write, then sync), and the kernel may have dropped its pages,
         # so nothing written after it can be trusted to be durable either: every
@@ -286,46 +292,50 @@ class ShardStore:
             StorageError: the write failed, or an earlier fsync did (see
                 :attr:`sync_failed`); the caller must not acknowledge.
         """
-        if self.sync_failed is not None:
-            raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing more is written until the frontend restarts")
-        batch = WriteBatch(raw_mode=True)
-        handed_out = set(first_attempts)
-        expiring: dict[int, list[int]] = {}
-        not_yet, once = _U32.pack(0), _U32.pack(1)
-        fanout = self._fanout
-        for message in messages:
-            seq = message.seq
-            batch.put(_message_key(seq), encode_message(message))
-            fanout[seq] = list(message.subscriptions)  # complete() narrows it in place
-            expiring.setdefault(message.expire_ms, []).append(seq)
-            for sub_id in message.subscriptions:
-                batch.put(_pending_key(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
-        for expire_ms, seqs in expiring.items():
-            batch.put(_EXPIRY + _PAIR.pack(expire_ms, seqs[0]), struct.pack(f">{len(seqs)}Q", *seqs))
-        forget: dict[int, list[bytes]] = {}
-        for entry in dedup:
-            key = _dedup_key(entry.topic, entry.message_id)
-            batch.put(key, _U64.pack(entry.seq))
-            forget.setdefault(entry.expire_ms, []).append(key)
-        # The batch's own highest seq, not self.last_seq: the poll loop may have
-        # assigned later seqs already while this runs on the writer thread.
-        batch_last_seq = max((message.seq for message in messages), default=0)
-        for expire_ms, keys in forget.items():
-            batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
-        if messages:
-            batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
-        while len(fanout) > FANOUT_CACHE_ENTRIES:
-            fanout.popitem(last=False)
         try:
-            self._write(batch, self._lazy)
-            if self._sync:
-                self._sync_wal()
-        except StorageError:
-            for message in messages:  # complete() trusts the map: only stored entries may be in it
-                fanout.pop(message.seq, None)
-            raise
-        if messages:
-            self.durable_seq = batch_last_seq
+            if self.sync_failed is not None:
+                raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing more is written until the frontend restarts")
+            batch = WriteBatch(raw_mode=True)
+            handed_out = set(first_attempts)
+            expiring: dict[int, list[int]] = {}
+            not_yet, once = _U32.pack(0), _U32.pack(1)
+            fanout = self._fanout
+            for message in messages:
+                seq = message.seq
+                batch.put(_message_key(seq), encode_message(message))
+                fanout[seq] = list(message.subscriptions)  # complete() narrows it in place
+                expiring.setdefault(message.expire_ms, []).append(seq)
+                for sub_id in message.subscriptions:
+                    batch.put(_pending_key(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
+            for expire_ms, seqs in expiring.items():
+                batch.put(_EXPIRY + _PAIR.pack(expire_ms, seqs[0]), struct.pack(f">{len(seqs)}Q", *seqs))
+            forget: dict[int, list[bytes]] = {}
+            for entry in dedup:
+                key = _dedup_key(entry.topic, entry.message_id)
+                batch.put(key, _U64.pack(entry.seq))
+                forget.setdefault(entry.expire_ms, []).append(key)
+            # The batch's own highest seq, not self.last_seq: the poll loop may have
+            # assigned later seqs already while this runs on the writer thread.
+            batch_last_seq = max((message.seq for message in messages), default=0)
+            for expire_ms, keys in forget.items():
+                batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
+            if messages:
+                batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
+            while len(fanout) > FANOUT_CACHE_ENTRIES:
+                fanout.popitem(last=False)
+            try:
+                self._write(batch, self._lazy)
+                if self._sync:
+                    self._sync_wal()
+            except StorageError:
+                for message in messages:  # complete() trusts the map: only stored entries may be in it
+                    fanout.pop(message.seq, None)
+                raise
+            if messages:
+                self.durable_seq = batch_last_seq
+        finally:
+            if messages:  # written or refused, this batch is over (see finished_seq)
+                self.finished_seq = max(self.finished_seq, max(message.seq for message in messages))
 
     def next_seq(self) -> int:
         self.last_seq += 1
@@ -434,28 +444,28 @@ class ShardStore:
         existed: list[int] = []
         unknown: list[int] = []
         fanout = self._fanout
-        for seq, subs in settled_by_seq.items():
-            holders = fanout.get(seq)
-            if holders is None:
-                unknown.append(seq)
-                continue
-            # In place, one C-level remove per settle: rebuilding the list made
-            # settling a message of N subscriptions cost N^2 in Python.
-            for sub_id in subs:
-                if sub_id in holders:
-                    holders.remove(sub_id)
-                    existed.append(sub_id)
-            if not holders:
-                del fanout[seq]
-                batch.delete(_message_key(seq))
-                self._forget_body(seq)
-        if unknown:
-            self._settle_unknown(batch, unknown, settled_by_seq, existed, known_pending)
-            while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
-                fanout.popitem(last=False)
         try:
+            for seq, subs in settled_by_seq.items():
+                holders = fanout.get(seq)
+                if holders is None:
+                    unknown.append(seq)
+                    continue
+                # In place, one C-level remove per settle: rebuilding the list made
+                # settling a message of N subscriptions cost N^2 in Python.
+                for sub_id in subs:
+                    if sub_id in holders:
+                        holders.remove(sub_id)
+                        existed.append(sub_id)
+                if not holders:
+                    fanout.pop(seq, None)  # the writer thread may have evicted it meanwhile
+                    batch.delete(_message_key(seq))
+                    self._forget_body(seq)
+            if unknown:
+                self._settle_unknown(batch, unknown, settled_by_seq, existed, known_pending)
+                while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
+                    fanout.popitem(last=False)
             self._write(batch, self._lazy)
-        except StorageError:
+        except BaseException:
             # The map was narrowed for a write that did not happen: forget these
             # messages, so the next settle reads what is really left of them.
             for seq in settled_by_seq:
@@ -515,19 +525,33 @@ class ShardStore:
             The number of entries removed.
 
         Raises:
-            StorageError: the write failed; the purge stays queued.
+            StorageError: the write failed (the frontend then drops every purge:
+                see :meth:`cancel_purges`).
         """
         removed = 0
+        finished = self.finished_seq  # before durable_seq: see finished_seq
+        durable = self.durable_seq
         for sub_id, state in list(self._purges.items()):
-            found = self.pending(sub_id, state.after_seq, limit - removed)
+            if state.idle_at == finished:
+                continue  # nothing new was written since it last looked
+            found = self.pending(sub_id, state.after_seq, limit - removed, upto=durable)
             if found:
                 removed += self.complete([(sub_id, seq) for seq, _ in found], known_pending=True)
                 state.after_seq = found[-1][0]
-            elif self.durable_seq >= state.until_seq:
+                state.idle_at = -1
+            elif finished >= state.until_seq:
                 del self._purges[sub_id]
+            else:
+                state.idle_at = finished
             if removed >= limit:
                 break
         return removed
+
+    @property
+    def purge_runnable(self) -> bool:
+        """Whether :meth:`purge` can make progress now (not only wait for writes in flight)."""
+        finished = self.finished_seq
+        return any(state.idle_at != finished for state in self._purges.values())
 
     def purge_orphans(self, known: set[int]) -> list[int]:
         """Queue the purge of every backlog found at open whose subscription is not in ``known``.
@@ -634,38 +658,41 @@ class ShardStore:
         found: dict[int, StoredMessage] = {}
         unread: list[int] = []
         for seq in seqs:
-            message = bodies.get(seq)
-            if message is None:
+            cached = bodies.get(seq)
+            if cached is None:
                 unread.append(seq)
             else:
                 bodies.move_to_end(seq)
-                found[seq] = message
+                found[seq] = cached[0]
         if unread:
             for seq, raw in zip(unread, self._get_many([_message_key(seq) for seq in unread]), strict=True):
                 if raw is not None:
                     message = found[seq] = decode_message(seq, raw)
-                    self._remember_body(message)
+                    self._remember_body(message, len(raw))
         return [found.get(seq) for seq in seqs]
 
-    def _remember_body(self, message: StoredMessage) -> None:
+    def _remember_body(self, message: StoredMessage, encoded_bytes: int) -> None:
         bodies = self._bodies
         if message.seq not in bodies:
-            bodies[message.seq] = message
-            self._body_bytes += len(message.payload) + BODY_OVERHEAD_BYTES
+            # The encoded size covers payload, id and attributes; a decoded id
+            # list costs far more per subscription than its JSON text.
+            size = encoded_bytes + BODY_OVERHEAD_BYTES + SUBSCRIPTION_ID_BYTES * len(message.subscriptions)
+            bodies[message.seq] = (message, size)
+            self._body_bytes += size
         while self._body_bytes > BODY_CACHE_BYTES and bodies:
-            _, evicted = bodies.popitem(last=False)
-            self._body_bytes -= len(evicted.payload) + BODY_OVERHEAD_BYTES
+            _, (_, evicted_size) = bodies.popitem(last=False)
+            self._body_bytes -= evicted_size
 
     def _forget_body(self, seq: int) -> None:
         """Drop a message being deleted from the body cache, so the cache never outlives the message."""
-        message = self._bodies.pop(seq, None)
-        if message is not None:
-            self._body_bytes -= len(message.payload) + BODY_OVERHEAD_BYTES
+        cached = self._bodies.pop(seq, None)
+        if cached is not None:
+            self._body_bytes -= cached[1]
 
-    def pending(self, sub_id: int, after_seq: int, limit: int) -> list[tuple[int, int]]:
-        """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``, up to :attr:`durable_seq`."""
+    def pending(self, sub_id: int, after_seq: int, limit: int, *, upto: int | None = None) -> list[tuple[int, int]]:
+        """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``, up to ``upto`` (default :attr:`durable_seq`)."""
         out: list[tuple[int, int]] = []
-        last = self.durable_seq
+        last = self.durable_seq if upto is None else upto
         if after_seq >= last or limit <= 0:
             return out
         # Bounded at the last durable seq: entries after it are not handed out yet.

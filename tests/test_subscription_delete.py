@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from clients import Client, HeraldError
-from frontend.store import PURGE_CHUNK, ShardStore, StoredMessage
+from frontend.store import PURGE_CHUNK, ShardStore, StorageError, StoredMessage
 from tests.conftest import HeraldSystem, topic_for_shard, wait_for
 
 KEEPER, DOOMED = 8, 7
@@ -147,3 +147,40 @@ def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald
         assert len([message for message in shard.messages() if message.topic == topic]) == 3000
     finally:
         shard.close()
+
+
+def test_a_purge_sees_every_batch_that_ends_before_it_finishes(store: ShardStore) -> None:
+    """The purge decides it is done from one reading of the writer's progress: a batch that ends between its scan and that decision is not skipped."""
+    _append(store, 5, [DOOMED])
+    other, late = store.next_seq(), store.next_seq()  # accepted, not yet written
+    store.delete_subscription(DOOMED)
+    store.purge()  # removes the five
+    store.purge()  # finds nothing, and knows writes may still bring some
+    assert store.purging == 1 and not store.purge_runnable, "waiting for the writes, not spinning"
+    store.append([StoredMessage(other, "t", "other", {}, b"x", 0.0, [KEEPER], 2**40)], [])
+    assert store.purge_runnable
+    real_pending = store.pending
+
+    def write_lands_during_the_scan(*args: Any, **kwargs: Any) -> list[tuple[int, int]]:
+        found = real_pending(*args, **kwargs)
+        # As if the writer thread finished the last batch just after this scan.
+        store.append([StoredMessage(late, "t", "late", {}, b"x", 0.0, [DOOMED], 2**40)], [])
+        return found
+
+    store.pending = write_lands_during_the_scan  # type: ignore[method-assign]
+    store.purge()
+    store.pending = real_pending  # type: ignore[method-assign]
+    _purge_all(store)
+    assert store.count_pending(DOOMED) == 0
+
+
+def test_a_refused_write_does_not_keep_a_purge_waiting(store: ShardStore) -> None:
+    _append(store, 3, [DOOMED])
+    refused = store.next_seq()
+    store.delete_subscription(DOOMED)
+    store.sync_failed = "injected"  # the next append is refused
+    with pytest.raises(StorageError):
+        store.append([StoredMessage(refused, "t", "refused", {}, b"x", 0.0, [DOOMED], 2**40)], [])
+    _purge_all(store)
+    assert store.purging == 0
+    assert store.count_pending(DOOMED) == 0
