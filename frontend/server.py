@@ -894,9 +894,13 @@ class FrontendServer:
 
     # ------------------------------------------------------------------ dispatch to senders
 
-    def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> None:
-        # One write fans out to (messages x subscriptions) entries: they go in
-        # several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
+    def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> list[tuple[int, int, int]]:
+        """Send ``entries`` (subscription id, message, attempt) to their senders; the (sub, seq, attempt) of those sent.
+
+        One write fans out to (messages x subscriptions) entries: they go in
+        several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
+        """
+        sent: list[tuple[int, int, int]] = []
         chunks: dict[int, DispatchChunk] = {}
         entry_bytes_of: dict[int, int] = {}  # per seq: a message's entries share its id, topic and attributes
         cursors = self.cursors
@@ -916,7 +920,7 @@ class FrontendServer:
             if chunk is None:
                 chunk = chunks[cursor.sender] = DispatchChunk()
             elif chunk.size + entry_bytes > DISPATCH_MAX_HEADER_BYTES or len(chunk.entries) >= DISPATCH_MAX_ENTRIES:
-                self._send_dispatch(cursor.sender, chunk.entries, chunk.payloads)
+                self._send_dispatch(cursor.sender, chunk.entries, chunk.payloads, sent)
                 chunk = chunks[cursor.sender] = DispatchChunk()
             chunk.entries.append(
                 {
@@ -932,13 +936,15 @@ class FrontendServer:
             chunk.payloads.append(message.payload)
             chunk.size += entry_bytes
         for sender_index, chunk in chunks.items():
-            self._send_dispatch(sender_index, chunk.entries, chunk.payloads)
+            self._send_dispatch(sender_index, chunk.entries, chunk.payloads, sent)
+        return sent
 
-    def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes]) -> None:
+    def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes], sent: list[tuple[int, int, int]]) -> None:
         dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
         try:
             send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, payloads), NOBLOCK)
             self.counters["dispatched"] += len(headers)
+            sent.extend((header["sub"], header["seq"], header["attempt"]) for header in headers)
         except zmq.Again:
             # The sender is not draining; take the entries back, they stay on disk.
             # Nor may the next backlog pass follow at once: it would only spin.
@@ -978,7 +984,6 @@ class FrontendServer:
         self.dispatch_turn += 1
         budget = DISPATCH_PASS_LIMIT
         entries: list[tuple[int, StoredMessage, int]] = []
-        attempts: list[tuple[int, int, int]] = []
         for cursor in ready[first:] + ready[:first]:
             if budget <= 0:
                 self.dispatch_more = True
@@ -998,13 +1003,14 @@ class FrontendServer:
                     continue
                 cursor.outstanding.add(seq)
                 entries.append((cursor.sub_id, message, previous_attempts + 1))
-                attempts.append((cursor.sub_id, seq, previous_attempts + 1))
         if entries:
+            # Only what a sender took counts as an attempt: one refused because the
+            # sender is not draining is handed out again later with the same number.
+            sent = self._send_dispatches(entries)
             try:
-                self.store.record_attempts(attempts, known_pending=True)
+                self.store.record_attempts(sent, known_pending=True)
             except StorageError as exc:
                 log.error("could not record attempts: %s", exc)
-            self._send_dispatches(entries)
 
     # ------------------------------------------------------------------ control socket
 
