@@ -185,9 +185,10 @@ def test_a_stuck_frontend_does_not_stop_the_other(herald: HeraldSystem) -> None:
         for thread in threads:
             thread.start()
         time.sleep(1.0)
-        with Client(herald.endpoint, timeout=10.0) as client:
-            # Half of these reach the stopped frontend first and are lost with it;
-            # the client resends them and frontend-0 answers.
+        with Client(herald.endpoint, timeout=30.0) as client:
+            # Until the stopped frontend's queue is full, some of these reach it first
+            # and are lost with it; the client resends them (after 1, 2, then every 4 s)
+            # and frontend-0 answers. A resend may land there again: hence the long timeout.
             for _ in range(20):
                 client.publish(mine, b"still here")
     finally:
