@@ -589,7 +589,7 @@ class ShardStore:
         more = False
         index_keys: list[bytes] = []
         seqs: list[int] = []
-        for key, value in self._iter_below(_EXPIRY, _EXPIRY + _U64.pack(now_ms)):
+        for key, value in self._scan(_EXPIRY, _EXPIRY + _U64.pack(now_ms)):
             if len(seqs) >= limit:
                 more = True
                 break
@@ -612,7 +612,7 @@ class ShardStore:
             batch.delete(key)
         existed = self._existing(expiring)
         forgotten = 0
-        for key, value in self._iter_below(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms)):
+        for key, value in self._scan(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms)):
             if forgotten >= limit:
                 more = True
                 break
@@ -624,13 +624,6 @@ class ShardStore:
         self._count_settled(existed)
         self.expiring = more
         return removed
-
-    def _iter_below(self, prefix: bytes, upper: bytes) -> Iterator[tuple[bytes, bytes]]:
-        """Items of ``prefix`` with keys below ``upper``, in key order (read lazily: stop when you have enough)."""
-        for key, value in self._scan(prefix, upper):
-            if not key.startswith(prefix):
-                return
-            yield key, value
 
     # ------------------------------------------------------------------ reads
 
