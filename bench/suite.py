@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
+from bench.floor import DURABILITY_STORE_FLOOR, STORE_FLOOR, STORE_FLOOR_LABEL, measure_store_floor
 from bench.harness import (
     CpuMeter,
     HeraldServer,
@@ -535,6 +536,41 @@ def _search_highest(suite: Suite, system: System, scenario: str, fixed: list[Ste
 def scenario_latency(suite: Suite) -> None:
     """Open-loop publish -> deliver latency at fixed rates, then the highest sustainable rate (short step search)."""
     _latency_scenario(suite, "latency", suite.systems_for("latency"))
+    herald = suite.systems_by_name.get("herald")
+    if herald is not None and herald.server is not None:
+        _store_floor(suite, herald.server.root)
+
+
+def _store_floor(suite: Suite, folder: Path) -> None:
+    """Herald's shard write alone at each fixed rate, on Herald's filesystem: the part of its latency that is the disk's (see bench.floor)."""
+    plan = suite.plan
+    for offered in plan.rates:
+        with suite.figure(f"latency {STORE_FLOOR}: {offered:,} msg/s"):
+            recorder, achieved = measure_store_floor(folder, offered, plan.rate_seconds, plan.rate_warmup_s, suite.args.size)
+            summary = recorder.summary()
+            suite.add(
+                Result(
+                    name=f"store floor @ {offered:,}/s: {STORE_FLOOR_LABEL}",
+                    unit="us p99",
+                    value=summary.p99_us,
+                    count=len(recorder),
+                    seconds=len(recorder) / achieved if achieved else 0.0,
+                    durability=DURABILITY_STORE_FLOOR,
+                    latency=summary,
+                    extra={
+                        "system_label": STORE_FLOOR_LABEL,
+                        "server_version": "",
+                        "offered_msg_per_s": offered,
+                        "achieved_msg_per_s": achieved,
+                        "kept_up": achieved >= KEPT_UP_SHARE * offered and summary.p99_us <= SUSTAINABLE_P99_US,
+                        "distribution_us": recorder.distribution(),
+                        "search": False,
+                    },
+                    scenario="latency",
+                    system=STORE_FLOOR,
+                    params={"rate": offered},
+                )
+            )
 
 
 def _latency_scenario(suite: Suite, scenario: str, systems: list[System]) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import orjson
 
+from bench.floor import measure_store_floor
+
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,3 +51,12 @@ def test_throughput_bench_runs_and_writes_json(tmp_path: Path) -> None:
     assert all(result["ratio"] > 0 for result in report["results"][1:])
     # Every child was reaped and the temporary data folder removed.
     assert not list(tmp_path.glob("herald-bench-*"))
+
+
+def test_store_floor_records_every_due_message_and_cleans_up(tmp_path: Path) -> None:
+    recorder, achieved = measure_store_floor(tmp_path, rate=500, seconds=0.2, warmup_s=0.05, size=100)
+    assert len(recorder) == 100  # the measured part only, every message once
+    summary = recorder.summary()
+    assert 0 < summary.p50_us <= summary.p99_us <= summary.max_us
+    assert achieved > 0
+    assert not list(tmp_path.iterdir())  # its temporary shard is gone
