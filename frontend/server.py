@@ -333,7 +333,7 @@ class FrontendServer:
 
     def run(self) -> None:
         self.metadata.send(Command.REGISTER, {"frontend": self.index, "version": self.meta_version})
-        self.metadata.call(Command.SUB_LIST, {}, self._on_subscription_list, lambda _error: None)
+        self._list_subscriptions()
         announce_ready("frontend", index=self.index, shard=self.store.last_seq, control=self.config.frontend_control_endpoints[self.index])
         timers = [
             Timer(HEARTBEAT_INTERVAL_S, self._heartbeat),
@@ -417,6 +417,17 @@ class FrontendServer:
         self.context.term()
         self.store.close()
         log.info("stopped")
+
+    def _list_subscriptions(self) -> None:
+        self.metadata.call(Command.SUB_LIST, {}, self._on_subscription_list, self._on_subscription_list_failed)
+
+    def _on_subscription_list_failed(self, error: HeraldError) -> None:
+        # A metadata that is down when this frontend starts must not leave the
+        # orphaned backlogs until the next restart: ask until it answers.
+        if self.stop.stopping:
+            return
+        log.warning("metadata did not list the subscriptions (%s); asking again", error.message)
+        self._list_subscriptions()
 
     def _on_subscription_list(self, reply: Frames) -> None:
         """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening."""

@@ -149,6 +149,56 @@ def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald
         shard.close()
 
 
+def test_a_frontend_that_starts_while_metadata_is_down_purges_nothing_until_it_can_list(herald: HeraldSystem) -> None:
+    topic = topic_for_shard("listless.", 1)
+    with Client(herald.endpoint, timeout=4.0) as client:
+        client.create_topic(topic)
+        keeper = client.create_subscription(topic, "listless-keeper")
+        doomed = client.create_subscription(topic, "listless-doomed")
+        client.publish_batch(topic, [b"x"] * 2000)
+        frontend = herald.kill_child("frontend-1", signal.SIGSTOP)
+        try:
+            for _ in range(4):  # as above: a request handed to the stopped frontend is lost
+                try:
+                    client.delete_subscription("listless-doomed")
+                    break
+                except HeraldError as error:
+                    if error.code == "subscription_not_found":
+                        break
+                    assert error.code == "timeout", error
+            else:
+                pytest.fail("the deletion was never answered")
+            # Restarted while metadata cannot answer: its SUB_LIST times out.
+            metadata = herald.kill_child("metadata", signal.SIGSTOP)
+        finally:
+            os.kill(frontend, signal.SIGKILL)
+        try:
+            herald.wait_restarted("frontend-1", frontend)
+            wait_for(
+                lambda: "metadata did not list the subscriptions" in herald.log_tail(400),
+                timeout=20,
+                interval=0.2,
+                message="the restarted frontend's SUB_LIST timed out",
+            )
+            status = _frontend_status(client, 1)
+            assert status is not None and status["purged"] == 0 and status["purging"] == 0, status
+        finally:
+            os.kill(metadata, signal.SIGCONT)
+
+        def purged() -> bool:
+            status = _frontend_status(client, 1)
+            return status is not None and status["purged"] >= 2000 and status["purging"] == 0
+
+        wait_for(purged, timeout=30, interval=0.1, message="the orphaned backlog purged once metadata answered")
+    herald.stop()
+    shard = ShardStore(herald.data_dir / "shard-1")
+    try:
+        assert shard.count_pending(doomed["id"]) == 0
+        assert shard.count_pending(keeper["id"]) == 2000
+    finally:
+        shard.close()
+
+
 def test_a_purge_sees_every_batch_that_ends_before_it_finishes(store: ShardStore) -> None:
     """The purge decides it is done from one reading of the writer's progress: a batch that ends between its scan and that decision is not skipped."""
     _append(store, 5, [DOOMED])
