@@ -80,6 +80,7 @@ from bench.peers import (
 from bench.roles import consumer_role, publisher_role
 from bench.workers import check_size
 from clients.protocol import HeraldError
+from frontend.store import StorageError
 
 SCENARIOS: Final = ("publish", "fanout", "latency", "topics", "backlog", "live")
 PEERS: Final = ("nats", "redis")
@@ -546,8 +547,13 @@ def _store_floor(suite: Suite, folder: Path) -> None:
     plan = suite.plan
     for offered in plan.rates:
         with suite.figure(f"latency {STORE_FLOOR}: {offered:,} msg/s"):
-            recorder, achieved = measure_store_floor(folder, offered, plan.rate_seconds, plan.rate_warmup_s, suite.args.size)
+            try:
+                floor = measure_store_floor(folder, offered, plan.rate_seconds, plan.rate_warmup_s, suite.args.size)
+            except StorageError as exc:
+                raise RuntimeError(f"the store could not write: {exc}") from exc
+            recorder, achieved = floor.latency, floor.achieved_msg_per_s
             summary = recorder.summary()
+            appends = floor.appends.summary()
             suite.add(
                 Result(
                     name=f"store floor @ {offered:,}/s: {STORE_FLOOR_LABEL}",
@@ -564,6 +570,9 @@ def _store_floor(suite: Suite, folder: Path) -> None:
                         "achieved_msg_per_s": achieved,
                         "kept_up": achieved >= KEPT_UP_SHARE * offered and summary.p99_us <= SUSTAINABLE_P99_US,
                         "distribution_us": recorder.distribution(),
+                        "append_p50_us": appends.p50_us,
+                        "append_p99_us": appends.p99_us,
+                        "appends": len(floor.appends),
                         "search": False,
                     },
                     scenario="latency",

@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 import orjson
 import zmq
@@ -311,6 +311,8 @@ class FrontendServer:
         self.expired_in_sweep = 0  # messages the retention sweep under way has removed
         self.dispatch_turn = 0  # which ready subscription the next backlog pass starts with
         self.dispatch_more = False  # the last backlog pass stopped at DISPATCH_PASS_LIMIT
+        self.subscription_list: Literal["asked", "wanted", "done"] = "asked"  # the SUB_LIST at start (see _on_subscription_list)
+        self.closing = False
         self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
         self.cursors: dict[int, SubscriptionCursor] = {}
         self.sender_peers = [SenderPeer() for _ in config.sender_intake_endpoints]
@@ -396,6 +398,7 @@ class FrontendServer:
             self._shutdown()
 
     def _shutdown(self) -> None:
+        self.closing = True
         # Drain: whatever was accepted is committed and acknowledged; requests
         # still waiting for metadata are refused cleanly.
         self.metadata.fail_all(HeraldError("unavailable", "frontend is shutting down; retry"))
@@ -419,18 +422,21 @@ class FrontendServer:
         log.info("stopped")
 
     def _list_subscriptions(self) -> None:
+        self.subscription_list = "asked"
         self.metadata.call(Command.SUB_LIST, {}, self._on_subscription_list, self._on_subscription_list_failed)
 
     def _on_subscription_list_failed(self, error: HeraldError) -> None:
         # A metadata that is down when this frontend starts must not leave the
-        # orphaned backlogs until the next restart: ask until it answers.
-        if self.stop.stopping:
-            return
-        log.warning("metadata did not list the subscriptions (%s); asking again", error.message)
-        self._list_subscriptions()
+        # orphaned backlogs until the next restart. Asked again on its next
+        # heartbeat rather than at once: requests sent while it is stopped wait
+        # in the socket, and would all be answered when it comes back.
+        self.subscription_list = "wanted"
+        if not self.closing:
+            log.warning("metadata did not list the subscriptions (%s); asking again when it is back", error.message)
 
     def _on_subscription_list(self, reply: Frames) -> None:
         """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening."""
+        self.subscription_list = "done"
         listed = reply.header.get("subscriptions")
         if reply.command is not Command.OK or not isinstance(listed, list):
             # Only a full list may decide that a backlog is an orphan: an error would make every backlog look like one.
@@ -1172,6 +1178,8 @@ class FrontendServer:
     def _on_metadata_event(self, event: dict[str, Any]) -> None:
         version = int(event.get("version", 0))
         if event.get("kind") == "heartbeat":
+            if self.subscription_list == "wanted":
+                self._list_subscriptions()
             if version != self.meta_version:
                 # Missed events (or metadata restarted): trust nothing cached.
                 self.topics.clear()
