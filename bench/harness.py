@@ -47,7 +47,7 @@ from multiprocessing.connection import Connection
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType, TracebackType
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -588,10 +588,16 @@ def process_cpu_seconds(pid: int) -> float | None:
     return (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
 
 
-class CpuMeter:
-    """CPU seconds each Herald role used between :meth:`start` and :meth:`stop`: where a figure's time went."""
+class CpuSource(Protocol):
+    """A server under test that can say how much CPU each of its processes has used so far."""
 
-    def __init__(self, server: HeraldServer) -> None:
+    def cpu_seconds(self) -> dict[str, float]: ...
+
+
+class CpuMeter:
+    """CPU seconds each server process (Herald's roles, or a peer's one process) used between :meth:`start` and :meth:`stop`."""
+
+    def __init__(self, server: CpuSource) -> None:
         self._server = server
         self._before: dict[str, float] = {}
 

@@ -43,7 +43,7 @@ from typing import Any, Final, Protocol
 import zmq
 import zmq.asyncio
 
-from bench.harness import DURABILITY_FSYNC, DURABILITY_NONE, _die_with_parent, _register_cleanup, _unregister_cleanup
+from bench.harness import DURABILITY_FSYNC, DURABILITY_NONE, _die_with_parent, _register_cleanup, _unregister_cleanup, process_cpu_seconds
 from bench.throughput import balanced_names
 from bench.workers import CLIENT_TIMEOUT_S, raw_frames
 from clients import AsyncClient, Client
@@ -166,6 +166,11 @@ class PeerServer:
                 raise RuntimeError(f"{self.name} ({self.binary}) did not listen on port {self.port}:\n{tail}")
             time.sleep(0.05)
         return self
+
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) the server process has used so far, under its name (empty once stopped)."""
+        cpu = process_cpu_seconds(self.process.pid) if self.process is not None else None
+        return {} if cpu is None else {self.name: cpu}
 
     @property
     def url(self) -> str:

@@ -99,7 +99,7 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
     if not rows:
         return []
     reference_system = HERALD_LIVE if scenario == "live" else HERALD
-    header = [*([param_label] if param else []), "system", "value", "durability", "Herald / row", "row / raw"]
+    header = [*([param_label] if param else []), "system", "value", "durability", "Herald / row", "row / raw", "server CPU per unit"]
     table = []
     for result in rows:
         herald = _reference(results, reference_system, scenario, result["params"])
@@ -113,9 +113,19 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
                 short_durability(result["durability"]),
                 _ratio(versus) if versus else "-",
                 _ratio(result.get("ratio")) if result.get("ratio") else "-",
+                _server_cpu_per_unit(result),
             ]
         )
-    return [f"### {title}", "", intro, "", *_table(header, table, ("r" if param else "") + "llll" + "r")]
+    return [f"### {title}", "", intro, "", *_table(header, table, ("r" if param else "") + "llll" + "rr")]
+
+
+def _server_cpu_per_unit(result: dict[str, Any]) -> str:
+    """CPU the server's processes used per message (or delivery) of the figure: all Herald roles together, or the peer's one process."""
+    used = result["extra"].get("server_cpu_s")
+    units = result["value"] * result["seconds"]
+    if not used or not units:
+        return "-"
+    return f"{sum(used.values()) / units * 1e6:,.1f} us"
 
 
 def _latency_section(title: str, intro: str, results: list[dict[str, Any]], scenario: str) -> list[str]:
@@ -239,6 +249,8 @@ def render_markdown(report: dict[str, Any], plots: list[Path], markdown_path: Pa
         f"- Herald at commit `{machine.get('git_commit', '?')[:10]}`{' (working tree had changes)' if machine.get('git_dirty') else ''}; JSON: "
         f"`{report.get('json_path', '')}`",
         f"- Payload {config.get('size', '?')} bytes; publisher and every consumer each in their own process; ratios are between figures of this run only.",
+        "- `server CPU per unit`: user + system CPU of the server's processes during the timed part (every Herald role together; the "
+        "peer's one server process), per message or delivery of the figure; the clients' CPU is not in it.",
         "",
     ]
     skipped = machine.get("skipped_peers") or {}

