@@ -123,6 +123,14 @@ def _delete_past_a_stopped_frontend(client: Client, name: str) -> None:
     pytest.fail("the deletion was never answered")
 
 
+def _wait_until_frontend_1_purged(client: Client, entries: int, what: str) -> None:
+    def purged() -> bool:
+        status = _frontend_status(client, 1)
+        return status is not None and status["purged"] >= entries and status["purging"] == 0
+
+    wait_for(purged, timeout=30, interval=0.1, message=what)
+
+
 def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald: HeraldSystem) -> None:
     topic = topic_for_shard("orphaned.", 1)
     with Client(herald.endpoint, timeout=4.0) as client:
@@ -137,12 +145,7 @@ def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald
         finally:
             os.kill(pid, signal.SIGKILL)
         herald.wait_restarted("frontend-1", pid)
-
-        def purged() -> bool:
-            status = _frontend_status(client, 1)
-            return status is not None and status["purged"] >= 3000 and status["purging"] == 0
-
-        wait_for(purged, timeout=30, interval=0.1, message="the orphaned backlog purged")
+        _wait_until_frontend_1_purged(client, 3000, "the orphaned backlog purged")
     herald.stop()
     shard = ShardStore(herald.data_dir / "shard-1")
     try:
@@ -179,12 +182,7 @@ def test_a_frontend_that_starts_while_metadata_is_down_purges_nothing_until_it_c
             assert status is not None and status["purged"] == 0 and status["purging"] == 0, status
         finally:
             os.kill(metadata, signal.SIGCONT)
-
-        def purged() -> bool:
-            status = _frontend_status(client, 1)
-            return status is not None and status["purged"] >= 2000 and status["purging"] == 0
-
-        wait_for(purged, timeout=30, interval=0.1, message="the orphaned backlog purged once metadata answered")
+        _wait_until_frontend_1_purged(client, 2000, "the orphaned backlog purged once metadata answered")
     herald.stop()
     shard = ShardStore(herald.data_dir / "shard-1")
     try:
