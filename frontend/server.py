@@ -329,6 +329,7 @@ class FrontendServer:
             "storage_failures": 0,
             "shed": 0,
             "purged": 0,
+            "bad_control_messages": 0,
         }
 
     # ------------------------------------------------------------------ loop
@@ -1036,7 +1037,9 @@ class FrontendServer:
             frames = decode(raw)
             match frames.command:
                 case Command.FORWARD:
-                    count = int(frames.header.get("envelope", 0))
+                    count = get_field(frames.header, "envelope", int)
+                    if not 0 <= count <= len(frames.payloads):
+                        raise ProtocolError("invalid_header", f"FORWARD envelope of {count} frames, but it carries {len(frames.payloads)}")
                     envelope, body = frames.payloads[:count], frames.payloads[count:]
                     self._on_client_request(envelope + body, forwarded=True)
                     self.counters["requests"] -= 1  # counted by the frontend that received it
@@ -1045,21 +1048,28 @@ class FrontendServer:
                 case Command.COMPLETE:
                     self._on_complete(frames.header)
                 case Command.ATTEMPTED:
-                    self.store.record_attempts((int(s), int(q), int(a)) for s, q, a in frames.header.get("entries", []))
+                    self.store.record_attempts([(int(s), int(q), int(a)) for s, q, a in frames.header.get("entries", [])])
                 case Command.DEAD:
                     self._on_dead(frames.header)
                 case _:
                     raise ProtocolError("unknown_command", f"control socket does not take {frames.command.name}")
-        except HeraldError as error:
-            log.warning("dropped bad control message: %s", error)
+        except StorageError as exc:
+            # A COMPLETE or ATTEMPTED the shard could not write: the entries stay
+            # pending and are handed out again, as after a crash.
+            self.counters["storage_failures"] += 1
+            log.error("could not write a control message to the shard: %s", exc)
         except Exception as exc:
-            # Internal peers only, but a bad message must cost one message, never the process.
-            self.counters["bad_control_messages"] = self.counters.get("bad_control_messages", 0) + 1
-            log.error("control message failed: %r", exc)
+            # Internal peers only, but a bad message must cost one message, never
+            # the process, and each is parsed whole before any of it is applied.
+            self.counters["bad_control_messages"] += 1
+            log.error("dropped a bad control message: %s", exc if isinstance(exc, HeraldError) else repr(exc))
 
     def _on_credit(self, header: dict[str, Any]) -> None:
-        sender_index = int(header["sender"])
-        epoch = int(header["epoch"])
+        sender_index = get_field(header, "sender", int)
+        if not 0 <= sender_index < len(self.sender_peers):
+            raise ProtocolError("invalid_header", f"CREDIT from sender {sender_index}, but there are {len(self.sender_peers)} senders")
+        epoch = get_field(header, "epoch", int)
+        windows = {int(key): int(window) for key, window in get_field(header, "windows", dict, required=False, default={}).items()}
         peer = self.sender_peers[sender_index]
         if peer.epoch != epoch:
             if peer.epoch:
@@ -1069,19 +1079,17 @@ class FrontendServer:
                     cursor.reset()
             peer.epoch = epoch
         peer.last_seen = time.monotonic()
-        windows: dict[str, int] = header.get("windows", {})
         deleted = self.store.deleted_subscriptions
-        for key, window in windows.items():
-            sub_id = int(key)
+        for sub_id, window in windows.items():
             if sub_id in deleted:
                 continue  # a sender that has not heard of the deletion yet; its backlog is being purged
             credited = self.cursors.get(sub_id)
             if credited is None:
                 credited = self.cursors[sub_id] = SubscriptionCursor(sub_id, sender_index)
             credited.sender = sender_index
-            credited.window = int(window)
+            credited.window = window
         for cursor in self.cursors.values():
-            if cursor.sender == sender_index and str(cursor.sub_id) not in windows:
+            if cursor.sender == sender_index and cursor.sub_id not in windows:
                 cursor.window = 0
 
     def _on_complete(self, header: dict[str, Any]) -> None:
@@ -1095,8 +1103,9 @@ class FrontendServer:
                     cursor.outstanding.discard(seq)
 
     def _on_dead(self, header: dict[str, Any]) -> None:
-        for sub_id, seq, attempts, dead_topic in header.get("entries", []):
-            self._ensure_topic(str(dead_topic), functools.partial(self._dead_letter, int(sub_id), int(seq), int(attempts)))
+        entries = [(int(sub_id), int(seq), int(attempts), str(dead_topic)) for sub_id, seq, attempts, dead_topic in header.get("entries", [])]
+        for sub_id, seq, attempts, dead_topic in entries:
+            self._ensure_topic(dead_topic, functools.partial(self._dead_letter, sub_id, seq, attempts))
 
     def _ensure_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
         cached = self.topics.get(topic)

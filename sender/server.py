@@ -181,6 +181,7 @@ class SenderServer:
             "expired": 0,
             "dead_lettered": 0,
             "filtered": 0,
+            "bad_dispatches": 0,
         }
 
     # ------------------------------------------------------------------ loop
@@ -296,7 +297,7 @@ class SenderServer:
                 raise ProtocolError("unknown_command", f"intake does not take {frames.command.name}")
             self._accept_dispatch(frames)
         except Exception as error:  # a bad dispatch costs one message, never the process
-            self.counters["bad_dispatches"] = self.counters.get("bad_dispatches", 0) + 1
+            self.counters["bad_dispatches"] += 1
             log.error("dropped a bad dispatch: %r", error)
 
     def _accept_dispatch(self, frames: Frames) -> None:

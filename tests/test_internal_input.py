@@ -1,0 +1,135 @@
+"""Malformed messages on the internal sockets cost the message, never the process.
+
+Only Herald's own processes should write to a frontend's control socket (FORWARD
+from other frontends; CREDIT, COMPLETE, ATTEMPTED, DEAD from senders) or to a
+sender's intake (DISPATCH), but a version mix-up or a stray client on the
+loopback must not crash a role or change what it holds. Each bad message here is
+one the code once applied in part, or never looked at: every one must be dropped
+whole and counted, the processes must keep their pids, and a stored backlog must
+still arrive complete, followed by a fresh round trip.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import zmq
+
+from broker.metrics import read_snapshots
+from clients import Client
+from clients.protocol import SIGNATURE, Command, encode
+from tests.conftest import HeraldSystem, wait_for
+
+GUARD_TOPIC: Final = "internal.guard"
+GUARD_SUBSCRIPTION: Final = "internal.guard.sub"
+GUARD_MESSAGES: Final = 40
+NEVER_TOPIC: Final = "internal.dead.never"  # a DEAD whose second entry is broken must not create it
+
+BAD_CONTROL: Final[list[list[bytes]]] = [
+    [b"not herald"],
+    [SIGNATURE, b"NOPE", b"", b"{}"],
+    [SIGNATURE, b"CREDIT", b"", b"{not json"],
+    [SIGNATURE, b"CREDIT", b"", b"[1, 2]"],
+    encode(Command.PUBLISH, b"r1", {"topic": GUARD_TOPIC}, [b"a client command"]),
+    encode(Command.CREDIT, b"", {"sender": "zero", "epoch": 1}),
+    # Applied in part before: a negative index reached the last sender, and the
+    # epoch was taken before the windows failed, so the real sender's next CREDIT
+    # looked like a restart and every cursor was handed out again.
+    encode(Command.CREDIT, b"", {"sender": -1, "epoch": 77, "windows": {}}),
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": {"1": "many"}}),
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": ["1"]}),
+    encode(Command.COMPLETE, b"", {"entries": [[1, 1], [2]]}),
+    encode(Command.COMPLETE, b"", {"entries": "12"}),
+    encode(Command.ATTEMPTED, b"", {"entries": [[1, 1, 2], [1, "x", 2]]}),
+    encode(Command.DEAD, b"", {"entries": [[1, 1, 5, NEVER_TOPIC], [1, 2]]}),
+    encode(Command.FORWARD, b"", {"envelope": 5}, [b"one frame"]),
+    encode(Command.FORWARD, b"", {"envelope": -1}, [b"one frame"]),
+    encode(Command.FORWARD, b"", {"envelope": "two"}, [b"a", b"b"]),
+    encode(Command.FORWARD, b"", {}, []),
+]
+
+BAD_INTAKE: Final[list[list[bytes]]] = [
+    [b"junk"],
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 1}),
+    [SIGNATURE, b"DISPATCH", b"", b"{oops"],
+    encode(Command.DISPATCH, b"", {"messages": []}),
+    encode(Command.DISPATCH, b"", {"shard": 9, "messages": []}),
+    encode(Command.DISPATCH, b"", {"shard": -1, "messages": []}),
+    encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{"sub": 1, "seq": 1}]}, []),
+    encode(Command.DISPATCH, b"", {"shard": 0, "messages": "abc"}, [b"x", b"y", b"z"]),
+]
+
+
+def send_all(context: zmq.Context[Any], endpoint: str, messages: list[list[bytes]]) -> None:
+    sock = context.socket(zmq.PUSH)
+    try:
+        sock.connect(endpoint)
+        for frames in messages:
+            sock.send_multipart(frames)
+    finally:
+        sock.close(linger=5000)  # delivered before the test looks at the counters
+
+
+def counter(role: str, name: str, data_dir: str) -> int:
+    return int(read_snapshots(data_dir).get(role, {}).get(name, -1))
+
+
+def test_malformed_internal_messages_are_dropped_whole_and_every_process_keeps_serving(herald: HeraldSystem) -> None:
+    config = herald.config
+    data_dir = str(herald.data_dir)
+    frontends = [f"frontend-{index}" for index in range(len(config["frontend_control_endpoints"]))]
+    senders = [f"sender-{index}" for index in range(len(config["sender_intake_endpoints"]))]
+    with Client(herald.endpoint, timeout=15) as client:
+        client.create_topic(GUARD_TOPIC)
+        client.create_subscription(GUARD_TOPIC, GUARD_SUBSCRIPTION)
+        expected = {client.publish(GUARD_TOPIC, f"guard {number}".encode()) for number in range(GUARD_MESSAGES)}
+        # Senders send CREDIT only for subscriptions with consumers: attach one so
+        # that a misapplied CREDIT would have cursors to disturb.
+        with client.subscribe(GUARD_TOPIC, GUARD_SUBSCRIPTION) as subscription:
+            first = subscription.receive(timeout=15)
+            assert first is not None, "the first guard message never came"
+            # Unacknowledged: it comes again after the test's checks.
+        pids = {role: herald.child_pid(role) for role in (*frontends, *senders, "metadata", "proxy")}
+        for role in (*frontends, *senders):
+            wait_for(
+                lambda role=role: counter(role, "bad_control_messages" if role.startswith("frontend") else "bad_dispatches", data_dir) == 0,
+                message=f"{role}'s first snapshot",
+            )
+
+        context: zmq.Context[Any] = zmq.Context()
+        try:
+            for endpoint in config["frontend_control_endpoints"]:
+                send_all(context, endpoint, BAD_CONTROL)
+            for endpoint in config["sender_intake_endpoints"]:
+                send_all(context, endpoint, BAD_INTAKE)
+        finally:
+            context.term()
+
+        for role in frontends:
+            wait_for(
+                lambda role=role: counter(role, "bad_control_messages", data_dir) == len(BAD_CONTROL),
+                message=f"{role} counting {len(BAD_CONTROL)} bad control messages",
+            )
+        for role in senders:
+            wait_for(
+                lambda role=role: counter(role, "bad_dispatches", data_dir) == len(BAD_INTAKE), message=f"{role} counting {len(BAD_INTAKE)} bad dispatches"
+            )
+        assert {role: herald.child_pid(role) for role in pids} == pids, "a process died or was restarted"
+
+        # Everything stored is still there and deliverable, and a new message makes the round trip.
+        received: set[str] = set()
+        with client.subscribe(GUARD_TOPIC, GUARD_SUBSCRIPTION) as subscription:
+            while received != expected:
+                message = subscription.receive(timeout=15)
+                assert message is not None, f"guard messages missing: {sorted(expected - received)[:5]}"
+                received.add(message.id)
+                assert message.ack() is True
+            fresh = client.publish(GUARD_TOPIC, b"after the bad messages")
+            while (message := subscription.receive(timeout=15)) is not None and message.id != fresh:
+                assert message.id in expected, message
+            assert message is not None, "the round-trip message never came"
+            assert message.ack() is True
+        assert NEVER_TOPIC not in {topic["name"] for topic in client.list_topics()}
+    log = herald.log_tail(400)
+    assert "restarted; handing its deliveries out again" not in log, log
+    assert log.count("dropped a bad control message") == len(BAD_CONTROL) * len(frontends), log
