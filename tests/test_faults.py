@@ -109,6 +109,37 @@ def test_dead_letter_of_an_expired_message_does_not_stall_the_subscription(heral
             assert second is not None and second.data == b"m2"
 
 
+def test_dead_letter_that_cannot_create_its_topic_hands_the_message_out_again(herald: HeraldSystem) -> None:
+    """With metadata stopped, the dead-letter topic cannot be created: the message must come back
+    (its credit released, not held), and be dead-lettered once metadata is back."""
+    subscription_name = "dl.blocked"
+    with Client(herald.endpoint, timeout=20) as client:
+        client.create_topic("dl.source")
+        # The ack deadline is long and one delivery at a time: a copy that comes back within
+        # the test came from the release, and a held credit would block everything after it.
+        client.create_subscription("dl.source", subscription_name, ack_deadline=60, max_attempts=1, max_unacked=1)
+        with client.subscribe("dl.source", subscription_name) as subscription:
+            client.publish("dl.source", b"m1")
+            first = subscription.receive(timeout=10)
+            assert first is not None and (first.data, first.attempt) == (b"m1", 1)
+            metadata_pid = herald.kill_child("metadata", signal.SIGSTOP)
+            try:
+                first.nack()  # its last attempt: the frontend asks metadata for the dead-letter topic, and gets no answer
+                again = subscription.receive(timeout=20)
+                assert again is not None, f"the message was not handed out again\n{herald.log_tail()}"
+                assert (again.id, again.data) == (first.id, b"m1") and again.attempt > first.attempt
+            finally:
+                os.kill(metadata_pid, signal.SIGCONT)
+            again.nack()  # metadata answers now: this time it is dead-lettered
+            client.publish("dl.source", b"m2")
+            second = subscription.receive(timeout=20)
+            assert second is not None and second.data == b"m2", second
+            assert second.ack() is True
+            assert subscription.receive(timeout=1) is None  # m1 settled, not handed out again
+        assert client.describe_topic(f"{subscription_name}.dead")["name"] == f"{subscription_name}.dead"
+    assert "dead-letter topic unavailable for seq" in herald.log_tail(200)
+
+
 def test_deleting_subscriptions_under_load_crashes_nothing(herald: HeraldSystem) -> None:
     stop = threading.Event()
     published = Counter[str]()
