@@ -756,3 +756,97 @@ def decode_deliver(frames: Frames) -> tuple[list[DeliveredMessage], int]:
             continue
         messages.append(DeliveredMessage(message_id, topic, attempt, attributes, float(ts), ref, payload))
     return messages, skipped
+
+
+# --------------------------------------------------------------------------- internal messages (§12)
+#
+# Only Herald's own processes send these, but a version mix-up or a stray
+# writer on the loopback must cost one message, never a process or its state:
+# each is read whole, with exact types and ranges, before any of it is applied.
+
+U32_MAX: Final = 2**32 - 1
+U64_MAX: Final = 2**64 - 1
+_STRINGS_ONLY: Final = frozenset({str})
+
+
+def _bounded(value: Any, what: str, low: int, high: int) -> int:
+    if type(value) is not int or not low <= value <= high:
+        raise ProtocolError("invalid_header", f"{what} must be an integer in {low}..{high}, got {str(value)[:40]!r}")
+    return value
+
+
+def _entries(header: dict[str, Any], command: Command, width: int) -> list[list[Any]]:
+    entries = header.get("entries", [])
+    if not isinstance(entries, list) or not all(isinstance(entry, list) and len(entry) == width for entry in entries):
+        raise ProtocolError("invalid_header", f"{command.name} entries must be a list of {width}-element lists")
+    return entries
+
+
+def decode_credit(header: dict[str, Any], senders: int) -> tuple[int, int, dict[int, int]]:
+    """CREDIT ``{sender, epoch, windows}`` as (sender index, epoch, {subscription id: window})."""
+    sender = _bounded(header.get("sender"), "CREDIT sender", 0, senders - 1)
+    epoch = _bounded(header.get("epoch"), "CREDIT epoch", 1, U64_MAX)
+    raw = header.get("windows", {})
+    if not isinstance(raw, dict):
+        raise ProtocolError("invalid_header", "CREDIT windows must be an object")
+    windows: dict[int, int] = {}
+    for key, window in raw.items():
+        if not (key.isascii() and key.isdigit()):
+            raise ProtocolError("invalid_header", f"CREDIT window key {key[:40]!r} is not a subscription id")
+        windows[_bounded(int(key), "CREDIT subscription id", 0, U64_MAX)] = _bounded(window, "CREDIT window", 0, U32_MAX)
+    return sender, epoch, windows
+
+
+def decode_complete(header: dict[str, Any]) -> list[tuple[int, int]]:
+    """COMPLETE ``{entries: [[sub, seq], …]}``."""
+    return [(_bounded(sub, "COMPLETE sub", 0, U64_MAX), _bounded(seq, "COMPLETE seq", 0, U64_MAX)) for sub, seq in _entries(header, Command.COMPLETE, 2)]
+
+
+def decode_attempted(header: dict[str, Any]) -> list[tuple[int, int, int]]:
+    """ATTEMPTED ``{entries: [[sub, seq, attempt], …]}``."""
+    return [
+        (_bounded(sub, "ATTEMPTED sub", 0, U64_MAX), _bounded(seq, "ATTEMPTED seq", 0, U64_MAX), _bounded(attempt, "ATTEMPTED attempt", 1, U32_MAX))
+        for sub, seq, attempt in _entries(header, Command.ATTEMPTED, 3)
+    ]
+
+
+def decode_dead(header: dict[str, Any]) -> list[tuple[int, int, int, str]]:
+    """DEAD ``{entries: [[sub, seq, attempts, dead_letter_topic], …]}``."""
+    return [
+        (
+            _bounded(sub, "DEAD sub", 0, U64_MAX),
+            _bounded(seq, "DEAD seq", 0, U64_MAX),
+            _bounded(attempts, "DEAD attempts", 1, U32_MAX),
+            check_name(topic, "DEAD dead-letter topic"),
+        )
+        for sub, seq, attempts, topic in _entries(header, Command.DEAD, 4)
+    ]
+
+
+def decode_dispatch_entry(entry: Any) -> tuple[int, int, int, dict[str, Any]]:
+    """One entry of a DISPATCH as (subscription id, seq, attempt, the fields a DELIVER carries on).
+
+    The fields are rebuilt from exact types rather than passed on: a sender
+    re-encodes them for its consumers, and must never hold what it cannot
+    encode. Written out flat: a sender runs it for every message.
+    """
+    try:
+        sub, seq, attempt = entry["sub"], entry["seq"], entry["attempt"]
+        message_id, topic, attributes, timestamp = entry["id"], entry["topic"], entry["attributes"], entry["ts"]
+    except (KeyError, TypeError):
+        raise ProtocolError("invalid_header", "a DISPATCH entry must be an object with sub, seq, attempt, id, topic, attributes and ts") from None
+    if not (
+        type(sub) is int
+        and type(seq) is int
+        and type(attempt) is int
+        and 0 <= sub <= U64_MAX
+        and 0 <= seq <= U64_MAX
+        and 1 <= attempt <= U32_MAX
+        and type(message_id) is str
+        and type(topic) is str
+        and type(attributes) is dict
+        and (type(timestamp) is float or type(timestamp) is int)
+        and (not attributes or _STRINGS_ONLY.issuperset(map(type, attributes.values())))
+    ):
+        raise ProtocolError("invalid_header", "a DISPATCH entry needs integer ids in range, a string id and topic, string attributes and a numeric ts")
+    return sub, seq, attempt, {"id": message_id, "topic": topic, "attributes": attributes, "ts": timestamp}

@@ -50,6 +50,10 @@ from clients.protocol import (
     PublishItem,
     check_name,
     decode,
+    decode_attempted,
+    decode_complete,
+    decode_credit,
+    decode_dead,
     decode_publish,
     encode,
     encode_error,
@@ -1048,14 +1052,15 @@ class FrontendServer:
                 case Command.COMPLETE:
                     self._on_complete(frames.header)
                 case Command.ATTEMPTED:
-                    self.store.record_attempts([(int(s), int(q), int(a)) for s, q, a in frames.header.get("entries", [])])
+                    self.store.record_attempts(decode_attempted(frames.header))
                 case Command.DEAD:
                     self._on_dead(frames.header)
                 case _:
                     raise ProtocolError("unknown_command", f"control socket does not take {frames.command.name}")
         except StorageError as exc:
-            # A COMPLETE or ATTEMPTED the shard could not write: the entries stay
-            # pending and are handed out again, as after a crash.
+            # A COMPLETE or ATTEMPTED the shard could not write: the entries stay on
+            # disk, so those messages are delivered again after this frontend's next
+            # start (a lost attempt number only repeats).
             self.counters["storage_failures"] += 1
             log.error("could not write a control message to the shard: %s", exc)
         except Exception as exc:
@@ -1065,11 +1070,7 @@ class FrontendServer:
             log.error("dropped a bad control message: %s", exc if isinstance(exc, HeraldError) else repr(exc))
 
     def _on_credit(self, header: dict[str, Any]) -> None:
-        sender_index = get_field(header, "sender", int)
-        if not 0 <= sender_index < len(self.sender_peers):
-            raise ProtocolError("invalid_header", f"CREDIT from sender {sender_index}, but there are {len(self.sender_peers)} senders")
-        epoch = get_field(header, "epoch", int)
-        windows = {int(key): int(window) for key, window in get_field(header, "windows", dict, required=False, default={}).items()}
+        sender_index, epoch, windows = decode_credit(header, len(self.sender_peers))
         peer = self.sender_peers[sender_index]
         if peer.epoch != epoch:
             if peer.epoch:
@@ -1093,7 +1094,7 @@ class FrontendServer:
                 cursor.window = 0
 
     def _on_complete(self, header: dict[str, Any]) -> None:
-        entries = [(int(s), int(q)) for s, q in header.get("entries", [])]
+        entries = decode_complete(header)
         try:
             self.counters["completed"] += self.store.complete(entries)
         finally:
@@ -1103,8 +1104,7 @@ class FrontendServer:
                     cursor.outstanding.discard(seq)
 
     def _on_dead(self, header: dict[str, Any]) -> None:
-        entries = [(int(sub_id), int(seq), int(attempts), str(dead_topic)) for sub_id, seq, attempts, dead_topic in header.get("entries", [])]
-        for sub_id, seq, attempts, dead_topic in entries:
+        for sub_id, seq, attempts, dead_topic in decode_dead(header):
             self._ensure_topic(dead_topic, functools.partial(self._dead_letter, sub_id, seq, attempts))
 
     def _ensure_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:

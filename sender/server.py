@@ -48,6 +48,7 @@ from clients.protocol import (
     consumer_topic_frame,
     dead_letter_topic_of,
     decode,
+    decode_dispatch_entry,
     delivery_ref,
     encode,
     encode_deliver_entries,
@@ -301,18 +302,21 @@ class SenderServer:
             log.error("dropped a bad dispatch: %r", error)
 
     def _accept_dispatch(self, frames: Frames) -> None:
-        shard = int(frames.header["shard"])
+        shard = get_field(frames.header, "shard", int)
         if not 0 <= shard < len(self.frontends):
             raise ProtocolError("invalid_header", f"dispatch from shard {shard}, but there are {len(self.frontends)} frontends")
-        dispatched_at_version = int(frames.header.get("meta_version", 0))
+        dispatched_at_version = get_field(frames.header, "meta_version", int, required=False, default=0)
+        messages = get_field(frames.header, "messages", list)
+        if len(messages) != len(frames.payloads):
+            raise ProtocolError("invalid_header", f"DISPATCH lists {len(messages)} messages for {len(frames.payloads)} payload frames")
         stale_subscriptions: set[str] = set()
         subs_by_id = self.subs_by_id
         accepted = 0
-        for entry, payload in zip(frames.header["messages"], frames.payloads, strict=True):
-            state = subs_by_id.get(int(entry.pop("sub")))
+        entries = [decode_dispatch_entry(entry) for entry in messages]  # whole, before any is applied
+        for (sub_id, seq, attempt, entry), payload in zip(entries, frames.payloads, strict=True):
+            state = subs_by_id.get(sub_id)
             if state is None:
                 continue
-            seq = int(entry.pop("seq"))
             key: DeliveryKey = (state.sub_id, shard, seq)
             if key in state.deliveries:
                 continue  # the frontend restarted and handed it out again; ours is still live
@@ -327,7 +331,7 @@ class SenderServer:
                 # message under: deliver it (at least once) and catch up.
                 stale_subscriptions.add(state.name)
             entry["ref"] = delivery_ref(shard, seq)
-            state.deliveries[key] = Delivery(key, entry, payload, int(entry["attempt"]))
+            state.deliveries[key] = Delivery(key, entry, payload, attempt)
             state.ready.append(key)
         self.counters["dispatched"] += accepted
         for name in stale_subscriptions:

@@ -24,6 +24,9 @@ GUARD_TOPIC: Final = "internal.guard"
 GUARD_SUBSCRIPTION: Final = "internal.guard.sub"
 GUARD_MESSAGES: Final = 40
 NEVER_TOPIC: Final = "internal.dead.never"  # a DEAD whose second entry is broken must not create it
+NEGATIVE_TOPIC: Final = "internal.dead.negative"
+NEVER_TOPICS: Final = {NEVER_TOPIC, NEGATIVE_TOPIC, "None", "123"}
+DEEP_JSON: Final = [[[[[[[[[[[[[[[[[[[[]]]]]]]]]]]]]]]]]]]]
 
 BAD_CONTROL: Final[list[list[bytes]]] = [
     [b"not herald"],
@@ -38,6 +41,20 @@ BAD_CONTROL: Final[list[list[bytes]]] = [
     encode(Command.CREDIT, b"", {"sender": -1, "epoch": 77, "windows": {}}),
     encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": {"1": "many"}}),
     encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": ["1"]}),
+    # Well-typed JSON but not an id: a negative or 2**64 subscription id made the
+    # next backlog scan raise outside any handler (the frontend crashed), and int()
+    # read true, 1.9 and "12" as numbers.
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": {"-1": 5}}),
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": {str(2**64): 5}}),
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 77, "windows": {"1": True}}),
+    encode(Command.CREDIT, b"", {"sender": True, "epoch": 77, "windows": {}}),
+    encode(Command.CREDIT, b"", {"sender": 0, "epoch": 0, "windows": {}}),
+    encode(Command.COMPLETE, b"", {"entries": [[1, -1]]}),
+    encode(Command.COMPLETE, b"", {"entries": ["12"]}),
+    encode(Command.COMPLETE, b"", {"entries": [[1, 1.9]]}),
+    encode(Command.DEAD, b"", {"entries": [[-1, 1, 5, NEGATIVE_TOPIC]]}),
+    encode(Command.DEAD, b"", {"entries": [[1, 1, 5, None], [1, 1, 5, 123]]}),
+    encode(Command.DEAD, b"", {"entries": [[1, 1, 5, "not a name"]]}),
     encode(Command.COMPLETE, b"", {"entries": [[1, 1], [2]]}),
     encode(Command.COMPLETE, b"", {"entries": "12"}),
     encode(Command.ATTEMPTED, b"", {"entries": [[1, 1, 2], [1, "x", 2]]}),
@@ -47,6 +64,7 @@ BAD_CONTROL: Final[list[list[bytes]]] = [
     encode(Command.FORWARD, b"", {"envelope": "two"}, [b"a", b"b"]),
     encode(Command.FORWARD, b"", {}, []),
 ]
+
 
 BAD_INTAKE: Final[list[list[bytes]]] = [
     [b"junk"],
@@ -58,6 +76,22 @@ BAD_INTAKE: Final[list[list[bytes]]] = [
     encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{"sub": 1, "seq": 1}]}, []),
     encode(Command.DISPATCH, b"", {"shard": 0, "messages": "abc"}, [b"x", b"y", b"z"]),
 ]
+
+
+def bad_intake(sub_id: int) -> list[list[bytes]]:
+    """Bad DISPATCHes; some name the guard subscription, which a sender then holds and re-encodes."""
+    good = {"sub": sub_id, "seq": 10**9, "attempt": 1, "id": "fake", "topic": GUARD_TOPIC, "attributes": {}, "ts": 1.0}
+    return [
+        *BAD_INTAKE,
+        # Accepted before and kept: re-encoding it for a consumer raised outside any handler.
+        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "attributes": {"k": DEEP_JSON}}]}, [b"x"]),
+        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "id": {"deep": DEEP_JSON}}]}, [b"x"]),
+        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "seq": -1}]}, [b"x"]),
+        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "attempt": 0}]}, [b"x"]),
+        encode(Command.DISPATCH, b"", {"shard": "0", "messages": [good]}, [b"x"]),
+        # A good entry before a bad one: the whole DISPATCH is dropped, the good one too.
+        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [good, {**good, "seq": 10**9 + 1, "ts": "now"}]}, [b"x", b"y"]),
+    ]
 
 
 def send_all(context: zmq.Context[Any], endpoint: str, messages: list[list[bytes]]) -> None:
@@ -81,7 +115,8 @@ def test_malformed_internal_messages_are_dropped_whole_and_every_process_keeps_s
     senders = [f"sender-{index}" for index in range(len(config["sender_intake_endpoints"]))]
     with Client(herald.endpoint, timeout=15) as client:
         client.create_topic(GUARD_TOPIC)
-        client.create_subscription(GUARD_TOPIC, GUARD_SUBSCRIPTION)
+        sub_id = client.create_subscription(GUARD_TOPIC, GUARD_SUBSCRIPTION)["id"]
+        intake = bad_intake(sub_id)
         expected = {client.publish(GUARD_TOPIC, f"guard {number}".encode()) for number in range(GUARD_MESSAGES)}
         # Senders send CREDIT only for subscriptions with consumers: attach one so
         # that a misapplied CREDIT would have cursors to disturb.
@@ -101,7 +136,7 @@ def test_malformed_internal_messages_are_dropped_whole_and_every_process_keeps_s
             for endpoint in config["frontend_control_endpoints"]:
                 send_all(context, endpoint, BAD_CONTROL)
             for endpoint in config["sender_intake_endpoints"]:
-                send_all(context, endpoint, BAD_INTAKE)
+                send_all(context, endpoint, intake)
         finally:
             context.term()
 
@@ -111,9 +146,7 @@ def test_malformed_internal_messages_are_dropped_whole_and_every_process_keeps_s
                 message=f"{role} counting {len(BAD_CONTROL)} bad control messages",
             )
         for role in senders:
-            wait_for(
-                lambda role=role: counter(role, "bad_dispatches", data_dir) == len(BAD_INTAKE), message=f"{role} counting {len(BAD_INTAKE)} bad dispatches"
-            )
+            wait_for(lambda role=role: counter(role, "bad_dispatches", data_dir) == len(intake), message=f"{role} counting {len(intake)} bad dispatches")
         assert {role: herald.child_pid(role) for role in pids} == pids, "a process died or was restarted"
 
         # Everything stored is still there and deliverable, and a new message makes the round trip.
@@ -122,6 +155,7 @@ def test_malformed_internal_messages_are_dropped_whole_and_every_process_keeps_s
             while received != expected:
                 message = subscription.receive(timeout=15)
                 assert message is not None, f"guard messages missing: {sorted(expected - received)[:5]}"
+                assert message.id != "fake", "a DISPATCH that was dropped was delivered"
                 received.add(message.id)
                 assert message.ack() is True
             fresh = client.publish(GUARD_TOPIC, b"after the bad messages")
@@ -129,7 +163,7 @@ def test_malformed_internal_messages_are_dropped_whole_and_every_process_keeps_s
                 assert message.id in expected, message
             assert message is not None, "the round-trip message never came"
             assert message.ack() is True
-        assert NEVER_TOPIC not in {topic["name"] for topic in client.list_topics()}
+        assert not NEVER_TOPICS & {topic["name"] for topic in client.list_topics()}
     log = herald.log_tail(400)
     assert "restarted; handing its deliveries out again" not in log, log
     assert log.count("dropped a bad control message") == len(BAD_CONTROL) * len(frontends), log
