@@ -837,9 +837,16 @@ class ConsumerCore(Generic[M]):
         return self.ack_frames(refs)
 
     def detach_frames(self) -> list[bytes]:
-        """DETACH: the sender hands this consumer's unacknowledged messages on at once."""
-        header = {"subscription": self.name, "consumer": self.consumer_id}
-        return encode(Command.DETACH, b"", {**header, "token": self.token} if self.token else header)
+        """DETACH: the sender hands this consumer's unacknowledged messages on at once.
+
+        The buffered ones, which the application never saw, are named as
+        ``unseen``: they keep their attempt number, so a consumer that reads a
+        few messages and leaves does not use up the attempts of those it prefetched.
+        """
+        header: dict[str, Any] = {"subscription": self.name, "consumer": self.consumer_id, "unseen": [[m.ref, m.attempt] for m in self.buffer]}
+        if self.token:
+            header["token"] = self.token
+        return encode(Command.DETACH, b"", header)
 
     # -- results of acks
 

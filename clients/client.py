@@ -514,8 +514,9 @@ class Subscription(SubscriptionView):
     def close(self) -> None:
         """Stop heartbeats, tell the sender this consumer left, close the sockets.
 
-        Buffered messages that were not acknowledged are redelivered to other
-        consumers (or to the next one to attach). Safe to call twice.
+        Messages that were not acknowledged are redelivered to other consumers
+        (or to the next one to attach); those still buffered here, never
+        returned by :meth:`receive`, keep their attempt number. Safe to call twice.
         """
         if self._closed:
             return
@@ -523,6 +524,7 @@ class Subscription(SubscriptionView):
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
+        self._drain()  # what already arrived is named in DETACH as never seen, so it keeps its attempt
         self._flush_acks()
         try:
             self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)

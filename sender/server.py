@@ -85,8 +85,8 @@ class Delivery:
     """One message of one subscription, from dispatch until it is settled."""
 
     key: DeliveryKey
-    # The DISPATCH entry turned into a DELIVER entry in place (sub and seq taken
-    # out, ref put in), so each delivery sends it as it is.
+    # The DISPATCH entry's fields a DELIVER carries, with the ref put in, so each
+    # delivery sends it as it is.
     entry: dict[str, Any]
     payload: bytes
     attempt: int
@@ -135,6 +135,16 @@ class SubscriptionState:
     def window(self) -> int:
         """Messages the frontends may hand this sender: the consumers' room, read ahead by READ_AHEAD."""
         return READ_AHEAD * sum(c.max_unacked for c in self.consumers.values() if c.ready)
+
+
+def _parse_refs(items: list[Any], what: str) -> list[tuple[int, int, int]]:
+    """[ref, attempt] pairs as (shard, seq, attempt); every entry is checked before any is used."""
+    parsed: list[tuple[int, int, int]] = []
+    for item in items:
+        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)):
+            raise ProtocolError("invalid_header", f"each {what} entry must be [ref, attempt], got {str(item)[:60]}")
+        parsed.append((*parse_delivery_ref(item[0]), item[1]))
+    return parsed
 
 
 class SenderServer:
@@ -387,8 +397,8 @@ class SenderServer:
             _, key, attempt = heapq.heappop(self.deadlines)
             state = self.subs_by_id.get(key[0])
             delivery = state.deliveries.get(key) if state else None
-            if state is None or delivery is None or delivery.attempt != attempt or delivery.consumer is None:
-                continue  # settled or already rescheduled
+            if state is None or delivery is None or delivery.attempt != attempt or delivery.consumer is None or delivery.deadline > now:
+                continue  # settled, rescheduled, or handed out again with the same attempt (a DETACH's unseen)
             self.counters["expired"] += 1
             self._retry(state, delivery, now, backoff=True)
 
@@ -464,7 +474,7 @@ class SenderServer:
                 case Command.ACK | Command.NACK:
                     self._on_acks(name, consumer_id, frames)
                 case Command.DETACH:
-                    self._on_detach(name, consumer_id)
+                    self._on_detach(name, consumer_id, frames)
                 case _:
                     raise ProtocolError("unknown_command", f"the ack endpoint takes ATTACH, ACK, NACK and DETACH, not {frames.command.name}")
         except Exception as exc:
@@ -526,12 +536,7 @@ class SenderServer:
         if consumer is not None:
             consumer.last_seen = time.monotonic()
         now = time.monotonic()
-        # Check every entry before applying any, so a bad list changes nothing.
-        parsed: list[tuple[int, int, int]] = []
-        for item in items:
-            if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)):
-                raise ProtocolError("invalid_header", f"each {key_name} entry must be [ref, attempt], got {str(item)[:60]}")
-            parsed.append((*parse_delivery_ref(item[0]), item[1]))
+        parsed = _parse_refs(items, key_name)
         if state is None:
             results = [ACK_UNKNOWN] * len(parsed)
             self.counters["unknown_acks"] += len(parsed)
@@ -572,20 +577,38 @@ class SenderServer:
         self.counters["acked"] += acked
         return results
 
-    def _on_detach(self, name: str, consumer_id: str) -> None:
+    def _on_detach(self, name: str, consumer_id: str, frames: Frames) -> None:
+        unseen = {(shard, seq, attempt) for shard, seq, attempt in _parse_refs(get_field(frames.header, "unseen", list, required=False, default=[]), "unseen")}
         state = self.subs.get(name)
         if state is not None and consumer_id in state.consumers:
-            self._drop_consumer(state, consumer_id)
+            self._drop_consumer(state, consumer_id, unseen)
 
-    def _drop_consumer(self, state: SubscriptionState, consumer_id: str) -> None:
+    def _drop_consumer(self, state: SubscriptionState, consumer_id: str, unseen: set[tuple[int, int, int]] | None = None) -> None:
+        """Hand a departed consumer's deliveries on: those its application never saw
+        (``unseen`` (shard, seq, attempt), named in its DETACH) as they were, the rest as a new attempt."""
         consumer = state.consumers.pop(consumer_id)
         now = time.monotonic()
-        for key in list(consumer.unacked):
+        returned: list[DeliveryKey] = []
+        for key in sorted(consumer.unacked):
             delivery = state.deliveries.get(key)
-            if delivery is not None:
+            if delivery is None:
+                continue
+            if unseen and (key[1], key[2], delivery.attempt) in unseen:
+                # Never handed to the application: not an attempt. Its deadline entry
+                # is left behind and skipped (see _expire_deadlines).
+                delivery.consumer = None
+                returned.append(key)
+            else:
                 self._retry(state, delivery, now, backoff=False)
+        state.ready.extendleft(reversed(returned))  # first in line, in order
         self.credit_dirty = True
-        log.info("consumer %s left %s; %d unacknowledged messages re-routed", consumer_id, state.name, len(consumer.unacked))
+        log.info(
+            "consumer %s left %s; %d unacknowledged messages re-routed (%d it never handed to its application, with their attempt unchanged)",
+            consumer_id,
+            state.name,
+            len(consumer.unacked),
+            len(returned),
+        )
 
     def _expire_consumers(self) -> None:
         cutoff = time.monotonic() - CONSUMER_EXPIRY_S

@@ -13,7 +13,7 @@ import pytest
 
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
-from tests.conftest import HeraldSystem, run_cli, stored_messages
+from tests.conftest import HeraldSystem, run_cli, stored_messages, wait_for
 
 
 def test_topics_round_trip(herald: HeraldSystem) -> None:
@@ -183,6 +183,47 @@ def test_nack_redelivers(herald: HeraldSystem) -> None:
             redelivered = subscription.receive(timeout=10)
             assert redelivered is not None and redelivered.id == message.id and redelivered.attempt == 2
             assert redelivered.ack()
+
+
+def test_a_consumer_that_leaves_early_does_not_use_up_the_attempts_of_what_it_prefetched(herald: HeraldSystem) -> None:
+    """Found by a newcomer: `herald subscribe --count 1`, run a few times, dead-lettered messages it
+    never printed, because each run prefetched the backlog and every prefetched message came back as
+    a new attempt. The messages a closing consumer never returned are named in its DETACH (`unseen`)."""
+    with Client(herald.endpoint) as client:
+        client.create_topic("burn")
+        client.create_subscription("burn", "one.at.a.time", max_attempts=2)
+        published = [client.publish("burn", f"m{number}".encode()) for number in range(10)]
+        received: list[tuple[str, int]] = []
+        for _ in range(len(published)):
+            with client.subscribe("burn", "one.at.a.time") as subscription:
+                message = subscription.receive(timeout=10)
+                assert message is not None, f"only {len(received)} of {len(published)} arrived"
+                assert message.ack() is True
+                received.append((message.id, message.attempt))
+                wait_for(lambda subscription=subscription: subscription.statistics().buffered == len(published) - len(received), message="the rest prefetched")
+        assert received == [(message_id, 1) for message_id in published]
+        assert "one.at.a.time.dead" not in {topic["name"] for topic in client.list_topics()}
+
+
+def test_a_delivery_handed_on_unseen_keeps_the_new_consumers_deadline(herald: HeraldSystem) -> None:
+    """An unseen delivery goes to the next consumer with the same attempt number: the first
+    consumer's deadline must not take it back early (its acks would then be stale)."""
+    with Client(herald.endpoint) as client:
+        client.create_topic("handover")
+        client.create_subscription("handover", "slow", ack_deadline=4)
+        read, *published_list = client.publish_batch("handover", [b"read", b"a", b"b", b"c"])
+        published = set(published_list)
+        with client.subscribe("handover", "slow") as first:
+            message = first.receive(timeout=10)
+            assert message is not None and message.id == read and message.ack() is True
+            wait_for(lambda: first.statistics().buffered == len(published), message="the other three prefetched")
+            time.sleep(2.5)  # most of the first consumer's deadline passes; it reads no more
+        with client.subscribe("handover", "slow") as second:
+            messages = [second.receive(timeout=10) for _ in published]
+            assert all(message is not None and message.attempt == 1 for message in messages), messages
+            time.sleep(2.5)  # past the first consumer's deadline, well within the second's
+            assert [message.ack() for message in messages if message is not None] == [True] * len(published)
+            assert {message.id for message in messages if message is not None} == published
 
 
 def test_changed_filter_applies_at_once(herald: HeraldSystem) -> None:
