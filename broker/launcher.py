@@ -21,6 +21,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, Final
@@ -281,10 +282,19 @@ class Launcher:
                 self.metrics.start()
                 log.info("metrics on http://%s:%d/metrics, health on /health", self.config.host, self.metrics.port)
             self.write_status()  # before the ready line, so whoever waits for it can read the pids
+            if self.config.host in WILDCARD_HOSTS:
+                log.warning(
+                    "--host %s listens on every interface, but clients are told to connect to %s, which only this machine can reach; "
+                    "pass this machine's address instead",
+                    self.config.host,
+                    self.config.client_endpoint,
+                )
             if self.config.credentials:
                 log.info("%d credentials configured; every request but PING needs a token", len(self.config.credentials))
+            elif is_loopback(self.config.host):
+                log.warning("no credentials configured: anyone on this machine may use Herald (fine for development)")
             else:
-                log.warning("no credentials configured: anyone who can reach %s may use Herald (fine on loopback for development)", self.config.client_endpoint)
+                log.warning("no credentials configured: anyone who can reach %s may use Herald", self.config.client_endpoint)
             print(f"herald ready on {self.config.client_endpoint}", flush=True)
             last_status = time.monotonic()
             while not self.stopping:
@@ -326,16 +336,39 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     def env(name: str, default: Any) -> Any:
         return os.environ.get(ENV_PREFIX + name, default)
 
+    def whole_number(low: int, high: int, variable: str) -> Callable[[str], int]:
+        # argparse runs this on the $HERALD_* default too, so the message names both sources.
+        def parse(text: str) -> int:
+            try:
+                value = int(text)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{text!r} is not a whole number (from the flag or ${ENV_PREFIX}{variable})") from None
+            if not low <= value <= high:
+                raise argparse.ArgumentTypeError(f"{value} is outside {low}..{high} (from the flag or ${ENV_PREFIX}{variable})")
+            return value
+
+        return parse
+
+    port = whole_number(0, 65535, "PORT")
+
     parser = argparse.ArgumentParser(prog="herald up", description="Run the whole Herald system on this machine.")
     parser.add_argument(
         "--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR), help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR}; $HERALD_DATA_DIR)"
     )
     parser.add_argument("--host", default=env("HOST", DEFAULT_HOST), help=f"address to listen on (default {DEFAULT_HOST}; $HERALD_HOST)")
-    parser.add_argument("--port", type=int, default=env("PORT", DEFAULT_PORT), help=f"client port (default {DEFAULT_PORT}; 0 picks a free one; $HERALD_PORT)")
+    parser.add_argument("--port", type=port, default=env("PORT", DEFAULT_PORT), help=f"client port (default {DEFAULT_PORT}; 0 picks a free one; $HERALD_PORT)")
     parser.add_argument(
-        "--frontends", type=int, default=env("FRONTENDS", DEFAULT_FRONTENDS), help=f"frontend processes (default {DEFAULT_FRONTENDS}; $HERALD_FRONTENDS)"
+        "--frontends",
+        type=whole_number(1, 64, "FRONTENDS"),
+        default=env("FRONTENDS", DEFAULT_FRONTENDS),
+        help=f"frontend processes (default {DEFAULT_FRONTENDS}; $HERALD_FRONTENDS)",
     )
-    parser.add_argument("--senders", type=int, default=env("SENDERS", DEFAULT_SENDERS), help=f"sender processes (default {DEFAULT_SENDERS}; $HERALD_SENDERS)")
+    parser.add_argument(
+        "--senders",
+        type=whole_number(1, 64, "SENDERS"),
+        default=env("SENDERS", DEFAULT_SENDERS),
+        help=f"sender processes (default {DEFAULT_SENDERS}; $HERALD_SENDERS)",
+    )
     parser.add_argument(
         "--durability",
         choices=["fsync", "async"],
@@ -349,7 +382,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--metrics-port",
-        type=int,
+        type=whole_number(0, 65535, "METRICS_PORT"),
         default=env("METRICS_PORT", None),
         help="serve Prometheus /metrics and /health on this port of --host (0 picks a free one; default off; $HERALD_METRICS_PORT)",
     )
@@ -362,6 +395,13 @@ class MetricsPortTaken(RuntimeError):
 
 class DataDirUnusable(RuntimeError):
     """The data folder cannot be created or written."""
+
+
+WILDCARD_HOSTS: Final = frozenset({"0.0.0.0", "::", "*", "[::]"})  # noqa: S104 - compared against, never bound
+
+
+def is_loopback(host: str) -> bool:
+    return host in ("localhost", "::1", "[::1]") or host.startswith("127.")
 
 
 def check_data_dir(path: Path) -> None:

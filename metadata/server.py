@@ -370,7 +370,7 @@ class MetadataServer:
         if existing is not None:
             if exist_ok:
                 return encode_ok(rid, {"topic": existing, "created": False}), 0
-            raise HeraldError("topic_exists", f"topic {name!r} already exists; delete it first or pass exist_ok")
+            raise HeraldError("topic_exists", f"topic {name!r} already exists; delete it first, or pass exist_ok (CLI: --exist-ok) to use it as it is")
         limit = self.config.max_topics
         if limit is not None and header.get(RELAY_QUOTA_FIELD) and self.topic_count >= limit:
             raise HeraldError("quota_exceeded", f"this server holds at most {limit} topics (max_topics); delete one first")
@@ -406,7 +406,7 @@ class MetadataServer:
             if existing["topic"] != topic_name:
                 raise HeraldError("subscription_exists", f"subscription {name!r} already exists on topic {existing['topic']!r}")
             if not exist_ok:
-                raise HeraldError("subscription_exists", f"subscription {name!r} already exists")
+                raise HeraldError("subscription_exists", f"subscription {name!r} already exists; pass exist_ok (CLI: --exist-ok) to use it")
             if header.get(RELAY_ONLY_EXISTING_FIELD) and header.get("settings") and existing["settings"] != settings:
                 raise HeraldError("forbidden", f"changing the settings of subscription {name!r} needs an admin credential")
             if existing["settings"] == settings or not header.get("settings"):

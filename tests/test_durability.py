@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import itertools
+import os
 import signal
 import time
 
+import pytest
 import zmq
 
 from clients.protocol import Command, decode, encode, encode_publish, split_envelope
@@ -215,6 +217,35 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
         )
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port} is already in use" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("flags", "env", "expected"),
+    [
+        (["--port", "99999"], {}, "argument --port: 99999 is outside 0..65535"),
+        (["--port", "-1"], {}, "argument --port: -1 is outside 0..65535"),
+        (["--metrics-port", "70000"], {}, "argument --metrics-port: 70000 is outside 0..65535"),
+        (["--frontends", "0"], {}, "argument --frontends: 0 is outside 1..64"),
+        ([], {"HERALD_PORT": "abc"}, "argument --port: 'abc' is not a whole number (from the flag or $HERALD_PORT)"),
+    ],
+)
+def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: list[str], env: dict[str, str], expected: str) -> None:  # type: ignore[no-untyped-def]
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    result = subprocess.run(
+        [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=PROJECT_ROOT,
+        env={**os.environ, **env},
+    )
+    assert (result.returncode, "Traceback" in result.stderr) == (2, False), result.stderr
+    assert expected in result.stderr, result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything was created
 
 
 def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: ignore[no-untyped-def]
