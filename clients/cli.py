@@ -351,8 +351,8 @@ def _status(client: Client, out: TextIO, err: TextIO) -> int:
     return EXIT_OK
 
 
-def _local_processes(data_dir: Path, out: TextIO) -> None:
-    """Print the launcher's view of its children, when a local data folder has one."""
+def _local_processes(data_dir: Path, endpoint: str, out: TextIO) -> None:
+    """Print the launcher's view of its children, when a local data folder has one for this endpoint."""
     try:
         status = orjson.loads((data_dir / "herald-status.json").read_bytes())
     except (OSError, ValueError):
@@ -360,7 +360,15 @@ def _local_processes(data_dir: Path, out: TextIO) -> None:
     children = status.get("children") if isinstance(status, dict) else None
     if not isinstance(children, list):
         return
-    out.write(f"processes of the launcher (pid {status.get('pid')}) in {data_dir}:\n")
+    served = status.get("client_endpoint")
+    if served != endpoint:
+        # Another Herald's folder (the default ./herald-data): its processes would mislead.
+        out.write(f"(not showing the processes in {data_dir}: that folder belongs to the herald at {served}; pass --data-dir)\n")
+        return
+    launcher = status.get("pid")
+    if not (isinstance(launcher, int) and _process_exists(launcher)):
+        out.write(f"the launcher (pid {launcher}) of {data_dir} is not running; its last report:\n")
+    out.write(f"processes of the launcher (pid {launcher}) in {data_dir}:\n")
     for child in children:
         if isinstance(child, dict):
             state = "running" if child.get("running") else "DOWN"
@@ -368,6 +376,16 @@ def _local_processes(data_dir: Path, out: TextIO) -> None:
                 f"  {child.get('name', '?'):<12} {state:<8} pid {child.get('pid')}  up {child.get('uptime_s', 0)} s  restarts {child.get('restarts', 0)}\n"
             )
     _local_backlog(data_dir, out)
+
+
+def _process_exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
 
 
 def _local_backlog(data_dir: Path, out: TextIO) -> None:
@@ -490,7 +508,7 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) ->
                 return _subscribe(client, args, out, err)
             case "status":
                 code = _status(client, out, err)
-                _local_processes(Path(args.data_dir), out)
+                _local_processes(Path(args.data_dir), client.endpoint, out)
                 return code
             case _:
                 raise _UsageError(f"unknown command {args.command!r}")

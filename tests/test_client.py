@@ -307,6 +307,10 @@ def test_cli(herald: HeraldSystem) -> None:
     assert "frontend-1" in status.stdout and "restarts 0" in status.stdout
     dead = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status")
     assert dead.returncode == 1
+    # Another endpoint with this folder: the processes shown would be this Herald's, not that one's.
+    elsewhere = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status", "--data-dir", str(herald.data_dir))
+    assert elsewhere.returncode == 1 and f"belongs to the herald at {herald.endpoint}" in elsewhere.stdout, elsewhere.stdout
+    assert "frontend-1" not in elsewhere.stdout
 
 
 def test_publish_right_after_subscription_create_is_fanned_out(herald: HeraldSystem) -> None:
