@@ -583,7 +583,7 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
         if len(payload) > max_payload:
             raise ProtocolError(
                 "payload_too_large",
-                f"payload {index} of {len(payload)} bytes exceeds max_payload of {max_payload} bytes",
+                f"the payload of messages[{index}] is {len(payload)} bytes, over max_payload ({max_payload} bytes)",
                 {"index": index, "size": len(payload), "limit": max_payload},
             )
         if not isinstance(entry, dict):

@@ -738,7 +738,7 @@ class FrontendServer:
                 if len(item.payload) > limit:
                     raise HeraldError(
                         "payload_too_large",
-                        f"payload {index} of {len(item.payload)} bytes exceeds max_payload of {limit} bytes for topic {topic_name!r}",
+                        f"the payload of messages[{index}] is {len(item.payload)} bytes, over topic {topic_name!r}'s max_payload ({limit} bytes)",
                     )
             if self.batch_bytes >= OVERLOAD_BYTES:
                 # Forwarded publishes bypass the back-pressure above; past this much
