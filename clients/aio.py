@@ -197,6 +197,10 @@ class _LoopSocket:
         self._writable.clear()
         self.sock.close(linger=linger)
 
+    def read_now(self) -> None:
+        """Handle what the socket already holds, without waiting for the loop to call back."""
+        self._check()
+
     def _schedule_check(self) -> None:
         if not self._check_scheduled and self._loop is not None:
             self._check_scheduled = True
@@ -815,6 +819,7 @@ class AsyncSubscription(SubscriptionView):
                 future.set_exception(closed_error(repr(self)))
         linger_ms = 0
         if self._welcomed.is_set():
+            self._sub.read_now()  # what already arrived is named in DETACH as never seen, so it keeps its attempt
             if (frames := self._core.take_pending_acks()) is not None:
                 self._push.send(frames)
             if self._push.send(self._core.detach_frames()):

@@ -205,6 +205,26 @@ def test_a_consumer_that_leaves_early_does_not_use_up_the_attempts_of_what_it_pr
         assert "one.at.a.time.dead" not in {topic["name"] for topic in client.list_topics()}
 
 
+def test_an_async_consumer_that_leaves_early_keeps_the_attempts_of_what_it_prefetched(herald: HeraldSystem) -> None:
+    async def main() -> list[tuple[str, int]]:
+        async with AsyncClient(herald.endpoint) as client:
+            await client.create_topic("burn.async")
+            await client.create_subscription("burn.async", "async.one.at.a.time", max_attempts=2)
+            published = [await client.publish("burn.async", f"m{number}".encode()) for number in range(6)]
+            received: list[tuple[str, int]] = []
+            for _ in published:
+                async with await client.subscribe("burn.async", "async.one.at.a.time") as subscription:
+                    message = await subscription.receive(timeout=10)
+                    assert message is not None, f"only {len(received)} of {len(published)} arrived"
+                    assert await message.ack() is True
+                    received.append((message.id, message.attempt))
+                    await asyncio.sleep(0.2)  # the rest arrives meanwhile, in the socket or the buffer
+            assert received == [(message_id, 1) for message_id in published]
+            return received
+
+    asyncio.run(main())
+
+
 def test_a_delivery_handed_on_unseen_keeps_the_new_consumers_deadline(herald: HeraldSystem) -> None:
     """An unseen delivery goes to the next consumer with the same attempt number: the first
     consumer's deadline must not take it back early (its acks would then be stale)."""
