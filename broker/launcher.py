@@ -359,13 +359,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=port, default=env("PORT", DEFAULT_PORT), help=f"client port (default {DEFAULT_PORT}; 0 picks a free one; $HERALD_PORT)")
     parser.add_argument(
         "--frontends",
-        type=whole_number(1, 64, "FRONTENDS"),
+        type=whole_number(1, 1024, "FRONTENDS"),
         default=env("FRONTENDS", DEFAULT_FRONTENDS),
         help=f"frontend processes (default {DEFAULT_FRONTENDS}; $HERALD_FRONTENDS)",
     )
     parser.add_argument(
         "--senders",
-        type=whole_number(1, 64, "SENDERS"),
+        type=whole_number(1, 1024, "SENDERS"),
         default=env("SENDERS", DEFAULT_SENDERS),
         help=f"sender processes (default {DEFAULT_SENDERS}; $HERALD_SENDERS)",
     )

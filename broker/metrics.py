@@ -71,6 +71,7 @@ HELP: Final = {
     "storage_failures": "writes the store refused (group commits, acknowledgements, attempt numbers)",
     "bad_control_messages": "malformed internal messages dropped by a frontend",
     "bad_dispatches": "malformed DISPATCH messages dropped by a sender",
+    "bad_unseen": "DETACH messages whose malformed unseen list was ignored",
     "shed": "publishes refused as overload",
     "purged": "pending entries of deleted subscriptions removed",
     "purging": "deleted subscriptions whose backlog is still being removed",

@@ -836,12 +836,26 @@ class ConsumerCore(Generic[M]):
         self.acks_due = None
         return self.ack_frames(refs)
 
+    def settle_buffered_copies(self) -> None:
+        """Before DETACH: queue the ack of each buffered copy of a message already
+        acknowledged (as :meth:`next_message` would), so it is not named unseen and
+        handed to another consumer."""
+        kept: deque[M] = deque()
+        for message in self.buffer:
+            if message.id in self.acked:
+                self.duplicates_dropped += 1
+                self.pending_acks.append((message.ref, message.attempt))
+            else:
+                kept.append(message)
+        self.buffer = kept
+
     def detach_frames(self) -> list[bytes]:
         """DETACH: the sender hands this consumer's unacknowledged messages on at once.
 
         The buffered ones, which the application never saw, are named as
         ``unseen``: they keep their attempt number, so a consumer that reads a
-        few messages and leaves does not use up the attempts of those it prefetched.
+        few messages and leaves does not use up the attempts of those it
+        prefetched. Call :meth:`settle_buffered_copies` and send the acks first.
         """
         header: dict[str, Any] = {"subscription": self.name, "consumer": self.consumer_id, "unseen": [[m.ref, m.attempt] for m in self.buffer]}
         if self.token:

@@ -198,8 +198,14 @@ class _LoopSocket:
         self.sock.close(linger=linger)
 
     def read_now(self) -> None:
-        """Handle what the socket already holds, without waiting for the loop to call back."""
-        self._check()
+        """Handle everything the socket already holds, without waiting for the loop to call back."""
+        sock = self.sock
+        while self._on_message is not None and not sock.closed:
+            try:
+                frames = recv_frames(sock, NOBLOCK)
+            except zmq.Again:
+                return
+            self._on_message(frames)
 
     def _schedule_check(self) -> None:
         if not self._check_scheduled and self._loop is not None:
@@ -820,6 +826,7 @@ class AsyncSubscription(SubscriptionView):
         linger_ms = 0
         if self._welcomed.is_set():
             self._sub.read_now()  # what already arrived is named in DETACH as never seen, so it keeps its attempt
+            self._core.settle_buffered_copies()
             if (frames := self._core.take_pending_acks()) is not None:
                 self._push.send(frames)
             if self._push.send(self._core.detach_frames()):

@@ -361,7 +361,7 @@ def _local_processes(data_dir: Path, endpoint: str, out: TextIO) -> None:
     if not isinstance(children, list):
         return
     served = status.get("client_endpoint")
-    if served != endpoint:
+    if not isinstance(served, str) or _server_key(served) != _server_key(endpoint):
         # Another Herald's folder (the default ./herald-data): its processes would mislead.
         out.write(f"(not showing the processes in {data_dir}: that folder belongs to the herald at {served}; pass --data-dir)\n")
         return
@@ -376,6 +376,15 @@ def _local_processes(data_dir: Path, endpoint: str, out: TextIO) -> None:
                 f"  {child.get('name', '?'):<12} {state:<8} pid {child.get('pid')}  up {child.get('uptime_s', 0)} s  restarts {child.get('restarts', 0)}\n"
             )
     _local_backlog(data_dir, out)
+
+
+def _server_key(endpoint: str) -> tuple[str, str]:
+    """(host, port) of a tcp endpoint, with every spelling of this machine as one host."""
+    host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
+    host = host.strip("[]")
+    if host in ("localhost", "0.0.0.0", "::", "::1", "*") or host.startswith("127."):  # noqa: S104 - compared, not bound
+        host = "this machine"
+    return host, port
 
 
 def _process_exists(pid: int) -> bool:

@@ -524,7 +524,10 @@ class Subscription(SubscriptionView):
         self._stop.set()
         if self._heartbeat is not None:
             self._heartbeat.join()
-        self._drain()  # what already arrived is named in DETACH as never seen, so it keeps its attempt
+        # What already arrived is named in DETACH as never seen, so it keeps its attempt.
+        while self._sub.poll(0, zmq.POLLIN):
+            self._drain()
+        self._core.settle_buffered_copies()
         self._flush_acks()
         try:
             self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)

@@ -193,6 +193,7 @@ class SenderServer:
             "dead_lettered": 0,
             "filtered": 0,
             "bad_dispatches": 0,
+            "bad_unseen": 0,
         }
 
     # ------------------------------------------------------------------ loop
@@ -578,7 +579,14 @@ class SenderServer:
         return results
 
     def _on_detach(self, name: str, consumer_id: str, frames: Frames) -> None:
-        unseen = {(shard, seq, attempt) for shard, seq, attempt in _parse_refs(get_field(frames.header, "unseen", list, required=False, default=[]), "unseen")}
+        unseen: set[tuple[int, int, int]] | None
+        try:
+            unseen = set(_parse_refs(get_field(frames.header, "unseen", list, required=False, default=[]), "unseen"))
+        except HeraldError as error:
+            # The consumer is leaving either way: hand everything on as a new attempt.
+            self.counters["bad_unseen"] += 1
+            log.warning("DETACH of %s from %s: ignoring its unseen list: %s", name, consumer_id, error)
+            unseen = None
         state = self.subs.get(name)
         if state is not None and consumer_id in state.consumers:
             self._drop_consumer(state, consumer_id, unseen)

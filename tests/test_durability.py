@@ -225,7 +225,7 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
         (["--port", "99999"], {}, "argument --port: 99999 is outside 0..65535"),
         (["--port", "-1"], {}, "argument --port: -1 is outside 0..65535"),
         (["--metrics-port", "70000"], {}, "argument --metrics-port: 70000 is outside 0..65535"),
-        (["--frontends", "0"], {}, "argument --frontends: 0 is outside 1..64"),
+        (["--frontends", "0"], {}, "argument --frontends: 0 is outside 1..1024"),
         ([], {"HERALD_PORT": "abc"}, "argument --port: 'abc' is not a whole number (from the flag or $HERALD_PORT)"),
     ],
 )

@@ -96,6 +96,62 @@ def test_native_at_least_once_consumer(herald: HeraldSystem, raw: RawClient) -> 
         consumer.close()
 
 
+def test_native_detach_with_unseen_keeps_attempts_and_a_bad_unseen_still_detaches(herald: HeraldSystem, raw: RawClient) -> None:
+    """docs/protocol.md, DETACH: deliveries named `unseen` come again with their attempt; the rest
+    with a higher one; a malformed `unseen` is ignored and the DETACH still takes effect."""
+    make_topic(raw, "handback")
+    sub = make_subscription(raw, "handback", "handback.sub")
+    ids = publish(raw, "handback", [b"seen", b"unseen-1", b"unseen-2"])
+    first = NativeConsumer(sub, "leaver")
+    try:
+        first.attach()
+        got = {message["id"]: message for message, _ in first.deliveries(3)}
+        assert sorted(got) == sorted(ids)
+        unseen = [[got[message_id]["ref"], got[message_id]["attempt"]] for message_id in ids[1:]]
+        first.push.send_multipart(encode(Command.DETACH, b"", {"subscription": "handback.sub", "consumer": "leaver", "unseen": unseen}))
+        first.push.setsockopt(zmq.LINGER, 5000)  # the DETACH goes out before the socket closes
+    finally:
+        first.close()
+    second = NativeConsumer(sub, "stayer")
+    try:
+        second.attach()
+        again = {message["id"]: message["attempt"] for message, _ in second.deliveries(3)}
+        assert again == {ids[0]: 2, ids[1]: 1, ids[2]: 1}
+        # A malformed unseen list: ignored, and the consumer still leaves at once (not after 5 s of silence).
+        second.push.send_multipart(encode(Command.DETACH, b"", {"subscription": "handback.sub", "consumer": "stayer", "unseen": "all of them"}))
+        second.push.setsockopt(zmq.LINGER, 5000)
+        lines = wait_for(
+            lambda: _log_lines(herald, "ignoring its unseen list", "consumer stayer left handback.sub"),
+            message="the bad unseen logged, and the consumer dropped",
+        )
+        # Dropped by this DETACH, in the same handler, not by the consumer expiry 5 s later.
+        assert lines[1] - lines[0] < protocol.CONSUMER_EXPIRY_S / 2, lines
+    finally:
+        second.close()
+    third = NativeConsumer(sub, "third")
+    try:
+        third.attach()
+        last = {message["id"]: message for message, _ in third.deliveries(3)}
+        assert {message_id: message["attempt"] for message_id, message in last.items()} == {ids[0]: 3, ids[1]: 2, ids[2]: 2}
+        assert third.ack([(message["ref"], message["attempt"]) for message in last.values()]) == ["ok"] * 3
+    finally:
+        third.close()
+
+
+def _log_lines(herald: HeraldSystem, *needles: str) -> list[float] | None:
+    """The time (s since the epoch) of the first log line holding each needle, or None if one is missing."""
+    import datetime
+
+    found: list[float] = []
+    lines = herald.log_tail(400).splitlines()
+    for needle in needles:
+        line = next((line for line in lines if needle in line), None)
+        if line is None:
+            return None
+        found.append(datetime.datetime.strptime(line[:23], "%Y-%m-%d %H:%M:%S,%f").timestamp())
+    return found
+
+
 def test_redelivery_stale_ack_and_dead_letter(herald: HeraldSystem, raw: RawClient) -> None:
     make_topic(raw, "flaky")
     sub = make_subscription(raw, "flaky", "picky", ack_deadline=0.3, max_attempts=3, backoff_min=0.0, backoff_max=0.0)
