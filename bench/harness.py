@@ -276,6 +276,37 @@ def print_table(results: Sequence[Result], file: Any = None) -> None:
     out.flush()
 
 
+class StealMeter:
+    """The share of CPU time the hypervisor gave to other machines (``steal`` in /proc/stat) between marks.
+
+    On a shared virtual machine this moves every figure, Herald's and the
+    peers' alike, so each figure carries the share measured while it ran.
+    """
+
+    def __init__(self) -> None:
+        self._mark = self._read()
+
+    @staticmethod
+    def _read() -> tuple[int, int] | None:
+        try:
+            with open("/proc/stat") as stat:
+                fields = stat.readline().split()
+        except OSError:
+            return None
+        if len(fields) < 9 or fields[0] != "cpu":
+            return None
+        values = [int(value) for value in fields[1:9]]  # user nice system idle iowait irq softirq steal
+        return values[7], sum(values)
+
+    def share_since_mark(self, *, remark: bool = True) -> float | None:
+        """Steal / all CPU time since the last mark (None where /proc/stat has no steal); marks now unless told not to."""
+        now = self._read()
+        start, self._mark = self._mark, (now if remark else self._mark)
+        if now is None or start is None or now[1] <= start[1]:
+            return None
+        return round((now[0] - start[0]) / (now[1] - start[1]), 4)
+
+
 def machine_description(data_dir: Path | None = None) -> dict[str, Any]:
     """What the figures were measured on: cores, CPU, load, versions, filesystem, commit."""
     import zmq

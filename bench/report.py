@@ -164,6 +164,18 @@ def _latency_section(title: str, intro: str, results: list[dict[str, Any]], scen
     return [f"### {title}", "", intro, "", *_table(header, table, "rlrrrrrllr")]
 
 
+def _steal_line(machine: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
+    """How much CPU the hypervisor took for other machines: over the run, and at its worst figure."""
+    whole = machine.get("cpu_steal_share")
+    if whole is None:
+        return []
+    worst = max(results, key=lambda result: result["extra"].get("cpu_steal_share", 0.0), default=None)
+    line = f"- CPU steal (time the hypervisor gave these CPUs to other machines): {whole:.1%} over the run"
+    if worst is not None and worst["extra"].get("cpu_steal_share"):
+        line += f"; the most, {worst['extra']['cpu_steal_share']:.1%}, while measuring {worst['name']!r}"
+    return [line + ". Every figure's share is in the JSON (`cpu_steal_share`); figures move with it."]
+
+
 def _headline(results: list[dict[str, Any]]) -> list[str]:
     """The figures issue 5 sets targets on, each with its ratio to the peers of the same run."""
     lines = ["## Headline: the issue 5 targets, this run", ""]
@@ -248,6 +260,7 @@ def render_markdown(report: dict[str, Any], plots: list[Path], markdown_path: Pa
         f"- Peers: {', '.join(f'{name} {version}' for name, version in machine.get('peers', {}).items()) or 'none (run with --compare)'}",
         f"- Herald at commit `{machine.get('git_commit', '?')[:10]}`{' (working tree had changes)' if machine.get('git_dirty') else ''}; JSON: "
         f"`{report.get('json_path', '')}`",
+        *_steal_line(machine, results),
         f"- Payload {config.get('size', '?')} bytes; publisher and every consumer each in their own process; ratios are between figures of this run only.",
         "- `server CPU per unit`: user + system CPU of the server's processes during the timed part (every Herald role together; the "
         "peer's one server process), per message or delivery of the figure; the clients' CPU is not in it.",

@@ -43,6 +43,7 @@ from bench.harness import (
     LatencyRecorder,
     ProgressLine,
     Result,
+    StealMeter,
     Worker,
     WorkerError,
     Workers,
@@ -238,6 +239,7 @@ class Suite:
         self.results: list[Result] = []
         self.notes: list[str] = []
         self.systems_by_name = {system.spec.name: system for system in systems}
+        self.steal = StealMeter()  # marked at each figure: its share covers that figure's set-up and run
 
     def systems_for(self, scenario: str) -> list[System]:
         return [system for system in self.systems if scenario in system.scenarios]
@@ -275,6 +277,9 @@ class Suite:
     def add(self, result: Result, *, delivered: int | None = None, expected: int | None = None) -> None:
         if delivered is not None and expected is not None:
             self.check_complete(result, delivered, expected)
+        steal = self.steal.share_since_mark()
+        if steal is not None:
+            result.extra["cpu_steal_share"] = steal
         self.results.append(result)
         print(result.row(), flush=True)
 
@@ -897,6 +902,7 @@ def run_suite(args: argparse.Namespace, command: list[str]) -> Path:
     results: list[Result] = []
     notes: list[str] = []
     started = time.monotonic()
+    whole_run = StealMeter()
     with start_systems(args, machine) as systems, Workers() as workers:
         if machine.get("data_dir_filesystem") == "tmpfs":
             print("[bench] warning: the data folders are on tmpfs, where fsync costs nothing; use --work-dir on a disk", file=sys.stderr)
@@ -913,6 +919,7 @@ def run_suite(args: argparse.Namespace, command: list[str]) -> Path:
     config["plan"] = _plan_fields(plan)
     config["notes"] = notes
     config["elapsed_s"] = round(time.monotonic() - started, 1)
+    machine["cpu_steal_share"] = whole_run.share_since_mark()
     path = write_report("suite", results, config, machine, args.json, command=command)
     print(f"\nJSON: {path} ({config['elapsed_s']:.0f} s)")
     return path

@@ -70,6 +70,9 @@ def test_bench_compare_runs_reports_and_cleans_up(tmp_path: Path) -> None:
     for result in report["results"]:
         assert result["scenario"] == "publish" and result["value"] > 0 and result["count"] > 0, result
         assert result["durability"], result
+        assert 0 <= result["extra"]["cpu_steal_share"] <= 1, result  # Linux has steal in /proc/stat
+    assert 0 <= report["machine"]["cpu_steal_share"] <= 1
+    assert "CPU steal (time the hypervisor gave these CPUs to other machines)" in markdown.read_text()
     assert systems["herald"]["ratio"] > 0  # over the raw ceiling of this run
 
     available = check_peers(["nats", "redis"])
