@@ -99,7 +99,7 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
     if not rows:
         return []
     reference_system = HERALD_LIVE if scenario == "live" else HERALD
-    header = [*([param_label] if param else []), "system", "value", "durability", "Herald / row", "row / raw", "server CPU per unit"]
+    header = [*([param_label] if param else []), "system", "value", "durability", "Herald / row", "row / raw", "server CPU per unit", "steal"]
     table = []
     for result in rows:
         herald = _reference(results, reference_system, scenario, result["params"])
@@ -114,9 +114,22 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
                 _ratio(versus) if versus else "-",
                 _ratio(result.get("ratio")) if result.get("ratio") else "-",
                 _server_cpu_per_unit(result),
+                _steal(result),
             ]
         )
-    return [f"### {title}", "", intro, "", *_table(header, table, ("r" if param else "") + "llll" + "rr")]
+    return [f"### {title}", "", intro, "", *_table(header, table, ("r" if param else "") + "llll" + "rrr")]
+
+
+def _steal_note(result: dict[str, Any]) -> str:
+    """`` (steal 12.7%)`` after a headline figure measured while the host took 1% or more of the CPUs."""
+    share = result["extra"].get("cpu_steal_share")
+    return f" (steal {share:.1%})" if share is not None and share >= 0.01 else ""
+
+
+def _steal(result: dict[str, Any]) -> str:
+    """The CPU steal while the figure was measured (see the header), or - for a run that did not record it."""
+    share = result["extra"].get("cpu_steal_share")
+    return "-" if share is None else f"{share:.1%}"
 
 
 def _server_cpu_per_unit(result: dict[str, Any]) -> str:
@@ -136,7 +149,7 @@ def _latency_section(title: str, intro: str, results: list[dict[str, Any]], scen
     rows = [r for r in rows if r["unit"].startswith("us")]
     if not rows:
         return []
-    header = ["offered /s", "system", "p50", "p99", "p99.9", "max", "achieved /s", "kept up", "durability", "Herald p99 / row p99"]
+    header = ["offered /s", "system", "p50", "p99", "p99.9", "max", "achieved /s", "kept up", "durability", "Herald p99 / row p99", "steal"]
     table = []
     for result in sorted(rows, key=lambda r: (r["params"].get("rate", 0), _order(r["system"]))):
         latency = result.get("latency") or {}
@@ -159,9 +172,10 @@ def _latency_section(title: str, intro: str, results: list[dict[str, Any]], scen
                 kept,
                 short_durability(result["durability"]),
                 _ratio(versus) if versus else "-",
+                _steal(result),
             ]
         )
-    return [f"### {title}", "", intro, "", *_table(header, table, "rlrrrrrllr")]
+    return [f"### {title}", "", intro, "", *_table(header, table, "rlrrrrrllrr")]
 
 
 def _steal_line(machine: dict[str, Any], results: list[dict[str, Any]]) -> list[str]:
@@ -173,7 +187,7 @@ def _steal_line(machine: dict[str, Any], results: list[dict[str, Any]]) -> list[
     line = f"- CPU steal (time the hypervisor gave these CPUs to other machines): {whole:.1%} over the run"
     if worst is not None and worst["extra"].get("cpu_steal_share"):
         line += f"; the most, {worst['extra']['cpu_steal_share']:.1%}, while measuring {worst['name']!r}"
-    return [line + ". Every figure's share is in the JSON (`cpu_steal_share`); figures move with it."]
+    return [line + ". Each figure's share is in its table's `steal` column; figures move with it."]
 
 
 def _headline(results: list[dict[str, Any]]) -> list[str]:
@@ -191,7 +205,8 @@ def _headline(results: list[dict[str, Any]]) -> list[str]:
                 rows.append(
                     [
                         "end-to-end publish->deliver->ack, 1 subscription",
-                        f"Herald {_number(herald)} msg/s vs {e2e[name]['extra'].get('system_label', name)} {_number(e2e[name]['value'])} msg/s",
+                        f"Herald {_number(herald)} msg/s{_steal_note(e2e[HERALD])} vs {e2e[name]['extra'].get('system_label', name)} "
+                        f"{_number(e2e[name]['value'])} msg/s{_steal_note(e2e[name])}",
                         f"{_ratio(ratio)} (target >= {target:g}x)",
                         verdict,
                     ]
@@ -205,7 +220,8 @@ def _headline(results: list[dict[str, Any]]) -> list[str]:
                 rows.append(
                     [
                         f"p99 publish->deliver @ {ISSUE_LATENCY_RATE:,}/s",
-                        f"Herald {_us(herald_p99)} vs {latency[name]['extra'].get('system_label', name)} {_us(peer)}",
+                        f"Herald {_us(herald_p99)}{_steal_note(latency[HERALD])} vs {latency[name]['extra'].get('system_label', name)} {_us(peer)}"
+                        f"{_steal_note(latency[name])}",
                         f"{_ratio(herald_p99 / peer if peer else math.nan)} (target < 1x)",
                         "met" if herald_p99 < peer else "not met",
                     ]
