@@ -131,13 +131,19 @@ def _wait_until_frontend_1_purged(client: Client, entries: int, what: str) -> No
     wait_for(purged, timeout=30, interval=0.1, message=what)
 
 
+def _keeper_and_doomed_on_frontend_1(client: Client, prefix: str, backlog: int) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """A topic of frontend 1 with two subscriptions, ``<prefix>-keeper`` and ``<prefix>-doomed``, each with ``backlog`` entries."""
+    topic = topic_for_shard(f"{prefix}.", 1)
+    client.create_topic(topic)
+    keeper = client.create_subscription(topic, f"{prefix}-keeper")
+    doomed = client.create_subscription(topic, f"{prefix}-doomed")
+    client.publish_batch(topic, [b"x"] * backlog)
+    return topic, keeper, doomed
+
+
 def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald: HeraldSystem) -> None:
-    topic = topic_for_shard("orphaned.", 1)
     with Client(herald.endpoint, timeout=4.0) as client:
-        client.create_topic(topic)
-        keeper = client.create_subscription(topic, "orphan-keeper")
-        doomed = client.create_subscription(topic, "orphan-doomed")
-        client.publish_batch(topic, [b"x"] * 3000)
+        topic, keeper, doomed = _keeper_and_doomed_on_frontend_1(client, "orphan", 3000)
         # Stopped, frontend-1 cannot apply the deletion; killed, it never will.
         pid = herald.kill_child("frontend-1", signal.SIGSTOP)
         try:
@@ -157,12 +163,8 @@ def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald
 
 
 def test_a_frontend_that_starts_while_metadata_is_down_purges_nothing_until_it_can_list(herald: HeraldSystem) -> None:
-    topic = topic_for_shard("listless.", 1)
     with Client(herald.endpoint, timeout=4.0) as client:
-        client.create_topic(topic)
-        keeper = client.create_subscription(topic, "listless-keeper")
-        doomed = client.create_subscription(topic, "listless-doomed")
-        client.publish_batch(topic, [b"x"] * 2000)
+        _, keeper, doomed = _keeper_and_doomed_on_frontend_1(client, "listless", 2000)
         frontend = herald.kill_child("frontend-1", signal.SIGSTOP)
         try:
             _delete_past_a_stopped_frontend(client, "listless-doomed")
