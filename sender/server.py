@@ -155,7 +155,7 @@ class SenderServer:
             raise ValueError(f"sender index {index} is outside 0..{config.senders - 1}")
         self.config = config
         self.index = index
-        self.epoch = secrets.randbits(63)
+        self.epoch = secrets.randbits(62) + 1  # never 0: a frontend reads 0 as "not heard from yet", and CREDIT requires >= 1
         self.context: zmq.Context[Any] = zmq.Context()
         hwm: Hwm = {"sndhwm": config.sndhwm, "rcvhwm": config.rcvhwm}
         self.intake = make_socket(self.context, zmq.PULL, bind=config.sender_intake_endpoints[index], **hwm)
