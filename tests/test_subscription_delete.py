@@ -162,6 +162,35 @@ def test_a_deletion_its_frontend_never_applied_is_purged_when_it_restarts(herald
         shard.close()
 
 
+def test_credit_for_a_deleted_subscription_is_ignored(herald: HeraldSystem) -> None:
+    """A sender that has not heard of a deletion yet may still credit the subscription: the frontend
+    must not make a delivery cursor for it (it would hand out the entries being purged)."""
+    import zmq
+
+    from clients.protocol import Command, encode
+
+    with Client(herald.endpoint, timeout=4.0) as client:
+        _, keeper, doomed = _keeper_and_doomed_on_frontend_1(client, "credited", 100)
+        client.delete_subscription("credited-doomed")
+        _wait_until_frontend_1_purged(client, 100, "the deleted subscription's backlog purged")
+        before = _frontend_status(client, 1)
+        assert before is not None
+        # As a sender that restarted (new epoch) and credits both subscriptions.
+        context: zmq.Context[Any] = zmq.Context()
+        push = context.socket(zmq.PUSH)
+        try:
+            push.connect(herald.config["frontend_control_endpoints"][1])
+            push.send_multipart(encode(Command.CREDIT, b"", {"sender": 0, "epoch": 424242, "windows": {str(doomed["id"]): 50, str(keeper["id"]): 50}}))
+        finally:
+            push.close(linger=5000)
+            context.term()
+        wait_for(lambda: "sender 0 restarted; handing its deliveries out again" in herald.log_tail(200), message="the CREDIT handled")
+        after = _frontend_status(client, 1)
+        assert after is not None
+        # No consumer ever attached, so no sender had credited either; now only the keeper has a cursor.
+        assert (before["subscriptions_dispatching"], after["subscriptions_dispatching"]) == (0, 1), (before, after)
+
+
 def test_a_frontend_that_starts_while_metadata_is_down_purges_nothing_until_it_can_list(herald: HeraldSystem) -> None:
     with Client(herald.endpoint, timeout=4.0) as client:
         _, keeper, doomed = _keeper_and_doomed_on_frontend_1(client, "listless", 2000)
