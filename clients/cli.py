@@ -157,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="./herald-data",
         help="the data folder of a local `herald up`; its herald-status.json adds processes, uptimes and restarts (default ./herald-data)",
     )
+    # Also after the command, where a newcomer types it; the global flag's value stands otherwise.
+    status.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, help="seconds to wait for each reply (as the global --timeout)")
     return parser
 
 

@@ -325,6 +325,8 @@ def test_cli(herald: HeraldSystem) -> None:
     assert "frontend-1" in status.stdout and "restarts 0" in status.stdout
     dead = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status")
     assert dead.returncode == 1
+    dead_after = run_cli("--endpoint", free_tcp_endpoint(), "status", "--timeout", "1")  # the flag after the command too
+    assert dead_after.returncode == 1 and "is not answering" in dead_after.stderr, dead_after.stderr
     # Another endpoint with this folder: the processes shown would be this Herald's, not that one's.
     elsewhere = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status", "--data-dir", str(herald.data_dir))
     assert elsewhere.returncode == 1 and f"belongs to the herald at {herald.endpoint}" in elsewhere.stdout, elsewhere.stdout
