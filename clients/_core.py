@@ -809,7 +809,7 @@ class ConsumerCore(Generic[M]):
 
         A request id lets an ERROR answering this ATTACH be told apart.
         """
-        return encode_attach(self.name, self.consumer_id, ready=ready, request_id=request_id, token=self.token)
+        return encode_attach(self.name, self.consumer_id, ready=ready, request_id=request_id, token=self.token, packed_payloads=True)
 
     def ack_frames(self, refs: list[tuple[str, int]], request_id: bytes = b"") -> list[bytes]:
         """ACK of (ref, attempt) pairs; a request id asks for an ACK_REPLY."""

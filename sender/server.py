@@ -101,6 +101,7 @@ class Consumer:
     ready: bool = False
     last_seen: float = field(default_factory=time.monotonic)
     unacked: set[DeliveryKey] = field(default_factory=set)
+    packed: bool = False  # it asked for DELIVERs with packed payloads (ATTACH packed_payloads)
 
     @property
     def free(self) -> int:
@@ -376,13 +377,15 @@ class SenderServer:
                 else:
                     turn += 1
             for consumer_id, deliveries in batches.items():
+                packed = state.consumers[consumer_id].packed
                 for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
                     chunk = deliveries[start : start + MAX_MESSAGES_PER_DELIVER]
                     entries = []
                     for delivery in chunk:
                         delivery.entry["attempt"] = delivery.attempt
                         entries.append(delivery.entry)
-                    send_frames(self.deliver, encode_deliver_entries(consumer_id, state.name, entries, [d.payload for d in chunk]))
+                    payloads = [d.payload for d in chunk]
+                    send_frames(self.deliver, encode_deliver_entries(consumer_id, state.name, entries, payloads, packed=packed))
                     self.counters["delivered"] += len(chunk)
                     if log.isEnabledFor(logging.DEBUG):
                         for delivery in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]:
@@ -490,6 +493,7 @@ class SenderServer:
 
     def _on_attach(self, name: str, consumer_id: str, frames: Frames) -> None:
         requested = get_field(frames.header, "max_unacked", int, required=False)  # checked before parking
+        packed = get_field(frames.header, "packed_payloads", bool, required=False, default=False)
         state = self.subs.get(name)
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
@@ -510,6 +514,7 @@ class SenderServer:
             consumer = state.consumers[consumer_id] = Consumer(consumer_id, max_unacked)
             log.info("consumer %s attached to %s", consumer_id, name)
         consumer.last_seen = time.monotonic()
+        consumer.packed = packed
         # A consumer first heard from (say, heartbeating into a restarted
         # sender) may not have its SUB subscription in place yet: deliveries
         # start with its next ready ATTACH, never on first contact.

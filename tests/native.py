@@ -12,7 +12,7 @@ from clients.protocol import ATTACH_RETRY_S, Command, Frames, consumer_topic_fra
 
 
 class NativeConsumer:
-    def __init__(self, subscription: dict[str, Any], consumer_id: str, max_unacked: int | None = None) -> None:
+    def __init__(self, subscription: dict[str, Any], consumer_id: str, max_unacked: int | None = None, *, packed: bool = False) -> None:
         self.name = subscription["name"]
         self.consumer_id = consumer_id
         self.context: zmq.Context[Any] = zmq.Context()
@@ -24,13 +24,15 @@ class NativeConsumer:
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.connect(subscription["endpoints"]["ack"])
         self.max_unacked = max_unacked
+        self.packed = packed  # ask for DELIVERs with packed payloads (ATTACH packed_payloads)
+        self.raw_delivers: list[list[bytes]] = []  # every DELIVER as it came off the wire
         self.inbox: list[Frames] = []
         self.last_beat = 0.0
 
     def attach(self, timeout: float = 10.0) -> Frames:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.push.send_multipart(encode_attach(self.name, self.consumer_id, ready=False, max_unacked=self.max_unacked))
+            self.push.send_multipart(encode_attach(self.name, self.consumer_id, ready=False, max_unacked=self.max_unacked, packed_payloads=self.packed))
             if self.sub.poll(int(ATTACH_RETRY_S * 1000)):
                 frames = decode(self.sub.recv_multipart()[1:])
                 if frames.command is Command.WELCOME:
@@ -40,7 +42,7 @@ class NativeConsumer:
         raise AssertionError("no WELCOME")
 
     def beat(self) -> None:
-        self.push.send_multipart(encode_attach(self.name, self.consumer_id, ready=True, max_unacked=self.max_unacked))
+        self.push.send_multipart(encode_attach(self.name, self.consumer_id, ready=True, max_unacked=self.max_unacked, packed_payloads=self.packed))
         self.last_beat = time.monotonic()
 
     def next_frames(self, timeout: float) -> Frames | None:
@@ -54,7 +56,11 @@ class NativeConsumer:
             if remaining <= 0:
                 return None
             if self.sub.poll(int(min(remaining, 0.2) * 1000) + 1):
-                return decode(self.sub.recv_multipart()[1:])
+                raw = self.sub.recv_multipart()
+                frames = decode(raw[1:])
+                if frames.command is Command.DELIVER:
+                    self.raw_delivers.append(raw)
+                return frames
 
     def deliveries(self, count: int, timeout: float = 10.0) -> list[tuple[dict[str, Any], bytes]]:
         """Collect ``count`` messages (or fewer if the timeout passes)."""

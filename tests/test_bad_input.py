@@ -84,6 +84,27 @@ def test_publish_frame_count_mismatch(client: RawClient) -> None:
     expect_error(client, encode(Command.PUBLISH, b"r", header, []), "malformed")
 
 
+def test_packed_payloads_that_do_not_add_up(client: RawClient) -> None:
+    """protocol.md §2, packed payloads: the sizes must be non-negative integers adding up to the one payload frame."""
+    three = [{}, {}, {}]
+    packed = [SIGNATURE, b"PUBLISH", b"r"]
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 1, 1]}), b"abcd"], "malformed")
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 1, 1]}), b"ab", b"c"], "malformed")
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 1, 1]})], "malformed")
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [4, -1, 0]}), b"abc"], "invalid_header")
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 1.0, True]}), b"abc"], "invalid_header")
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": "1,1,1"}), b"abc"], "invalid_header")
+    # Sizes and entries must still pair up one to one.
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 2]}), b"abc"], "malformed")
+    # A packed payload over the limit is refused like any other, by its index.
+    header = expect_error(
+        client,
+        [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": [{}, {}], "payload_sizes": [1, 1024 * 1024 + 1]}), b"x" * (1024 * 1024 + 2)],
+        "payload_too_large",
+    )
+    assert "messages[1]" in header["message"]
+
+
 def test_unknown_command(client: RawClient) -> None:
     expect_error(client, [SIGNATURE, b"FROBNICATE", b"r", b"{}"], "unknown_command")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
+import orjson
 import pytest
 import zmq
 
@@ -94,6 +95,39 @@ def test_native_at_least_once_consumer(herald: HeraldSystem, raw: RawClient) -> 
         assert consumer.ack([(got[0][0]["ref"], 1)]) == ["unknown"]
     finally:
         consumer.close()
+
+
+def test_packed_payloads_both_ways(herald: HeraldSystem, raw: RawClient) -> None:
+    """docs/protocol.md §2, packed payloads: a PUBLISH may carry its payloads in one frame cut by
+    `payload_sizes`; a consumer that asks at ATTACH gets its DELIVERs packed the same way, and one
+    that does not gets a frame per payload."""
+    make_topic(raw, "packed")
+    plain_sub = make_subscription(raw, "packed", "packed.plain")
+    packed_sub = make_subscription(raw, "packed", "packed.packed")
+    bodies = [b"first", b"", b"\x00third\xff", *(f"m{i}".encode() for i in range(20))]
+    header = {"topic": "packed", "messages": [{} for _ in bodies], "payload_sizes": [len(body) for body in bodies]}
+    reply = raw.request(Command.PUBLISH, header, [b"".join(bodies)])
+    assert reply.command is Command.OK, reply.header
+    sent = dict(zip(reply.header["ids"], bodies, strict=True))
+    plain, packer = NativeConsumer(plain_sub, "plain"), NativeConsumer(packed_sub, "packer", packed=True)
+    try:
+        for consumer in (plain, packer):
+            consumer.attach()
+            got = consumer.deliveries(len(bodies))
+            assert {message["id"]: payload for message, payload in got} == sent
+            assert consumer.ack([(message["ref"], message["attempt"]) for message, _ in got]) == ["ok"] * len(bodies)
+        for raw_deliver in plain.raw_delivers:
+            deliver_header = orjson.loads(raw_deliver[4])
+            assert "payload_sizes" not in deliver_header and len(raw_deliver) == 5 + len(deliver_header["messages"])
+        assert any(len(orjson.loads(frames[4])["messages"]) > 1 for frames in packer.raw_delivers)
+        for raw_deliver in packer.raw_delivers:
+            deliver_header = orjson.loads(raw_deliver[4])
+            if len(deliver_header["messages"]) > 1:
+                assert len(raw_deliver) == 6 and sum(deliver_header["payload_sizes"]) == len(raw_deliver[5])
+                assert len(deliver_header["payload_sizes"]) == len(deliver_header["messages"])
+    finally:
+        plain.close()
+        packer.close()
 
 
 def test_native_detach_with_unseen_keeps_attempts_and_a_bad_unseen_still_detaches(herald: HeraldSystem, raw: RawClient) -> None:
