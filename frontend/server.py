@@ -328,6 +328,7 @@ class FrontendServer:
             "duplicates": 0,
             "forwarded": 0,
             "dispatched": 0,
+            "dispatches_refused": 0,
             "completed": 0,
             "dead_lettered": 0,
             "commits": 0,
@@ -972,8 +973,17 @@ class FrontendServer:
             # The sender is not draining; take the entries back, they stay on disk.
             # Nor may the next backlog pass follow at once: it would only spin.
             self.dispatch_more = False
+            self.counters["dispatches_refused"] += len(headers)
             for header in headers:
                 self._release(header["sub"], header["seq"])
+            # Only what a sender took is an attempt. A new message's entry was
+            # stored as attempt 1 with the message (see ShardStore.append): put
+            # it back to 0 so that its first delivery is still attempt 1. A
+            # backlog entry gets the count it had, which changes nothing.
+            try:
+                self.store.record_attempts([(header["sub"], header["seq"], header["attempt"] - 1) for header in headers])
+            except StorageError as exc:
+                log.error("could not record attempts: %s", exc)
 
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""

@@ -15,14 +15,14 @@ import signal
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
 from clients import Client
 from tests.chaos import FAULT_KINDS, FaultHarness, Report
-from tests.conftest import HeraldSystem, stored_messages
+from tests.conftest import HeraldSystem, stored_messages, wait_for
 
 SEED = int(os.environ.get("HERALD_FAULT_SEED", "20261128"))
 
@@ -235,3 +235,70 @@ def test_a_stuck_frontend_does_not_stop_the_other(herald: HeraldSystem) -> None:
         os.kill(pid, signal.SIGCONT)
         for thread in threads:
             thread.join(30)
+
+
+def test_a_refused_dispatch_loses_nothing_and_is_not_an_attempt(herald_factory: Callable[..., HeraldSystem], tmp_path: Path) -> None:
+    """docs/operations.md, high-water marks: when a sender's intake is full, a frontend's
+    DISPATCH is refused and its entries stay on disk. Only what a sender took counts as an
+    attempt (docs/architecture.md, delivery flow).
+
+    Tiny high-water marks and 128 KiB payloads fill a stopped sender's intake (its queue and
+    the loopback TCP buffers) within the 3 s before frontends stop crediting it. Then
+    everything is SIGKILLed and restarted with the default marks (a sender's PUB drops
+    DELIVERs at a tiny mark, which would bring redeliveries): each message comes back once,
+    as attempt 2 if a sender had taken it, as attempt 1 if its last DISPATCH was refused."""
+    from broker.metrics import read_snapshots
+    from clients.protocol import shard_of
+    from tests.conftest import topic_for_shard
+
+    config = tmp_path / "tiny-hwm.toml"
+    config.write_text("sndhwm = 2\nrcvhwm = 2\n")
+    data_dir = tmp_path / "data"
+    herald = herald_factory("--config", str(config), data_dir=data_dir)
+    topic, name, count = topic_for_shard("refused.", 1), "refused.sub", 128
+    payloads = [i.to_bytes(4, "big") * (32 * 1024) for i in range(count)]
+    with Client(herald.endpoint) as client:
+        client.create_topic(topic)
+        client.create_subscription(topic, name, ack_deadline=60, max_unacked=100)
+        with client.subscribe(topic, name) as subscription:
+            client.publish(topic, b"warm")
+            warm = subscription.receive(timeout=10)
+            assert warm is not None and warm.ack()
+            herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            for payload in payloads:
+                client.publish(topic, payload)
+            assert time.monotonic() - stopped_at < 2.5, "publishing took too long to fill the intake before the 3 s sender timeout"
+            # Wait until the owning frontend has given up on the stopped sender (3 s) and its
+            # counters stand still over two snapshots: then nothing more is taken before the kill.
+            seen: list[tuple[int, int, float]] = []
+
+            def settled() -> tuple[int, int] | None:
+                snapshot = read_snapshots(str(data_dir)).get("frontend-1", {})
+                counts = (snapshot.get("dispatched", 0), snapshot.get("dispatches_refused", 0), snapshot.get("written_at", 0.0))
+                if not seen or seen[-1][2] != counts[2]:
+                    seen.append(counts)
+                quiet = len(seen) >= 3 and seen[-1][:2] == seen[-2][:2] == seen[-3][:2] and seen[-3][2] > stopped_at_wall + 3.5
+                return counts[:2] if quiet and counts[1] > 0 else None
+
+            stopped_at_wall = time.time() - (time.monotonic() - stopped_at)
+            taken, refused = wait_for(settled, timeout=15, interval=0.2, message="refused DISPATCHes, then quiet counters")
+            herald.kill_all()
+    herald = herald_factory(data_dir=data_dir)
+    attempts: dict[bytes, int] = {}
+    with Client(herald.endpoint) as client, client.subscribe(topic, name) as subscription:
+        deadline = time.monotonic() + 30
+        while len(attempts) < count and time.monotonic() < deadline:
+            message = subscription.receive(timeout=1)
+            if message is None:
+                continue
+            message.ack_nowait()
+            if message.data != b"warm":  # its COMPLETE may not have left the sender before the SIGSTOP
+                assert message.data not in attempts, "delivered twice after the restart"
+                attempts[message.data] = message.attempt
+    assert set(attempts) == set(payloads), f"{count - len(attempts)} of {count} messages never arrived ({refused} dispatch entries refused)"
+    # Each delivery a sender took before the kill is one attempt; the warm-up message took one.
+    by_attempt = Counter(attempts.values())
+    assert sum(attempt - 1 for attempt in attempts.values()) == taken - 1, (
+        f"a refused DISPATCH counted as an attempt: {by_attempt}, {taken} taken, {refused} refused"
+    )
