@@ -261,3 +261,57 @@ def test_a_failed_wal_fsync_restarts_the_frontend_and_loses_nothing_acknowledged
     assert sorted(acked) == sorted(f"{phase}-{n}" for phase in ("before", "during", "after") for n in range(20))
     with Client(herald.endpoint) as client, client.subscribe("synced", "reader") as subscription:
         _receive_all(subscription, acked)
+
+
+def test_a_dead_letter_copy_that_cannot_be_written_hands_the_original_out_again(herald_factory: Callable[..., HeraldSystem], small_disk: Path) -> None:
+    """docs/architecture.md, when a process dies (disk full): dead-letter copies in a refused
+    batch are not written, and their originals are released and handed out again; once space
+    is back the next dead-letter succeeds. The original's body is large, so its copy cannot
+    slip into the last free bytes of the disk."""
+    from tests.conftest import topic_for_shard
+
+    herald = herald_factory(data_dir=small_disk / "data")
+    topic, filler = topic_for_shard("poison.", 0), topic_for_shard("filler.", 0)
+    with Client(herald.endpoint, timeout=3.0) as client:
+        client.create_topic(topic)
+        client.create_topic(filler)
+        client.create_subscription(topic, "poison.sub", max_attempts=1, backoff=(0, 0))
+        client.create_topic("poison.sub.dead")
+        client.create_subscription("poison.sub.dead", "poison.dead.reader")
+        body = os.urandom(PAYLOAD_BYTES)
+        [original_id] = client.publish_batch(topic, [body])
+        with client.subscribe(topic, "poison.sub") as subscription:
+            first = subscription.receive(timeout=10)
+            assert first is not None and first.id == original_id and first.attempt == 1
+            filled = False
+            for _ in range(400):
+                try:
+                    client.publish_batch(filler, [os.urandom(PAYLOAD_BYTES) for _ in range(2)])
+                except HeraldError as error:
+                    assert error.code == "storage_failed", error
+                    filled = True
+                    break
+            assert filled, "a 24 MiB disk took 200 MiB of publishes"
+            first.nack()  # the last attempt: the sender dead-letters it, and the copy's write fails
+            again = subscription.receive(timeout=15)
+            assert again is not None and again.id == original_id and again.attempt == 2, again
+            assert _mount(["-o", "remount,size=256m", str(small_disk)]).returncode == 0
+
+            def publishes() -> bool:
+                try:
+                    client.publish_batch(filler, [b"space is back"])
+                except HeraldError as error:
+                    assert error.code in ("storage_failed", "timeout"), error
+                    return False
+                return True
+
+            wait_for(publishes, timeout=60, interval=0.5, message="publishing works again once space is back")
+            again.nack()  # dead-lettered again, and this time the copy is written
+            assert subscription.receive(timeout=3) is None, "the original came back although its copy was written"
+        with client.subscribe("poison.sub.dead", "poison.dead.reader") as dead_letters:
+            copy = dead_letters.receive(timeout=15)
+            assert copy is not None and copy.data == body, copy
+            assert copy.attributes["herald.original_id"] == original_id and copy.attributes["herald.attempts"] == "2", copy.attributes
+            assert copy.ack()
+    assert "write of 1 messages failed" in herald.log_tail(400), herald.log_tail(60)
+    assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
