@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -252,8 +252,8 @@ class ShardStore:
         backlog = self.backlog
         if backlog is None:
             return
-        for sub_id in sub_ids:
-            left = backlog.get(sub_id, 0) - 1
+        for sub_id, count in Counter(sub_ids).items():  # one update per subscription, not per entry
+            left = backlog.get(sub_id, 0) - count
             if left > 0:
                 backlog[sub_id] = left
             else:
@@ -429,21 +429,28 @@ class ShardStore:
         Returns:
             The number of entries settled (repeats included: deleting twice is harmless).
         """
+        # Written out flat, with bound methods held in locals: this runs for every
+        # acknowledged message on the owning frontend's poll loop.
         batch = WriteBatch(raw_mode=True)
+        delete = batch.delete
+        pack_pair, pack_seq = _PAIR.pack, _U64.pack
         settled_by_seq: dict[int, list[int]] = {}
         settled = 0
         for sub_id, seq in entries:
-            subs = settled_by_seq.setdefault(seq, [])
-            if sub_id in subs:
+            subs = settled_by_seq.get(seq)
+            if subs is None:
+                settled_by_seq[seq] = [sub_id]
+            elif sub_id in subs:
                 continue
-            subs.append(sub_id)
-            batch.delete(_pending_key(sub_id, seq))
+            else:
+                subs.append(sub_id)
+            delete(_PENDING + pack_pair(sub_id, seq))
             settled += 1
         if not settled:
             return 0
         existed: list[int] = []
         unknown: list[int] = []
-        fanout = self._fanout
+        fanout, bodies = self._fanout, self._bodies
         try:
             for seq, subs in settled_by_seq.items():
                 holders = fanout.get(seq)
@@ -458,8 +465,10 @@ class ShardStore:
                         existed.append(sub_id)
                 if not holders:
                     fanout.pop(seq, None)  # the writer thread may have evicted it meanwhile
-                    batch.delete(_message_key(seq))
-                    self._forget_body(seq)
+                    delete(_MESSAGE + pack_seq(seq))
+                    cached = bodies.pop(seq, None)  # the body cache never outlives the message
+                    if cached is not None:
+                        self._body_bytes -= cached[1]
             if unknown:
                 self._settle_unknown(batch, unknown, settled_by_seq, existed, known_pending)
                 while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
