@@ -27,7 +27,7 @@ import enum
 import re
 import zlib
 from dataclasses import dataclass, field
-from itertools import accumulate
+from itertools import accumulate, chain
 from typing import Any, Final, NamedTuple
 
 import orjson
@@ -839,9 +839,13 @@ def _bounded(value: Any, what: str, low: int, high: int) -> int:
     return value
 
 
+_LISTS_ONLY: Final = frozenset({list})
+
+
 def _entries(header: dict[str, Any], command: Command, width: int) -> list[list[Any]]:
     entries = header.get("entries", [])
-    if not isinstance(entries, list) or not all(isinstance(entry, list) and len(entry) == width for entry in entries):
+    # Checked with C-level loops over the whole list: a COMPLETE per 250 acks reaches the owning frontend.
+    if not isinstance(entries, list) or not _LISTS_ONLY.issuperset(map(type, entries)) or not {width}.issuperset(map(len, entries)):
         raise ProtocolError("invalid_header", f"{command.name} entries must be a list of {width}-element lists")
     return entries
 
@@ -863,7 +867,11 @@ def decode_credit(header: dict[str, Any], senders: int) -> tuple[int, int, dict[
 
 def decode_complete(header: dict[str, Any]) -> list[tuple[int, int]]:
     """COMPLETE ``{entries: [[sub, seq], …]}``."""
-    return [(_bounded(sub, "COMPLETE sub", 0, U64_MAX), _bounded(seq, "COMPLETE seq", 0, U64_MAX)) for sub, seq in _entries(header, Command.COMPLETE, 2)]
+    entries = _entries(header, Command.COMPLETE, 2)
+    values = list(chain.from_iterable(entries))
+    if not _INTS_ONLY.issuperset(map(type, values)) or (values and (min(values) < 0 or max(values) > U64_MAX)):
+        raise ProtocolError("invalid_header", f"COMPLETE entries must be [sub, seq] integers in 0..{U64_MAX}")
+    return list(zip(values[0::2], values[1::2], strict=True))
 
 
 def decode_attempted(header: dict[str, Any]) -> list[tuple[int, int, int]]:
