@@ -65,6 +65,7 @@ HELP: Final = {
     "duplicates": "publishes answered as duplicates by message id",
     "forwarded": "publishes forwarded to the frontend owning the topic",
     "dispatched": "deliveries handed from a frontend to a sender, or taken by a sender",
+    "dispatches_refused": "deliveries a sender's full intake refused; they stay on disk and are handed out again",
     "completed": "deliveries settled (acknowledged, expired or dead-lettered)",
     "dead_lettered": "messages moved to a dead-letter topic",
     "commits": "group commits (one fsync each)",

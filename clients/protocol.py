@@ -282,12 +282,14 @@ def encode_error(request_id: bytes, error: HeraldError) -> list[bytes]:
     return encode(Command.ERROR, request_id, error.to_header())
 
 
-def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, accept: frozenset[Command] | None = None) -> Frames:
+def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, accept: frozenset[Command] | None = None, unpack_payloads: bool = True) -> Frames:
     """Parse and check the fixed part of a Herald message.
 
     Validation runs in a fixed order: frame count, signature, request id,
-    command (one of ``accept``, when given), header. The request id is recovered
-    as early as possible so that an error reply can still be matched by the peer.
+    command (one of ``accept``, when given), header, packed payloads. The
+    request id is recovered as early as possible so that an error reply can
+    still be matched by the peer. ``unpack_payloads=False`` leaves a
+    ``payload_sizes`` field alone, for endpoints whose commands carry no payload.
 
     Raises:
         ProtocolError: with a catalog code naming the first thing wrong.
@@ -314,8 +316,10 @@ def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, acc
         raise ProtocolError("invalid_header", f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
         raise ProtocolError("invalid_header", f"header must be a JSON object, got {type(header).__name__}")
-    if PAYLOAD_SIZES_FIELD in header:
-        return Frames(command, request_id, header, _unpack_payloads(header.pop(PAYLOAD_SIZES_FIELD), frames[4:]))
+    if unpack_payloads and PAYLOAD_SIZES_FIELD in header:
+        sizes = header.pop(PAYLOAD_SIZES_FIELD)
+        if sizes is not None:  # null means absent, as for every header field
+            return Frames(command, request_id, header, _unpack_payloads(sizes, frames[4:]))
     return Frames(command, request_id, header, frames[4:])
 
 
@@ -326,6 +330,8 @@ def _unpack_payloads(sizes: Any, frames: list[bytes]) -> list[bytes]:
     """The payloads of a packed message: ``frames`` must be one frame, cut at ``sizes``."""
     if not isinstance(sizes, list) or not _INTS_ONLY.issuperset(map(type, sizes)) or (sizes and min(sizes) < 0):
         raise ProtocolError("invalid_header", "header field 'payload_sizes' must be a list of non-negative integers")
+    if len(sizes) > MAX_BATCH_MESSAGES:  # before any slicing: no message carries more
+        raise ProtocolError("batch_too_large", f"{len(sizes)} packed payloads exceed {MAX_BATCH_MESSAGES}; split the batch")
     if len(frames) != 1:
         raise ProtocolError("malformed", f"a message with payload_sizes carries exactly one payload frame, not {len(frames)}")
     packed = frames[0]

@@ -857,7 +857,7 @@ class FrontendServer:
                     log.debug("acknowledged request=%s ids=%s", pending.request_id.hex(), pending.message_ids)
             if self.live_prefixes:
                 self._publish_live(job.messages)
-            self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan])
+            self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan], fresh=True)
             for action in job.after:
                 action()
         self._commit_batch()
@@ -918,11 +918,12 @@ class FrontendServer:
 
     # ------------------------------------------------------------------ dispatch to senders
 
-    def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]]) -> list[tuple[int, int, int]]:
+    def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]], *, fresh: bool = False) -> list[tuple[int, int, int]]:
         """Send ``entries`` (subscription id, message, attempt) to their senders; the (sub, seq, attempt) of those sent.
 
         One write fans out to (messages x subscriptions) entries: they go in
         several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
+        ``fresh``: new messages of the write just made durable, stored as attempt 1.
         """
         sent: list[tuple[int, int, int]] = []
         chunks: dict[int, DispatchChunk] = {}
@@ -944,7 +945,7 @@ class FrontendServer:
             if chunk is None:
                 chunk = chunks[cursor.sender] = DispatchChunk()
             elif chunk.size + entry_bytes > DISPATCH_MAX_HEADER_BYTES or len(chunk.entries) >= DISPATCH_MAX_ENTRIES:
-                self._send_dispatch(cursor.sender, chunk.entries, chunk.payloads, sent)
+                self._send_dispatch(cursor.sender, chunk.entries, chunk.payloads, sent, fresh)
                 chunk = chunks[cursor.sender] = DispatchChunk()
             chunk.entries.append(
                 {
@@ -960,10 +961,10 @@ class FrontendServer:
             chunk.payloads.append(message.payload)
             chunk.size += entry_bytes
         for sender_index, chunk in chunks.items():
-            self._send_dispatch(sender_index, chunk.entries, chunk.payloads, sent)
+            self._send_dispatch(sender_index, chunk.entries, chunk.payloads, sent, fresh)
         return sent
 
-    def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes], sent: list[tuple[int, int, int]]) -> None:
+    def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes], sent: list[tuple[int, int, int]], fresh: bool) -> None:
         dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
         try:
             send_frames(self.senders[sender_index], encode_packed(Command.DISPATCH, b"", dispatch, payloads), NOBLOCK)
@@ -977,13 +978,14 @@ class FrontendServer:
             for header in headers:
                 self._release(header["sub"], header["seq"])
             # Only what a sender took is an attempt. A new message's entry was
-            # stored as attempt 1 with the message (see ShardStore.append): put
-            # it back to 0 so that its first delivery is still attempt 1. A
-            # backlog entry gets the count it had, which changes nothing.
-            try:
-                self.store.record_attempts([(header["sub"], header["seq"], header["attempt"] - 1) for header in headers])
-            except StorageError as exc:
-                log.error("could not record attempts: %s", exc)
+            # stored as attempt 1 with the message (see ShardStore.append): set it
+            # back to 0, so that its first delivery is still attempt 1. (A backlog
+            # entry's count is raised only once a sender took it.)
+            if fresh:
+                try:
+                    self.store.unattempt([(header["sub"], header["seq"]) for header in headers])
+                except StorageError as exc:
+                    log.error("could not record attempts: %s", exc)
 
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""

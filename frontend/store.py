@@ -413,6 +413,31 @@ class ShardStore:
         if count:
             self._write(batch, self._lazy)
 
+    def unattempt(self, entries: Iterable[tuple[int, int]]) -> int:
+        """Set (subscription id, seq) entries stored as attempt 1 back to 0 (never attempted).
+
+        For new messages whose first DISPATCH a sender refused: :meth:`append`
+        stored them as attempt 1. An entry with any other count (a backlog pass
+        may have handed it out again meanwhile) or none is left as it is.
+        Not fsync'd, like :meth:`record_attempts`.
+
+        Returns:
+            The number of entries set back.
+        """
+        keys = [_pending_key(sub_id, seq) for sub_id, seq in entries]
+        if not keys:
+            return 0
+        once, not_yet = _U32.pack(1), _U32.pack(0)
+        batch = WriteBatch(raw_mode=True)
+        count = 0
+        for key, value in zip(keys, self._get_many(keys), strict=True):
+            if value == once:
+                batch.put(key, not_yet)
+                count += 1
+        if count:
+            self._write(batch, self._lazy)
+        return count
+
     def complete(self, entries: Iterable[tuple[int, int]], *, known_pending: bool = False) -> int:
         """Delete settled (subscription id, seq) entries; free messages no one needs.
 

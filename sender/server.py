@@ -460,7 +460,9 @@ class SenderServer:
         consumer_id = ""
         request_id = b""
         try:
-            frames = decode(body)
+            # Consumer commands carry no payload: a stray payload_sizes is ignored like
+            # any unknown field, so the consumer field can still address an error.
+            frames = decode(body, unpack_payloads=False)
             request_id = frames.request_id
             claimed_id = get_field(frames.header, "consumer", str)
             if not claimed_id or len(claimed_id) > 128 or "\0" in claimed_id:

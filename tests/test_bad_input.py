@@ -94,6 +94,8 @@ def test_packed_payloads_that_do_not_add_up(client: RawClient) -> None:
     expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [4, -1, 0]}), b"abc"], "invalid_header")
     expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 1.0, True]}), b"abc"], "invalid_header")
     expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": "1,1,1"}), b"abc"], "invalid_header")
+    # More sizes than a batch may hold are refused before the frame is cut.
+    expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "payload_sizes": [0] * 10_001}), b""], "batch_too_large")
     # Sizes and entries must still pair up one to one.
     expect_error(client, [*packed, orjson.dumps({"topic": GOOD_TOPIC, "messages": three, "payload_sizes": [1, 2]}), b"abc"], "malformed")
     # A packed payload over the limit is refused like any other, by its index.

@@ -50,6 +50,18 @@ def test_pending_reads_one_subscription_up_to_the_durable_seq(store: ShardStore)
     assert store.pending(1, 0, 100) == [(seq, 0) for seq in range(1, 9)]
 
 
+def test_unattempt_sets_back_only_entries_still_at_their_first_attempt(store: ShardStore) -> None:
+    """A new message's entry is stored as attempt 1 when it is handed out with its write;
+    a refused DISPATCH sets it back to 0, unless a backlog pass has counted it further meanwhile."""
+    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1], 2**40) for i in range(3)]
+    store.append(messages, [], [(1, m.seq) for m in messages])
+    first, second, third = (m.seq for m in messages)
+    store.record_attempts([(1, second, 2)])
+    store.complete([(1, third)])
+    assert store.unattempt([(1, first), (1, second), (1, third), (9, first)]) == 1
+    assert store.pending(1, 0, 10) == [(first, 0), (second, 2)]  # the settled one is not brought back
+
+
 def test_the_retention_sweep_removes_a_bounded_chunk_per_call(store: ShardStore) -> None:
     total = 3 * EXPIRE_CHUNK + BATCH // 2
     _append(store, total, [1, 2], expire_ms=1_000)
