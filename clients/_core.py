@@ -433,9 +433,11 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
 def _header_bytes(item: PublishItem) -> int:
     """An upper estimate of one message's share of the PUBLISH header (JSON with quoting)."""
     _, attributes, message_id = item
-    size = len(message_id) + 16  # {"id":"..."},
+    # Worst case, every character a control character that JSON escapes to \u00XX (6 bytes);
+    # plus the message's entry in payload_sizes when the batch is packed.
+    size = 6 * len(message_id) + 16 + 8  # {"id":"..."}, and "1048576,"
     if attributes:
-        size += 18 + sum(2 * (len(k) + len(v)) + 6 for k, v in attributes.items())  # worst case: every char escaped
+        size += 18 + sum(6 * (len(k) + len(v)) + 6 for k, v in attributes.items())
     return size
 
 

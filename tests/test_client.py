@@ -461,3 +461,18 @@ def test_fan_out_of_attributes_that_json_escapes_is_delivered(herald: HeraldSyst
     names = [name for name in (f"escaped-{n}" for n in range(50)) if shard_of(name, 2) == 0][:2]  # one sender gets both
     attributes = {f"k{n}": "\x01" * 600 for n in range(64)}  # ~230 KB of JSON per message
     fan_out_one_write(herald, "escaped", names, [(b"e", attributes)] * 10)  # one write: 20 entries, ~4.6 MB
+
+
+def test_a_batch_is_split_so_that_every_header_fits_even_with_escaped_attributes() -> None:
+    """publish_batch splits by an upper estimate of each header: control characters, which JSON
+    escapes to six bytes each, must not push a request's header past MAX_HEADER_BYTES."""
+    from clients._core import publish_items, split_batch
+    from clients.protocol import MAX_HEADER_BYTES, encode_publish
+
+    worst = publish_items([(b"x", {f"k{j}": "\x01" * 990 for j in range(64)}) for _ in range(40)])
+    plain = publish_items([b"x" * 100] * 10_000)
+    for items in (worst, plain):
+        chunks = split_batch(items)
+        assert sum(map(len, chunks)) == len(items)
+        assert all(len(encode_publish("t", list(chunk), b"r")[3]) <= MAX_HEADER_BYTES for chunk in chunks)
+    assert len(split_batch(plain)) == 1
