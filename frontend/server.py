@@ -757,6 +757,9 @@ class FrontendServer:
         expire_ms = int((now + settings["retention"]) * 1000)
         dedup_expire_ms = int((now + settings["dedup_window"]) * 1000)
         subscriptions = info["subscriptions"] if info else []
+        # Without filters every message of the request goes to the same subscriptions:
+        # one shared list (nothing changes a message's list after this).
+        everyone = None if any(s["settings"].get("filter") for s in subscriptions) else [s["id"] for s in subscriptions]
         ids: list[str] = []
         duplicate: list[bool] = []
         relied_on: list[tuple[str, str]] = []
@@ -783,7 +786,7 @@ class FrontendServer:
             else:
                 message_id = secrets.token_hex(12)
                 seq = self.store.next_seq()
-            subs = [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
+            subs = everyone if everyone is not None else [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
             self.batch_messages.append(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
             self.batch_bytes += len(item.payload)
             ids.append(message_id)
