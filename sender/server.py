@@ -494,8 +494,12 @@ class SenderServer:
                 self._reply_to_consumer(consumer_id, encode_error(request_id, error))
 
     def _on_attach(self, name: str, consumer_id: str, frames: Frames) -> None:
-        requested = get_field(frames.header, "max_unacked", int, required=False)  # checked before parking
+        # Every field is checked before the ATTACH is parked for a subscription lookup.
+        requested = get_field(frames.header, "max_unacked", int, required=False)
+        if requested is not None and requested < 1:
+            raise ProtocolError("invalid_header", f"max_unacked must be at least 1, got {requested}")
         packed = get_field(frames.header, "packed_payloads", bool, required=False, default=False)
+        wants_ready = get_field(frames.header, "ready", bool, required=False, default=False)
         state = self.subs.get(name)
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
@@ -509,7 +513,7 @@ class SenderServer:
             return
         self.auth.require(self.auth.identify(frames.header), "subscribe", str(state.info["topic"]))
         limit = int(state.settings["max_unacked"])
-        max_unacked = min(limit, requested) if requested and requested > 0 else limit
+        max_unacked = min(limit, requested) if requested is not None else limit
         consumer = state.consumers.get(consumer_id)
         first_contact = consumer is None
         if consumer is None:
@@ -520,7 +524,7 @@ class SenderServer:
         # A consumer first heard from (say, heartbeating into a restarted
         # sender) may not have its SUB subscription in place yet: deliveries
         # start with its next ready ATTACH, never on first contact.
-        ready = bool(frames.header.get("ready")) and not first_contact
+        ready = wants_ready and not first_contact
         if ready and not consumer.ready:
             consumer.ready = True
             self.credit_dirty = True

@@ -396,13 +396,16 @@ def test_bad_consumer_messages_get_errors_and_the_sender_keeps_serving(herald: H
         consumer.send_raw(encode(Command.DISPATCH, b"q3", {"subscription": "robust-sub", "consumer": "prober"}))
         # Consumer commands carry no payload: a stray payload_sizes does not hide the consumer field.
         consumer.send_raw(encode(Command.ATTACH, b"q4", {"subscription": "robust-sub", "consumer": "prober", "max_unacked": "x", "payload_sizes": "x"}))
+        # ATTACH fields have the documented types and ranges.
+        consumer.send_raw(encode(Command.ATTACH, b"q5", {"subscription": "robust-sub", "consumer": "prober", "ready": "yes"}))
+        consumer.send_raw(encode(Command.ATTACH, b"q6", {"subscription": "robust-sub", "consumer": "prober", "ready": True, "max_unacked": 0}))
         errors = {}
         deadline = time.monotonic() + 5
-        while len(errors) < 3 and time.monotonic() < deadline:
+        while len(errors) < 5 and time.monotonic() < deadline:
             frames = consumer.next_frames(1)
             if frames is not None and frames.command is Command.ERROR:
                 errors[frames.request_id] = frames.header["code"]
-        assert errors == {b"q2": "invalid_header", b"q3": "unknown_command", b"q4": "invalid_header"}
+        assert errors == {b"q2": "invalid_header", b"q3": "unknown_command", b"q4": "invalid_header", b"q5": "invalid_header", b"q6": "invalid_header"}
         ids = publish(raw, "robust", [b"still works"])
         [(header, _)] = consumer.deliveries(1)
         assert header["id"] == ids[0]
