@@ -965,12 +965,15 @@ def documented_consumer_reply(frames: list[bytes], sender: int, world: ConsumerW
     if verb not in CONSUMER_VERBS:
         return error("unknown_command")
     if verb == b"ATTACH":
+        # "max_unacked (optional, an integer of at least 1)"; ready and packed_payloads are
+        # booleans; "a field of another type or range gets ERROR invalid_header" (null: absent).
+        requested = header.get("max_unacked")
+        if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int) or requested < 1):
+            return error("invalid_header")
+        if any(header.get(flag) is not None and not isinstance(header.get(flag), bool) for flag in ("ready", "packed_payloads")):
+            return error("invalid_header")
         if world.known.get(subscription) == sender:
-            requested = header.get("max_unacked")
-            if requested is not None and (isinstance(requested, bool) or not isinstance(requested, int)):
-                return error("invalid_header")
-            # "max_unacked (optional, > 0) lowers the subscription's max_unacked"; others are ignored.
-            effective = min(DEFAULT_MAX_UNACKED, requested) if requested is not None and requested > 0 else DEFAULT_MAX_UNACKED
+            effective = min(DEFAULT_MAX_UNACKED, requested) if requested is not None else DEFAULT_MAX_UNACKED
             welcome = {"subscription": subscription, "consumer": consumer, "max_unacked": effective, "heartbeat_s": CONSUMER_HEARTBEAT_S}
             return ExpectedReply(topic, b"WELCOME", request_id, header=welcome)
         if shard_of(subscription, world.sender_count) != sender:
