@@ -767,30 +767,36 @@ class FrontendServer:
         # topic must not answer "duplicate" for ids of its predecessor.
         dedup_scope = f"{topic['id']}:{topic_name}"
         stored = self.store.find_duplicates(dedup_scope, [item.message_id for item in items if item.message_id is not None])
+        # Per message, with bound methods in locals: this loop runs for every message published.
+        in_flight = self.writer.in_flight
+        in_flight_ids = in_flight.ids if in_flight is not None else {}
+        batch_ids, next_seq = self.batch_ids, self.store.next_seq
+        add_dedup, add_message = self.batch_dedup.append, self.batch_messages.append
+        duplicates = added_bytes = 0
         for item in items:
-            if item.message_id is not None:
-                key = (topic_name, item.message_id)
-                in_flight = self.writer.in_flight
-                if in_flight is not None and key in in_flight.ids:
-                    # Stored only once that write succeeds: see _finish_commit.
-                    relied_on.append(key)
-                if key in self.batch_ids or item.message_id in stored or (in_flight is not None and key in in_flight.ids):
-                    ids.append(item.message_id)
+            message_id = item.message_id
+            if message_id is not None:
+                key = (topic_name, message_id)
+                if key in in_flight_ids:
+                    relied_on.append(key)  # stored only once that write succeeds: see _finish_commit
+                if key in in_flight_ids or key in batch_ids or message_id in stored:
+                    ids.append(message_id)
                     duplicate.append(True)
-                    self.counters["duplicates"] += 1
+                    duplicates += 1
                     continue
-                message_id = item.message_id
-                self.batch_ids[key] = message_id
-                seq = self.store.next_seq()
-                self.batch_dedup.append(DedupEntry(dedup_scope, message_id, dedup_expire_ms, seq))
+                batch_ids[key] = message_id
+                seq = next_seq()
+                add_dedup(DedupEntry(dedup_scope, message_id, dedup_expire_ms, seq))
             else:
                 message_id = secrets.token_hex(12)
-                seq = self.store.next_seq()
+                seq = next_seq()
             subs = everyone if everyone is not None else [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
-            self.batch_messages.append(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
-            self.batch_bytes += len(item.payload)
+            add_message(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
+            added_bytes += len(item.payload)
             ids.append(message_id)
             duplicate.append(False)
+        self.counters["duplicates"] += duplicates
+        self.batch_bytes += added_bytes
         self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate, relied_on))
 
     def _commit_batch(self) -> None:

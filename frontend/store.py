@@ -310,9 +310,14 @@ class ShardStore:
             for expire_ms, seqs in expiring.items():
                 batch.put(_EXPIRY + _PAIR.pack(expire_ms, seqs[0]), struct.pack(f">{len(seqs)}Q", *seqs))
             forget: dict[int, list[bytes]] = {}
+            prefixes: dict[str, bytes] = {}  # a batch's ids are of a few topics: encode each topic once
+            pack_seq = _U64.pack
             for entry in dedup:
-                key = _dedup_key(entry.topic, entry.message_id)
-                batch.put(key, _U64.pack(entry.seq))
+                prefix = prefixes.get(entry.topic)
+                if prefix is None:
+                    prefix = prefixes[entry.topic] = _dedup_key(entry.topic, "")
+                key = prefix + entry.message_id.encode()
+                batch.put(key, pack_seq(entry.seq))
                 forget.setdefault(entry.expire_ms, []).append(key)
             # The batch's own highest seq, not self.last_seq: the poll loop may have
             # assigned later seqs already while this runs on the writer thread.
@@ -670,7 +675,8 @@ class ShardStore:
         """The subset of ``message_ids`` already stored for ``topic`` (one multi-get)."""
         if not message_ids:
             return set()
-        found = self._get_many([_dedup_key(topic, message_id) for message_id in message_ids])
+        prefix = _dedup_key(topic, "")
+        found = self._get_many([prefix + message_id.encode() for message_id in message_ids])
         return {message_id for message_id, value in zip(message_ids, found, strict=True) if value is not None}
 
     def read_message(self, seq: int) -> StoredMessage | None:
