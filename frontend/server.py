@@ -994,7 +994,7 @@ class FrontendServer:
                 try:
                     self.store.unattempt([(header["sub"], header["seq"]) for header in headers])
                 except StorageError as exc:
-                    log.error("could not record attempts: %s", exc)
+                    log.error("could not set refused new messages back to attempt 0: %s", exc)
 
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""

@@ -422,9 +422,9 @@ class ShardStore:
         """Set (subscription id, seq) entries stored as attempt 1 back to 0 (never attempted).
 
         For new messages whose first DISPATCH a sender refused: :meth:`append`
-        stored them as attempt 1. An entry with any other count (a backlog pass
-        may have handed it out again meanwhile) or none is left as it is.
-        Not fsync'd, like :meth:`record_attempts`.
+        stored them as attempt 1. An entry with any other count, or none (settled
+        meanwhile), is left as it is: this must never lower a count that a
+        delivery already used. Not fsync'd, like :meth:`record_attempts`.
 
         Returns:
             The number of entries set back.

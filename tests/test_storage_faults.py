@@ -267,17 +267,23 @@ def test_a_dead_letter_copy_that_cannot_be_written_hands_the_original_out_again(
     """docs/architecture.md, when a process dies (disk full): dead-letter copies in a refused
     batch are not written, and their originals are released and handed out again; once space
     is back the next dead-letter succeeds. The original's body is large, so its copy cannot
-    slip into the last free bytes of the disk."""
+    slip into the last free bytes of the disk.
+
+    The dead-letter topic is owned by the original's frontend and published to before the disk
+    fills, so that frontend has it cached: the dead-letter needs no metadata call (whose write
+    could fail too), and only the copy's write can fail. (The log is on the full disk as well,
+    so it cannot tell.)"""
     from tests.conftest import topic_for_shard
 
     herald = herald_factory(data_dir=small_disk / "data")
-    topic, filler = topic_for_shard("poison.", 0), topic_for_shard("filler.", 0)
+    topic, filler, dead = topic_for_shard("poison.", 0), topic_for_shard("filler.", 0), topic_for_shard("poison.dead.", 0)
     with Client(herald.endpoint, timeout=3.0) as client:
-        client.create_topic(topic)
-        client.create_topic(filler)
-        client.create_subscription(topic, "poison.sub", max_attempts=1, backoff=(0, 0))
-        client.create_topic("poison.sub.dead")
-        client.create_subscription("poison.sub.dead", "poison.dead.reader")
+        for name in (topic, filler, dead):
+            client.create_topic(name)
+        # A long ack deadline: the second delivery is held while the disk recovers.
+        client.create_subscription(topic, "poison.sub", max_attempts=1, backoff=(0, 0), ack_deadline=300, dead_letter_topic=dead)
+        client.create_subscription(dead, "poison.dead.reader")
+        client.publish_batch(dead, [b"primer"])  # caches the dead-letter topic in its (and the original's) frontend
         body = os.urandom(PAYLOAD_BYTES)
         [original_id] = client.publish_batch(topic, [body])
         with client.subscribe(topic, "poison.sub") as subscription:
@@ -308,10 +314,12 @@ def test_a_dead_letter_copy_that_cannot_be_written_hands_the_original_out_again(
             wait_for(publishes, timeout=60, interval=0.5, message="publishing works again once space is back")
             again.nack()  # dead-lettered again, and this time the copy is written
             assert subscription.receive(timeout=3) is None, "the original came back although its copy was written"
-        with client.subscribe("poison.sub.dead", "poison.dead.reader") as dead_letters:
-            copy = dead_letters.receive(timeout=15)
-            assert copy is not None and copy.data == body, copy
-            assert copy.attributes["herald.original_id"] == original_id and copy.attributes["herald.attempts"] == "2", copy.attributes
-            assert copy.ack()
-    assert "write of 1 messages failed" in herald.log_tail(400), herald.log_tail(60)
+        with client.subscribe(dead, "poison.dead.reader") as dead_letters:
+            copies = []
+            while (message := dead_letters.receive(timeout=5)) is not None:
+                assert message.ack()
+                if message.data != b"primer":
+                    copies.append(message)
+            assert [copy.data for copy in copies] == [body], "exactly one copy, once space was back"
+            assert copies[0].attributes["herald.original_id"] == original_id and copies[0].attributes["herald.attempts"] == "2", copies[0].attributes
     assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
