@@ -237,6 +237,8 @@ def encode(
     request_id: bytes = b"",
     header: dict[str, Any] | None = None,
     payloads: list[bytes] | tuple[bytes, ...] = (),
+    *,
+    packed: bool = False,
 ) -> list[bytes]:
     """Build the frames of one Herald message.
 
@@ -245,31 +247,20 @@ def encode(
         request_id: echoed by the peer in its reply; empty for unsolicited messages.
         header: the JSON header fields.
         payloads: raw payload frames.
+        packed: pack two or more payloads of at most PACK_MAX_BYTES together into
+            one frame, with their sizes in the header's ``payload_sizes``
+            (protocol.md §2); otherwise, and by default, a frame each.
 
     Returns:
         The frames, ready for ``send_multipart``.
     """
-    return [SIGNATURE, command.value, request_id, orjson.dumps(header or {}), *payloads]
-
-
-def encode_packed(
-    command: Command,
-    request_id: bytes = b"",
-    header: dict[str, Any] | None = None,
-    payloads: list[bytes] | tuple[bytes, ...] = (),
-) -> list[bytes]:
-    """Like :func:`encode`, with several payloads packed into one frame (protocol.md §2).
-
-    The header gets ``payload_sizes``; one or no payload, or more than
-    PACK_MAX_BYTES of them, go out one frame each as with :func:`encode`.
-    """
-    if len(payloads) > 1:
+    if packed and len(payloads) > 1:
         sizes = [len(payload) for payload in payloads]
         if sum(sizes) <= PACK_MAX_BYTES:
             packed_header = {**header} if header else {}
             packed_header[PAYLOAD_SIZES_FIELD] = sizes
             return [SIGNATURE, command.value, request_id, orjson.dumps(packed_header), b"".join(payloads)]
-    return encode(command, request_id, header, payloads)
+    return [SIGNATURE, command.value, request_id, orjson.dumps(header or {}), *payloads]
 
 
 def encode_ok(request_id: bytes, header: dict[str, Any] | None = None, payloads: list[bytes] | tuple[bytes, ...] = ()) -> list[bytes]:
@@ -613,7 +604,7 @@ def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, s
     header: dict[str, Any] = {"topic": topic, "messages": messages}
     if token:
         header["token"] = token
-    return encode_packed(Command.PUBLISH, request_id, header, payloads)
+    return encode(Command.PUBLISH, request_id, header, payloads, packed=True)
 
 
 def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishItem]]:
@@ -796,7 +787,7 @@ def encode_deliver_entries(consumer_id: str, subscription: str, entries: list[di
     ``packed``: the consumer asked for packed payloads (ATTACH ``packed_payloads``).
     """
     header = {"subscription": subscription, "messages": entries}
-    return [consumer_topic_frame(consumer_id), *(encode_packed if packed else encode)(Command.DELIVER, b"", header, payloads)]
+    return [consumer_topic_frame(consumer_id), *encode(Command.DELIVER, b"", header, payloads, packed=packed)]
 
 
 def decode_deliver(frames: Frames) -> tuple[list[DeliveredMessage], int]:

@@ -59,7 +59,6 @@ from clients.protocol import (
     encode_error,
     encode_live,
     encode_ok,
-    encode_packed,
     get_field,
     live_topic_frame,
     matches_filter,
@@ -976,7 +975,7 @@ class FrontendServer:
     def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes], sent: list[tuple[int, int, int]], fresh: bool) -> None:
         dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
         try:
-            send_frames(self.senders[sender_index], encode_packed(Command.DISPATCH, b"", dispatch, payloads), NOBLOCK)
+            send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, payloads, packed=True), NOBLOCK)
             self.counters["dispatched"] += len(headers)
             sent.extend((header["sub"], header["seq"], header["attempt"]) for header in headers)
         except zmq.Again:
