@@ -26,7 +26,6 @@ DEFAULT_HOST: Final = "127.0.0.1"
 LOOPBACK_HOST: Final = "127.0.0.1"  # where `herald up` binds every internal endpoint
 DEFAULT_PORT: Final = 5555
 DEFAULT_DATA_DIR: Final = "./herald-data"
-DEFAULT_FRONTENDS: Final = 2  # one per core on the reference 2-core machine
 DEFAULT_SENDERS: Final = 2
 # Group commit: a frontend writes whatever arrived while the last fsync ran in
 # one WriteBatch. It takes at most this many requests from its socket per pass,
@@ -53,6 +52,21 @@ METADATA_SYNC_TIMEOUT_S: Final = 2.0  # how long a change waits for frontends to
 REQUEST_TIMEOUT_S: Final = 10.0
 
 Durability = Literal["fsync", "async"]
+
+
+def default_frontends() -> int:
+    """Half the CPUs this process may run on, at least one: the frontend count when neither a flag nor the data folder sets it.
+
+    Every message crosses the proxy, its topic's owning frontend, a sender and
+    two clients; the other cores go to those. On the 2-core reference machine
+    one frontend beat two on one-topic latency and throughput (no request is
+    forwarded between frontends) and tied on many topics: see docs/operations.md.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 2
+    return max(1, cpus // 2)
 
 
 def hash_token(token: str) -> str:
@@ -369,19 +383,22 @@ def build_local_config(
     data_dir: str,
     host: str = DEFAULT_HOST,
     port: int = DEFAULT_PORT,
-    frontends: int = DEFAULT_FRONTENDS,
+    frontends: int | None = None,
     senders: int = DEFAULT_SENDERS,
     previous: HeraldConfig | None = None,
     **overrides: Any,
 ) -> HeraldConfig:
     """A config for the whole system on one machine, internal ports picked free.
 
-    ``port=0`` picks a free client port too (tests use it). With ``previous``
+    ``port=0`` picks a free client port too (tests use it); ``frontends=None``
+    means :func:`default_frontends`. With ``previous``
     (the config of the last run on this data folder), every endpoint that is
     still free is kept, so consumers and live-feed readers reconnect to a
     restarted system where they left it.
     """
 
+    if frontends is None:
+        frontends = default_frontends()
     taken: set[str] = set() if port == 0 else {f"tcp://{host}:{port}"}
 
     def keep(old: str | None, *, internal: bool = False) -> str:

@@ -31,13 +31,13 @@ import zmq
 
 from broker.config import (
     DEFAULT_DATA_DIR,
-    DEFAULT_FRONTENDS,
     DEFAULT_HOST,
     DEFAULT_PORT,
     DEFAULT_SENDERS,
     TUNABLE_KEYS,
     HeraldConfig,
     build_local_config,
+    default_frontends,
     load_up_file,
     port_is_free,
 )
@@ -58,6 +58,7 @@ CRASH_LOOP_WINDOW_S: Final = 120.0
 SUPERVISE_INTERVAL_S: Final = 0.1
 RUNTIME_CONFIG_NAME: Final = "herald-runtime.json"
 STATUS_FILE_NAME: Final = "herald-status.json"
+FRONTENDS_FILE: Final = "FRONTENDS"  # the frontend count a data folder was created with
 LOCK_FILE_NAME: Final = "LOCK"
 PROJECT_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 
@@ -112,7 +113,7 @@ class Launcher:
 
     def plan(self) -> None:
         self.config_path.write_bytes(self.config.to_json())
-        (self.data_dir / "FRONTENDS").write_text(str(self.config.frontends))
+        (self.data_dir / FRONTENDS_FILE).write_text(str(self.config.frontends))
         # Snapshots of a previous run (perhaps with more senders) must not be served as this run's.
         for stale in (self.data_dir / METRICS_DIR_NAME).glob("*.json"):
             stale.unlink(missing_ok=True)
@@ -360,8 +361,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--frontends",
         type=whole_number(1, 1024, "FRONTENDS"),
-        default=env("FRONTENDS", DEFAULT_FRONTENDS),
-        help=f"frontend processes (default {DEFAULT_FRONTENDS}; $HERALD_FRONTENDS)",
+        default=env("FRONTENDS", None),
+        help=f"frontend processes, fixed for the life of a data folder (default: the folder's count, else half the CPUs, at least 1: {default_frontends()} here; $HERALD_FRONTENDS)",
     )
     parser.add_argument(
         "--senders",
@@ -424,6 +425,22 @@ def check_data_dir(path: Path) -> None:
         raise DataDirUnusable(f"data folder {path} is not usable: {exc.strerror or exc} (errno {exc.errno}); pick a writable --data-dir") from None
 
 
+def frontends_of_folder(data_dir: Path) -> int | None:
+    """The frontend count a data folder was created with (its ``FRONTENDS`` file); None for a new folder.
+
+    Raises:
+        ValueError: the file holds no positive whole number.
+    """
+    path = data_dir / FRONTENDS_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not text.isdigit() or int(text) < 1:
+        raise ValueError(f"{path} should hold the folder's frontend count, a whole number, not {text[:40]!r}")
+    return int(text)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("launcher")
@@ -433,12 +450,19 @@ def main(argv: list[str] | None = None) -> int:
     except DataDirUnusable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    shard_count_file = Path(data_dir) / "FRONTENDS"
-    if shard_count_file.exists() and int(shard_count_file.read_text().strip() or 0) != args.frontends:
+    try:
+        folder_frontends = frontends_of_folder(Path(data_dir))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if args.frontends is None:
+        # The folder's own count: the default depends on the machine, and a folder may move.
+        args.frontends = folder_frontends or default_frontends()
+    elif folder_frontends is not None and folder_frontends != args.frontends:
         # Topics are placed by crc32(name) % frontends: changing the count would strand stored messages.
         print(
-            f"error: {data_dir} was created with {shard_count_file.read_text().strip()} frontends; "
-            f"--frontends {args.frontends} would strand its messages. Use the same count.",
+            f"error: {data_dir} was created with {folder_frontends} frontends; --frontends {args.frontends} would strand its messages. "
+            "Use the same count, or leave --frontends out to use the folder's.",
             file=sys.stderr,
         )
         return 2

@@ -29,6 +29,9 @@ from clients.protocol import Command, Frames, decode, encode, split_envelope
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 READY_TIMEOUT_S = 60.0
 START_ATTEMPTS = 2
+# The suite runs two frontends whatever the machine's default (half its CPUs,
+# 1 on a 2-core box), so that every test crosses the forwarding between them.
+TEST_FRONTENDS = "2"
 _request_ids = itertools.count(1)
 
 
@@ -50,6 +53,7 @@ class HeraldSystem:
 
     data_dir: Path
     args: list[str]
+    env: dict[str, str] = field(default_factory=lambda: {"HERALD_FRONTENDS": TEST_FRONTENDS})
     process: subprocess.Popen[bytes] | None = None
     endpoint: str = ""
     log_path: Path = field(default_factory=Path)
@@ -75,7 +79,8 @@ class HeraldSystem:
     def _start_once(self) -> bool:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-herald.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+        env = {name: value for name, value in os.environ.items() if name != "HERALD_FRONTENDS"}
+        env.update(self.env, PYTHONPATH=str(PROJECT_ROOT))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker.launcher", "--data-dir", str(self.data_dir), "--port", "0", *self.args],
             stdout=subprocess.PIPE,
@@ -188,8 +193,11 @@ def _alive(pid: int) -> bool:
 def herald_factory(tmp_path: Path) -> Iterator[Callable[..., HeraldSystem]]:
     systems: list[HeraldSystem] = []
 
-    def make(*args: str, data_dir: Path | None = None) -> HeraldSystem:
+    def make(*args: str, data_dir: Path | None = None, env: dict[str, str] | None = None) -> HeraldSystem:
+        """Start ``herald up`` with ``args``; ``env`` replaces the suite's ``HERALD_FRONTENDS=2`` (``{}``: the machine's default)."""
         system = HeraldSystem(data_dir or tmp_path / f"data{len(systems)}", list(args))
+        if env is not None:
+            system.env = env
         systems.append(system)
         return system.start()
 
@@ -200,7 +208,7 @@ def herald_factory(tmp_path: Path) -> Iterator[Callable[..., HeraldSystem]]:
 
 @pytest.fixture
 def herald(herald_factory: Callable[..., HeraldSystem]) -> HeraldSystem:
-    """A running Herald with default roles (2 frontends, 2 senders)."""
+    """A running Herald with 2 frontends and 2 senders."""
     return herald_factory()
 
 

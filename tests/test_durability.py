@@ -6,6 +6,7 @@ import itertools
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 import zmq
@@ -248,6 +249,46 @@ def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: l
     assert not (tmp_path / "data").exists()  # refused before anything was created
 
 
+def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(herald_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Without --frontends, a new folder gets half the CPUs (at least one) and an existing folder
+    keeps the count it was created with, even where the machine's default differs; a conflicting
+    flag or a damaged FRONTENDS file is a usage error, not a stranded shard or a traceback."""
+    import subprocess
+    import sys
+
+    from broker.config import default_frontends
+    from tests.conftest import PROJECT_ROOT
+
+    def frontends_running(system: HeraldSystem) -> int:
+        return sum(1 for child in system.status()["children"] if child["name"].startswith("frontend-"))
+
+    fresh = herald_factory(env={})
+    assert frontends_running(fresh) == default_frontends() == int((fresh.data_dir / "FRONTENDS").read_text())
+    fresh.stop()
+
+    three = default_frontends() + 2  # differs from the machine's default, whatever the machine
+    created = herald_factory("--frontends", str(three), env={})
+    created.stop()
+    reopened = herald_factory(data_dir=created.data_dir, env={})
+    assert frontends_running(reopened) == three
+    reopened.stop()
+
+    def launch(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
+        environment = {name: value for name, value in os.environ.items() if name != "HERALD_FRONTENDS"}
+        command = [sys.executable, "-m", "broker.launcher", "--data-dir", str(data_dir), "--port", "0", *flags]
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT, env=environment)
+
+    conflicting = launch(created.data_dir, "--frontends", str(three + 1))
+    assert (conflicting.returncode, "Traceback" in conflicting.stderr) == (2, False), conflicting.stderr
+    assert f"was created with {three} frontends; --frontends {three + 1} would strand its messages" in conflicting.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "FRONTENDS").write_text("two\n")
+    refused = launch(damaged)
+    assert (refused.returncode, "Traceback" in refused.stderr) == (2, False), refused.stderr
+    assert "should hold the folder's frontend count, a whole number, not 'two'" in refused.stderr
+
+
 def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Ports are drawn at random and kept across restarts; no two roles may ever share one."""
     import dataclasses
@@ -256,7 +297,7 @@ def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: igno
 
     previous = None
     for n in range(400):
-        config = build_local_config(data_dir=str(tmp_path), port=0, previous=previous if n % 2 else None)
+        config = build_local_config(data_dir=str(tmp_path), port=0, frontends=2, previous=previous if n % 2 else None)
         endpoints = [v for v in dataclasses.asdict(config).values() if isinstance(v, str) and v.startswith("tcp://")]
         endpoints += [e for v in dataclasses.asdict(config).values() if isinstance(v, tuple | list) for e in v]
         assert len(endpoints) == len(set(endpoints)) == 14, endpoints
