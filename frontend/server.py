@@ -154,6 +154,7 @@ class CommitJob:
     left_on_disk: set[int] = field(default_factory=set)
     error: StorageError | None = None
     submitted_at: float = 0.0
+    written: bool = False  # set by the writer thread once the job is done (see CommitWriter.finished)
 
 
 class CommitWriter:
@@ -204,6 +205,12 @@ class CommitWriter:
         job, self.in_flight = self.in_flight, None
         return job
 
+    @property
+    def finished(self) -> bool:
+        """Whether the job in flight is done: a plain read, cheap enough to ask between two requests."""
+        job = self.in_flight
+        return job is not None and job.written
+
     def wait(self) -> CommitJob | None:
         if self.in_flight is None:
             return None
@@ -214,6 +221,7 @@ class CommitWriter:
         while (job := self._jobs.get()) is not None:
             self._write(job)
             self._signal.send(b"")
+            job.written = True
 
     def close(self) -> None:
         self._jobs.put(None)
@@ -376,17 +384,21 @@ class FrontendServer:
                         self._on_live_subscription(frames)
                 if self.metadata.rpc in ready:
                     self.metadata.on_replies()
+                # A pass also ends as soon as the writer is done, so that its replies
+                # go out and the next batch goes in without waiting for the rest of
+                # a burst: under load that wait was ~0.5 ms of a ~2.7 ms commit.
+                writer = self.writer
                 if self.control in ready:
                     for frames in drain(self.control, self.config.drain_burst_requests):
                         self._on_control(frames)
-                        if self.batch_bytes >= GROUP_COMMIT_BYTES:
+                        if self.batch_bytes >= GROUP_COMMIT_BYTES or writer.finished:
                             break  # a pass must end for the writer to take the batch
                 if self.backend in ready:
                     for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
-                        if self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up:
+                        if self.batch_bytes >= GROUP_COMMIT_BYTES or writer.finished or self._forwards_backed_up:
                             break
-                if self.writer.done in ready and (job := self.writer.collect()) is not None:
+                if (writer.done in ready or writer.finished) and (job := writer.collect()) is not None:
                     self._finish_commit(job)
                 if any(self.forwards_waiting.values()):
                     self._flush_forwards()
