@@ -67,13 +67,6 @@ WRITE_BUFFER_BYTES: Final = 32 * 1024 * 1024
 MEMTABLE_BLOOM_RATIO: Final = 0.05  # of the write buffer: 1.6 MiB of filter per 32 MiB memtable
 MAX_WRITE_BUFFERS: Final = 2
 BLOCK_CACHE_BYTES: Final = 32 * 1024 * 1024
-# Old WAL files RocksDB keeps to write the next WALs over. Appending to a new
-# file makes every fdatasync update the inode (its size) as well; overwriting a
-# recycled one does not. Batches of 200 keys here: fsync mean 93-115 us and p99
-# 0.31-0.34 ms recycled, against 195-214 us and 1.25-1.28 ms appended
-# (RocksDB 9.8.4, whose point-in-time recovery tells a recycled file's old
-# records from new ones). A new shard's first WAL is not a recycled one.
-RECYCLED_WAL_FILES: Final = 4
 
 
 class StorageError(Exception):
@@ -184,7 +177,6 @@ class ShardStore:
         options.set_memtable_prefix_bloom_ratio(MEMTABLE_BLOOM_RATIO)
         options.set_memtable_whole_key_filtering(True)
         options.set_max_write_buffer_number(MAX_WRITE_BUFFERS)
-        options.set_recycle_log_file_num(RECYCLED_WAL_FILES)
         self._db = Rdict(str(path), options)
         self._sync = sync
         self._lazy = WriteOptions()
