@@ -54,19 +54,33 @@ REQUEST_TIMEOUT_S: Final = 10.0
 Durability = Literal["fsync", "async"]
 
 
+MAX_DEFAULT_FRONTENDS: Final = 8  # the default's ceiling: each frontend holds ~100 MiB of RocksDB buffers
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity, bounded by a cgroup v2 CPU quota (a container's ``--cpus``)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, -(-int(quota) // int(period))))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 limit to read
+    return cpus
+
+
 def default_frontends() -> int:
-    """Half the CPUs this process may run on, at least one: the frontend count when neither a flag nor the data folder sets it.
+    """Half the usable CPUs, at least 1 and at most MAX_DEFAULT_FRONTENDS: the frontend count of a new data folder without a flag.
 
     Every message crosses the proxy, its topic's owning frontend, a sender and
     two clients; the other cores go to those. On the 2-core reference machine
     one frontend beat two on one-topic latency and throughput (no request is
     forwarded between frontends) and tied on many topics: see docs/operations.md.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        cpus = os.cpu_count() or 2
-    return max(1, cpus // 2)
+    return max(1, min(MAX_DEFAULT_FRONTENDS, usable_cpus() // 2))
 
 
 def hash_token(token: str) -> str:

@@ -59,6 +59,7 @@ SUPERVISE_INTERVAL_S: Final = 0.1
 RUNTIME_CONFIG_NAME: Final = "herald-runtime.json"
 STATUS_FILE_NAME: Final = "herald-status.json"
 FRONTENDS_FILE: Final = "FRONTENDS"  # the frontend count a data folder was created with
+MAX_FRONTENDS: Final = 1024
 LOCK_FILE_NAME: Final = "LOCK"
 PROJECT_ROOT: Final = str(Path(__file__).resolve().parent.parent)
 
@@ -113,7 +114,10 @@ class Launcher:
 
     def plan(self) -> None:
         self.config_path.write_bytes(self.config.to_json())
-        (self.data_dir / FRONTENDS_FILE).write_text(str(self.config.frontends))
+        # Written whole or not at all: a torn file would keep every later start from reading the count.
+        staged = self.data_dir / f"{FRONTENDS_FILE}.tmp"
+        staged.write_text(str(self.config.frontends))
+        staged.replace(self.data_dir / FRONTENDS_FILE)
         # Snapshots of a previous run (perhaps with more senders) must not be served as this run's.
         for stale in (self.data_dir / METRICS_DIR_NAME).glob("*.json"):
             stale.unlink(missing_ok=True)
@@ -360,7 +364,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--port", type=port, default=env("PORT", DEFAULT_PORT), help=f"client port (default {DEFAULT_PORT}; 0 picks a free one; $HERALD_PORT)")
     parser.add_argument(
         "--frontends",
-        type=whole_number(1, 1024, "FRONTENDS"),
+        type=whole_number(1, MAX_FRONTENDS, "FRONTENDS"),
         default=env("FRONTENDS", None),
         help=f"frontend processes, fixed for the life of a data folder (default: the folder's count, else half the CPUs, at least 1: {default_frontends()} here; $HERALD_FRONTENDS)",
     )
@@ -426,18 +430,28 @@ def check_data_dir(path: Path) -> None:
 
 
 def frontends_of_folder(data_dir: Path) -> int | None:
-    """The frontend count a data folder was created with (its ``FRONTENDS`` file); None for a new folder.
+    """The frontend count a data folder was created with; None for a new folder.
+
+    The ``FRONTENDS`` file says it. A folder without one (removed, or filled
+    by roles started by hand) still tells: by the last run's config, else by
+    its ``shard-<i>`` folders.
 
     Raises:
-        ValueError: the file holds no positive whole number.
+        ValueError: the file cannot be read or holds no count in 1..MAX_FRONTENDS.
     """
     path = data_dir / FRONTENDS_FILE
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
-        return None
-    if not text.isdigit() or int(text) < 1:
-        raise ValueError(f"{path} should hold the folder's frontend count, a whole number, not {text[:40]!r}")
+        previous = _previous_config(data_dir / RUNTIME_CONFIG_NAME)
+        if previous is not None:
+            return previous.frontends
+        shards = [child for child in data_dir.glob("shard-*") if child.is_dir()]
+        return len(shards) or None
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    if not text.isdigit() or not 1 <= int(text) <= MAX_FRONTENDS:
+        raise ValueError(f"{path} should hold the folder's frontend count, a whole number in 1..{MAX_FRONTENDS}, not {text[:40]!r}")
     return int(text)
 
 
@@ -461,8 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     elif folder_frontends is not None and folder_frontends != args.frontends:
         # Topics are placed by crc32(name) % frontends: changing the count would strand stored messages.
         print(
-            f"error: {data_dir} was created with {folder_frontends} frontends; --frontends {args.frontends} would strand its messages. "
-            "Use the same count, or leave --frontends out to use the folder's.",
+            f"error: {data_dir} was created with {folder_frontends} frontends; --frontends (or $HERALD_FRONTENDS) {args.frontends} would strand its messages. "
+            "Use the same count, or leave both out to use the folder's.",
             file=sys.stderr,
         )
         return 2

@@ -32,6 +32,15 @@ START_ATTEMPTS = 2
 # The suite runs two frontends whatever the machine's default (half its CPUs,
 # 1 on a 2-core box), so that every test crosses the forwarding between them.
 TEST_FRONTENDS = "2"
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """This environment for a `herald up` child, without an outer $HERALD_FRONTENDS (which would decide its frontend count)."""
+    env = {name: value for name, value in os.environ.items() if name != "HERALD_FRONTENDS"}
+    env.update(extra)
+    return env
+
+
 _request_ids = itertools.count(1)
 
 
@@ -79,8 +88,7 @@ class HeraldSystem:
     def _start_once(self) -> bool:
         self.log_path = self.data_dir.parent / f"{self.data_dir.name}-herald.log"
         log = open(self.log_path, "ab")  # noqa: SIM115 - handed to the child
-        env = {name: value for name, value in os.environ.items() if name != "HERALD_FRONTENDS"}
-        env.update(self.env, PYTHONPATH=str(PROJECT_ROOT))
+        env = launcher_env(**self.env, PYTHONPATH=str(PROJECT_ROOT))
         self.process = subprocess.Popen(
             [sys.executable, "-m", "broker.launcher", "--data-dir", str(self.data_dir), "--port", "0", *self.args],
             stdout=subprocess.PIPE,

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import signal
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import zmq
 
 from clients.protocol import Command, decode, encode, encode_publish, split_envelope
-from tests.conftest import HeraldSystem, RawClient, stored_messages, topic_for_shard, wait_for
+from tests.conftest import HeraldSystem, RawClient, launcher_env, stored_messages, topic_for_shard, wait_for
 
 
 class PipelinedPublisher:
@@ -174,6 +173,7 @@ def test_second_launcher_on_same_data_dir_fails_fast(herald: HeraldSystem) -> No
         capture_output=True,
         timeout=30,
         cwd=PROJECT_ROOT,
+        env=launcher_env(),
     )
     assert result.returncode == 2
     assert b"in use" in result.stderr
@@ -211,6 +211,7 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
         port = squatter.getsockname()[1]
         result = subprocess.run(
             [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+            env=launcher_env(),
             capture_output=True,
             text=True,
             timeout=60,
@@ -242,7 +243,7 @@ def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: l
         text=True,
         timeout=60,
         cwd=PROJECT_ROOT,
-        env={**os.environ, **env},
+        env=launcher_env(**env),
     )
     assert (result.returncode, "Traceback" in result.stderr) == (2, False), result.stderr
     assert expected in result.stderr, result.stderr
@@ -251,8 +252,9 @@ def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: l
 
 def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(herald_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Without --frontends, a new folder gets half the CPUs (at least one) and an existing folder
-    keeps the count it was created with, even where the machine's default differs; a conflicting
-    flag or a damaged FRONTENDS file is a usage error, not a stranded shard or a traceback."""
+    keeps the count it was created with, even where the machine's default differs, and even with
+    its FRONTENDS file gone; a conflicting flag or a damaged FRONTENDS file is a usage error, not a
+    stranded shard or a traceback."""
     import subprocess
     import sys
 
@@ -269,24 +271,25 @@ def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(heral
     three = default_frontends() + 2  # differs from the machine's default, whatever the machine
     created = herald_factory("--frontends", str(three), env={})
     created.stop()
+    (created.data_dir / "FRONTENDS").unlink()  # the last run's config still tells
     reopened = herald_factory(data_dir=created.data_dir, env={})
-    assert frontends_running(reopened) == three
+    assert frontends_running(reopened) == three == int((created.data_dir / "FRONTENDS").read_text())
     reopened.stop()
 
     def launch(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-        environment = {name: value for name, value in os.environ.items() if name != "HERALD_FRONTENDS"}
         command = [sys.executable, "-m", "broker.launcher", "--data-dir", str(data_dir), "--port", "0", *flags]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT, env=environment)
+        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT, env=launcher_env())
 
     conflicting = launch(created.data_dir, "--frontends", str(three + 1))
     assert (conflicting.returncode, "Traceback" in conflicting.stderr) == (2, False), conflicting.stderr
-    assert f"was created with {three} frontends; --frontends {three + 1} would strand its messages" in conflicting.stderr
-    damaged = tmp_path / "damaged"
-    damaged.mkdir()
-    (damaged / "FRONTENDS").write_text("two\n")
-    refused = launch(damaged)
-    assert (refused.returncode, "Traceback" in refused.stderr) == (2, False), refused.stderr
-    assert "should hold the folder's frontend count, a whole number, not 'two'" in refused.stderr
+    assert f"was created with {three} frontends; --frontends (or $HERALD_FRONTENDS) {three + 1} would strand its messages" in conflicting.stderr
+    for name, content in (("damaged", "two\n"), ("huge", "99999")):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "FRONTENDS").write_text(content)
+        refused = launch(folder)
+        assert (refused.returncode, "Traceback" in refused.stderr) == (2, False), refused.stderr
+        assert f"should hold the folder's frontend count, a whole number in 1..1024, not {content.strip()!r}" in refused.stderr
 
 
 def test_every_endpoint_of_a_config_is_distinct(tmp_path) -> None:  # type: ignore[no-untyped-def]

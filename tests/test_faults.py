@@ -48,6 +48,20 @@ def test_one_fault_mid_stream_loses_nothing(harness: FaultHarness, kind: str) ->
     check(harness.finish())
 
 
+@pytest.mark.parametrize("kind", ["kill_frontend", "kill_all"])
+def test_the_default_single_frontend_loses_nothing_when_killed(herald_factory: Callable[..., HeraldSystem], tmp_path: Path, kind: str) -> None:
+    """One frontend is the default on a 2-core machine: while it restarts, no frontend answers
+    at all, so every publisher waits and retries rather than being forwarded elsewhere."""
+    herald = herald_factory(env={"HERALD_FRONTENDS": "1"})
+    chaos = FaultHarness(herald, tmp_path, seed=SEED, frontends=1)
+    try:
+        chaos.start()
+        chaos.inject(kind)
+        check(chaos.finish())
+    finally:
+        chaos.close()
+
+
 def test_seeded_rounds_of_every_fault_lose_nothing(harness: FaultHarness) -> None:
     """Every fault kind once, in an order drawn from the seed (HERALD_FAULT_SEED to replay one)."""
     kinds = list(FAULT_KINDS)
