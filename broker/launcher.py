@@ -366,7 +366,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--frontends",
         type=whole_number(1, MAX_FRONTENDS, "FRONTENDS"),
         default=env("FRONTENDS", None),
-        help=f"frontend processes, fixed for the life of a data folder (default: the folder's count, else half the CPUs, at least 1: {default_frontends()} here; $HERALD_FRONTENDS)",
+        help=f"frontend processes, fixed for the life of a data folder (default: the folder's count, else half the usable CPUs, 1 to 8: {default_frontends()} here; $HERALD_FRONTENDS)",
     )
     parser.add_argument(
         "--senders",

@@ -253,7 +253,7 @@ def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: l
 def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(herald_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Without --frontends, a new folder gets half the CPUs (at least one) and an existing folder
     keeps the count it was created with, even where the machine's default differs, and even with
-    its FRONTENDS file gone; a conflicting flag or a damaged FRONTENDS file is a usage error, not a
+    its FRONTENDS file or its runtime config gone; a conflicting flag or a damaged FRONTENDS file is a usage error, not a
     stranded shard or a traceback."""
     import subprocess
     import sys
@@ -275,6 +275,11 @@ def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(heral
     reopened = herald_factory(data_dir=created.data_dir, env={})
     assert frontends_running(reopened) == three == int((created.data_dir / "FRONTENDS").read_text())
     reopened.stop()
+    for record in ("FRONTENDS", "herald-runtime.json"):  # as when the roles were started by hand
+        (created.data_dir / record).unlink()
+    by_shards = herald_factory(data_dir=created.data_dir, env={})
+    assert frontends_running(by_shards) == three  # one shard-<i> folder each
+    by_shards.stop()
 
     def launch(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
         command = [sys.executable, "-m", "broker.launcher", "--data-dir", str(data_dir), "--port", "0", *flags]
