@@ -51,6 +51,8 @@ from typing import Any, Final, Protocol
 
 import orjson
 
+from broker.config import usable_cpus
+
 PROJECT_ROOT: Final = Path(__file__).resolve().parent.parent
 RESULTS_DIR: Final = PROJECT_ROOT / "bench" / "results"
 READY_LINE_PREFIX: Final = "herald ready on "
@@ -314,7 +316,7 @@ def machine_description(data_dir: Path | None = None) -> dict[str, Any]:
     description: dict[str, Any] = {
         "hostname": platform.node(),
         "nproc": os.cpu_count(),
-        "usable_cpus": len(os.sched_getaffinity(0)),
+        "usable_cpus": usable_cpus(),  # what herald up's default frontend count is drawn from
         "cpu_model": _cpu_model(),
         "kernel": platform.release(),
         "python": sys.version.split()[0],

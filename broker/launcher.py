@@ -429,12 +429,12 @@ def check_data_dir(path: Path) -> None:
         raise DataDirUnusable(f"data folder {path} is not usable: {exc.strerror or exc} (errno {exc.errno}); pick a writable --data-dir") from None
 
 
-def frontends_of_folder(data_dir: Path) -> int | None:
+def frontends_of_folder(data_dir: Path, previous: HeraldConfig | None) -> int | None:
     """The frontend count a data folder was created with; None for a new folder.
 
     The ``FRONTENDS`` file says it. A folder without one (removed, or filled
-    by roles started by hand) still tells: by the last run's config, else by
-    its ``shard-<i>`` folders.
+    by roles started by hand) still tells: by ``previous``, the last run's
+    config, else by its ``shard-<i>`` folders.
 
     Raises:
         ValueError: the file cannot be read or holds no count in 1..MAX_FRONTENDS.
@@ -443,7 +443,6 @@ def frontends_of_folder(data_dir: Path) -> int | None:
     try:
         text = path.read_text().strip()
     except FileNotFoundError:
-        previous = _previous_config(data_dir / RUNTIME_CONFIG_NAME)
         if previous is not None:
             return previous.frontends
         shards = [child for child in data_dir.glob("shard-*") if child.is_dir()]
@@ -464,8 +463,9 @@ def main(argv: list[str] | None = None) -> int:
     except DataDirUnusable as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    previous = _previous_config(Path(data_dir) / RUNTIME_CONFIG_NAME)
     try:
-        folder_frontends = frontends_of_folder(Path(data_dir))
+        folder_frontends = frontends_of_folder(Path(data_dir), previous)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -484,7 +484,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.config:
             overrides = load_up_file(args.config)
-        previous = _previous_config(Path(data_dir) / RUNTIME_CONFIG_NAME)
         config = build_local_config(
             data_dir=data_dir,
             host=args.host,
