@@ -61,7 +61,7 @@ REDIS_FIELD: Final = b"d"
 DRAIN_LIMIT: Final = 1_000  # messages taken from a socket per wake-up: bounds one task's turn on the loop
 
 DURABILITY_HERALD: Final = "fsync per group commit: " + DURABILITY_FSYNC.split(": ", 1)[1]
-DURABILITY_LIVE: Final = "none: at-most-once live feed (published after the fsync'd write; dropped at a full HWM)"
+DURABILITY_LIVE: Final = "none: at-most-once live feed (published once its batch is written, before the fsync; dropped at a full HWM)"
 DURABILITY_RAW_PUBSUB: Final = "none: in-memory ZeroMQ PUB/SUB (dropped at a full HWM)"
 DURABILITY_NATS_DEFAULT: Final = "fsync every 2 min (JetStream file store, default sync_interval): acknowledged once written to the OS"
 DURABILITY_NATS_ALWAYS: Final = "fsync per write (JetStream file store, sync_interval: always)"

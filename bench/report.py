@@ -349,7 +349,7 @@ def render_markdown(report: dict[str, Any], plots: list[Path], markdown_path: Pa
     )
     lines += _latency_section(
         "Live feed: latency at fixed offered rates",
-        "Herald's live message leaves after the fsync'd write of its batch, so its latency includes the group commit.",
+        "Herald's live message leaves once its batch is written to the WAL, before that batch's fsync, so its latency includes the group commit's write but not its fsync.",
         results,
         "live",
     )

@@ -96,13 +96,14 @@ OVERLOAD_BYTES: Final = 32 * 2**20
 FORWARD_WAITING_MAX: Final = 64
 FORWARD_STALL_S: Final = 1.0
 FORWARD_RETRY_MS: Final = 2
-# A batch of at most this many messages is written on the poll-loop thread
-# itself: handing a small write to the writer thread and back costs two thread
-# wake-ups and GIL hand-overs, more than the fsync it waits for (measured at
-# 2,000 single-message publishes/s: 0.5 ms of the 1.1 ms median commit).
-# Larger batches go to the writer thread, so validating the next batch overlaps
-# the fsync of this one.
-INLINE_COMMIT_MESSAGES: Final = 16
+# Every batch is written on the poll-loop thread (building and writing it
+# holds the GIL, so another thread gained nothing there). The fsync of a batch
+# of at most this many messages runs there too: handing a small fsync to the
+# writer thread and back costs two thread wake-ups and GIL hand-overs, more than
+# the fsync itself (measured at 2,000 single-message publishes/s: 0.5 ms of the
+# 1.1 ms median commit). A larger batch's fsync goes to the writer thread, so
+# validating the next batch overlaps it.
+INLINE_SYNC_MESSAGES: Final = 16
 # After its fsync the writer thread must take the GIL back from a busy poll
 # loop, which by default lets go only every 5 ms: that wait would be added to
 # every commit. A shorter interval hands it over sooner (alternating runs of
@@ -154,17 +155,19 @@ class CommitJob:
     left_on_disk: set[int] = field(default_factory=set)
     error: StorageError | None = None
     submitted_at: float = 0.0
-    written: bool = False  # set by the writer thread once the job is done (see CommitWriter.finished)
+    last_seq: int = 0  # the batch's highest seq, once written
+    written: bool = False  # set by the writer thread once the job is durable (see CommitWriter.finished)
 
 
 class CommitWriter:
-    """Runs the shard's fsync'd appends on one thread, one job at a time, in order.
+    """Writes the shard's group commits on the poll-loop thread and fsyncs them, large ones on a thread of their own.
 
-    The fsync runs with the GIL released (:meth:`ShardStore.append` syncs
-    with ``flush_wal``), so the poll loop keeps draining and validating
-    meanwhile. The thread signals completion on an inproc PAIR socket that
-    the poll loop watches. Small jobs skip the thread (:meth:`write_now`, see
-    INLINE_COMMIT_MESSAGES).
+    :meth:`write` puts a job's batch in the WAL (not yet fsync'd). Then
+    :meth:`sync_now` fsyncs it on the calling thread, or :meth:`submit`
+    hands the fsync to the writer thread, one job at a time, in order. The
+    fsync runs with the GIL released (``flush_wal``), so the poll loop keeps
+    draining and validating meanwhile; the thread signals completion on an
+    inproc PAIR socket that the poll loop watches.
     """
 
     def __init__(self, store: ShardStore, context: zmq.Context[Any], name: str) -> None:
@@ -179,20 +182,27 @@ class CommitWriter:
         self._thread = threading.Thread(target=self._run, name=f"writer-{name}", daemon=True)
         self._thread.start()
 
-    def submit(self, job: CommitJob) -> None:
+    def write(self, job: CommitJob) -> None:
+        """Put ``job`` in the WAL, not yet fsync'd (only while no job is in flight); a failure lands in ``job.error``."""
         job.submitted_at = time.monotonic()
+        try:
+            job.last_seq = self.store.write(job.messages, job.dedup, ((sub_id, m.seq) for sub_id, m in job.plan))
+        except StorageError as exc:
+            job.error = exc
+
+    def submit(self, job: CommitJob) -> None:
+        """fsync the written ``job`` on the writer thread; :meth:`collect` it once ``done`` is readable."""
         self.in_flight = job
         self._jobs.put(job)
 
-    def write_now(self, job: CommitJob) -> CommitJob:
-        """Write ``job`` on the calling thread (only while no job is in flight)."""
-        job.submitted_at = time.monotonic()
-        self._write(job)
+    def sync_now(self, job: CommitJob) -> CommitJob:
+        """fsync the written ``job`` on the calling thread."""
+        self._sync(job)
         return job
 
-    def _write(self, job: CommitJob) -> None:
+    def _sync(self, job: CommitJob) -> None:
         try:
-            self.store.append(job.messages, job.dedup, ((sub_id, m.seq) for sub_id, m in job.plan))
+            self.store.make_durable(job.last_seq)
         except StorageError as exc:
             job.error = exc
 
@@ -219,7 +229,7 @@ class CommitWriter:
 
     def _run(self) -> None:
         while (job := self._jobs.get()) is not None:
-            self._write(job)
+            self._sync(job)
             self._signal.send(b"")
             job.written = True
 
@@ -823,8 +833,19 @@ class FrontendServer:
         self.batch_after, self.batch_after_failure = [], []
         self.batch_bytes = 0
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
-        if len(job.messages) <= INLINE_COMMIT_MESSAGES:
-            self._finish_commit(self.writer.write_now(job))
+        self.writer.write(job)
+        if job.error is not None:
+            self._finish_commit(job)
+            return
+        # Delivery starts once the batch is written, while its fsync runs: the WAL
+        # is then in the OS page cache, which a SIGKILL of any process keeps. The
+        # publishers are answered only after the fsync (see docs/architecture.md,
+        # "Delivery starts before the fsync").
+        if self.live_prefixes:
+            self._publish_live(job.messages)
+        self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan], fresh=True)
+        if len(job.messages) <= INLINE_SYNC_MESSAGES:
+            self._finish_commit(self.writer.sync_now(job))
         else:
             self.writer.submit(job)
 
@@ -875,9 +896,6 @@ class FrontendServer:
                     log.debug("stored id=%s seq=%d:%d topic=%s", message.message_id, self.index, message.seq, message.topic)
                 for pending in job.replies:
                     log.debug("acknowledged request=%s ids=%s", pending.request_id.hex(), pending.message_ids)
-            if self.live_prefixes:
-                self._publish_live(job.messages)
-            self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan], fresh=True)
             for action in job.after:
                 action()
         self._commit_batch()

@@ -277,9 +277,16 @@ class ShardStore:
     # ------------------------------------------------------------------ writes
 
     def append(self, messages: list[StoredMessage], dedup: list[DedupEntry], first_attempts: Iterable[tuple[int, int]] = ()) -> None:
-        """Write messages, their pending entries and indexes in one batch, one fsync.
+        """Write messages, their pending entries and indexes in one batch, one fsync: :meth:`write`, then :meth:`make_durable`."""
+        self.make_durable(self.write(messages, dedup, first_attempts))
 
-        The expiry indexes get one key per (expiry time, batch), not one per
+    def write(self, messages: list[StoredMessage], dedup: list[DedupEntry], first_attempts: Iterable[tuple[int, int]] = ()) -> int:
+        """Write messages, their pending entries and indexes in one batch, not yet fsync'd.
+
+        Once this returns the batch is in the WAL in the OS page cache: a
+        SIGKILL of any process keeps it, a power loss may not. Call
+        :meth:`make_durable` with the returned seq before acknowledging. The
+        expiry indexes get one key per (expiry time, batch), not one per
         message: they are read only by the retention sweep.
 
         Args:
@@ -288,10 +295,15 @@ class ShardStore:
             first_attempts: (subscription id, seq) pairs handed out right away,
                 recorded as attempt 1 so a redelivery after a crash counts up.
 
+        Returns:
+            The batch's highest seq (0 for a batch without messages).
+
         Raises:
             StorageError: the write failed, or an earlier fsync did (see
-                :attr:`sync_failed`); the caller must not acknowledge.
+                :attr:`sync_failed`); the caller must not acknowledge. The
+                batch is then over (see :attr:`finished_seq`).
         """
+        batch_last_seq = max((message.seq for message in messages), default=0)
         try:
             if self.sync_failed is not None:
                 raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing more is written until the frontend restarts")
@@ -320,8 +332,7 @@ class ShardStore:
                 batch.put(key, pack_seq(entry.seq))
                 forget.setdefault(entry.expire_ms, []).append(key)
             # The batch's own highest seq, not self.last_seq: the poll loop may have
-            # assigned later seqs already while this runs on the writer thread.
-            batch_last_seq = max((message.seq for message in messages), default=0)
+            # assigned later seqs already.
             for expire_ms, keys in forget.items():
                 batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
             if messages:
@@ -330,17 +341,32 @@ class ShardStore:
                 fanout.popitem(last=False)
             try:
                 self._write(batch, self._lazy)
-                if self._sync:
-                    self._sync_wal()
             except StorageError:
                 for message in messages:  # complete() trusts the map: only stored entries may be in it
                     fanout.pop(message.seq, None)
                 raise
-            if messages:
-                self.durable_seq = batch_last_seq
+        except StorageError:
+            self.finished_seq = max(self.finished_seq, batch_last_seq)  # refused: this batch is over
+            raise
+        return batch_last_seq
+
+    def make_durable(self, batch_last_seq: int) -> None:
+        """fsync what :meth:`write` wrote (with ``sync``), then let backlog scans see it up to ``batch_last_seq``.
+
+        Runs on the writer thread for large batches: it touches only the WAL and
+        two integers that the poll loop reads (see :attr:`finished_seq`).
+
+        Raises:
+            StorageError: the fsync failed (see :attr:`sync_failed`); nothing
+                written since the last good fsync may be acknowledged.
+        """
+        try:
+            if self._sync:
+                self._sync_wal()
+            if batch_last_seq:
+                self.durable_seq = max(self.durable_seq, batch_last_seq)
         finally:
-            if messages:  # written or refused, this batch is over (see finished_seq)
-                self.finished_seq = max(self.finished_seq, max(message.seq for message in messages))
+            self.finished_seq = max(self.finished_seq, batch_last_seq)  # written or refused, this batch is over
 
     def next_seq(self) -> int:
         self.last_seq += 1
