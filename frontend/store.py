@@ -312,13 +312,27 @@ class ShardStore:
             expiring: dict[int, list[int]] = {}
             not_yet, once = _U32.pack(0), _U32.pack(1)
             fanout = self._fanout
+            # Keys go into the batch grouped by kind and in key order (bodies, then each
+            # subscription's entries): RocksDB inserts a run of adjacent keys into its
+            # memtable far faster than keys that jump between ranges. Interleaved, a
+            # message with one subscription and an id cost 5.5 us in the write, grouped
+            # 3.7 us (batches of 200, measured here with rocksdict).
+            seqs_of: dict[int, list[int]] = {}
             for message in messages:
                 seq = message.seq
                 batch.put(_message_key(seq), encode_message(message))
                 fanout[seq] = list(message.subscriptions)  # complete() narrows it in place
                 expiring.setdefault(message.expire_ms, []).append(seq)
                 for sub_id in message.subscriptions:
-                    batch.put(_pending_key(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
+                    seqs = seqs_of.get(sub_id)
+                    if seqs is None:
+                        seqs_of[sub_id] = [seq]
+                    else:
+                        seqs.append(seq)
+            pack_pair = _PAIR.pack
+            for sub_id in sorted(seqs_of):
+                for seq in seqs_of[sub_id]:
+                    batch.put(_PENDING + pack_pair(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
             for expire_ms, seqs in expiring.items():
                 batch.put(_EXPIRY + _PAIR.pack(expire_ms, seqs[0]), struct.pack(f">{len(seqs)}Q", *seqs))
             forget: dict[int, list[bytes]] = {}
