@@ -282,6 +282,31 @@ def test_store_append_fanout_one_message(benchmark: Any, tmp_path: Path) -> None
         store.close()
 
 
+@pytest.mark.parametrize("subscriptions", [1, 10])
+def test_store_write_group_commit(benchmark: Any, tmp_path: Path, subscriptions: int) -> None:
+    """ShardStore.write of a group commit of 200 messages with client ids, without the fsync: building the batch and RocksDB's insert.
+
+    The keys go in grouped by kind and in key order; interleaving each
+    message's body with its pending entries made this write 13% (1
+    subscription) to 33% (10) slower.
+    """
+    store = ShardStore(tmp_path / "shard", sync=False)
+    expire_ms = int((time.time() + 3600) * 1000)
+    subs = list(range(1, subscriptions + 1))
+
+    def setup() -> tuple[tuple[list[StoredMessage], list[DedupEntry], list[tuple[int, int]]], dict[str, Any]]:
+        messages = [StoredMessage(store.next_seq(), TOPIC, uuid.uuid4().hex, {}, b"x" * SIZE, time.time(), subs, expire_ms) for _ in range(2 * BATCH)]
+        dedup = [DedupEntry(TOPIC, message.message_id, expire_ms, message.seq) for message in messages]
+        return (messages, dedup, [(subs[0], message.seq) for message in messages]), {}
+
+    try:
+        benchmark.pedantic(store.write, setup=setup, rounds=200, warmup_rounds=5)
+        store.make_durable(store.last_seq)
+        assert len(store.pending(subscriptions, 0, 10)) == 10
+    finally:
+        store.close()
+
+
 def test_store_pending_scan_beside_settled_entries(benchmark: Any, tmp_path: Path) -> None:
     """ShardStore.pending of a subscription with nothing pending, whose neighbour settled 100 000 entries.
 
