@@ -263,6 +263,30 @@ def test_a_failed_wal_fsync_restarts_the_frontend_and_loses_nothing_acknowledged
         _receive_all(subscription, acked)
 
 
+def test_a_failed_wal_fsync_after_early_delivery_loses_nothing_acknowledged(herald_factory: Callable[..., HeraldSystem], fail_one_wal_fsync: Path) -> None:
+    """Delivery starts before the fsync: with a consumer attached, the batch whose fsync fails may already have been
+    delivered. Its publishes are still refused, the retry stores them, every acknowledged id arrives, and nothing
+    arrives that was never published."""
+    herald = herald_factory()
+    published = {f"{phase}-{n}" for phase in ("before", "during", "after") for n in range(20)}
+    with Client(herald.endpoint, timeout=20) as client, Client(herald.endpoint) as reader:
+        client.create_topic("early")
+        client.create_subscription("early", "reader")
+        with reader.subscribe("early", "reader") as subscription:
+            acked = list(client.publish_batch("early", [(b"before", None, f"before-{n}") for n in range(20)]))
+            received = _receive_all(subscription, acked)  # the consumer is attached and has credit: the fast path
+            fail_one_wal_fsync.touch()
+            acked.extend(client.publish_batch("early", [(b"during", None, f"during-{n}") for n in range(20)]))
+            assert not fail_one_wal_fsync.exists(), "the shim never saw a WAL fsync"
+            acked.extend(client.publish_batch("early", [(b"after", None, f"after-{n}") for n in range(20)]))
+            assert client.statistics().retries >= 1, "the refused batch was never retried"
+            received |= _receive_all(subscription, acked[20:])  # the first 20 arrived above; acknowledged, they do not come again
+    log = herald.log_path.read_text(errors="replace")
+    assert "could not be fsync'd" in log and "exited with code 1; restarting" in log, log[-3000:]
+    assert sorted(acked) == sorted(published)
+    assert received <= published, f"delivered ids that were never published: {sorted(received - published)[:5]}"
+
+
 def test_a_dead_letter_copy_that_cannot_be_written_hands_the_original_out_again(herald_factory: Callable[..., HeraldSystem], small_disk: Path) -> None:
     """docs/architecture.md, when a process dies (disk full): dead-letter copies in a refused
     batch are not written, and their originals are released and handed out again; once space
