@@ -897,30 +897,53 @@ def decode_dead(header: dict[str, Any]) -> list[tuple[int, int, int, str]]:
     ]
 
 
-def decode_dispatch_entry(entry: Any) -> tuple[int, int, int, dict[str, Any]]:
-    """One entry of a DISPATCH as (subscription id, seq, attempt, the fields a DELIVER carries on).
+def decode_dispatch(header: dict[str, Any], payloads: list[bytes]) -> tuple[list[tuple[int, dict[str, Any]]], list[tuple[int, int, int]]]:
+    """The messages and entries of a DISPATCH, every one checked before any is used.
+
+    Returns:
+        ``messages``: (seq, the fields a DELIVER carries on), one per payload
+        frame; ``entries``: (subscription id, message index, attempt).
+
+    Raises:
+        ProtocolError: ``invalid_header`` for anything malformed; the whole DISPATCH is refused.
+    """
+    messages = get_field(header, "messages", list)
+    entries = get_field(header, "entries", list)
+    if len(messages) != len(payloads):
+        raise ProtocolError("invalid_header", f"DISPATCH lists {len(messages)} messages for {len(payloads)} payload frames")
+    count = len(messages)
+    checked_entries: list[tuple[int, int, int]] = []
+    for entry in entries:
+        if not (type(entry) is list and len(entry) == 3):
+            raise ProtocolError("invalid_header", f"a DISPATCH entry must be [sub, message index, attempt], got {str(entry)[:60]}")
+        sub, index, attempt = entry
+        if not (type(sub) is int and type(index) is int and type(attempt) is int and 0 <= sub <= U64_MAX and 0 <= index < count and 1 <= attempt <= U32_MAX):
+            raise ProtocolError(
+                "invalid_header", f"a DISPATCH entry needs a subscription id, an index below {count} and an attempt >= 1, got {str(entry)[:60]}"
+            )
+        checked_entries.append((sub, index, attempt))
+    return [decode_dispatch_message(message) for message in messages], checked_entries
+
+
+def decode_dispatch_message(message: Any) -> tuple[int, dict[str, Any]]:
+    """One message of a DISPATCH as (seq, the fields a DELIVER carries on).
 
     The fields are rebuilt from exact types rather than passed on: a sender
     re-encodes them for its consumers, and must never hold what it cannot
     encode. Written out flat: a sender runs it for every message.
     """
     try:
-        sub, seq, attempt = entry["sub"], entry["seq"], entry["attempt"]
-        message_id, topic, attributes, timestamp = entry["id"], entry["topic"], entry["attributes"], entry["ts"]
+        seq, message_id, topic, attributes, timestamp = message["seq"], message["id"], message["topic"], message["attributes"], message["ts"]
     except (KeyError, TypeError):
-        raise ProtocolError("invalid_header", "a DISPATCH entry must be an object with sub, seq, attempt, id, topic, attributes and ts") from None
+        raise ProtocolError("invalid_header", "a DISPATCH message must be an object with seq, id, topic, attributes and ts") from None
     if not (
-        type(sub) is int
-        and type(seq) is int
-        and type(attempt) is int
-        and 0 <= sub <= U64_MAX
+        type(seq) is int
         and 0 <= seq <= U64_MAX
-        and 1 <= attempt <= U32_MAX
         and type(message_id) is str
         and type(topic) is str
         and type(attributes) is dict
         and (type(timestamp) is float or type(timestamp) is int)
         and (not attributes or _STRINGS_ONLY.issuperset(map(type, attributes.values())))
     ):
-        raise ProtocolError("invalid_header", "a DISPATCH entry needs integer ids in range, a string id and topic, string attributes and a numeric ts")
-    return sub, seq, attempt, {"id": message_id, "topic": topic, "attributes": attributes, "ts": timestamp}
+        raise ProtocolError("invalid_header", "a DISPATCH message needs an integer seq in range, a string id and topic, string attributes and a numeric ts")
+    return seq, {"id": message_id, "topic": topic, "attributes": attributes, "ts": timestamp}

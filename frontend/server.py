@@ -80,7 +80,8 @@ DISPATCH_PASS_LIMIT: Final = 2000  # ...and for all subscriptions together
 # far below the protocol's MAX_HEADER_BYTES (4 MiB) that the sender enforces.
 DISPATCH_MAX_ENTRIES: Final = 1000
 DISPATCH_MAX_HEADER_BYTES: Final = 1 * 2**20
-DISPATCH_ENTRY_BYTES: Final = 120  # an entry's JSON without its id, topic and attributes
+DISPATCH_MESSAGE_BYTES: Final = 100  # a message's JSON without its id, topic and attributes
+DISPATCH_ENTRY_BYTES: Final = 50  # one [sub, index, attempt] entry
 REFILL_FRACTION: Final = 4  # refill a backlog once a quarter of the window is free...
 REFILL_MAX: Final = 256  # ...or this many slots, whichever is fewer
 # Group commit limits: past GROUP_COMMIT_BYTES of payload waiting for the writer
@@ -269,11 +270,21 @@ class SubscriptionCursor:
 
 @dataclass(slots=True)
 class DispatchChunk:
-    """The DISPATCH being filled for one sender."""
+    """The DISPATCH being filled for one sender: each message once, then one entry per subscription that gets it."""
 
-    entries: list[dict[str, Any]] = field(default_factory=list)
+    messages: list[dict[str, Any]] = field(default_factory=list)
     payloads: list[bytes] = field(default_factory=list)
+    index_of: dict[int, int] = field(default_factory=dict)  # seq -> its place in messages
+    entries: list[tuple[int, int, int]] = field(default_factory=list)  # (subscription id, message index, attempt)
     size: int = 0
+
+    def add_message(self, message: StoredMessage, size: int) -> int:
+        """Put ``message`` in (``size``: its estimated share of the header); its index."""
+        index = self.index_of[message.seq] = len(self.messages)
+        self.messages.append({"seq": message.seq, "id": message.message_id, "topic": message.topic, "attributes": message.attributes, "ts": message.timestamp})
+        self.payloads.append(message.payload)
+        self.size += size
+        return index
 
 
 @dataclass
@@ -959,69 +970,71 @@ class FrontendServer:
     def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]], *, fresh: bool = False) -> list[tuple[int, int, int]]:
         """Send ``entries`` (subscription id, message, attempt) to their senders; the (sub, seq, attempt) of those sent.
 
-        One write fans out to (messages x subscriptions) entries: they go in
-        several DISPATCH messages per sender, each header well below MAX_HEADER_BYTES.
-        ``fresh``: new messages of the write just made durable, stored as attempt 1.
+        One write fans out to (messages x subscriptions) entries. A DISPATCH
+        carries each message (fields and body) once and one small entry per
+        subscription that gets it, so a fan-out to many subscriptions is
+        encoded, sent and decoded once per message, not once per delivery.
+        Chunks stay well below MAX_HEADER_BYTES. ``fresh``: new messages of the
+        write just made, stored as attempt 1.
         """
         sent: list[tuple[int, int, int]] = []
         chunks: dict[int, DispatchChunk] = {}
-        entry_bytes_of: dict[int, int] = {}  # per seq: a message's entries share its id, topic and attributes
+        message_bytes_of: dict[int, int] = {}  # per seq
         cursors = self.cursors
         for sub_id, message, attempt in entries:
             cursor = cursors.get(sub_id)
             if cursor is None:
                 continue  # the subscription was deleted while its write was in flight
-            entry_bytes = entry_bytes_of.get(message.seq)
-            if entry_bytes is None:
-                # Ids are bounded, not escaped here: count each character at its worst (6 bytes).
-                # Attributes are encoded, not counted in characters: JSON escapes a control character to 6 bytes.
-                entry_bytes = DISPATCH_ENTRY_BYTES + 6 * len(message.message_id) + len(message.topic)
-                if message.attributes:
-                    entry_bytes += len(orjson.dumps(message.attributes))
-                entry_bytes_of[message.seq] = entry_bytes
-            chunk = chunks.get(cursor.sender)
+            sender_index = cursor.sender
+            chunk = chunks.get(sender_index)
             if chunk is None:
-                chunk = chunks[cursor.sender] = DispatchChunk()
-            elif chunk.size + entry_bytes > DISPATCH_MAX_HEADER_BYTES or len(chunk.entries) >= DISPATCH_MAX_ENTRIES:
-                self._send_dispatch(cursor.sender, chunk.entries, chunk.payloads, sent, fresh)
-                chunk = chunks[cursor.sender] = DispatchChunk()
-            chunk.entries.append(
-                {
-                    "sub": sub_id,
-                    "seq": message.seq,
-                    "attempt": attempt,
-                    "id": message.message_id,
-                    "topic": message.topic,
-                    "attributes": message.attributes,
-                    "ts": message.timestamp,
-                }
-            )
-            chunk.payloads.append(message.payload)
-            chunk.size += entry_bytes
+                chunk = chunks[sender_index] = DispatchChunk()
+            index = chunk.index_of.get(message.seq)
+            added = DISPATCH_ENTRY_BYTES
+            if index is None:
+                message_bytes = message_bytes_of.get(message.seq)
+                if message_bytes is None:
+                    # Ids are bounded, not escaped here: count each character at its worst (6 bytes).
+                    # Attributes are encoded, not counted in characters: JSON escapes a control character to 6 bytes.
+                    message_bytes = DISPATCH_MESSAGE_BYTES + 6 * len(message.message_id) + len(message.topic)
+                    if message.attributes:
+                        message_bytes += len(orjson.dumps(message.attributes))
+                    message_bytes_of[message.seq] = message_bytes
+                added += message_bytes
+            if chunk.size + added > DISPATCH_MAX_HEADER_BYTES or len(chunk.entries) >= DISPATCH_MAX_ENTRIES:
+                self._send_dispatch(sender_index, chunk, sent, fresh)
+                chunk = chunks[sender_index] = DispatchChunk()
+                index = None  # a new DISPATCH carries the message again
+            if index is None:
+                index = chunk.add_message(message, message_bytes_of[message.seq])
+            chunk.entries.append((sub_id, index, attempt))
+            chunk.size += DISPATCH_ENTRY_BYTES
         for sender_index, chunk in chunks.items():
-            self._send_dispatch(sender_index, chunk.entries, chunk.payloads, sent, fresh)
+            self._send_dispatch(sender_index, chunk, sent, fresh)
         return sent
 
-    def _send_dispatch(self, sender_index: int, headers: list[dict[str, Any]], payloads: list[bytes], sent: list[tuple[int, int, int]], fresh: bool) -> None:
-        dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": headers}
+    def _send_dispatch(self, sender_index: int, chunk: DispatchChunk, sent: list[tuple[int, int, int]], fresh: bool) -> None:
+        dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": chunk.messages, "entries": chunk.entries}
+        messages = chunk.messages
         try:
-            send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, payloads, packed=True), NOBLOCK)
-            self.counters["dispatched"] += len(headers)
-            sent.extend((header["sub"], header["seq"], header["attempt"]) for header in headers)
+            send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, chunk.payloads, packed=True), NOBLOCK)
+            self.counters["dispatched"] += len(chunk.entries)
+            sent.extend((sub_id, messages[index]["seq"], attempt) for sub_id, index, attempt in chunk.entries)
         except zmq.Again:
             # The sender is not draining; take the entries back, they stay on disk.
             # Nor may the next backlog pass follow at once: it would only spin.
             self.dispatch_more = False
-            self.counters["dispatches_refused"] += len(headers)
-            for header in headers:
-                self._release(header["sub"], header["seq"])
+            self.counters["dispatches_refused"] += len(chunk.entries)
+            refused = [(sub_id, messages[index]["seq"]) for sub_id, index, _ in chunk.entries]
+            for sub_id, seq in refused:
+                self._release(sub_id, seq)
             # Only what a sender took is an attempt. A new message's entry was
             # stored as attempt 1 with the message (see ShardStore.append): set it
             # back to 0, so that its first delivery is still attempt 1. (A backlog
             # entry's count is raised only once a sender took it.)
             if fresh:
                 try:
-                    self.store.unattempt([(header["sub"], header["seq"]) for header in headers])
+                    self.store.unattempt(refused)
                 except StorageError as exc:
                     log.error("could not set refused new messages back to attempt 0: %s", exc)
 

@@ -48,7 +48,7 @@ from clients.protocol import (
     consumer_topic_frame,
     dead_letter_topic_of,
     decode,
-    decode_dispatch_entry,
+    decode_dispatch,
     delivery_ref,
     encode,
     encode_deliver_entries,
@@ -318,23 +318,24 @@ class SenderServer:
         if not 0 <= shard < len(self.frontends):
             raise ProtocolError("invalid_header", f"dispatch from shard {shard}, but there are {len(self.frontends)} frontends")
         dispatched_at_version = get_field(frames.header, "meta_version", int, required=False, default=0)
-        messages = get_field(frames.header, "messages", list)
-        if len(messages) != len(frames.payloads):
-            raise ProtocolError("invalid_header", f"DISPATCH lists {len(messages)} messages for {len(frames.payloads)} payload frames")
+        payloads = frames.payloads
+        messages, entries = decode_dispatch(frames.header, payloads)  # whole, before any is applied
+        for seq, fields in messages:
+            fields["ref"] = delivery_ref(shard, seq)
         stale_subscriptions: set[str] = set()
         subs_by_id = self.subs_by_id
         accepted = 0
-        entries = [decode_dispatch_entry(entry) for entry in messages]  # whole, before any is applied
-        for (sub_id, seq, attempt, entry), payload in zip(entries, frames.payloads, strict=True):
+        for sub_id, index, attempt in entries:
             state = subs_by_id.get(sub_id)
             if state is None:
                 continue
+            seq, fields = messages[index]
             key: DeliveryKey = (state.sub_id, shard, seq)
             if key in state.deliveries:
                 continue  # the frontend restarted and handed it out again; ours is still live
             accepted += 1
             wanted = state.settings.get("filter")
-            if wanted and not matches_filter(entry["attributes"], wanted):
+            if wanted and not matches_filter(fields["attributes"], wanted):
                 if state.version >= dispatched_at_version:
                     self.counters["filtered"] += 1
                     self.completions.setdefault(shard, []).append([state.sub_id, seq])
@@ -342,8 +343,8 @@ class SenderServer:
                 # Our settings may predate the filter the frontend stored this
                 # message under: deliver it (at least once) and catch up.
                 stale_subscriptions.add(state.name)
-            entry["ref"] = delivery_ref(shard, seq)
-            state.deliveries[key] = Delivery(key, entry, payload, attempt)
+            # A copy per delivery: DELIVER encoding sets the attempt in it.
+            state.deliveries[key] = Delivery(key, dict(fields), payloads[index], attempt)
             state.ready.append(key)
         self.counters["dispatched"] += accepted
         for name in stale_subscriptions:

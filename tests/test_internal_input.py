@@ -70,27 +70,37 @@ BAD_INTAKE: Final[list[list[bytes]]] = [
     [b"junk"],
     encode(Command.CREDIT, b"", {"sender": 0, "epoch": 1}),
     [SIGNATURE, b"DISPATCH", b"", b"{oops"],
-    encode(Command.DISPATCH, b"", {"messages": []}),
-    encode(Command.DISPATCH, b"", {"shard": 9, "messages": []}),
-    encode(Command.DISPATCH, b"", {"shard": -1, "messages": []}),
-    encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{"sub": 1, "seq": 1}]}, []),
-    encode(Command.DISPATCH, b"", {"shard": 0, "messages": "abc"}, [b"x", b"y", b"z"]),
+    encode(Command.DISPATCH, b"", {"messages": [], "entries": []}),
+    encode(Command.DISPATCH, b"", {"shard": 9, "messages": [], "entries": []}),
+    encode(Command.DISPATCH, b"", {"shard": -1, "messages": [], "entries": []}),
+    encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{"seq": 1}], "entries": []}, []),
+    encode(Command.DISPATCH, b"", {"shard": 0, "messages": "abc", "entries": []}, [b"x", b"y", b"z"]),
+    encode(Command.DISPATCH, b"", {"shard": 0, "messages": []}),
 ]
 
 
 def bad_intake(sub_id: int) -> list[list[bytes]]:
     """Bad DISPATCHes; some name the guard subscription, which a sender then holds and re-encodes."""
-    good = {"sub": sub_id, "seq": 10**9, "attempt": 1, "id": "fake", "topic": GUARD_TOPIC, "attributes": {}, "ts": 1.0}
+    good = {"seq": 10**9, "id": "fake", "topic": GUARD_TOPIC, "attributes": {}, "ts": 1.0}
+    entry = [sub_id, 0, 1]
+
+    def dispatch(messages: list[dict[str, object]], entries: list[object], shard: object = 0) -> list[bytes]:
+        return encode(Command.DISPATCH, b"", {"shard": shard, "messages": messages, "entries": entries}, [b"x"] * len(messages))
+
     return [
         *BAD_INTAKE,
         # Accepted before and kept: re-encoding it for a consumer raised outside any handler.
-        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "attributes": {"k": DEEP_JSON}}]}, [b"x"]),
-        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "id": {"deep": DEEP_JSON}}]}, [b"x"]),
-        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "seq": -1}]}, [b"x"]),
-        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [{**good, "attempt": 0}]}, [b"x"]),
-        encode(Command.DISPATCH, b"", {"shard": "0", "messages": [good]}, [b"x"]),
+        dispatch([{**good, "attributes": {"k": DEEP_JSON}}], [entry]),
+        dispatch([{**good, "id": {"deep": DEEP_JSON}}], [entry]),
+        dispatch([{**good, "seq": -1}], [entry]),
+        dispatch([good], [[sub_id, 0, 0]]),  # attempt 0
+        dispatch([good], [[sub_id, 1, 1]]),  # no message 1
+        dispatch([good], [[sub_id, "0", 1]]),
+        dispatch([good], [{"sub": sub_id, "index": 0, "attempt": 1}]),
+        dispatch([good], [entry], shard="0"),
         # A good entry before a bad one: the whole DISPATCH is dropped, the good one too.
-        encode(Command.DISPATCH, b"", {"shard": 0, "messages": [good, {**good, "seq": 10**9 + 1, "ts": "now"}]}, [b"x", b"y"]),
+        dispatch([good, {**good, "seq": 10**9 + 1, "ts": "now"}], [entry, [sub_id, 1, 1]]),
+        dispatch([good], [entry, [-1, 0, 1]]),
     ]
 
 
