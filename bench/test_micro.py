@@ -307,6 +307,29 @@ def test_store_write_group_commit(benchmark: Any, tmp_path: Path, subscriptions:
         store.close()
 
 
+def test_store_backlog_refill(benchmark: Any, tmp_path: Path) -> None:
+    """One backlog refill of a subscription: ShardStore.pending of 2,000 entries, then record_attempts of them.
+
+    The path every entry takes when a subscription has fallen behind (at 10
+    subscriptions the end-to-end fan-out runs mostly from it).
+    """
+    store = ShardStore(tmp_path / "shard", sync=False)
+    expire_ms = int((time.time() + 3600) * 1000)
+    try:
+        for _ in range(20):
+            store.write([StoredMessage(store.next_seq(), TOPIC, "", {}, b"x" * SIZE, 0.0, [1, 2], expire_ms) for _ in range(10 * BATCH)], [])
+        store.make_durable(store.last_seq)
+
+        def refill() -> int:
+            found = store.pending(1, 0, 2000)
+            store.record_attempts([(1, seq, attempts + 1) for seq, attempts in found], known_pending=True)
+            return len(found)
+
+        assert benchmark(refill) == 2000
+    finally:
+        store.close()
+
+
 def test_store_pending_scan_beside_settled_entries(benchmark: Any, tmp_path: Path) -> None:
     """ShardStore.pending of a subscription with nothing pending, whose neighbour settled 100 000 entries.
 
