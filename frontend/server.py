@@ -896,7 +896,6 @@ class FrontendServer:
         else:
             self.counters["commits"] += 1
             self.commit_seconds.observe(time.monotonic() - job.submitted_at)
-            self.store.count_appended(job.messages)
             self.counters["published"] += len(job.messages)
             for pending in job.replies:
                 self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))

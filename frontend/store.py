@@ -205,7 +205,7 @@ class ShardStore:
         # rebuilds the shard from what is really on disk.
         self.sync_failed: str | None = None
         # Pending entries per subscription (the backlog), counted once here and
-        # then kept exact: +1 per fanned-out entry once its write is durable
+        # then kept exact: +1 per fanned-out entry once its write returns
         # (count_appended), -1 per entry that existed when settled or expired.
         # Only the poll-loop thread touches it. Past BACKLOG_COUNT_LIMIT entries the
         # count at start would delay readiness too long: then there is no count.
@@ -230,7 +230,7 @@ class ShardStore:
         return counts
 
     def count_appended(self, messages: list[StoredMessage]) -> None:
-        """Add the pending entries of a durable append to the backlog counts."""
+        """Add the pending entries of a written append to the backlog counts (:meth:`write` does)."""
         backlog = self.backlog
         if backlog is None:
             return
@@ -359,6 +359,9 @@ class ShardStore:
                 for message in messages:  # complete() trusts the map: only stored entries may be in it
                     fanout.pop(message.seq, None)
                 raise
+            # Counted now, not once durable: delivery starts before the fsync, so an
+            # entry may be settled (and subtracted) before then.
+            self.count_appended(messages)
         except StorageError:
             self.finished_seq = max(self.finished_seq, batch_last_seq)  # refused: this batch is over
             raise

@@ -31,8 +31,7 @@ def _append(store: ShardStore, count: int, subscriptions: list[int], expire_ms: 
             StoredMessage(store.next_seq(), "t", f"{ids}-{first + i}", {}, b"x", 0.0, subscriptions, expire_ms) for i in range(min(BATCH, count - first))
         ]
         dedup = [DedupEntry("t", m.message_id, expire_ms, m.seq) for m in messages]
-        store.append(messages, dedup)
-        store.count_appended(messages)
+        store.append(messages, dedup)  # counts the backlog too
         seqs.extend(m.seq for m in messages)
     return seqs
 
@@ -48,6 +47,18 @@ def test_pending_reads_one_subscription_up_to_the_durable_seq(store: ShardStore)
     assert store.pending(4, 0, 100) == []
     store.durable_seq = 8  # as while the batch with seqs 9 and 10 is being fsync'd
     assert store.pending(1, 0, 100) == [(seq, 0) for seq in range(1, 9)]
+
+
+def test_an_entry_settled_between_its_write_and_its_fsync_leaves_no_backlog(store: ShardStore) -> None:
+    """Delivery starts before the fsync, so an ack can be settled before its message's batch is durable: the
+    backlog count must come out at 0, not at 1 (subtracted first and clamped, then added)."""
+    messages = [StoredMessage(store.next_seq(), "t", f"early-{i}", {}, b"x", 0.0, [1, 2], 2**40) for i in range(3)]
+    last_seq = store.write(messages, [], [(1, m.seq) for m in messages])
+    assert store.backlog == {1: 3, 2: 3}
+    store.complete([(1, m.seq) for m in messages])  # subscription 1 acknowledged them all before the fsync
+    store.make_durable(last_seq)
+    assert store.backlog == {2: 3}
+    assert store.pending(1, 0, 10) == [] and len(store.pending(2, 0, 10)) == 3
 
 
 def test_unattempt_sets_back_only_entries_still_at_their_first_attempt(store: ShardStore) -> None:
