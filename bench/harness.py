@@ -27,6 +27,7 @@ import contextlib
 import ctypes
 import ctypes.util
 import datetime as dt
+import gc
 import math
 import multiprocessing
 import multiprocessing.connection
@@ -668,7 +669,16 @@ class Link:
         self._parent_pid = os.getppid()
 
     def send(self, kind: str, payload: Any = None) -> None:
-        """Report ``kind`` (``"ready"``, ``"done"``...) with a picklable payload."""
+        """Report ``kind`` (``"ready"``, ``"done"``...) with a picklable payload.
+
+        ``"ready"`` also freezes what the worker has built so far (modules, its
+        client and connection) out of every garbage collection, as the servers
+        do (``broker.runtime.tune_gc``): otherwise a gen-2 pass walks all of it
+        in the middle of a measurement, and its pause shows in the tail of
+        whichever system is being measured.
+        """
+        if kind == "ready":
+            gc.freeze()
         self._conn.send((kind, payload))
 
     def wait(self, kind: str, timeout_s: float | None = None) -> Any:
