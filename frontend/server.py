@@ -520,7 +520,7 @@ class FrontendServer:
                 peer.epoch = 0
                 for cursor in self.cursors.values():
                     if cursor.sender == sender_index:
-                        cursor.reset()
+                        self._reset_cursor(cursor)
                         cursor.window = 0
 
     def _sweep_retention(self) -> None:
@@ -848,6 +848,12 @@ class FrontendServer:
         if job.error is not None:
             self._finish_commit(job)
             return
+        inline = len(job.messages) <= INLINE_SYNC_MESSAGES
+        if not inline:
+            # The fsync starts now, and the job is in flight before any of it is
+            # handed out: an entry taken back meanwhile (a refused DISPATCH) is then
+            # marked as not yet visible to backlog scans (see _release).
+            self.writer.submit(job)
         # Delivery starts once the batch is written, while its fsync runs: the WAL
         # is then in the OS page cache, which a SIGKILL of any process keeps. The
         # publishers are answered only after the fsync (see docs/architecture.md,
@@ -855,10 +861,8 @@ class FrontendServer:
         if self.live_prefixes:
             self._publish_live(job.messages)
         self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan], fresh=True)
-        if len(job.messages) <= INLINE_SYNC_MESSAGES:
+        if inline:
             self._finish_commit(self.writer.sync_now(job))
-        else:
-            self.writer.submit(job)
 
     def _finish_commit(self, job: CommitJob) -> None:
         if job.error is not None:
@@ -1044,6 +1048,25 @@ class FrontendServer:
             cursor.outstanding.discard(seq)
             cursor.scanned_to = min(cursor.scanned_to, seq - 1)
             cursor.backlog = True
+            self._not_yet_scannable(sub_id, seq)
+
+    def _reset_cursor(self, cursor: SubscriptionCursor) -> None:
+        """Forget what was handed out (its sender is gone), so the backlog scan hands it all out again."""
+        cursor.reset()
+        self._not_yet_scannable(cursor.sub_id, self.store.last_seq)
+
+    def _not_yet_scannable(self, sub_id: int, seq: int) -> None:
+        """A backlog scan stops at the last durable seq: while ``seq`` is above it, keep the subscription's
+        cursor from concluding that it has caught up until the write in flight is durable.
+
+        Delivery starts before the fsync, so an entry of the batch being fsync'd
+        can be taken back (a refused DISPATCH, a restarted sender, a failed
+        dead-letter) before any scan can see it; without this the cursor would
+        pass over it for good.
+        """
+        in_flight = self.writer.in_flight
+        if in_flight is not None and seq > self.store.durable_seq:
+            in_flight.left_on_disk.add(sub_id)
 
     def _dispatch_backlogs(self) -> None:
         """Hand out stored backlog to subscriptions with credit: at most DISPATCH_PASS_LIMIT entries per pass.
@@ -1140,7 +1163,7 @@ class FrontendServer:
                 log.info("sender %d restarted; handing its deliveries out again", sender_index)
             for cursor in self.cursors.values():
                 if cursor.sender == sender_index:
-                    cursor.reset()
+                    self._reset_cursor(cursor)
             peer.epoch = epoch
         peer.last_seen = time.monotonic()
         deleted = self.store.deleted_subscriptions
@@ -1196,7 +1219,10 @@ class FrontendServer:
             self._release(sub_id, seq)
             return
         original = self.store.read_message(seq)
-        pending = self.store.pending(sub_id, seq - 1, 1)
+        # Up to seq itself, not only the durable seqs: delivery starts before the
+        # fsync, so a message can reach its last attempt while its batch is still
+        # being fsync'd (the copy is written after that batch in any case).
+        pending = self.store.pending(sub_id, seq - 1, 1, upto=seq)
         if original is None or not pending or pending[0][0] != seq:
             cursor = self.cursors.get(sub_id)
             if cursor is not None:

@@ -191,8 +191,9 @@ class ShardStore:
         self._body_bytes = 0
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
-        # The highest seq whose append has returned: backlog scans stop there, so
-        # they never hand out a message of a write whose fsync is still running.
+        # The highest seq whose fsync has returned (make_durable): backlog scans stop there, so
+        # they never read a message of a write whose fsync is still running (only the
+        # fast dispatch, from memory, hands such a message out).
         self.durable_seq: int = self.last_seq
         # The highest seq whose append has ended, written or refused. Set after
         # durable_seq, so a reader that reads this first and durable_seq second
@@ -542,7 +543,7 @@ class ShardStore:
                         holders.remove(sub_id)
                         existed.append(sub_id)
                 if not holders:
-                    fanout.pop(seq, None)  # the writer thread may have evicted it meanwhile
+                    fanout.pop(seq, None)  # an eviction may have removed it already
                     delete(_MESSAGE + pack_seq(seq))
                     cached = bodies.pop(seq, None)  # the body cache never outlives the message
                     if cached is not None:

@@ -251,6 +251,50 @@ def test_a_stuck_frontend_does_not_stop_the_other(herald: HeraldSystem) -> None:
             thread.join(30)
 
 
+def test_a_dispatch_refused_while_its_batch_is_fsyncd_is_handed_out_again(herald_factory: Callable[..., HeraldSystem], tmp_path: Path) -> None:
+    """Delivery starts before the fsync, so a DISPATCH can be refused while its own batch is still being fsync'd,
+    when no backlog scan can see its entries yet. The subscription must not conclude that it has caught up
+    and pass over them: once the sender drains again, every message arrives, with no restart of anything.
+
+    The sender is stopped for less than the 3 s after which frontends give up on it (a reset of its cursors
+    would rescan everything and hide the bug); batches of 32 messages are fsync'd on the writer thread."""
+    from clients.protocol import shard_of
+    from tests.conftest import topic_for_shard
+
+    config = tmp_path / "tiny-hwm.toml"
+    config.write_text("sndhwm = 2\nrcvhwm = 2\n")
+    herald = herald_factory("--config", str(config))
+    topic, name, batches, per_batch = topic_for_shard("refused-early.", 1), "refused-early.sub", 6, 32
+    expected = {f"{b}-{i}" for b in range(batches) for i in range(per_batch)}
+    received: set[str] = set()
+    with Client(herald.endpoint) as client:
+        client.create_topic(topic)
+        client.create_subscription(topic, name, ack_deadline=60, max_unacked=1000)
+        with client.subscribe(topic, name) as subscription:
+            client.publish(topic, b"warm")
+            warm = subscription.receive(timeout=10)
+            assert warm is not None and warm.ack()
+            pid = herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
+            stopped_at = time.monotonic()
+            try:
+                for b in range(batches):
+                    client.publish_batch(topic, [(bytes(32 * 1024), None, f"{b}-{i}") for i in range(per_batch)])
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert time.monotonic() - stopped_at < 2.5, "publishing took too long: the frontend may have reset the sender's cursors"
+
+            def all_arrived() -> bool:
+                message = subscription.receive(timeout=0.5)
+                while message is not None:
+                    if message.id in expected:
+                        received.add(message.id)
+                    message.ack_nowait()
+                    message = subscription.receive(timeout=0.05)
+                return received == expected
+
+            wait_for(all_arrived, timeout=30, interval=0, message=f"every message delivered ({len(expected)})")
+
+
 def test_a_refused_dispatch_loses_nothing_and_is_not_an_attempt(herald_factory: Callable[..., HeraldSystem], tmp_path: Path) -> None:
     """docs/operations.md, high-water marks: when a sender's intake is full, a frontend's
     DISPATCH is refused and its entries stay on disk. Only what a sender took counts as an
