@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from clients import Client
+from clients import Client, Subscription
 from tests.chaos import FAULT_KINDS, FaultHarness, Report
 from tests.conftest import HeraldSystem, stored_messages, wait_for
 
@@ -251,6 +251,25 @@ def test_a_stuck_frontend_does_not_stop_the_other(herald: HeraldSystem) -> None:
             thread.join(30)
 
 
+def _tiny_hwm_herald(herald_factory: Callable[..., HeraldSystem], tmp_path: Path, **options: object) -> HeraldSystem:
+    """A system whose sockets queue at most 2 messages, so a stopped sender's intake fills at once."""
+    config = tmp_path / "tiny-hwm.toml"
+    config.write_text("sndhwm = 2\nrcvhwm = 2\n")
+    return herald_factory("--config", str(config), **options)
+
+
+@contextlib.contextmanager
+def _warmed_subscription(client: Client, topic: str, name: str, max_unacked: int) -> Iterator[Subscription]:
+    """Create ``topic`` and subscription ``name``, subscribe, and see one message through, so the consumer is attached and credited."""
+    client.create_topic(topic)
+    client.create_subscription(topic, name, ack_deadline=60, max_unacked=max_unacked)
+    with client.subscribe(topic, name) as subscription:
+        client.publish(topic, b"warm")
+        warm = subscription.receive(timeout=10)
+        assert warm is not None and warm.ack()
+        yield subscription
+
+
 def test_a_dispatch_refused_while_its_batch_is_fsyncd_is_handed_out_again(herald_factory: Callable[..., HeraldSystem], tmp_path: Path) -> None:
     """Delivery starts before the fsync, so a DISPATCH can be refused while its own batch is still being fsync'd,
     when no backlog scan can see its entries yet. The subscription must not conclude that it has caught up
@@ -261,38 +280,30 @@ def test_a_dispatch_refused_while_its_batch_is_fsyncd_is_handed_out_again(herald
     from clients.protocol import shard_of
     from tests.conftest import topic_for_shard
 
-    config = tmp_path / "tiny-hwm.toml"
-    config.write_text("sndhwm = 2\nrcvhwm = 2\n")
-    herald = herald_factory("--config", str(config))
+    herald = _tiny_hwm_herald(herald_factory, tmp_path)
     topic, name, batches, per_batch = topic_for_shard("refused-early.", 1), "refused-early.sub", 6, 32
     expected = {f"{b}-{i}" for b in range(batches) for i in range(per_batch)}
     received: set[str] = set()
-    with Client(herald.endpoint) as client:
-        client.create_topic(topic)
-        client.create_subscription(topic, name, ack_deadline=60, max_unacked=1000)
-        with client.subscribe(topic, name) as subscription:
-            client.publish(topic, b"warm")
-            warm = subscription.receive(timeout=10)
-            assert warm is not None and warm.ack()
-            pid = herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            try:
-                for b in range(batches):
-                    client.publish_batch(topic, [(bytes(32 * 1024), None, f"{b}-{i}") for i in range(per_batch)])
-            finally:
-                os.kill(pid, signal.SIGCONT)
-            assert time.monotonic() - stopped_at < 2.5, "publishing took too long: the frontend may have reset the sender's cursors"
+    with Client(herald.endpoint) as client, _warmed_subscription(client, topic, name, max_unacked=1000) as subscription:
+        pid = herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        try:
+            for b in range(batches):
+                client.publish_batch(topic, [(bytes(32 * 1024), None, f"{b}-{i}") for i in range(per_batch)])
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() - stopped_at < 2.5, "publishing took too long: the frontend may have reset the sender's cursors"
 
-            def all_arrived() -> bool:
-                message = subscription.receive(timeout=0.5)
-                while message is not None:
-                    if message.id in expected:
-                        received.add(message.id)
-                    message.ack_nowait()
-                    message = subscription.receive(timeout=0.05)
-                return received == expected
+        def all_arrived() -> bool:
+            message = subscription.receive(timeout=0.5)
+            while message is not None:
+                if message.id in expected:
+                    received.add(message.id)
+                message.ack_nowait()
+                message = subscription.receive(timeout=0.05)
+            return received == expected
 
-            wait_for(all_arrived, timeout=30, interval=0, message=f"every message delivered ({len(expected)})")
+        wait_for(all_arrived, timeout=30, interval=0, message=f"every message delivered ({len(expected)})")
 
 
 def test_a_refused_dispatch_loses_nothing_and_is_not_an_attempt(herald_factory: Callable[..., HeraldSystem], tmp_path: Path) -> None:
@@ -309,39 +320,31 @@ def test_a_refused_dispatch_loses_nothing_and_is_not_an_attempt(herald_factory: 
     from clients.protocol import shard_of
     from tests.conftest import topic_for_shard
 
-    config = tmp_path / "tiny-hwm.toml"
-    config.write_text("sndhwm = 2\nrcvhwm = 2\n")
     data_dir = tmp_path / "data"
-    herald = herald_factory("--config", str(config), data_dir=data_dir)
+    herald = _tiny_hwm_herald(herald_factory, tmp_path, data_dir=data_dir)
     topic, name, count = topic_for_shard("refused.", 1), "refused.sub", 128
     payloads = [i.to_bytes(4, "big") * (32 * 1024) for i in range(count)]
-    with Client(herald.endpoint) as client:
-        client.create_topic(topic)
-        client.create_subscription(topic, name, ack_deadline=60, max_unacked=100)
-        with client.subscribe(topic, name) as subscription:
-            client.publish(topic, b"warm")
-            warm = subscription.receive(timeout=10)
-            assert warm is not None and warm.ack()
-            herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
-            stopped_at = time.monotonic()
-            for payload in payloads:
-                client.publish(topic, payload)
-            assert time.monotonic() - stopped_at < 2.5, "publishing took too long to fill the intake before the 3 s sender timeout"
-            # Wait until the owning frontend has given up on the stopped sender (3 s) and its
-            # counters stand still over two snapshots: then nothing more is taken before the kill.
-            seen: list[tuple[int, int, float]] = []
+    with Client(herald.endpoint) as client, _warmed_subscription(client, topic, name, max_unacked=100) as subscription:
+        herald.kill_child(f"sender-{shard_of(name, 2)}", signal.SIGSTOP)
+        stopped_at = time.monotonic()
+        for payload in payloads:
+            client.publish(topic, payload)
+        assert time.monotonic() - stopped_at < 2.5, "publishing took too long to fill the intake before the 3 s sender timeout"
+        # Wait until the owning frontend has given up on the stopped sender (3 s) and its
+        # counters stand still over two snapshots: then nothing more is taken before the kill.
+        seen: list[tuple[int, int, float]] = []
 
-            def settled() -> tuple[int, int] | None:
-                snapshot = read_snapshots(str(data_dir)).get("frontend-1", {})
-                counts = (snapshot.get("dispatched", 0), snapshot.get("dispatches_refused", 0), snapshot.get("written_at", 0.0))
-                if not seen or seen[-1][2] != counts[2]:
-                    seen.append(counts)
-                quiet = len(seen) >= 3 and seen[-1][:2] == seen[-2][:2] == seen[-3][:2] and seen[-3][2] > stopped_at_wall + 3.5
-                return counts[:2] if quiet and counts[1] > 0 else None
+        def settled() -> tuple[int, int] | None:
+            snapshot = read_snapshots(str(data_dir)).get("frontend-1", {})
+            counts = (snapshot.get("dispatched", 0), snapshot.get("dispatches_refused", 0), snapshot.get("written_at", 0.0))
+            if not seen or seen[-1][2] != counts[2]:
+                seen.append(counts)
+            quiet = len(seen) >= 3 and seen[-1][:2] == seen[-2][:2] == seen[-3][:2] and seen[-3][2] > stopped_at_wall + 3.5
+            return counts[:2] if quiet and counts[1] > 0 else None
 
-            stopped_at_wall = time.time() - (time.monotonic() - stopped_at)
-            taken, refused = wait_for(settled, timeout=15, interval=0.2, message="refused DISPATCHes, then quiet counters")
-            herald.kill_all()
+        stopped_at_wall = time.time() - (time.monotonic() - stopped_at)
+        taken, refused = wait_for(settled, timeout=15, interval=0.2, message="refused DISPATCHes, then quiet counters")
+        herald.kill_all()
     herald = herald_factory(data_dir=data_dir)
     attempts: dict[bytes, int] = {}
     with Client(herald.endpoint) as client, client.subscribe(topic, name) as subscription:
