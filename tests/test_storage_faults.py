@@ -221,25 +221,36 @@ def _message(store: ShardStore, message_id: str) -> StoredMessage:
     return StoredMessage(store.next_seq(), "topic", message_id, {}, b"payload", time.time(), [_SUBSCRIPTION], int((time.time() + 60) * 1000))
 
 
-@pytest.fixture
-def fail_one_wal_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """LD_PRELOAD every Herald process with tests/fail_wal_fsync.c; returns the trigger file to create.
-
-    Creating the file makes the next fsync of a frontend's WAL fail with EIO, once.
-    """
+def _fsync_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build tests/fail_wal_fsync.c and LD_PRELOAD it into every Herald process started afterwards."""
     library = tmp_path / "fail_wal_fsync.so"
     try:
         built = subprocess.run(
             ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(PROJECT_ROOT / "tests" / "fail_wal_fsync.c"), "-ldl"], capture_output=True, timeout=60
         )
     except FileNotFoundError:
-        pytest.skip("gcc is not installed: cannot build the fsync-failing shim")
+        pytest.skip("gcc is not installed: cannot build the fsync shim")
     if built.returncode != 0:
-        pytest.skip(f"cannot build the fsync-failing shim: {built.stderr.decode().strip()}")
-    trigger = tmp_path / "fail-next-wal-fsync"
+        pytest.skip(f"cannot build the fsync shim: {built.stderr.decode().strip()}")
     monkeypatch.setenv("LD_PRELOAD", str(library))
+
+
+@pytest.fixture
+def fail_one_wal_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The trigger file to create: then the next fsync of a frontend's WAL fails with EIO, once."""
+    _fsync_shim(tmp_path, monkeypatch)
+    trigger = tmp_path / "fail-next-wal-fsync"
     monkeypatch.setenv("HERALD_TEST_FSYNC_FAIL_TRIGGER", str(trigger))
     return trigger
+
+
+@pytest.fixture
+def hold_wal_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The file to create: while it exists, every fsync of a frontend's WAL waits (a written batch stays not yet durable)."""
+    _fsync_shim(tmp_path, monkeypatch)
+    hold = tmp_path / "hold-wal-fsyncs"
+    monkeypatch.setenv("HERALD_TEST_FSYNC_HOLD", str(hold))
+    return hold
 
 
 def test_a_failed_wal_fsync_restarts_the_frontend_and_loses_nothing_acknowledged(herald_factory: Callable[..., HeraldSystem], fail_one_wal_fsync: Path) -> None:
@@ -285,6 +296,61 @@ def test_a_failed_wal_fsync_after_early_delivery_loses_nothing_acknowledged(hera
     assert "could not be fsync'd" in log and "exited with code 1; restarting" in log, log[-3000:]
     assert sorted(acked) == sorted(published)
     assert received <= published, f"delivered ids that were never published: {sorted(received - published)[:5]}"
+
+
+def test_a_message_dead_lettered_before_its_batch_is_durable_is_copied(herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path) -> None:
+    """Delivery starts before the fsync, so a message can run out of attempts while its own batch is still being
+    fsync'd. The DEAD that follows must find its pending entry (a backlog scan cannot see it yet) and copy it to the
+    dead-letter topic, not take it for settled: every message is copied once the fsync returns, and none comes back."""
+    from broker.metrics import read_snapshots
+    from clients.protocol import shard_of
+
+    herald = herald_factory()
+    topic, name, count = "dead.early", "dead.early.sub", 32  # more than 16: fsync'd on the writer thread, the poll loop runs on
+    dead_topic = f"{name}.dead"
+    sender = f"sender-{shard_of(name, 2)}"
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic(topic)
+        client.create_topic(dead_topic)
+        client.create_subscription(dead_topic, "dead.early.copies")
+        client.create_subscription(topic, name, ack_deadline=60, max_attempts=1)
+        with client.subscribe(topic, name) as subscription, client.subscribe(dead_topic, "dead.early.copies") as copies:
+            client.publish(topic, b"warm")  # attached and credited: the batch below goes out by the fast path
+            warm = subscription.receive(timeout=10)
+            assert warm is not None and warm.ack()
+            hold_wal_fsyncs.touch()
+            acked: list[str] = []
+            publishing = threading.Thread(target=lambda: _publish_ids(herald.endpoint, topic, [f"m-{i}" for i in range(count)], acked))
+            publishing.start()
+            try:
+                delivered = []
+                while len(delivered) < count:
+                    message = subscription.receive(timeout=10)
+                    assert message is not None, f"only {len(delivered)} of {count} delivered before the fsync"
+                    delivered.append(message)
+                for message in delivered:
+                    message.nack()  # its last attempt: the sender sends the frontend a DEAD
+                wait_for(lambda: read_snapshots(str(herald.data_dir)).get(sender, {}).get("dead_lettered", 0) >= count, timeout=15, message="DEADs sent")
+                time.sleep(0.5)  # the DEADs reach the frontend while the fsync is still held
+                assert publishing.is_alive() and not acked, "the batch was answered before its fsync was released"
+            finally:
+                hold_wal_fsyncs.unlink()
+                publishing.join(30)
+            assert sorted(acked) == sorted(f"m-{i}" for i in range(count))
+            copied: set[str] = set()
+            while len(copied) < count:
+                copy = copies.receive(timeout=15)
+                assert copy is not None, f"{count - len(copied)} of {count} dead-lettered messages were never copied\n{herald.log_tail()}"
+                copied.add(copy.attributes["herald.original_id"])
+                copy.ack_nowait()
+            assert copied == set(acked)
+            again = subscription.receive(timeout=2)
+            assert again is None, f"{again.id if again else ''} came back after it was dead-lettered"
+
+
+def _publish_ids(endpoint: str, topic: str, ids: list[str], acked: list[str]) -> None:
+    with Client(endpoint, timeout=60) as client:
+        acked.extend(client.publish_batch(topic, [(b"m", None, message_id) for message_id in ids]))
 
 
 def test_a_dead_letter_copy_that_cannot_be_written_hands_the_original_out_again(herald_factory: Callable[..., HeraldSystem], small_disk: Path) -> None:
