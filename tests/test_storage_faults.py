@@ -221,8 +221,9 @@ def _message(store: ShardStore, message_id: str) -> StoredMessage:
     return StoredMessage(store.next_seq(), "topic", message_id, {}, b"payload", time.time(), [_SUBSCRIPTION], int((time.time() + 60) * 1000))
 
 
-def _fsync_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Build tests/fail_wal_fsync.c and LD_PRELOAD it into every Herald process started afterwards."""
+def _fsync_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, name: str) -> Path:
+    """Build tests/fail_wal_fsync.c, LD_PRELOAD it into every Herald process started afterwards, and point the
+    shim's ``variable`` at ``tmp_path / name``: the file a test creates to act."""
     library = tmp_path / "fail_wal_fsync.so"
     try:
         built = subprocess.run(
@@ -233,24 +234,21 @@ def _fsync_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     if built.returncode != 0:
         pytest.skip(f"cannot build the fsync shim: {built.stderr.decode().strip()}")
     monkeypatch.setenv("LD_PRELOAD", str(library))
+    trigger = tmp_path / name
+    monkeypatch.setenv(variable, str(trigger))
+    return trigger
 
 
 @pytest.fixture
 def fail_one_wal_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """The trigger file to create: then the next fsync of a frontend's WAL fails with EIO, once."""
-    _fsync_shim(tmp_path, monkeypatch)
-    trigger = tmp_path / "fail-next-wal-fsync"
-    monkeypatch.setenv("HERALD_TEST_FSYNC_FAIL_TRIGGER", str(trigger))
-    return trigger
+    """The file to create: then the next fsync of a frontend's WAL fails with EIO, once."""
+    return _fsync_shim(tmp_path, monkeypatch, "HERALD_TEST_FSYNC_FAIL_TRIGGER", "fail-next-wal-fsync")
 
 
 @pytest.fixture
 def hold_wal_fsyncs(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """The file to create: while it exists, every fsync of a frontend's WAL waits (a written batch stays not yet durable)."""
-    _fsync_shim(tmp_path, monkeypatch)
-    hold = tmp_path / "hold-wal-fsyncs"
-    monkeypatch.setenv("HERALD_TEST_FSYNC_HOLD", str(hold))
-    return hold
+    return _fsync_shim(tmp_path, monkeypatch, "HERALD_TEST_FSYNC_HOLD", "hold-wal-fsyncs")
 
 
 def test_a_failed_wal_fsync_restarts_the_frontend_and_loses_nothing_acknowledged(herald_factory: Callable[..., HeraldSystem], fail_one_wal_fsync: Path) -> None:
