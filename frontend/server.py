@@ -1032,7 +1032,7 @@ class FrontendServer:
             for sub_id, seq in refused:
                 self._release(sub_id, seq)
             # Only what a sender took is an attempt. A new message's entry was
-            # stored as attempt 1 with the message (see ShardStore.append): set it
+            # stored as attempt 1 with the message (see ShardStore.write): set it
             # back to 0, so that its first delivery is still attempt 1. (A backlog
             # entry's count is raised only once a sender took it.)
             if fresh:

@@ -157,7 +157,7 @@ class ShardStore:
 
     Args:
         path: the shard's folder.
-        sync: fsync the WAL before :meth:`append` returns (the durable default).
+        sync: fsync the WAL in :meth:`make_durable`, as :meth:`append` does (the durable default).
     """
 
     def __init__(self, path: Path, *, sync: bool = True) -> None:
@@ -470,7 +470,7 @@ class ShardStore:
     def unattempt(self, entries: Iterable[tuple[int, int]]) -> int:
         """Set (subscription id, seq) entries stored as attempt 1 back to 0 (never attempted).
 
-        For new messages whose first DISPATCH a sender refused: :meth:`append`
+        For new messages whose first DISPATCH a sender refused: :meth:`write`
         stored them as attempt 1. An entry with any other count, or none (settled
         meanwhile), is left as it is: this must never lower a count that a
         delivery already used. Not fsync'd, like :meth:`record_attempts`.
