@@ -282,6 +282,8 @@ def _checked_path(key: str, value: Any, base: Path, fail: Any) -> str:
         if not path.is_dir():
             raise fail(key, f"{key} = {value!r}: {path} is not a folder")
         return str(path)
+    if not path.is_file():
+        raise fail(key, f"{key} = {value!r} does not exist: no file at {path} (`herald keys generate DIR` writes server.key_secret there)")
     try:
         import zmq.auth
 

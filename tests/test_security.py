@@ -86,6 +86,16 @@ def test_requests_without_a_valid_token_are_refused(secured: HeraldSystem) -> No
         raw.close()
 
 
+def test_status_without_a_token_reports_the_server_up_and_asks_for_one(secured: HeraldSystem) -> None:
+    """PING needs no token, so `herald status` is a usable health check on a secured server."""
+    anonymous = run_cli("--endpoint", secured.endpoint, "status")
+    assert anonymous.returncode == 0, anonymous.stderr
+    assert "up, ping" in anonymous.stdout and "details need a token: unauthenticated" in anonymous.stdout
+    with_token = run_cli("--endpoint", secured.endpoint, "--token", ADMIN_TOKEN, "status")
+    assert with_token.returncode == 0, with_token.stderr
+    assert "durability" in with_token.stdout and "details need a token" not in with_token.stdout
+
+
 def test_permissions_are_per_topic_prefix_and_admin(secured: HeraldSystem) -> None:
     with Client(secured.endpoint, token=ORDERS_TOKEN) as orders:
         assert orders.publish("orders.eu", b"ok")
@@ -230,6 +240,7 @@ def test_an_open_server_says_so(herald: HeraldSystem) -> None:
         ),
         ('[[credentials]]\nname = "a"\ntoken = "0123456789abcdef0"\npublish = "orders."\n', ":4: credential 'a': publish must be a list"),
         ('[[credentials]]\nname = "a"\ntoken = "0123456789abcdef0"\nsecret = 1\n', ":4: unknown credential key 'secret'"),
+        ('max_topics = 10\ncurve_secret_key_file = "keys/server.key_secret"\n', ":2: curve_secret_key_file = 'keys/server.key_secret' does not exist"),
     ],
 )
 def test_config_check_names_the_line(tmp_path: Path, text: str, expected: str) -> None:
