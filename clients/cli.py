@@ -340,7 +340,7 @@ def _status(client: Client, out: TextIO, err: TextIO) -> int:
             return EXIT_ERROR
         # PING stays open on a server with credentials (for health checks); the rest needs a token.
         out.write(f"herald at {client.endpoint}: up, ping {rtt * 1000:.2f} ms\n")
-        out.write(f"  (details need a token: {error.code}: {error.message}; pass --token or set HERALD_TOKEN)\n")
+        out.write(f"  (details need a token: {error.code}; pass --token or set HERALD_TOKEN)\n")
         return EXIT_OK
     endpoints = info.get("endpoints") or {}
     senders = endpoints.get("senders") or []
