@@ -391,6 +391,8 @@ def test_bad_consumer_messages_get_errors_and_the_sender_keeps_serving(herald: H
     try:
         consumer.attach()
         consumer.send_raw([b"garbage"])
+        # A verb that is not in the protocol is dropped unanswered, like a header that is not JSON.
+        consumer.send_raw([SIGNATURE, b"FROB", b"q0", orjson.dumps({"subscription": "robust-sub", "consumer": "prober"})])
         consumer.send_raw([SIGNATURE, b"ACK", b"q1", b"{not json"])
         consumer.send_raw(encode(Command.ACK, b"q2", {"subscription": "robust-sub", "consumer": "prober", "acks": [["nonsense", 1]]}))
         consumer.send_raw(encode(Command.DISPATCH, b"q3", {"subscription": "robust-sub", "consumer": "prober"}))
@@ -412,3 +414,28 @@ def test_bad_consumer_messages_get_errors_and_the_sender_keeps_serving(herald: H
         assert consumer.ack([(header["ref"], 1)]) == ["ok"]
     finally:
         consumer.close()
+
+
+def test_attach_to_an_unknown_subscription_is_answered_by_name_hash_first(herald: HeraldSystem, raw: RawClient) -> None:
+    """The sender a name hashes to answers subscription_not_found; any other sender names the right one."""
+    senders = raw.request(Command.INFO).header["endpoints"]["senders"]
+    assert len(senders) >= 2, "the fixture runs two senders"
+    name = "no-such-subscription"
+    owner = protocol.shard_of(name, len(senders))
+    answers = {}
+    for index, endpoints in enumerate(senders):
+        consumer = NativeConsumer({"name": name, "endpoints": endpoints}, f"lost-{index}")
+        try:
+            deadline = time.monotonic() + 10
+            while index not in answers and time.monotonic() < deadline:
+                # Resent until answered: the SUB socket's subscription may not have reached the sender yet.
+                consumer.send_raw(encode(Command.ATTACH, b"a", {"subscription": name, "consumer": f"lost-{index}", "ready": False}))
+                frames = consumer.next_frames(0.3)
+                if frames is not None and frames.command is Command.ERROR:
+                    answers[index] = (frames.header["code"], frames.header["message"])
+        finally:
+            consumer.close()
+    assert answers[owner][0] == "subscription_not_found", answers
+    for index, (code, message) in answers.items():
+        if index != owner:
+            assert code == "invalid_header" and f"served by sender {owner}" in message, answers

@@ -346,6 +346,45 @@ def test_a_message_dead_lettered_before_its_batch_is_durable_is_copied(herald_fa
             assert again is None, f"{again.id if again else ''} came back after it was dead-lettered"
 
 
+def test_the_live_feed_carries_a_message_before_its_publish_is_acknowledged(herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path) -> None:
+    """docs/protocol.md §8: a live MESSAGE goes out once its batch is written, before the fsync and the publisher's OK."""
+    import zmq
+
+    from clients.protocol import decode, live_topic_frame
+
+    herald = herald_factory()
+    topic = "live.early"
+    context: zmq.Context[Any] = zmq.Context()
+    reader = context.socket(zmq.SUB)
+    reader.setsockopt(zmq.SUBSCRIBE, live_topic_frame(topic))
+    try:
+        with Client(herald.endpoint, timeout=30) as client:
+            client.create_topic(topic)
+            reader.connect(client.info()["endpoints"]["live"])
+            wait_for(lambda: bool(client.publish(topic, b"probe")) and bool(reader.poll(200)), timeout=10, message="the live subscription propagated")
+            while reader.poll(300):
+                reader.recv_multipart()
+        hold_wal_fsyncs.touch()
+        acked: list[str] = []
+        publishing = threading.Thread(target=lambda: _publish_ids(herald.endpoint, topic, [f"early-{i}" for i in range(4)], acked))
+        publishing.start()
+        try:
+            seen: list[str] = []
+            deadline = time.monotonic() + 10
+            while len(seen) < 4 and time.monotonic() < deadline:
+                if reader.poll(200):
+                    seen.extend(entry["id"] for entry in decode(reader.recv_multipart()[1:]).header["messages"])
+            assert sorted(seen) == [f"early-{i}" for i in range(4)], f"live feed while the fsync is held: {seen}"
+            assert publishing.is_alive() and not acked, "the publish was answered before its fsync was released"
+        finally:
+            hold_wal_fsyncs.unlink()
+            publishing.join(30)
+        assert sorted(acked) == [f"early-{i}" for i in range(4)]
+    finally:
+        reader.close(0)
+        context.term()
+
+
 def _publish_ids(endpoint: str, topic: str, ids: list[str], acked: list[str]) -> None:
     with Client(endpoint, timeout=60) as client:
         acked.extend(client.publish_batch(topic, [(b"m", None, message_id) for message_id in ids]))
