@@ -29,7 +29,7 @@ from collections import Counter, OrderedDict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import Final
 
 import orjson
 from rocksdict import BlockBasedOptions, Cache, Options, Rdict, ReadOptions, WriteBatch, WriteOptions
@@ -57,6 +57,7 @@ _DEDUP: Final = b"D"
 _EXPIRY: Final = b"E"
 _DEDUP_EXPIRY: Final = b"F"
 _LAST_SEQ: Final = b"Z"
+_MESSAGE_KEY: Final = struct.Struct(">1sQ")  # _MESSAGE, seq
 BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)
 BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its encoded bytes
 SUBSCRIPTION_ID_BYTES: Final = 40  # one id in a decoded message's subscription list
@@ -86,16 +87,6 @@ class StoredMessage:
     subscriptions: list[int]
     expire_ms: int
 
-    def header(self) -> dict[str, Any]:
-        return {
-            "topic": self.topic,
-            "id": self.message_id,
-            "attributes": self.attributes,
-            "ts": self.timestamp,
-            "subs": self.subscriptions,
-            "exp": self.expire_ms,
-        }
-
 
 @dataclass(slots=True)
 class _Purge:
@@ -115,7 +106,7 @@ class DedupEntry:
 
 
 def _message_key(seq: int) -> bytes:
-    return _MESSAGE + _U64.pack(seq)
+    return _MESSAGE_KEY.pack(_MESSAGE, seq)
 
 
 def _pending_key(sub_id: int, seq: int) -> bytes:
@@ -133,7 +124,17 @@ def _prefix_end(prefix: bytes) -> bytes:
 
 
 def encode_message(message: StoredMessage) -> bytes:
-    header = orjson.dumps(message.header())
+    # A dict literal, not a method building it: this runs for every message stored.
+    header = orjson.dumps(
+        {
+            "topic": message.topic,
+            "id": message.message_id,
+            "attributes": message.attributes,
+            "ts": message.timestamp,
+            "subs": message.subscriptions,
+            "exp": message.expire_ms,
+        }
+    )
     return _U32.pack(len(header)) + header + message.payload
 
 
@@ -319,9 +320,10 @@ class ShardStore:
             # message with one subscription and an id cost 5.5 us in the write, grouped
             # 3.7 us (batches of 200, measured here with rocksdict).
             seqs_of: dict[int, list[int]] = {}
+            put, message_key = batch.put, _MESSAGE_KEY.pack
             for message in messages:
                 seq = message.seq
-                batch.put(_message_key(seq), encode_message(message))
+                put(message_key(_MESSAGE, seq), encode_message(message))
                 fanout[seq] = list(message.subscriptions)  # complete() narrows it in place
                 expiring.setdefault(message.expire_ms, []).append(seq)
                 for sub_id in message.subscriptions:
