@@ -320,7 +320,7 @@ class ShardStore:
             # message with one subscription and an id cost 5.5 us in the write, grouped
             # 3.7 us (batches of 200, measured here with rocksdict).
             seqs_of: dict[int, list[int]] = {}
-            put, message_key = batch.put, _MESSAGE_KEY.pack
+            put, message_key = batch.put, _MESSAGE_KEY.pack  # _message_key without a call per message
             for message in messages:
                 seq = message.seq
                 put(message_key(_MESSAGE, seq), encode_message(message))

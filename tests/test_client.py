@@ -21,6 +21,8 @@ def test_topics_round_trip(herald: HeraldSystem) -> None:
         created = client.create_topic("shop.orders", retention=3600)
         assert created["name"] == "shop.orders"
         assert client.create_topic("shop.orders", exist_ok=True)["name"] == "shop.orders"
+        # README: exist_ok returns an existing topic unchanged, even with other settings.
+        assert client.create_topic("shop.orders", exist_ok=True, retention=60)["settings"]["retention"] == 3600
         with pytest.raises(HeraldError) as excinfo:
             client.create_topic("shop.orders")
         assert excinfo.value.code == "topic_exists"

@@ -62,3 +62,12 @@ def test_other_clients_get_no_answer(curve_herald: tuple[HeraldSystem, Path], wh
         client.list_topics()
     assert refused.value.code == "timeout"
     assert all(child["running"] and child["restarts"] == 0 for child in herald.status()["children"])
+
+
+def test_the_servers_own_key_pair_is_always_admitted(curve_herald: tuple[HeraldSystem, Path]) -> None:
+    """docs/operations.md warns that the server's key pair gets in without being on the allow list (the launcher's
+    health PING uses it), so it must never be handed out as a client key."""
+    herald, keys = curve_herald
+    server_pair = CurveKeys.from_files(str(keys / "server.key"), str(keys / "server.key_secret"))
+    with Client(herald.endpoint, timeout=5.0, curve=server_pair) as client:
+        assert client.list_topics() == []
