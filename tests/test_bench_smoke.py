@@ -61,3 +61,11 @@ def test_store_floor_records_every_due_message_and_cleans_up(tmp_path: Path) -> 
     assert 1 <= len(floor.appends) <= 100  # one per group commit
     assert floor.achieved_msg_per_s > 0
     assert not list(tmp_path.iterdir())  # its temporary shard is gone
+
+
+def test_microbenchmarks_still_run() -> None:
+    """bench/test_micro.py is outside the default test paths: run each of its benchmarks once (timing off), so a changed hot path cannot leave it broken."""
+    command = [sys.executable, "-m", "pytest", "-q", "bench/test_micro.py", "--benchmark-disable", "-p", "no:cacheprovider"]
+    env = dict(os.environ, PYTHONPATH=str(PROJECT_ROOT))
+    done = subprocess.run(command, cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert done.returncode == 0, f"exit code {done.returncode}\nstdout:\n{done.stdout[-4000:]}\nstderr:\n{done.stderr[-2000:]}"
