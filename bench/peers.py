@@ -448,6 +448,11 @@ class Publisher(Protocol):
 
     async def publish_batch(self, channel: str, payloads: list[bytes]) -> None: ...
 
+    async def publish_each(self, channel: str, payloads: list[bytes]) -> None:
+        """The open-loop pacer's call: messages that came due, each published as an application publishing one
+        message at a time would (for the peers the same requests as :meth:`publish_batch`)."""
+        ...
+
     async def close(self) -> None: ...
 
 
@@ -460,7 +465,9 @@ class Consumer(Protocol):
 
 
 class HeraldPublisher:
-    """``AsyncClient.publish_batch``: one PUBLISH request per batch, acknowledged after its group commit's fsync."""
+    """``AsyncClient.publish_batch``: one PUBLISH request per batch, acknowledged after its group commit's fsync.
+    Paced messages go through ``AsyncClient.publish``, which gathers concurrent publishes of a topic into one
+    request (those of one event-loop pass, and those made while PUBLISHES_IN_FLIGHT requests are out)."""
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
@@ -468,6 +475,10 @@ class HeraldPublisher:
 
     async def publish_batch(self, channel: str, payloads: list[bytes]) -> None:
         await self.client.publish_batch(channel, payloads)
+
+    async def publish_each(self, channel: str, payloads: list[bytes]) -> None:
+        publish = self.client.publish
+        await asyncio.gather(*(publish(channel, payload) for payload in payloads))
 
     async def close(self) -> None:
         await self.client.close()
@@ -575,6 +586,9 @@ class ZmqPublisher:
         for data in payloads:
             send_frames(sock, [*head, data])
 
+    async def publish_each(self, channel: str, payloads: list[bytes]) -> None:
+        await self.publish_batch(channel, payloads)
+
     async def close(self) -> None:
         self.socket.close(0)
         self.context.term()
@@ -592,6 +606,9 @@ class NatsPublisher:
         publish = self.stream.publish_async
         futures = [await publish(channel, data) for data in payloads]
         await asyncio.gather(*futures)
+
+    async def publish_each(self, channel: str, payloads: list[bytes]) -> None:
+        await self.publish_batch(channel, payloads)
 
     async def close(self) -> None:
         await self.connection.close()
@@ -656,6 +673,9 @@ class RedisPublisher:
         for data in payloads:
             pipe.xadd(channel, {REDIS_FIELD: data})
         await pipe.execute()
+
+    async def publish_each(self, channel: str, payloads: list[bytes]) -> None:
+        await self.publish_batch(channel, payloads)
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -120,7 +120,7 @@ async def _paced(publisher: Publisher, order: dict[str, Any], size: int) -> dict
 
     async def publish(batch: list[tuple[int, int]]) -> None:
         try:
-            await publisher.publish_batch(channel, [payload(MEASURED, base + k, size, due) for k, due in batch])
+            await publisher.publish_each(channel, [payload(MEASURED, base + k, size, due) for k, due in batch])
             acked = now_ns()
             for k, due in batch:
                 if k >= warmup:

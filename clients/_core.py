@@ -81,6 +81,13 @@ RETRY_PAUSE_MAX_S: Final = 1.0
 # Largest payload total of one PUBLISH request built by publish_batch; bigger
 # batches are split (the count limit is protocol.MAX_BATCH_MESSAGES).
 PUBLISH_BATCH_BYTES: Final = 32 * 1024 * 1024
+# AsyncClient.publish sends at most this many coalesced PUBLISH requests per topic
+# at once; later publishes gather into the next request until one returns. The
+# server commits whatever arrived during an fsync in one batch, so more requests
+# in flight only add per-request work: at 10,000 one-message publishes a second
+# the publish->deliver p99 was 7-11 ms with 4 and 133-203 ms without a limit, and
+# at 2,000/s the same within the noise (bench/README.md, thirteenth round).
+PUBLISHES_IN_FLIGHT: Final = 4
 # Header budget of one PUBLISH: below the server's MAX_HEADER_BYTES with room for the envelope.
 PUBLISH_HEADER_BYTES: Final = MAX_HEADER_BYTES - 64 * 1024
 # Message ids a consumer remembers as acknowledged, to drop their redeliveries.

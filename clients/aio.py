@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+from collections import Counter
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar, cast
@@ -28,6 +29,7 @@ from clients._core import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
     PUBLISH_BATCH_BYTES,
+    PUBLISHES_IN_FLIGHT,
     AsyncMessage,
     Call,
     ClientCounters,
@@ -318,6 +320,7 @@ class AsyncClient:
         self._counters = ClientCounters()
         self._subscriptions: set[AsyncSubscription] = set()
         self._batches: dict[str, _Coalesced] = {}
+        self._publishing: Counter[str] = Counter()  # coalesced PUBLISH requests in flight, per topic
         self._batch_tasks: set[asyncio.Task[None]] = set()
         self._closed = False
 
@@ -427,10 +430,10 @@ class AsyncClient:
         future: asyncio.Future[PublishId] = loop.create_future()
         batch = self._batches.get(topic)
         if batch is not None and not batch.fits(item):
-            self._flush_batch(topic, batch)
+            self._flush_batch(topic, batch, full=True)
             batch = None
         if batch is None:
-            batch = self._batches[topic] = _Coalesced()
+            batch = self._batches[topic] = _Coalesced(loop.time())
             loop.call_soon(self._flush_batch, topic, batch)
         batch.add(item, future)
         return await future
@@ -554,13 +557,15 @@ class AsyncClient:
 
     # ------------------------------------------------------------------ plumbing
 
-    async def _request(self, call: Call[T]) -> T:
+    async def _request(self, call: Call[T], *, since: float | None = None) -> T:
+        """Send ``call`` and await its reply, resending on the attempt schedule, for at most
+        ``timeout`` seconds from ``since`` (the loop's clock; default now)."""
         if self._closed:
             raise closed_error(repr(self))
         loop = asyncio.get_running_loop()
         io = self._io
         io.start(loop)
-        deadline = loop.time() + self.timeout
+        deadline = (loop.time() if since is None else since) + self.timeout
         request_ids: list[bytes] = []
         # A late reply to an earlier attempt is as good as one to the latest.
         future: asyncio.Future[Frames] = loop.create_future()
@@ -609,18 +614,43 @@ class AsyncClient:
             for request_id in request_ids:
                 self._pending.pop(request_id, None)
 
-    def _flush_batch(self, topic: str, batch: _Coalesced) -> None:
-        """Send the publishes gathered for ``topic`` as one request (once per batch)."""
-        if self._batches.get(topic) is batch:
-            del self._batches[topic]
-            task = asyncio.get_running_loop().create_task(self._send_batch(topic, batch), name=f"herald-publish-{topic}")
-            self._batch_tasks.add(task)
-            task.add_done_callback(self._batch_tasks.discard)
+    def _flush_batch(self, topic: str, batch: _Coalesced, *, full: bool = False) -> None:
+        """Send the publishes gathered for ``topic`` as one request (once per batch).
+
+        With PUBLISHES_IN_FLIGHT requests of the topic in flight the batch is held
+        instead: it keeps gathering publishes, and goes when one of those returns
+        (or at once when full).
+        """
+        if self._batches.get(topic) is not batch:
+            return
+        if not full and self._publishing[topic] >= PUBLISHES_IN_FLIGHT:
+            return
+        del self._batches[topic]
+        self._publishing[topic] += 1
+        task = asyncio.get_running_loop().create_task(self._send_batch(topic, batch), name=f"herald-publish-{topic}")
+        self._batch_tasks.add(task)
+        task.add_done_callback(self._batch_tasks.discard)
+
+    def _publish_returned(self, topic: str) -> None:
+        """One request of ``topic`` is over: send the batch held for it, if any."""
+        self._publishing[topic] -= 1
+        if self._publishing[topic] <= 0:
+            del self._publishing[topic]
+        held = self._batches.get(topic)
+        if held is not None and not self._closed:
+            self._flush_batch(topic, held)
 
     async def _send_batch(self, topic: str, batch: _Coalesced) -> None:
         try:
+            await self._send_coalesced(topic, batch)
+        finally:
+            self._publish_returned(topic)
+
+    async def _send_coalesced(self, topic: str, batch: _Coalesced) -> None:
+        try:
             try:
-                ids = await self._request(publish_call(topic, batch.items))
+                # The timeout counts from the first publish of the batch, held or not.
+                ids = await self._request(publish_call(topic, batch.items), since=batch.since)
             except HeraldError as error:
                 if len(batch.items) == 1 or error.code == "timeout":
                     batch.fail(error)
@@ -671,11 +701,12 @@ class AsyncClient:
 
 
 class _Coalesced:
-    """Publishes to one topic waiting for the end of the event-loop iteration."""
+    """Publishes to one topic waiting for the end of the event-loop iteration, or for a request of the topic to return."""
 
-    __slots__ = ("futures", "items", "size")
+    __slots__ = ("futures", "items", "since", "size")
 
-    def __init__(self) -> None:
+    def __init__(self, since: float) -> None:
+        self.since = since  # the loop's clock at the first publish
         self.items: list[PublishItem] = []
         self.futures: list[asyncio.Future[PublishId]] = []
         self.size = 0

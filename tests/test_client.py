@@ -13,6 +13,7 @@ import pytest
 
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
+from clients._core import PUBLISHES_IN_FLIGHT
 from tests.conftest import HeraldSystem, run_cli, stored_messages
 
 
@@ -107,6 +108,54 @@ def test_pipelined_async_publishes_each_get_their_own_reply(herald: HeraldSystem
     stored = {m.message_id: (m.topic, m.payload, m.attributes) for m in stored_messages(herald.data_dir)}
     for i, message_id in enumerate(ids):
         assert stored[message_id] == ("pipelined" if i % 2 else "pipelined.other", f"payload-{i}".encode(), {"i": str(i)})
+
+
+def test_publishes_wait_and_gather_while_four_requests_of_their_topic_are_in_flight(herald: HeraldSystem) -> None:
+    """One publish per event-loop pass: never more than PUBLISHES_IN_FLIGHT requests at once, far fewer requests
+    than publishes, every publish answered with its own id and stored once."""
+    count = 600
+
+    async def main() -> tuple[list[str], int, int]:
+        async with AsyncClient(herald.endpoint) as client:
+            await client.create_topic("gathered", exist_ok=True)
+            before = client.statistics().requests
+            tasks = []
+            most_in_flight = 0
+            for i in range(count):
+                tasks.append(asyncio.ensure_future(client.publish("gathered", f"payload-{i}".encode(), {"i": str(i)})))
+                await asyncio.sleep(0)  # the next publish comes in a later pass of the loop
+                most_in_flight = max(most_in_flight, client.statistics().in_flight)
+            ids = [str(message_id) for message_id in await asyncio.gather(*tasks)]
+            return ids, client.statistics().requests - before, most_in_flight
+
+    ids, requests, most_in_flight = asyncio.run(main())
+    assert len(set(ids)) == count
+    assert most_in_flight <= PUBLISHES_IN_FLIGHT
+    assert requests < count / 2, f"{requests} requests for {count} publishes: they were not gathered"
+    herald.stop()
+    stored = {m.message_id: (m.payload, m.attributes, m.seq) for m in stored_messages(herald.data_dir) if m.topic == "gathered"}
+    assert [stored[message_id][:2] for message_id in ids] == [(f"payload-{i}".encode(), {"i": str(i)}) for i in range(count)]
+    # One client's publishes to a topic are stored in the order they were made.
+    assert [stored[message_id][2] for message_id in ids] == sorted(stored[message_id][2] for message_id in ids)
+
+
+def test_a_held_publish_times_out_from_its_call() -> None:
+    """A publish held behind PUBLISHES_IN_FLIGHT requests to a dead server still gives up about ``timeout`` after it was made."""
+    endpoint = free_tcp_endpoint()
+
+    async def main() -> tuple[list[BaseException | object], float]:
+        async with AsyncClient(endpoint, timeout=1.0) as client:
+            started = time.monotonic()
+            tasks = []
+            for i in range(PUBLISHES_IN_FLIGHT + 2):
+                tasks.append(asyncio.ensure_future(client.publish("held", f"{i}".encode())))
+                await asyncio.sleep(0)
+            results = await asyncio.gather(*tasks, return_exceptions=True)
+            return results, time.monotonic() - started
+
+    results, elapsed = asyncio.run(main())
+    assert all(isinstance(result, HeraldError) and result.code == "timeout" for result in results), results
+    assert elapsed < 1.9, f"the held publishes waited {elapsed:.1f} s, not about the 1 s timeout"
 
 
 def test_async_client_outlives_its_first_event_loop(herald: HeraldSystem) -> None:
