@@ -88,6 +88,9 @@ PUBLISH_BATCH_BYTES: Final = 32 * 1024 * 1024
 # the publish->deliver p99 was 7-11 ms with 4 and 133-203 ms without a limit, and
 # at 2,000/s the same within the noise (bench/README.md, thirteenth round).
 PUBLISHES_IN_FLIGHT: Final = 4
+# ...but a held publish goes after this long whatever is in flight, so that a
+# slow or failing request cannot make it wait for its own timeout.
+PUBLISH_HOLD_MAX_S: Final = 0.05
 # Header budget of one PUBLISH: below the server's MAX_HEADER_BYTES with room for the envelope.
 PUBLISH_HEADER_BYTES: Final = MAX_HEADER_BYTES - 64 * 1024
 # Message ids a consumer remembers as acknowledged, to drop their redeliveries.
@@ -438,7 +441,7 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
     return out
 
 
-def _header_bytes(item: PublishItem) -> int:
+def publish_header_bytes(item: PublishItem) -> int:
     """An upper estimate of one message's share of the PUBLISH header (JSON with quoting)."""
     _, attributes, message_id = item
     # Encoded, not counted in characters: JSON escapes a control character to six
@@ -457,7 +460,7 @@ def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
     chunks: list[Sequence[PublishItem]] = []
     start, size, header = 0, 0, 0
     for index, item in enumerate(items):
-        item_header = _header_bytes(item)
+        item_header = publish_header_bytes(item)
         if index > start and (index - start >= MAX_BATCH_MESSAGES or size + len(item[0]) > PUBLISH_BATCH_BYTES or header + item_header > PUBLISH_HEADER_BYTES):
             chunks.append(items[start:index])
             start, size, header = index, 0, 0

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import secrets
 from collections import Counter
@@ -29,6 +30,8 @@ from clients._core import (
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
     PUBLISH_BATCH_BYTES,
+    PUBLISH_HEADER_BYTES,
+    PUBLISH_HOLD_MAX_S,
     PUBLISHES_IN_FLIGHT,
     AsyncMessage,
     Call,
@@ -59,6 +62,7 @@ from clients._core import (
     parse_reply,
     ping_call,
     publish_call,
+    publish_header_bytes,
     publish_item,
     publish_items,
     reply_header,
@@ -408,7 +412,11 @@ class AsyncClient:
 
         Concurrent calls for one topic made in the same event-loop iteration
         (e.g. ``asyncio.gather`` of many publishes) travel in one PUBLISH request
-        and share one fsync; each caller still gets its own id and error.
+        and share one fsync; each caller still gets its own id and error. While
+        PUBLISHES_IN_FLIGHT (4) such requests of the topic are in flight, later
+        calls wait and gather into the next request, which goes when one of them
+        returns, when it is full, or after PUBLISH_HOLD_MAX_S (50 ms). The
+        timeout counts from the first call of the request.
 
         Args:
             topic: an existing topic.
@@ -430,7 +438,7 @@ class AsyncClient:
         future: asyncio.Future[PublishId] = loop.create_future()
         batch = self._batches.get(topic)
         if batch is not None and not batch.fits(item):
-            self._flush_batch(topic, batch, full=True)
+            self._flush_batch(topic, batch, now=True)
             batch = None
         if batch is None:
             batch = self._batches[topic] = _Coalesced(loop.time())
@@ -614,37 +622,55 @@ class AsyncClient:
             for request_id in request_ids:
                 self._pending.pop(request_id, None)
 
-    def _flush_batch(self, topic: str, batch: _Coalesced, *, full: bool = False) -> None:
+    def _flush_batch(self, topic: str, batch: _Coalesced, *, now: bool = False) -> None:
         """Send the publishes gathered for ``topic`` as one request (once per batch).
 
         With PUBLISHES_IN_FLIGHT requests of the topic in flight the batch is held
-        instead: it keeps gathering publishes, and goes when one of those returns
-        (or at once when full).
+        instead: it keeps gathering publishes, and goes when one of those returns,
+        when it is full, or after PUBLISH_HOLD_MAX_S (``now``), whichever is first.
         """
         if self._batches.get(topic) is not batch:
             return
-        if not full and self._publishing[topic] >= PUBLISHES_IN_FLIGHT:
+        loop = asyncio.get_running_loop()
+        if not now and self._publishing[topic] >= PUBLISHES_IN_FLIGHT:
+            if batch.timer is None:
+                batch.timer = loop.call_later(PUBLISH_HOLD_MAX_S, functools.partial(self._flush_batch, topic, batch, now=True))
             return
         del self._batches[topic]
+        if batch.timer is not None:
+            batch.timer.cancel()
+        if not batch.drop_cancelled():
+            return  # every caller gave up already
+        task = loop.create_task(self._send_coalesced(topic, batch), name=f"herald-publish-{topic}")
         self._publishing[topic] += 1
-        task = asyncio.get_running_loop().create_task(self._send_batch(topic, batch), name=f"herald-publish-{topic}")
         self._batch_tasks.add(task)
-        task.add_done_callback(self._batch_tasks.discard)
+        # A done callback, not a finally in the task: it runs even for a task
+        # cancelled before its first step (asyncio.run's shutdown, close()).
+        task.add_done_callback(functools.partial(self._batch_done, topic, batch))
 
-    def _publish_returned(self, topic: str) -> None:
+    def _batch_done(self, topic: str, batch: _Coalesced, task: asyncio.Task[None]) -> None:
         """One request of ``topic`` is over: send the batch held for it, if any."""
+        self._batch_tasks.discard(task)
         self._publishing[topic] -= 1
         if self._publishing[topic] <= 0:
             del self._publishing[topic]
         held = self._batches.get(topic)
-        if held is not None and not self._closed:
-            self._flush_batch(topic, held)
-
-    async def _send_batch(self, topic: str, batch: _Coalesced) -> None:
-        try:
-            await self._send_coalesced(topic, batch)
-        finally:
-            self._publish_returned(topic)
+        if not task.cancelled():
+            if held is not None and not self._closed:
+                self._flush_batch(topic, held)
+            return
+        # Cancelled: the client is closing, or the event loop is shutting down. A
+        # task started now would outlive the loop; answer the held publishes instead.
+        error = closed_error(repr(self))
+        for unanswered in (batch, held):
+            if unanswered is None:
+                continue
+            if unanswered is held:
+                del self._batches[topic]
+                if held.timer is not None:
+                    held.timer.cancel()
+            with contextlib.suppress(RuntimeError):  # a future of a loop already closed
+                unanswered.fail(error)
 
     async def _send_coalesced(self, topic: str, batch: _Coalesced) -> None:
         try:
@@ -703,21 +729,36 @@ class AsyncClient:
 class _Coalesced:
     """Publishes to one topic waiting for the end of the event-loop iteration, or for a request of the topic to return."""
 
-    __slots__ = ("futures", "items", "since", "size")
+    __slots__ = ("futures", "header", "items", "since", "size", "timer")
 
     def __init__(self, since: float) -> None:
         self.since = since  # the loop's clock at the first publish
         self.items: list[PublishItem] = []
         self.futures: list[asyncio.Future[PublishId]] = []
         self.size = 0
+        self.header = 0  # estimated bytes of the request's header
+        self.timer: asyncio.TimerHandle | None = None  # sends a held batch after PUBLISH_HOLD_MAX_S
 
     def fits(self, item: PublishItem) -> bool:
-        return len(self.items) < MAX_BATCH_MESSAGES and self.size + len(item[0]) <= PUBLISH_BATCH_BYTES
+        return (
+            len(self.items) < MAX_BATCH_MESSAGES
+            and self.size + len(item[0]) <= PUBLISH_BATCH_BYTES
+            and self.header + publish_header_bytes(item) <= PUBLISH_HEADER_BYTES
+        )
 
     def add(self, item: PublishItem, future: asyncio.Future[PublishId]) -> None:
         self.items.append(item)
         self.futures.append(future)
         self.size += len(item[0])
+        self.header += publish_header_bytes(item)
+
+    def drop_cancelled(self) -> bool:
+        """Leave out the publishes whose callers were cancelled; whether any are left."""
+        if any(future.cancelled() for future in self.futures):
+            kept = [(item, future) for item, future in zip(self.items, self.futures, strict=True) if not future.cancelled()]
+            self.items = [item for item, _ in kept]
+            self.futures = [future for _, future in kept]
+        return bool(self.items)
 
     def fail(self, error: HeraldError) -> None:
         for future in self.futures:
