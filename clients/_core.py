@@ -85,8 +85,8 @@ PUBLISH_BATCH_BYTES: Final = 32 * 1024 * 1024
 # at once; later publishes gather into the next request until one returns. The
 # server commits whatever arrived during an fsync in one batch, so more requests
 # in flight only add per-request work: at 10,000 one-message publishes a second
-# the publish->deliver p99 was 7-11 ms with 4 and 133-203 ms without a limit, and
-# at 2,000/s the same within the noise (bench/README.md, thirteenth round).
+# the publish->deliver p99 was 28-37 ms with 4 and 85-113 ms without a limit in a
+# slow hour, and at 2,000/s the same within the noise (bench/README.md, thirteenth round).
 PUBLISHES_IN_FLIGHT: Final = 4
 # ...but a held publish goes after this long whatever is in flight, so that a
 # slow or failing request cannot make it wait for its own timeout.

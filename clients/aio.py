@@ -436,14 +436,15 @@ class AsyncClient:
             raise closed_error(repr(self))
         loop = asyncio.get_running_loop()
         future: asyncio.Future[PublishId] = loop.create_future()
+        header = publish_header_bytes(item)
         batch = self._batches.get(topic)
-        if batch is not None and not batch.fits(item):
+        if batch is not None and not batch.fits(item, header):
             self._flush_batch(topic, batch, now=True)
             batch = None
         if batch is None:
             batch = self._batches[topic] = _Coalesced(loop.time())
             loop.call_soon(self._flush_batch, topic, batch)
-        batch.add(item, future)
+        batch.add(item, future, header)
         return await future
 
     async def publish_batch(self, topic: str, items: Iterable[ItemLike]) -> list[PublishId]:
@@ -661,16 +662,15 @@ class AsyncClient:
             return
         # Cancelled: the client is closing, or the event loop is shutting down. A
         # task started now would outlive the loop; answer the held publishes instead.
+        if held is not None:
+            del self._batches[topic]
+            if held.timer is not None:
+                held.timer.cancel()
         error = closed_error(repr(self))
         for unanswered in (batch, held):
-            if unanswered is None:
-                continue
-            if unanswered is held:
-                del self._batches[topic]
-                if held.timer is not None:
-                    held.timer.cancel()
-            with contextlib.suppress(RuntimeError):  # a future of a loop already closed
-                unanswered.fail(error)
+            if unanswered is not None:
+                with contextlib.suppress(RuntimeError):  # a future of a loop already closed
+                    unanswered.fail(error)
 
     async def _send_coalesced(self, topic: str, batch: _Coalesced) -> None:
         try:
@@ -739,18 +739,15 @@ class _Coalesced:
         self.header = 0  # estimated bytes of the request's header
         self.timer: asyncio.TimerHandle | None = None  # sends a held batch after PUBLISH_HOLD_MAX_S
 
-    def fits(self, item: PublishItem) -> bool:
-        return (
-            len(self.items) < MAX_BATCH_MESSAGES
-            and self.size + len(item[0]) <= PUBLISH_BATCH_BYTES
-            and self.header + publish_header_bytes(item) <= PUBLISH_HEADER_BYTES
-        )
+    def fits(self, item: PublishItem, header: int) -> bool:
+        """Whether ``item`` (``header``: its publish_header_bytes) still fits in this request."""
+        return len(self.items) < MAX_BATCH_MESSAGES and self.size + len(item[0]) <= PUBLISH_BATCH_BYTES and self.header + header <= PUBLISH_HEADER_BYTES
 
-    def add(self, item: PublishItem, future: asyncio.Future[PublishId]) -> None:
+    def add(self, item: PublishItem, future: asyncio.Future[PublishId], header: int) -> None:
         self.items.append(item)
         self.futures.append(future)
         self.size += len(item[0])
-        self.header += publish_header_bytes(item)
+        self.header += header
 
     def drop_cancelled(self) -> bool:
         """Leave out the publishes whose callers were cancelled; whether any are left."""
