@@ -13,7 +13,7 @@ import pytest
 
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
-from clients._core import PUBLISHES_IN_FLIGHT
+from clients._core import PUBLISH_HOLD_MAX_S, PUBLISHES_IN_FLIGHT
 from tests.conftest import HeraldSystem, run_cli, stored_messages
 
 
@@ -154,6 +154,30 @@ def test_publishes_cut_off_by_the_end_of_an_event_loop_leave_the_client_usable(h
             await client.close()
 
     assert len(set(asyncio.run(publish_then_close()))) == 3
+
+
+def test_a_publish_is_held_behind_four_requests_for_at_most_50_ms() -> None:
+    """No server answers: the fifth publish waits while four requests are out, then goes on its own after PUBLISH_HOLD_MAX_S."""
+    endpoint = free_tcp_endpoint()
+
+    async def main() -> tuple[int, int]:
+        async with AsyncClient(endpoint, timeout=3.0) as client:
+            tasks = []
+            for i in range(PUBLISHES_IN_FLIGHT + 1):
+                tasks.append(asyncio.ensure_future(client.publish("held", f"{i}".encode())))
+                await asyncio.sleep(0)
+            await asyncio.sleep(0.005)
+            while_held = client.statistics().requests
+            await asyncio.sleep(PUBLISH_HOLD_MAX_S + 0.2)  # well before the first resend (1 s)
+            after_hold = client.statistics().requests
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            return while_held, after_hold
+
+    while_held, after_hold = asyncio.run(main())
+    assert while_held == PUBLISHES_IN_FLIGHT
+    assert after_hold == PUBLISHES_IN_FLIGHT + 1
 
 
 def test_a_held_publish_times_out_from_its_call() -> None:
