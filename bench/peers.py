@@ -485,23 +485,17 @@ class HeraldPublisher:
 
 
 class HeraldConsumer:
-    """An ``AsyncSubscription``: ``receive()`` then ``ack_nowait()`` (acks batched on the wire, as a throughput consumer would)."""
+    """An ``AsyncSubscription``: ``receive_batch()`` then ``ack_nowait()`` each (acks batched on the wire, as a throughput consumer would)."""
 
     def __init__(self, client: AsyncClient, subscription: AsyncSubscription) -> None:
         self.client = client
         self.subscription = subscription
 
     async def next_batch(self, timeout_s: float) -> list[bytes]:
-        receive = self.subscription.receive
-        first = await receive(timeout_s)
-        if first is None:
-            return []
-        first.ack_nowait()
-        batch = [first.data]
-        while len(batch) < DRAIN_LIMIT and (message := await receive(0)) is not None:
+        messages = await self.subscription.receive_batch(MAX_FETCH, timeout_s)
+        for message in messages:
             message.ack_nowait()
-            batch.append(message.data)
-        return batch
+        return [message.data for message in messages]
 
     async def close(self) -> None:
         await self.subscription.close()

@@ -305,7 +305,7 @@ def render_markdown(report: dict[str, Any], plots: list[Path], markdown_path: Pa
         "Fan-out: publish -> deliver -> ack against subscriptions",
         "One topic (stream), S durable subscriptions (consumer groups, durable pull consumers), consumers in two processes with one "
         "task per subscription. Aggregate deliveries per second from the first publish to the last delivery. Herald consumers "
-        "`ack_nowait()`; Redis `XREADGROUP COUNT 100` + `XACK`; JetStream `fetch(100)` + `ack()`. The raw row is PUB/SUB to S SUB sockets.",
+        "`receive_batch(100)` + `ack_nowait()`; Redis `XREADGROUP COUNT 100` + `XACK`; JetStream `fetch(100)` + `ack()`. The raw row is PUB/SUB to S SUB sockets.",
         results,
         "fanout",
         "subscriptions",

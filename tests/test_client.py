@@ -13,7 +13,7 @@ import pytest
 
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
-from clients._core import PUBLISH_HOLD_MAX_S, PUBLISHES_IN_FLIGHT
+from clients._core import PUBLISH_HOLD_MAX_S, PUBLISHES_IN_FLIGHT, AckedWindow, ConsumerCore, Message, slot_constructor
 from tests.conftest import HeraldSystem, run_cli, stored_messages
 
 
@@ -240,6 +240,70 @@ def test_async_ack_nowait_goes_out_without_another_receive(herald: HeraldSystem)
                 return subscription.statistics().duplicates_dropped
 
     assert asyncio.run(main()) == 0
+
+
+def test_receive_batch_takes_what_arrived_behind_the_first_in_both_flavours(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("batched")
+        with client.subscribe("batched", "batched.sync") as subscription:
+            with pytest.raises(ValueError, match="max_messages"):
+                subscription.receive_batch(0)
+            assert subscription.receive_batch(8, timeout=0.2) == []
+            published = client.publish_batch("batched", [f"m{number}".encode() for number in range(20)])
+            received: list[str] = []
+            while len(received) < len(published):
+                batch = subscription.receive_batch(8, timeout=10)
+                assert 1 <= len(batch) <= 8, f"{len(received)} of {len(published)} arrived, then a batch of {len(batch)}"
+                for message in batch:
+                    message.ack_nowait()
+                received += [message.id for message in batch]
+            assert sorted(received) == sorted(published)
+            assert subscription.receive_batch(8, timeout=0.5) == []  # all acknowledged: nothing comes back
+
+    async def main() -> list[str]:
+        async with AsyncClient(herald.endpoint, timeout=10.0) as client, client.subscribe("batched", "batched.async") as subscription:
+            with pytest.raises(ValueError, match="max_messages"):
+                await subscription.receive_batch(0)
+            assert await subscription.receive_batch(8, timeout=0.2) == []
+            published = await client.publish_batch("batched", [f"a{number}".encode() for number in range(20)])
+            received: list[str] = []
+            while len(received) < len(published):
+                batch = await subscription.receive_batch(8, timeout=10)
+                assert 1 <= len(batch) <= 8, f"{len(received)} of {len(published)} arrived, then a batch of {len(batch)}"
+                for message in batch:
+                    message.ack_nowait()
+                received += [message.id for message in batch]
+            assert sorted(received) == sorted(published)
+            return received
+
+    assert len(asyncio.run(main())) == 20
+
+
+def test_a_buffered_copy_of_an_acknowledged_message_is_skipped_by_either_receive() -> None:
+    """next_message and next_messages drop a redelivered copy of an id already acknowledged, and ack it again."""
+    info = {"name": "s", "topic": "t", "endpoints": {"deliver": "tcp://127.0.0.1:1", "ack": "tcp://127.0.0.1:2"}}
+    core: ConsumerCore[Message] = ConsumerCore(info, "c", Message)
+    make = slot_constructor(Message)
+    for ref, message_id in enumerate(["a", "b", "a", "c", "b"]):
+        core.buffer.append(make(message_id, "t", b"", {}, 1, f"0.{ref}", "s", 0.0, None))
+    first = core.next_message()
+    assert first is not None and first.id == "a"
+    core.queue_ack(first)
+    core.acked.add("b")  # as an ACK_REPLY of "b" would
+    assert [message.id for message in core.next_messages(10)] == ["c"]
+    assert core.pending_acks == [("0.0", 1), ("0.1", 1), ("0.2", 1), ("0.4", 1)]
+    assert core.statistics().duplicates_dropped == 3
+
+
+def test_the_acked_window_remembers_at_least_its_capacity() -> None:
+    window = AckedWindow(3)
+    for number in range(10):
+        window.add(str(number))
+        # The newest `capacity` ids are always there, whatever the generations hold.
+        assert all(str(kept) in window for kept in range(max(0, number - 2), number + 1))
+    assert "0" not in window and 3 <= len(window) <= 6
+    with pytest.raises(ValueError):
+        AckedWindow(0)
 
 
 def test_subscribe_receive_ack_and_stale_ack(herald: HeraldSystem) -> None:
