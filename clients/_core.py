@@ -382,11 +382,12 @@ class PublishId(str):
             (within the topic's de-duplication window), so this publish stored nothing new.
     """
 
-    duplicate: bool
+    duplicate: bool = False  # set on an instance only when True (see publish_call's parse)
 
     def __new__(cls, value: str, duplicate: bool = False) -> PublishId:
         self = super().__new__(cls, value)
-        self.duplicate = duplicate
+        if duplicate:
+            self.duplicate = True
         return self
 
     def __repr__(self) -> str:
@@ -431,8 +432,11 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
         HeraldError: as :func:`publish_item`.
     """
     out: list[PublishItem] = []
+    append = out.append
     for index, item in enumerate(items):
-        if isinstance(item, tuple):
+        if type(item) is bytes:  # the common case, without publish_item's checks of what is not there
+            append((item, None, new_message_id()))
+        elif isinstance(item, tuple):
             if not 1 <= len(item) <= 3:
                 raise TypeError(f"item {index} must be bytes or (bytes, attributes[, message_id]), got a tuple of {len(item)}")
             out.append(publish_item(*item))
@@ -457,6 +461,15 @@ def publish_header_bytes(item: PublishItem) -> int:
 
 def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
     """Split items into requests within the protocol's count and header limits and this client's byte bound."""
+    # Most batches fit whole: items without attributes, whose ids at their worst
+    # (six bytes a character) cannot reach the header limit, need no estimate each.
+    if (
+        len(items) * (6 * MAX_MESSAGE_ID_BYTES + 35) <= PUBLISH_HEADER_BYTES
+        and len(items) <= MAX_BATCH_MESSAGES
+        and all(item[1] is None for item in items)
+        and sum(len(item[0]) for item in items) <= PUBLISH_BATCH_BYTES
+    ):
+        return [items] if items else []
     chunks: list[Sequence[PublishItem]] = []
     start, size, header = 0, 0, 0
     for index, item in enumerate(items):
@@ -474,6 +487,7 @@ def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
 def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishId]]:
     """PUBLISH of already-normalised items; safe to send twice (ids de-duplicate)."""
     check_name(topic, "topic")
+    new_id = str.__new__
     wire_items: list[tuple[bytes, dict[str, str] | None, str | None]] = list(items)
     count = len(wire_items)
 
@@ -484,7 +498,12 @@ def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishI
             duplicate = [False] * len(ids)
         if len(ids) != count or len(duplicate) != count:
             raise ProtocolError("malformed", f"PUBLISH of {count} messages answered with {len(ids)} ids and {len(duplicate)} duplicate flags")
-        return [PublishId(str(i), bool(d)) for i, d in zip(ids, duplicate, strict=True)]
+        # str.__new__ skips PublishId.__new__ (a Python call per message); duplicates get their flag after.
+        made = [new_id(PublishId, str(i)) for i in ids]
+        for publish_id, flag in zip(made, duplicate, strict=True):
+            if flag:
+                publish_id.duplicate = True
+        return made
 
     return Call(Command.PUBLISH, lambda request_id, token: encode_publish(topic, wire_items, request_id, token), parse, repeatable=True)
 

@@ -627,7 +627,9 @@ def test_a_batch_is_split_so_that_every_header_fits_even_with_escaped_attributes
 
     worst = publish_items([(b"x", {f"k{j}": "\x01" * 990 for j in range(64)}) for _ in range(40)])
     plain = publish_items([b"x" * 100] * 10_000)
-    for items in (worst, plain):
+    # As many as the whole-batch shortcut takes, each id 128 control characters (six bytes each in JSON).
+    escaped_ids = publish_items([(b"x", None, "\x01" * 127 + str(n % 10)) for n in range(5_100)])
+    for items in (worst, plain, escaped_ids):
         chunks = split_batch(items)
         assert sum(map(len, chunks)) == len(items)
         assert all(len(encode_publish("t", list(chunk), b"r")[3]) <= MAX_HEADER_BYTES for chunk in chunks)
