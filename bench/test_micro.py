@@ -35,6 +35,7 @@ from clients.protocol import (
     delivery_ref,
     encode_deliver,
     encode_publish,
+    parse_acked_refs,
     parse_delivery_ref,
 )
 from frontend.server import FrontendServer, SubscriptionCursor
@@ -121,11 +122,12 @@ def test_build_consumer_messages(benchmark: Any, deliveries: list[DeliveredMessa
     assert built == [AsyncMessage(m.id, m.topic, m.payload, m.attributes, m.attempt, m.ref, "sub", m.ts, owner) for m in deliveries]
 
 
-def test_parse_delivery_refs(benchmark: Any) -> None:
-    """parse_delivery_ref for 100 acks: what a sender does per ACK of 100."""
-    refs = [delivery_ref(0, 1_000_000 + n) for n in range(BATCH)]
-    parsed = benchmark(lambda: [parse_delivery_ref(ref) for ref in refs])
-    assert parsed == [(0, 1_000_000 + n) for n in range(BATCH)]
+def test_parse_acked_refs(benchmark: Any) -> None:
+    """parse_acked_refs of an ACK of 100: what a sender does per ACK of 100."""
+    items = [[delivery_ref(0, 1_000_000 + n), 1] for n in range(BATCH)]
+    parsed = benchmark(lambda: parse_acked_refs(items, "acks"))
+    assert parsed == [(0, 1_000_000 + n, 1) for n in range(BATCH)]
+    assert [parse_delivery_ref(ref) for ref, _ in items] == [(shard, seq) for shard, seq, _ in parsed]
 
 
 def test_store_append_sync(benchmark: Any, tmp_path: Path) -> None:

@@ -682,6 +682,32 @@ def parse_delivery_ref(ref: Any) -> tuple[int, int]:
     raise ProtocolError("invalid_header", f"delivery ref {str(ref)[:40]!r} is not '<shard>.<seq>'")
 
 
+def parse_acked_refs(items: Any, what: str) -> list[tuple[int, int, int]]:
+    """The [ref, attempt] pairs of an ACK, NACK or DETACH as (shard, seq, attempt); all checked before any is used.
+
+    :func:`parse_delivery_ref`'s checks, written out in one loop: a sender runs
+    this for every acknowledged message.
+
+    Raises:
+        ProtocolError: ``invalid_header`` for the first entry that is not ``[ref, attempt]``.
+    """
+    if type(items) is not list:
+        raise ProtocolError("invalid_header", f"{what} must be a list of [ref, attempt], got {type(items).__name__}")
+    parsed: list[tuple[int, int, int]] = []
+    append = parsed.append
+    for item in items:
+        if type(item) is list and len(item) == 2:
+            ref, attempt = item
+            if type(ref) is str and type(attempt) is int:
+                shard, dot, seq = ref.partition(".")
+                if dot and 0 < len(shard) <= 9 and 0 < len(seq) <= 19 and ref.isascii() and shard.isdigit() and seq.isdigit():
+                    append((int(shard), int(seq), attempt))
+                    continue
+                parse_delivery_ref(ref)  # raises, with its message
+        raise ProtocolError("invalid_header", f"each {what} entry must be [ref, attempt], got {str(item)[:60]}")
+    return parsed
+
+
 def encode_attach(
     subscription: str,
     consumer: str,

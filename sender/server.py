@@ -55,7 +55,7 @@ from clients.protocol import (
     encode_error,
     get_field,
     matches_filter,
-    parse_delivery_ref,
+    parse_acked_refs,
     send_frames,
     shard_of,
     split_envelope,
@@ -136,16 +136,6 @@ class SubscriptionState:
     def window(self) -> int:
         """Messages the frontends may hand this sender: the consumers' room, read ahead by READ_AHEAD."""
         return READ_AHEAD * sum(c.max_unacked for c in self.consumers.values() if c.ready)
-
-
-def _parse_refs(items: list[Any], what: str) -> list[tuple[int, int, int]]:
-    """[ref, attempt] pairs as (shard, seq, attempt); every entry is checked before any is used."""
-    parsed: list[tuple[int, int, int]] = []
-    for item in items:
-        if not (isinstance(item, list) and len(item) == 2 and isinstance(item[1], int) and not isinstance(item[1], bool)):
-            raise ProtocolError("invalid_header", f"each {what} entry must be [ref, attempt], got {str(item)[:60]}")
-        parsed.append((*parse_delivery_ref(item[0]), item[1]))
-    return parsed
 
 
 class SenderServer:
@@ -325,6 +315,9 @@ class SenderServer:
         stale_subscriptions: set[str] = set()
         subs_by_id = self.subs_by_id
         accepted = 0
+        # Each delivery needs its own fields (DELIVER encoding sets the attempt in
+        # them): the first takes the dict decode_dispatch made, later ones a copy.
+        fields_taken: set[int] = set()
         for sub_id, index, attempt in entries:
             state = subs_by_id.get(sub_id)
             if state is None:
@@ -343,8 +336,11 @@ class SenderServer:
                 # Our settings may predate the filter the frontend stored this
                 # message under: deliver it (at least once) and catch up.
                 stale_subscriptions.add(state.name)
-            # A copy per delivery: DELIVER encoding sets the attempt in it.
-            state.deliveries[key] = Delivery(key, dict(fields), payloads[index], attempt)
+            if index in fields_taken:
+                fields = dict(fields)
+            else:
+                fields_taken.add(index)
+            state.deliveries[key] = Delivery(key, fields, payloads[index], attempt)
             state.ready.append(key)
         self.counters["dispatched"] += accepted
         for name in stale_subscriptions:
@@ -549,7 +545,7 @@ class SenderServer:
         if consumer is not None:
             consumer.last_seen = time.monotonic()
         now = time.monotonic()
-        parsed = _parse_refs(items, key_name)
+        parsed = parse_acked_refs(items, key_name)
         if state is None:
             results = [ACK_UNKNOWN] * len(parsed)
             self.counters["unknown_acks"] += len(parsed)
@@ -564,6 +560,7 @@ class SenderServer:
         sub_id, deliveries, holders = state.sub_id, state.deliveries, state.consumers
         debug = log.isEnabledFor(logging.DEBUG)
         acked = 0
+        completions, completed_shard, completed = self.completions, -1, []  # an ACK's entries are mostly of one shard
         for shard, seq, attempt in parsed:
             delivery = deliveries.get((sub_id, shard, seq))
             if delivery is None or attempt > delivery.attempt:
@@ -579,7 +576,9 @@ class SenderServer:
                 holder = holders.get(delivery.consumer) if delivery.consumer else None
                 if holder is not None:
                     holder.unacked.discard(delivery.key)
-                self.completions.setdefault(shard, []).append([sub_id, seq])
+                if shard != completed_shard:
+                    completed_shard, completed = shard, completions.setdefault(shard, [])
+                completed.append([sub_id, seq])
                 if debug:
                     log.debug("acked seq=%d:%d sub=%s attempt=%d consumer=%s", shard, seq, state.name, attempt, consumer_id)
             else:
@@ -593,7 +592,7 @@ class SenderServer:
     def _on_detach(self, name: str, consumer_id: str, frames: Frames) -> None:
         unseen: set[tuple[int, int, int]] | None
         try:
-            unseen = set(_parse_refs(get_field(frames.header, "unseen", list, required=False, default=[]), "unseen"))
+            unseen = set(parse_acked_refs(get_field(frames.header, "unseen", list, required=False, default=[]), "unseen"))
         except HeraldError as error:
             # The consumer is leaving either way: hand everything on as a new attempt.
             self.counters["bad_unseen"] += 1
