@@ -459,13 +459,18 @@ def publish_header_bytes(item: PublishItem) -> int:
     return size
 
 
+# publish_header_bytes of an item without attributes whose id is the worst there can be:
+# MAX_MESSAGE_ID_BYTES control characters, each escaped to six bytes.
+_WORST_PLAIN_ITEM_HEADER_BYTES: Final = publish_header_bytes((b"", None, "\x01" * MAX_MESSAGE_ID_BYTES))
+
+
 def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
     """Split items into requests within the protocol's count and header limits and this client's byte bound."""
     # Most batches fit whole: items without attributes, whose ids at their worst
     # (six bytes a character) cannot reach the header limit, need no estimate each.
     if (
-        len(items) * (6 * MAX_MESSAGE_ID_BYTES + 35) <= PUBLISH_HEADER_BYTES
-        and len(items) <= MAX_BATCH_MESSAGES
+        len(items) * _WORST_PLAIN_ITEM_HEADER_BYTES <= PUBLISH_HEADER_BYTES
+        and len(items) <= MAX_BATCH_MESSAGES  # implied by the bound today, kept in case the limits change
         and all(item[1] is None for item in items)
         and sum(len(item[0]) for item in items) <= PUBLISH_BATCH_BYTES
     ):
@@ -861,12 +866,19 @@ class ConsumerCore(Generic[M]):
 
     def queue_ack(self, message: MessageFields) -> bool:
         """Queue a fire-and-forget ack; True when enough are queued to send now (else by :attr:`acks_due`)."""
-        if not self.pending_acks:
+        if self.acks_due is None:
             self.acks_due = time.monotonic() + ACK_FLUSH_DELAY_S
         self.pending_acks.append((message.ref, message.attempt))
         self.acked.add(message.id)
         self.acked_count += 1
         return len(self.pending_acks) >= ACK_FLUSH_COUNT
+
+    def _reack(self, message: MessageFields) -> None:
+        """Queue the ack of a copy dropped as already acknowledged; it goes out with the next acks, by :attr:`acks_due`."""
+        self.duplicates_dropped += 1
+        self.pending_acks.append((message.ref, message.attempt))
+        if self.acks_due is None:
+            self.acks_due = time.monotonic() + ACK_FLUSH_DELAY_S
 
     def take_pending_acks(self) -> list[bytes] | None:
         """The ACK frames for every queued ack (no reply asked), or None when none are queued."""
@@ -883,8 +895,7 @@ class ConsumerCore(Generic[M]):
         kept: deque[M] = deque()
         for message in self.buffer:
             if message.id in self.acked:
-                self.duplicates_dropped += 1
-                self.pending_acks.append((message.ref, message.attempt))
+                self._reack(message)
             else:
                 kept.append(message)
         self.buffer = kept
@@ -941,8 +952,7 @@ class ConsumerCore(Generic[M]):
             message = buffer.popleft()
             if message.id not in self.acked:
                 return message
-            self.duplicates_dropped += 1
-            self.pending_acks.append((message.ref, message.attempt))
+            self._reack(message)
         return None
 
     def next_messages(self, limit: int) -> list[M]:
@@ -953,9 +963,8 @@ class ConsumerCore(Generic[M]):
             message = buffer.popleft()
             if message.id not in acked:
                 taken.append(message)
-                continue
-            self.duplicates_dropped += 1
-            self.pending_acks.append((message.ref, message.attempt))
+            else:
+                self._reack(message)
         return taken
 
     def statistics(self) -> SubscriptionStatistics:
@@ -1021,12 +1030,12 @@ class ConsumerCore(Generic[M]):
             log.warning("dropped %d malformed DELIVER entries", skipped)
         reacks: list[tuple[str, int]] = []
         # Locals and plain tuples: this loop runs for every message a consumer receives.
-        acked, make, name, buffered = self.acked, self._make, self.name, self.buffer.append
+        acked, make, name, buffer_append = self.acked, self._make, self.name, self.buffer.append
         for message_id, topic, attempt, attributes, ts, ref, payload in rows:
             if message_id in acked:
                 reacks.append((ref, attempt))
                 continue
-            buffered(make(message_id, topic, payload, attributes, attempt, ref, name, ts, owner))
+            buffer_append(make(message_id, topic, payload, attributes, attempt, ref, name, ts, owner))
         self.duplicates_dropped += len(reacks)
         self.delivered += len(rows) - len(reacks)
         return reacks

@@ -856,6 +856,7 @@ class AsyncSubscription(SubscriptionView):
                 deleted; ``unavailable`` when this subscription is closed.
         """
         if not self._closed and (message := self._core.next_message()) is not None:
+            self._send_reacks_later()
             return message  # the common case under load: already buffered, nothing to wait for
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + max(0.0, timeout)
@@ -863,7 +864,9 @@ class AsyncSubscription(SubscriptionView):
             if self._closed:
                 raise closed_error(repr(self))
             if (message := self._core.next_message()) is not None:
+                self._send_reacks_later()
                 return message
+            self._send_reacks_later()
             if self._core.failure is not None:
                 raise self._core.failure
             self._arrived.clear()
@@ -893,8 +896,9 @@ class AsyncSubscription(SubscriptionView):
         if first is None:
             return []
         batch = [first]
-        if max_messages > 1 and not self._closed:
+        if max_messages > 1:
             batch.extend(self._core.next_messages(max_messages - 1))
+        self._send_reacks_later()
         return batch
 
     def statistics(self) -> SubscriptionStatistics:
@@ -935,7 +939,16 @@ class AsyncSubscription(SubscriptionView):
             raise closed_error(repr(self))
         if self._core.queue_ack(message):
             self._send_queued_acks()
-        elif self._ack_timer is None or self._ack_timer_loop is None or self._ack_timer_loop.is_closed():
+        else:
+            self._arm_ack_timer()
+
+    def _send_reacks_later(self) -> None:
+        """Arm the ack timer for acks a receive queued itself (copies of acknowledged ids it dropped)."""
+        if self._core.acks_due is not None and self._ack_timer is None:
+            self._arm_ack_timer()
+
+    def _arm_ack_timer(self) -> None:
+        if self._ack_timer is None or self._ack_timer_loop is None or self._ack_timer_loop.is_closed():
             # One timer per batch of acks; a timer on a loop that has closed since never fires.
             loop = asyncio.get_running_loop()
             self._ack_timer, self._ack_timer_loop = loop.call_later(ACK_FLUSH_DELAY_S, self._send_queued_acks), loop

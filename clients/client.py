@@ -422,7 +422,7 @@ class Subscription(SubscriptionView):
     Delivery is at least once: a message not acknowledged within the
     subscription's ``ack_deadline`` comes again with a higher ``attempt``. A
     redelivery of a message this consumer already acknowledged successfully
-    (within the last ``ACKED_WINDOW`` ids) is dropped and acknowledged again.
+    (within at least the last ``ACKED_WINDOW`` ids) is dropped and acknowledged again.
 
     A background thread with its own socket sends heartbeats, so the sender
     keeps this consumer even while the application is busy with a message.

@@ -698,12 +698,13 @@ def parse_acked_refs(items: Any, what: str) -> list[tuple[int, int, int]]:
     for item in items:
         if type(item) is list and len(item) == 2:
             ref, attempt = item
-            if type(ref) is str and type(attempt) is int:
-                shard, dot, seq = ref.partition(".")
-                if dot and 0 < len(shard) <= 9 and 0 < len(seq) <= 19 and ref.isascii() and shard.isdigit() and seq.isdigit():
-                    append((int(shard), int(seq), attempt))
-                    continue
-                parse_delivery_ref(ref)  # raises, with its message
+            if type(attempt) is int:
+                if type(ref) is str:
+                    shard, dot, seq = ref.partition(".")
+                    if dot and 0 < len(shard) <= 9 and 0 < len(seq) <= 19 and ref.isascii() and shard.isdigit() and seq.isdigit():
+                        append((int(shard), int(seq), attempt))
+                        continue
+                parse_delivery_ref(ref)  # raises, naming the ref
         raise ProtocolError("invalid_header", f"each {what} entry must be [ref, attempt], got {str(item)[:60]}")
     return parsed
 

@@ -14,6 +14,7 @@ import pytest
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
 from clients._core import PUBLISH_HOLD_MAX_S, PUBLISHES_IN_FLIGHT, AckedWindow, ConsumerCore, Message, slot_constructor
+from clients.protocol import Command, DeliveredMessage, Frames, ProtocolError, decode_deliver, decode_deliver_rows, parse_acked_refs
 from tests.conftest import HeraldSystem, run_cli, stored_messages
 
 
@@ -293,6 +294,94 @@ def test_a_buffered_copy_of_an_acknowledged_message_is_skipped_by_either_receive
     assert [message.id for message in core.next_messages(10)] == ["c"]
     assert core.pending_acks == [("0.0", 1), ("0.1", 1), ("0.2", 1), ("0.4", 1)]
     assert core.statistics().duplicates_dropped == 3
+    # A re-ack queued by a receive sets the time by which the acks go out, like ack_nowait does,
+    # and an ack_nowait queued behind it keeps that time.
+    core.take_pending_acks()
+    assert core.acks_due is None
+    core.buffer.append(make("c", "t", b"", {}, 2, "0.5", "s", 0.0, None))
+    core.acked.add("c")
+    assert core.next_message() is None
+    due = core.acks_due
+    assert due is not None and core.pending_acks == [("0.5", 2)]
+    core.buffer.append(make("d", "t", b"", {}, 1, "0.6", "s", 0.0, None))
+    later = core.next_message()
+    assert later is not None
+    core.queue_ack(later)
+    assert core.acks_due == due
+
+
+def test_an_async_receive_sends_the_ack_of_a_copy_it_dropped(herald: HeraldSystem) -> None:
+    """The second copy of a message acknowledged late is dropped by receive(); its ack must go out
+    on the loop's timer, not wait for another ack_nowait, or a third copy comes after the deadline."""
+
+    async def main() -> int:
+        async with AsyncClient(herald.endpoint, timeout=10.0) as client:
+            await client.create_topic("reacked", exist_ok=True)
+            async with client.subscribe("reacked", "reacked.sub", ack_deadline=1.0, backoff_min=0.0, backoff_max=0.0) as subscription:
+                await client.publish("reacked", b"late")
+                first = await subscription.receive(timeout=10.0)
+                assert first is not None and first.attempt == 1
+                await asyncio.sleep(1.4)  # the second copy (attempt 2) arrives and waits in the buffer
+                first.ack_nowait()  # stale at the sender; the id is now known as acknowledged here
+                await asyncio.sleep(0.1)  # that ack has gone out on its own timer
+                assert await subscription.receive(timeout=0.1) is None  # drops the buffered copy, queues its ack
+                await asyncio.sleep(2.0)  # past the second copy's deadline: a third would be here by now
+                return subscription.statistics().duplicates_dropped
+
+    assert asyncio.run(main()) == 1
+
+
+def test_deliver_entries_are_checked_one_by_one() -> None:
+    """A DELIVER entry of the wrong shape is skipped and counted; the others are delivered, ts as a float."""
+    good = {"id": "m1", "topic": "t", "attempt": 1, "ref": "0.1", "ts": 5}
+    entries = [
+        good,
+        "not an object",
+        {**good, "attempt": True},
+        {**good, "ts": True},
+        {**good, "ts": "now"},
+        {**good, "id": 7},
+        {**good, "attributes": ["x"]},
+        {**good, "ref": None},
+        {**good, "id": "m2", "ts": 1.5, "attributes": {"k": "v"}},
+        {"id": "m3", "topic": "t", "attempt": 2, "ref": "0.3"},
+    ]
+    frames = Frames(Command.DELIVER, b"", {"messages": entries}, [b"p"] * len(entries))
+    rows, skipped = decode_deliver_rows(frames)
+    assert skipped == 7
+    assert rows == [("m1", "t", 1, {}, 5.0, "0.1", b"p"), ("m2", "t", 1, {"k": "v"}, 1.5, "0.1", b"p"), ("m3", "t", 2, {}, 0.0, "0.3", b"p")]
+    assert type(rows[0][4]) is float
+    assert decode_deliver(frames) == ([DeliveredMessage(*row) for row in rows], 7)
+    with pytest.raises(ProtocolError):
+        decode_deliver_rows(Frames(Command.DELIVER, b"", {"messages": entries}, [b"p"]))
+
+
+@pytest.mark.parametrize(
+    "items",
+    [
+        "not a list",
+        [["0.1"]],
+        [["0.1", 1, 2]],
+        [("0.1", 1)],
+        [["0.1", True]],
+        [["0.1", 1.0]],
+        [[5, 1]],
+        [["0.x", 1]],
+        [["٣.1", 1]],
+        [["0.", 1]],
+        [["1234567890.1", 1]],
+        [["0.1", 1], ["bad", 1]],
+    ],
+)
+def test_acked_refs_are_refused_whole_for_any_bad_entry(items: object) -> None:
+    with pytest.raises(ProtocolError) as excinfo:
+        parse_acked_refs(items, "acks")
+    assert excinfo.value.code == "invalid_header"
+
+
+def test_acked_refs_parse_to_shard_seq_attempt() -> None:
+    assert parse_acked_refs([["0.1", 1], ["12.345", 3]], "acks") == [(0, 1, 1), (12, 345, 3)]
+    assert parse_acked_refs([], "acks") == []
 
 
 def test_the_acked_window_remembers_at_least_its_capacity() -> None:
