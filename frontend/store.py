@@ -231,16 +231,15 @@ class ShardStore:
             counts[sub_id] = counts.get(sub_id, 0) + 1
         return counts
 
-    def count_appended(self, messages: list[StoredMessage]) -> None:
-        """Add the pending entries of a written append to the backlog counts (:meth:`write` does)."""
+    def count_appended(self, seqs_of: dict[int, list[int]]) -> None:
+        """Add the pending entries of a written append, by subscription, to the backlog counts (:meth:`write` does)."""
         backlog = self.backlog
         if backlog is None:
             return
         deleted = self.deleted_subscriptions
-        for message in messages:
-            for sub_id in message.subscriptions:
-                if sub_id not in deleted:  # a write that was in flight while its subscription was deleted
-                    backlog[sub_id] = backlog.get(sub_id, 0) + 1
+        for sub_id, seqs in seqs_of.items():  # one update per subscription, not per entry
+            if sub_id not in deleted:  # a write that was in flight while its subscription was deleted
+                backlog[sub_id] = backlog.get(sub_id, 0) + len(seqs)
 
     def _existing(self, keys: list[tuple[int, int]]) -> list[int]:
         """The subscription ids of the entries among ``keys`` that exist now (read before deleting them)."""
@@ -364,7 +363,7 @@ class ShardStore:
                 raise
             # Counted now, not once durable: delivery starts before the fsync, so an
             # entry may be settled (and subtracted) before then.
-            self.count_appended(messages)
+            self.count_appended(seqs_of)
         except StorageError:
             self.finished_seq = max(self.finished_seq, batch_last_seq)  # refused: this batch is over
             raise
