@@ -26,7 +26,7 @@ from __future__ import annotations
 import enum
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Final, NamedTuple
 
@@ -586,7 +586,6 @@ class PublishItem:
     message_id: str | None
     attributes: dict[str, str]
     payload: bytes
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, str | None]], request_id: bytes, token: str | None = None) -> list[bytes]:
@@ -634,15 +633,17 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
                 f"the payload of messages[{index}] is {len(payload)} bytes, over max_payload ({max_payload} bytes)",
                 {"index": index, "size": len(payload), "limit": max_payload},
             )
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise ProtocolError("invalid_header", f"messages[{index}] must be an object, got {type(entry).__name__}")
         message_id = entry.get("id")
         if message_id is not None:
-            if not isinstance(message_id, str) or not message_id:
+            if type(message_id) is not str or not message_id:
                 raise ProtocolError("invalid_header", f"messages[{index}].id must be a non-empty string")
-            if len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+            # A character is at most 4 bytes of UTF-8: short ids need no encoding to be measured.
+            if len(message_id) > MAX_MESSAGE_ID_BYTES // 4 and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
                 raise ProtocolError("invalid_header", f"messages[{index}].id exceeds {MAX_MESSAGE_ID_BYTES} bytes")
-        items.append(PublishItem(message_id, check_attributes(entry.get("attributes")), payload))
+        attributes = entry.get("attributes")
+        items.append(PublishItem(message_id, check_attributes(attributes) if attributes is not None else {}, payload))
     return topic, items
 
 
