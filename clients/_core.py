@@ -726,6 +726,7 @@ class AckedWindow:
         return message_id in self._recent or message_id in self._older
 
     def __len__(self) -> int:
+        # Builds the union (up to 2 x capacity ids): for tests and inspection, not the hot path.
         return len(self._recent | self._older)
 
 
