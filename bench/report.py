@@ -108,7 +108,7 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
             [
                 *([f"{result['params'].get(param):,}"] if param else []),
                 result["extra"].get("system_label", result["system"]),
-                f"{_number(result['value'])} {result['unit']}"
+                f"{_number(result['value'])} {result['unit']}{_rounds_note(result)}"
                 + (f" **incomplete**: {result['extra']['incomplete']}" if result["extra"].get("incomplete") else ""),
                 short_durability(result["durability"]),
                 _ratio(versus) if versus else "-",
@@ -118,6 +118,14 @@ def _throughput_section(title: str, intro: str, results: list[dict[str, Any]], s
             ]
         )
     return [f"### {title}", "", intro, "", *_table(header, table, ("r" if param else "") + "llll" + "rrr")]
+
+
+def _rounds_note(result: dict[str, Any]) -> str:
+    """`` (median of 3 rounds: 31,204-35,118)`` after a figure measured in rounds, the systems in turn."""
+    rounds = result["extra"].get("rounds")
+    if not rounds or len(rounds) < 2:
+        return ""
+    return f" (median of {len(rounds)} rounds: {_number(min(rounds))}-{_number(max(rounds))})"
 
 
 def _steal_note(result: dict[str, Any]) -> str:
@@ -205,8 +213,8 @@ def _headline(results: list[dict[str, Any]]) -> list[str]:
                 rows.append(
                     [
                         "end-to-end publish->deliver->ack, 1 subscription",
-                        f"Herald {_number(herald)} msg/s{_steal_note(e2e[HERALD])} vs {e2e[name]['extra'].get('system_label', name)} "
-                        f"{_number(e2e[name]['value'])} msg/s{_steal_note(e2e[name])}",
+                        f"Herald {_number(herald)} msg/s{_rounds_note(e2e[HERALD])}{_steal_note(e2e[HERALD])} vs "
+                        f"{e2e[name]['extra'].get('system_label', name)} {_number(e2e[name]['value'])} msg/s{_rounds_note(e2e[name])}{_steal_note(e2e[name])}",
                         f"{_ratio(ratio)} (target >= {target:g}x)",
                         verdict,
                     ]
@@ -304,7 +312,8 @@ def render_markdown(report: dict[str, Any], plots: list[Path], markdown_path: Pa
     lines += _throughput_section(
         "Fan-out: publish -> deliver -> ack against subscriptions",
         "One topic (stream), S durable subscriptions (consumer groups, durable pull consumers), consumers in two processes with one "
-        "task per subscription. Aggregate deliveries per second from the first publish to the last delivery. Herald consumers "
+        "task per subscription. Aggregate deliveries per second from the first publish to the last delivery. A figure marked "
+        "'median of N rounds' is the median of N rounds run with the systems in turn, so a slow phase of the machine falls on all of them. Herald consumers "
         "`receive_batch(100)` + `ack_nowait()`; Redis `XREADGROUP COUNT 100` + `XACK`; JetStream `fetch(100)` + `ack()`. The raw row is PUB/SUB to S SUB sockets.",
         results,
         "fanout",
