@@ -956,6 +956,16 @@ class ConsumerCore(Generic[M]):
             self._reack(message)
         return None
 
+    @staticmethod
+    def check_batch_size(max_messages: int) -> None:
+        """Refuse a ``receive_batch`` size below 1, before any waiting."""
+        if max_messages < 1:
+            raise ValueError(f"max_messages = {max_messages} must be at least 1")
+
+    def batch_behind(self, first: M, max_messages: int) -> list[M]:
+        """``first`` and up to ``max_messages - 1`` buffered messages behind it: what ``receive_batch`` returns."""
+        return [first, *self.next_messages(max_messages - 1)] if max_messages > 1 else [first]
+
     def next_messages(self, limit: int) -> list[M]:
         """Up to ``limit`` buffered messages, in order, skipping (and re-acking) copies as :meth:`next_message` does."""
         buffer, acked = self.buffer, self.acked

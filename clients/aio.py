@@ -863,10 +863,10 @@ class AsyncSubscription(SubscriptionView):
         while True:
             if self._closed:
                 raise closed_error(repr(self))
-            if (message := self._core.next_message()) is not None:
-                self._send_reacks_later()
-                return message
+            message = self._core.next_message()
             self._send_reacks_later()
+            if message is not None:
+                return message
             if self._core.failure is not None:
                 raise self._core.failure
             self._arrived.clear()
@@ -890,14 +890,11 @@ class AsyncSubscription(SubscriptionView):
             ValueError: ``max_messages`` is below 1.
             HeraldError: as :meth:`receive`.
         """
-        if max_messages < 1:
-            raise ValueError(f"max_messages = {max_messages} must be at least 1")
+        self._core.check_batch_size(max_messages)
         first = await self.receive(timeout)
         if first is None:
             return []
-        batch = [first]
-        if max_messages > 1:
-            batch.extend(self._core.next_messages(max_messages - 1))
+        batch = self._core.batch_behind(first, max_messages)
         self._send_reacks_later()
         return batch
 

@@ -520,17 +520,13 @@ class Subscription(SubscriptionView):
             ValueError: ``max_messages`` is below 1.
             HeraldError: as :meth:`receive`.
         """
-        if max_messages < 1:
-            raise ValueError(f"max_messages = {max_messages} must be at least 1")
+        self._core.check_batch_size(max_messages)
         first = self.receive(timeout)
         if first is None:
             return []
-        batch = [first]
-        if max_messages > 1:
-            if len(self._core.buffer) < max_messages - 1:
-                self._drain()  # what the socket already holds, without waiting
-            batch.extend(self._core.next_messages(max_messages - 1))
-        return batch
+        if len(self._core.buffer) < max_messages - 1:
+            self._drain()  # what the socket already holds, without waiting
+        return self._core.batch_behind(first, max_messages)
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this consumer's counters."""
