@@ -149,7 +149,7 @@ class CommitJob:
     ids: dict[tuple[str, str], str]
     after: list[Callable[[], None]]
     after_failure: list[Callable[[], None]]
-    plan: list[tuple[int, StoredMessage]] = field(default_factory=list)
+    plan: list[tuple[int, StoredMessage, int]] = field(default_factory=list)  # (subscription id, message, attempt 1)
     # Subscriptions with messages in this job that were not handed out: until
     # the job is durable, a backlog scan cannot see them, so it must not
     # conclude that such a subscription has caught up.
@@ -187,7 +187,9 @@ class CommitWriter:
         """Put ``job`` in the WAL, not yet fsync'd (only while no job is in flight); a failure lands in ``job.error``."""
         job.submitted_at = time.monotonic()
         try:
-            job.last_seq = self.store.write(job.messages, job.dedup, ((sub_id, m.seq) for sub_id, m in job.plan))
+            # Without subscriptions left on disk every entry of the write is handed out: no set of them to build.
+            handed_out = None if not job.left_on_disk else [(sub_id, message.seq) for sub_id, message, _ in job.plan]
+            job.last_seq = self.store.write(job.messages, job.dedup, handed_out, every_entry_handed_out=handed_out is None)
         except StorageError as exc:
             job.error = exc
 
@@ -860,7 +862,7 @@ class FrontendServer:
         # "Delivery starts before the fsync").
         if self.live_prefixes:
             self._publish_live(job.messages)
-        self._send_dispatches([(sub_id, message, 1) for sub_id, message in job.plan], fresh=True)
+        self._send_dispatches(job.plan, fresh=True)
         if inline:
             self._finish_commit(self.writer.sync_now(job))
 
@@ -868,7 +870,7 @@ class FrontendServer:
         if job.error is not None:
             self.counters["storage_failures"] += 1
             log.error("write of %d messages failed, refusing them: %s", len(job.messages), job.error)
-            for sub_id, message in job.plan:
+            for sub_id, message, _ in job.plan:
                 cursor = self.cursors.get(sub_id)
                 if cursor is not None:
                     cursor.outstanding.discard(message.seq)
@@ -946,14 +948,14 @@ class FrontendServer:
             if self.live_prefixes[prefix] <= 0:
                 del self.live_prefixes[prefix]
 
-    def _plan_fast_dispatch(self, messages: list[StoredMessage]) -> tuple[list[tuple[int, StoredMessage]], set[int]]:
+    def _plan_fast_dispatch(self, messages: list[StoredMessage]) -> tuple[list[tuple[int, StoredMessage, int]], set[int]]:
         """Hand new messages straight to senders when their subscription has credit and no older backlog.
 
         Returns:
-            The (subscription id, message) pairs to dispatch once the write is
-            durable, and the subscriptions whose new messages stay on disk.
+            The (subscription id, message, attempt 1) entries to dispatch once the
+            write is made, and the subscriptions whose new messages stay on disk.
         """
-        plan: list[tuple[int, StoredMessage]] = []
+        plan: list[tuple[int, StoredMessage, int]] = []
         left_on_disk: set[int] = set()
         for message in messages:
             for sub_id in message.subscriptions:
@@ -965,20 +967,21 @@ class FrontendServer:
                     continue
                 cursor.outstanding.add(message.seq)
                 cursor.scanned_to = message.seq
-                plan.append((sub_id, message))
+                plan.append((sub_id, message, 1))
         return plan, left_on_disk
 
     # ------------------------------------------------------------------ dispatch to senders
 
     def _send_dispatches(self, entries: list[tuple[int, StoredMessage, int]], *, fresh: bool = False) -> list[tuple[int, int, int]]:
-        """Send ``entries`` (subscription id, message, attempt) to their senders; the (sub, seq, attempt) of those sent.
+        """Send ``entries`` (subscription id, message, attempt) to their senders; the (sub, seq, attempt) of those sent (none listed when ``fresh``).
 
         One write fans out to (messages x subscriptions) entries. A DISPATCH
         carries each message (fields and body) once and one small entry per
         subscription that gets it, so a fan-out to many subscriptions is
         encoded, sent and decoded once per message, not once per delivery.
         Chunks stay well below MAX_HEADER_BYTES. ``fresh``: new messages of the
-        write just made, stored as attempt 1.
+        write just made, stored as attempt 1 already: nobody needs the list of
+        those sent, so it is not built.
         """
         sent: list[tuple[int, int, int]] = []
         chunks: dict[int, DispatchChunk] = {}
@@ -1022,7 +1025,8 @@ class FrontendServer:
         try:
             send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, chunk.payloads, packed=True), NOBLOCK)
             self.counters["dispatched"] += len(chunk.entries)
-            sent.extend((sub_id, messages[index]["seq"], attempt) for sub_id, index, attempt in chunk.entries)
+            if not fresh:
+                sent.extend((sub_id, messages[index]["seq"], attempt) for sub_id, index, attempt in chunk.entries)
         except zmq.Again:
             # The sender is not draining; take the entries back, they stay on disk.
             # Nor may the next backlog pass follow at once: it would only spin.

@@ -281,7 +281,14 @@ class ShardStore:
         """Write messages, their pending entries and indexes in one batch, one fsync: :meth:`write`, then :meth:`make_durable`."""
         self.make_durable(self.write(messages, dedup, first_attempts))
 
-    def write(self, messages: list[StoredMessage], dedup: list[DedupEntry], first_attempts: Iterable[tuple[int, int]] = ()) -> int:
+    def write(
+        self,
+        messages: list[StoredMessage],
+        dedup: list[DedupEntry],
+        first_attempts: Iterable[tuple[int, int]] | None = (),
+        *,
+        every_entry_handed_out: bool = False,
+    ) -> int:
         """Write messages, their pending entries and indexes in one batch, not yet fsync'd.
 
         Once this returns the batch is in the WAL in the OS page cache: a
@@ -295,6 +302,8 @@ class ShardStore:
             dedup: client-given ids to remember until their ``expire_ms``.
             first_attempts: (subscription id, seq) pairs handed out right away,
                 recorded as attempt 1 so a redelivery after a crash counts up.
+            every_entry_handed_out: every entry of the write was handed out
+                (``first_attempts`` is then not read).
 
         Returns:
             The batch's highest seq (0 for a batch without messages).
@@ -309,7 +318,7 @@ class ShardStore:
             if self.sync_failed is not None:
                 raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing more is written until the frontend restarts")
             batch = WriteBatch(raw_mode=True)
-            handed_out = set(first_attempts)
+            handed_out = set(first_attempts) if not every_entry_handed_out and first_attempts is not None else set()
             expiring: dict[int, list[int]] = {}
             not_yet, once = _U32.pack(0), _U32.pack(1)
             fanout = self._fanout
@@ -333,8 +342,12 @@ class ShardStore:
                         seqs.append(seq)
             pack_pair = _PAIR.pack
             for sub_id in sorted(seqs_of):
-                for seq in seqs_of[sub_id]:
-                    batch.put(_PENDING + pack_pair(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
+                if every_entry_handed_out:
+                    for seq in seqs_of[sub_id]:
+                        put(_PENDING + pack_pair(sub_id, seq), once)
+                else:
+                    for seq in seqs_of[sub_id]:
+                        put(_PENDING + pack_pair(sub_id, seq), once if (sub_id, seq) in handed_out else not_yet)
             for expire_ms, seqs in expiring.items():
                 batch.put(_EXPIRY + _PAIR.pack(expire_ms, seqs[0]), struct.pack(f">{len(seqs)}Q", *seqs))
             forget: dict[int, list[bytes]] = {}
