@@ -254,7 +254,7 @@ def test_fanout_plan_and_dispatch_one_message(benchmark: Any, frontend: tuple[Fr
         nonlocal rounds
         rounds += 1
         plan, left_on_disk = server._plan_fast_dispatch([message])
-        server._send_dispatches([(sub_id, planned, 1) for sub_id, planned in plan])
+        server._send_dispatches(plan, fresh=True)
         return len(plan) - len(left_on_disk)
 
     planned = benchmark.pedantic(fan_out, setup=setup, rounds=2_000, warmup_rounds=20)

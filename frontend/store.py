@@ -200,6 +200,12 @@ class ShardStore:
         # durable_seq, so a reader that reads this first and durable_seq second
         # knows that every batch up to here that was written is visible below it.
         self.finished_seq: int = self.last_seq
+        # The highest seq of a write that went through (durable or not yet).
+        self.written_seq: int = self.last_seq
+        # A refused write behind writes still being fsync'd, as (the highest seq
+        # written before it, its own highest seq): it counts as over (finished_seq)
+        # only once those are durable, or finished_seq would pass them.
+        self._refused_behind: tuple[int, int] | None = None
         # Set when an fsync of the WAL failed. The batch it was for is already
         # readable (write, then sync), and the kernel may have dropped its pages,
         # so nothing written after it can be trusted to be durable either: every
@@ -374,11 +380,17 @@ class ShardStore:
                 for message in messages:  # complete() trusts the map: only stored entries may be in it
                     fanout.pop(message.seq, None)
                 raise
+            if messages:
+                self.written_seq = max(self.written_seq, batch_last_seq)
             # Counted now, not once durable: delivery starts before the fsync, so an
             # entry may be settled (and subtracted) before then.
             self.count_appended(seqs_of)
         except StorageError:
-            self.finished_seq = max(self.finished_seq, batch_last_seq)  # refused: this batch is over
+            # Refused: this batch is over, once every write before it is durable.
+            if self.durable_seq >= self.written_seq:
+                self.finished_seq = max(self.finished_seq, batch_last_seq)
+            else:
+                self._refused_behind = (self.written_seq, batch_last_seq)
             raise
         return batch_last_seq
 
@@ -386,19 +398,28 @@ class ShardStore:
         """fsync what :meth:`write` wrote (with ``sync``), then let backlog scans see it up to ``batch_last_seq``.
 
         Runs on the writer thread for large batches: it touches only the WAL and
-        two integers that the poll loop reads (see :attr:`finished_seq`).
+        two integers that the poll loop reads (see :attr:`finished_seq`). One
+        fsync covers every write before it, so ``batch_last_seq`` may be the
+        last of several batches.
 
         Raises:
-            StorageError: the fsync failed (see :attr:`sync_failed`); nothing
-                written since the last good fsync may be acknowledged.
+            StorageError: the fsync failed, now or earlier (see
+                :attr:`sync_failed`); nothing written since the last good fsync
+                may be acknowledged.
         """
         try:
+            if self.sync_failed is not None:
+                raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing written since is durable")
             if self._sync:
                 self._sync_wal()
             if batch_last_seq:
                 self.durable_seq = max(self.durable_seq, batch_last_seq)
         finally:
-            self.finished_seq = max(self.finished_seq, batch_last_seq)  # written or refused, this batch is over
+            finished = max(self.finished_seq, batch_last_seq)  # written or refused, this batch is over
+            refused = self._refused_behind
+            if refused is not None and self.durable_seq >= refused[0]:
+                finished = max(finished, refused[1])
+            self.finished_seq = finished
 
     def next_seq(self) -> int:
         self.last_seq += 1

@@ -214,6 +214,67 @@ def test_backlog_scans_skip_a_batch_whose_fsync_has_not_returned(tmp_path: Path)
         store.close()
 
 
+def test_one_fsync_makes_every_batch_written_before_it_durable(tmp_path: Path) -> None:
+    """The frontend writes a batch while earlier ones wait for their fsync: a scan sees none of them until an fsync
+    that started after the last write returns, and then sees all of them."""
+    store = ShardStore(tmp_path / "shard")
+    try:
+        first = [_message(store, "first")]
+        second = [_message(store, "second")]
+        store.write(first, [])
+        last = store.write(second, [])
+        assert store.pending(_SUBSCRIPTION, 0, 10) == []
+        store.make_durable(last)
+        assert [seq for seq, _ in store.pending(_SUBSCRIPTION, 0, 10)] == [first[0].seq, second[0].seq]
+        assert store.finished_seq == store.durable_seq == last
+    finally:
+        store.close()
+
+
+def test_a_batch_written_before_a_failed_fsync_is_never_made_durable_later(tmp_path: Path) -> None:
+    """After an fsync fails, a later fsync call (for a batch written before the failure was known) must fail too,
+    even if the disk answers again: its pages may be the ones the kernel dropped."""
+    store = ShardStore(tmp_path / "shard")
+    try:
+        store.append([_message(store, "before")], [])
+        durable_before = store.durable_seq
+        handle = _WalSyncFails(store._db)
+        store._db = handle  # type: ignore[assignment]
+        first = store.write([_message(store, "first")], [])
+        second = store.write([_message(store, "second")], [])
+        with pytest.raises(StorageError, match="Input/output error"):
+            store.make_durable(first)
+        handle.failing = False
+        with pytest.raises(StorageError, match="an earlier fsync of the WAL failed"):
+            store.make_durable(second)
+        assert store.durable_seq == durable_before
+    finally:
+        store.close()
+
+
+def test_a_refused_write_behind_unsynced_ones_is_over_only_once_they_are_durable(tmp_path: Path) -> None:
+    """finished_seq promises that every batch up to it that was written is visible to scans (a purge ends on it):
+    a refused write must not move it past a batch still waiting for its fsync."""
+    store = ShardStore(tmp_path / "shard")
+    try:
+        unsynced = store.write([_message(store, "unsynced")], [])
+        refused = [_message(store, "refused")]
+        real_write = store._write
+
+        def full_disk(batch: Any, options: Any) -> None:
+            raise StorageError("IO error: No space left on device")
+
+        store._write = full_disk  # type: ignore[method-assign]
+        with pytest.raises(StorageError, match="No space left"):
+            store.write(refused, [])
+        store._write = real_write  # type: ignore[method-assign]
+        assert store.finished_seq < unsynced, "the refused write passed a batch whose fsync has not returned"
+        store.make_durable(unsynced)
+        assert store.finished_seq == refused[0].seq
+    finally:
+        store.close()
+
+
 _SUBSCRIPTION = 7
 
 
@@ -383,6 +444,48 @@ def test_the_live_feed_carries_a_message_before_its_publish_is_acknowledged(hera
     finally:
         reader.close(0)
         context.term()
+
+
+def test_on_a_slow_disk_a_batch_is_delivered_while_an_earlier_one_waits_for_its_fsync(
+    herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path
+) -> None:
+    """Once fsyncs are slow, they delay the publishers' answers, not delivery: while one batch's fsync is held, the
+    next batch is written and delivered too; neither publish is answered until the fsync returns, then both are."""
+    herald = herald_factory()
+    topic = "pipelined"
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic(topic)
+        client.create_subscription(topic, "reader")
+    with Client(herald.endpoint) as reader, reader.subscribe(topic, "reader") as subscription:
+        with Client(herald.endpoint, timeout=30) as client:
+            probe = client.publish(topic, b"probe")
+        _receive_all(subscription, [probe])  # attached, with credit: new messages take the fast path
+        # The disk turns slow: five fsyncs of 50 ms or more make the median of the frontend's recent ones slow (SLOW_FSYNC_S).
+        slow: list[str] = []
+        for n in range(5):
+            hold_wal_fsyncs.touch()
+            publishing_one = threading.Thread(target=_publish_ids, args=(herald.endpoint, topic, [f"slow-{n}"], slow))
+            publishing_one.start()
+            time.sleep(0.05)
+            hold_wal_fsyncs.unlink()
+            publishing_one.join(30)
+        assert sorted(slow) == [f"slow-{n}" for n in range(5)]
+        _receive_all(subscription, slow)
+        hold_wal_fsyncs.touch()
+        acked: dict[str, list[str]] = {"first": [], "second": []}
+        batches = {name: [f"{name}-{i}" for i in range(20)] for name in acked}
+        publishing = [threading.Thread(target=_publish_ids, args=(herald.endpoint, topic, batches[name], acked[name])) for name in acked]
+        try:
+            publishing[0].start()
+            received = _receive_all(subscription, batches["first"])
+            publishing[1].start()
+            received |= _receive_all(subscription, batches["second"])
+            assert not acked["first"] and not acked["second"], "a publish was answered before its fsync was released"
+        finally:
+            hold_wal_fsyncs.unlink()
+            for thread in publishing:
+                thread.join(30)
+        assert sorted(acked["first"] + acked["second"]) == sorted(batches["first"] + batches["second"])
 
 
 def _publish_ids(endpoint: str, topic: str, ids: list[str], acked: list[str]) -> None:
