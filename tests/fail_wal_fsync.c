@@ -4,7 +4,9 @@
  * RocksDB WAL file ("*.log") under a shard folder ("/shard-") fails with EIO, and the trigger is
  * removed, so the frontend that restarts afterwards syncs normally. While the file named by
  * HERALD_TEST_FSYNC_HOLD exists, such an fsync waits (then goes on as usual): a batch stays written
- * and not yet durable for as long as a test needs. Every other call goes to libc.
+ * and not yet durable for as long as a test needs. With HERALD_TEST_FSYNC_DELAY_US set, every such
+ * fsync first sleeps that many microseconds: a slow disk for benchmarks (bench/README.md, "Fifteenth
+ * round"). Every other call goes to libc.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -24,6 +26,8 @@ static int is_shard_wal(int fd) {
 }
 
 static int should_fail(int fd) {
+    const char *delay = getenv("HERALD_TEST_FSYNC_DELAY_US");
+    if (delay != NULL && is_shard_wal(fd)) usleep((useconds_t)atoi(delay));
     const char *hold = getenv("HERALD_TEST_FSYNC_HOLD");
     if (hold != NULL && access(hold, F_OK) == 0 && is_shard_wal(fd)) {
         while (access(hold, F_OK) == 0) usleep(1000);
