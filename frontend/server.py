@@ -1114,6 +1114,7 @@ class FrontendServer:
 
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""
+        self._materialize([(sub_id, seq, 1)])
         cursor = self.cursors.get(sub_id)
         if cursor is not None:
             cursor.outstanding.discard(seq)
@@ -1123,8 +1124,18 @@ class FrontendServer:
 
     def _reset_cursor(self, cursor: SubscriptionCursor) -> None:
         """Forget what was handed out (its sender is gone), so the backlog scan hands it all out again."""
+        self._materialize([(cursor.sub_id, seq, 1) for seq in cursor.outstanding])
         cursor.reset()
         self._not_yet_scannable(cursor.sub_id, self.store.last_seq)
+
+    def _materialize(self, entries: list[tuple[int, int, int]]) -> None:
+        """Write handed-out entries that were implicit (see frontend/store.py) as pending entries, so a backlog scan finds them."""
+        try:
+            self.store.materialize(entries)
+        except StorageError as exc:
+            # They stay implicit: the next start of this frontend writes them (its I keys) and hands them out again.
+            self.counters["storage_failures"] += 1
+            log.error("could not write %d taken-back entries; they are handed out again after this frontend's next start: %s", len(entries), exc)
 
     def _not_yet_scannable(self, sub_id: int, seq: int) -> None:
         """A backlog scan stops at the last durable seq: while ``seq`` is above it, keep the subscription's
@@ -1289,11 +1300,10 @@ class FrontendServer:
             self._release(sub_id, seq)
             return
         original = self.store.read_message(seq)
-        # Up to seq itself, not only the durable seqs: delivery starts before the
-        # fsync, so a message can reach its last attempt while its batch is still
-        # being fsync'd (the copy is written after that batch in any case).
-        pending = self.store.pending(sub_id, seq - 1, 1, upto=seq)
-        if original is None or not pending or pending[0][0] != seq:
+        # Its entry, durable or not: delivery starts before the fsync, so a message
+        # can reach its last attempt while its batch is still being fsync'd (the
+        # copy is written after that batch in any case).
+        if original is None or not self.store.holds(sub_id, seq):
             cursor = self.cursors.get(sub_id)
             if cursor is not None:
                 cursor.outstanding.discard(seq)  # already settled or expired: nothing left to move

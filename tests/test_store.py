@@ -94,3 +94,69 @@ def test_the_retention_sweep_removes_a_bounded_chunk_per_call(store: ShardStore)
     assert store.find_duplicates("t", [f"id-{i}" for i in range(total)]) == set()
     assert store.find_duplicates("t", [f"kept-{i}" for i in range(10)]) == {f"kept-{i}" for i in range(10)}
     assert store.expire(now_ms=5_000) == 0 and not store.expiring
+
+
+def _implicit_keys(store: ShardStore) -> list[bytes]:
+    return [key for key, _ in store._scan(b"I", b"J")]
+
+
+def test_an_entry_handed_out_with_its_write_is_pending_without_a_key_until_settled(store: ShardStore) -> None:
+    """A one-subscription message handed out as it is written gets no P key (module docstring, "Implicit entries"):
+    it counts as pending while its message exists, and settling it leaves no key behind."""
+    handed_out = [StoredMessage(store.next_seq(), "t", f"h{i}", {}, b"x", 0.0, [1], 2**40) for i in range(3)]
+    two_subscriptions = StoredMessage(store.next_seq(), "t", "two", {}, b"x", 0.0, [1, 2], 2**40)
+    messages = [*handed_out, two_subscriptions]
+    store.append(messages, [], [(1, m.seq) for m in handed_out] + [(1, two_subscriptions.seq)])
+    assert store.pending(1, 0, 10) == [(two_subscriptions.seq, 1)], "only the two-subscription message has P keys"
+    assert store.count_pending(1) == 4 and store.backlog == {1: 4, 2: 1}
+    assert all(store.holds(1, m.seq) for m in messages) and not store.holds(2, handed_out[0].seq)
+    assert len(_implicit_keys(store)) == 1
+    assert store.complete([(1, m.seq) for m in handed_out]) == 3
+    assert [m.message_id for m in store.messages()] == ["two"]
+    assert _implicit_keys(store) == [], "the write's I key goes with its last implicit entry"
+    assert store.backlog == {1: 1, 2: 1} and store.count_pending(1) == 1
+
+
+def test_implicit_entries_become_pending_entries_when_taken_back_or_counted(store: ShardStore) -> None:
+    """An implicit entry that must outlive its hand-out is written as a P key: taken back at attempt 1, set back to 0
+    by a refused first DISPATCH, or with the attempt number a redelivery reached."""
+    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1], 2**40) for i in range(4)]
+    store.append(messages, [], [(1, m.seq) for m in messages])
+    taken_back, refused, redelivered, untouched = (m.seq for m in messages)
+    assert store.materialize([(1, taken_back, 1), (2, untouched, 1)]) == 1
+    assert store.unattempt([(1, refused)]) == 1
+    store.record_attempts([(1, redelivered, 3)])
+    assert store.pending(1, 0, 10) == [(taken_back, 1), (refused, 0), (redelivered, 3)]
+    assert store.count_pending(1) == 4 and store.backlog == {1: 4}
+    assert store.materialize([(1, taken_back, 5)]) == 0, "a P key is not written twice"
+    store.complete([(1, seq) for seq in (taken_back, refused, redelivered, untouched)])
+    assert store.count_pending(1) == 0 and store.messages() == [] and _implicit_keys(store) == []
+
+
+def test_implicit_entries_left_at_a_crash_are_pending_entries_after_reopening(tmp_path: Path) -> None:
+    """The I key of each write lists its implicit entries: on open, every one whose message is still there becomes a
+    P key at attempt 1 (it was handed out once), a P key written while running keeps its count, and the I keys go."""
+    path = tmp_path / "shard"
+    store = ShardStore(path, sync=False)
+    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1], 2**40) for i in range(4)]
+    store.append(messages, [], [(1, m.seq) for m in messages])
+    settled, counted, left, also_left = (m.seq for m in messages)
+    store.complete([(1, settled)])
+    store.record_attempts([(1, counted, 4)])
+    store.close()  # as after a SIGKILL: nothing but what was written
+    reopened = ShardStore(path, sync=False)
+    try:
+        assert reopened.pending(1, 0, 10) == [(counted, 4), (left, 1), (also_left, 1)]
+        assert reopened.backlog == {1: 3}
+        assert _implicit_keys(reopened) == []
+        assert not reopened.is_implicit(1, left)
+    finally:
+        reopened.close()
+
+
+def test_the_retention_sweep_removes_implicit_entries_with_their_messages(store: ShardStore) -> None:
+    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1], 1_000) for i in range(3)]
+    store.append(messages, [], [(1, m.seq) for m in messages])
+    assert store.expire(now_ms=5_000) == 3
+    assert store.count_pending(1) == 0 and store.backlog == {} and _implicit_keys(store) == []
+    assert not store.holds(1, messages[0].seq)
