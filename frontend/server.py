@@ -405,6 +405,7 @@ class FrontendServer:
         self.batch_after: list[Callable[[], None]] = []
         self.batch_after_failure: list[Callable[[], None]] = []
         self.dead_in_progress: set[tuple[int, int]] = set()
+        self.unmaterialized: list[tuple[int, int, int]] = []  # taken-back implicit entries whose write failed (see _materialize)
         self.expired_in_sweep = 0  # messages the retention sweep under way has removed
         self.dispatch_turn = 0  # which ready subscription the next backlog pass starts with
         self.dispatch_more = False  # the last backlog pass stopped at DISPATCH_PASS_LIMIT
@@ -579,6 +580,8 @@ class FrontendServer:
 
     def _heartbeat(self) -> None:
         self.metadata.send(Command.EVENT_ACK, {"frontend": self.index, "version": self.meta_version})
+        if self.unmaterialized:
+            self._retry_materialize()
         cutoff = time.monotonic() - PEER_EXPIRY_S
         for sender_index, peer in enumerate(self.sender_peers):
             if peer.epoch and peer.last_seen < cutoff:
@@ -1100,6 +1103,7 @@ class FrontendServer:
             self.dispatch_more = False
             self.counters["dispatches_refused"] += len(chunk.entries)
             refused = [(sub_id, messages[index]["seq"]) for sub_id, index, _ in chunk.entries]
+            self._materialize([(sub_id, seq, 1) for sub_id, seq in refused])  # one write for the chunk, not one per entry
             for sub_id, seq in refused:
                 self._release(sub_id, seq)
             # Only what a sender took is an attempt. A new message's entry was
@@ -1129,13 +1133,28 @@ class FrontendServer:
         self._not_yet_scannable(cursor.sub_id, self.store.last_seq)
 
     def _materialize(self, entries: list[tuple[int, int, int]]) -> None:
-        """Write handed-out entries that were implicit (see frontend/store.py) as pending entries, so a backlog scan finds them."""
+        """Write taken-back entries that were implicit (see frontend/store.py) as pending entries, so a backlog scan finds them.
+
+        If the write fails they stay implicit, where no scan sees them: they are
+        kept for :meth:`_retry_materialize`, which the heartbeat runs until the
+        write goes through.
+        """
         try:
             self.store.materialize(entries)
         except StorageError as exc:
-            # They stay implicit: the next start of this frontend writes them (its I keys) and hands them out again.
             self.counters["storage_failures"] += 1
-            log.error("could not write %d taken-back entries; they are handed out again after this frontend's next start: %s", len(entries), exc)
+            self.unmaterialized.extend(entries)
+            log.error("could not write %d taken-back entries as pending entries; retrying each second: %s", len(entries), exc)
+
+    def _retry_materialize(self) -> None:
+        entries, self.unmaterialized = self.unmaterialized, []
+        self._materialize(entries)
+        if not self.unmaterialized:
+            for sub_id, seq, _ in entries:  # now on disk: the next backlog pass must look again
+                cursor = self.cursors.get(sub_id)
+                if cursor is not None and seq not in cursor.outstanding:
+                    cursor.scanned_to = min(cursor.scanned_to, seq - 1)
+                    cursor.backlog = True
 
     def _not_yet_scannable(self, sub_id: int, seq: int) -> None:
         """A backlog scan stops at the last durable seq: while ``seq`` is above it, keep the subscription's

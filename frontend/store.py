@@ -337,6 +337,12 @@ class ShardStore:
                 batch.delete(_IMPLICIT + _U64.pack(first))
         return entry
 
+    def _restore_implicit(self, forgotten: list[tuple[int, tuple[int, int]]]) -> None:
+        """Undo :meth:`_forget_implicit` for (seq, entry) pairs whose write failed: they are still implicit on disk."""
+        for seq, entry in forgotten:
+            self._implicit[seq] = entry
+            self._implicit_left[entry[1]] = self._implicit_left.get(entry[1], 0) + 1
+
     def is_implicit(self, sub_id: int, seq: int) -> bool:
         """Whether (subscription id, seq) is an implicit entry (see the module docstring)."""
         return self._implicit.get(seq, _NOT_IMPLICIT)[0] == sub_id
@@ -370,9 +376,7 @@ class ShardStore:
         try:
             self._write(batch, self._lazy)
         except StorageError:
-            for seq, entry in forgotten:
-                self._implicit[seq] = entry
-                self._implicit_left[entry[1]] = self._implicit_left.get(entry[1], 0) + 1
+            self._restore_implicit(forgotten)
             raise
         return len(forgotten)
 
@@ -614,7 +618,8 @@ class ShardStore:
             implicit = [entry for entry in entries if self.is_implicit(entry[0], entry[1])]
             if implicit:
                 self.materialize(implicit)
-                entries = [entry for entry in entries if entry not in implicit]
+                written = set(implicit)
+                entries = [entry for entry in entries if entry not in written]
                 if not entries:
                     return
         batch = WriteBatch(raw_mode=True)
@@ -704,6 +709,7 @@ class ShardStore:
         existed: list[int] = []
         unknown: list[int] = []
         fanout, bodies = self._fanout, self._bodies
+        forgotten: list[tuple[int, tuple[int, int]]] = []
         try:
             for seq, subs in settled_by_seq.items():
                 holders = fanout.get(seq)
@@ -726,12 +732,14 @@ class ShardStore:
                 self._settle_unknown(batch, unknown, settled_by_seq, existed, known_pending)
                 while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
                     fanout.popitem(last=False)
-            # After the reads above, which count an implicit entry as existing. (If the write
-            # fails they stay forgotten: their messages stay until retention removes them.)
+            # After the reads above, which count an implicit entry as existing.
             for seq in implicit_settled:
-                self._forget_implicit(batch, seq)
+                entry = self._forget_implicit(batch, seq)
+                if entry is not None:
+                    forgotten.append((seq, entry))
             self._write(batch, self._lazy)
         except BaseException:
+            self._restore_implicit(forgotten)  # the write did not happen: still pending, still implicit
             # The map was narrowed for a write that did not happen: forget these
             # messages, so the next settle reads what is really left of them.
             for seq in settled_by_seq:
@@ -883,9 +891,12 @@ class ShardStore:
         for key in index_keys:
             batch.delete(key)
         existed = self._existing(expiring)
+        implicit_forgotten: list[tuple[int, tuple[int, int]]] = []
         for sub_id, seq in expiring:
             if self.is_implicit(sub_id, seq):
-                self._forget_implicit(batch, seq)
+                entry = self._forget_implicit(batch, seq)
+                if entry is not None:
+                    implicit_forgotten.append((seq, entry))
         forgotten = 0
         for key, value in self._scan(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms)):
             if forgotten >= limit:
@@ -895,7 +906,11 @@ class ShardStore:
                 batch.delete(dedup_key.encode("utf-8", "surrogateescape"))
                 forgotten += 1
             batch.delete(key)
-        self._write(batch, self._lazy)
+        try:
+            self._write(batch, self._lazy)
+        except StorageError:
+            self._restore_implicit(implicit_forgotten)
+            raise
         self._count_settled(existed)
         self.expiring = more
         return removed

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from frontend.store import EXPIRE_CHUNK, DedupEntry, ShardStore, StoredMessage
+from frontend.store import EXPIRE_CHUNK, DedupEntry, ShardStore, StorageError, StoredMessage
 
 BATCH = 100
 
@@ -160,3 +161,27 @@ def test_the_retention_sweep_removes_implicit_entries_with_their_messages(store:
     assert store.expire(now_ms=5_000) == 3
     assert store.count_pending(1) == 0 and store.backlog == {} and _implicit_keys(store) == []
     assert not store.holds(1, messages[0].seq)
+
+
+def test_an_implicit_entry_whose_settle_write_fails_stays_pending_and_counted(store: ShardStore) -> None:
+    """A settle (or expiry) whose write fails changes nothing: the entry is still implicit, still counted, and the
+    next settle removes it and its write's I key."""
+    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [7], 2**40) for i in range(2)]
+    store.append(messages, [], [(7, m.seq) for m in messages])
+    first, second = (m.seq for m in messages)
+    real_write = store._write
+
+    def full_disk(batch: Any, options: Any) -> None:
+        raise StorageError("IO error: No space left on device")
+
+    store._write = full_disk  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        store.complete([(7, first)])
+    with pytest.raises(StorageError):
+        store.expire(now_ms=2**41)
+    store._write = real_write  # type: ignore[method-assign]
+    assert store.is_implicit(7, first) and store.is_implicit(7, second)
+    assert store.backlog == {7: 2} and store.count_pending(7) == 2
+    store.complete([(7, first)])
+    store.complete([(7, second)])
+    assert store.backlog == {} and store.count_pending(7) == 0 and store.messages() == [] and _implicit_keys(store) == []
