@@ -185,3 +185,21 @@ def test_an_implicit_entry_whose_settle_write_fails_stays_pending_and_counted(st
     store.complete([(7, first)])
     store.complete([(7, second)])
     assert store.backlog == {} and store.count_pending(7) == 0 and store.messages() == [] and _implicit_keys(store) == []
+
+
+def test_a_taken_back_implicit_entry_whose_write_fails_stays_implicit_for_the_retry(store: ShardStore) -> None:
+    """materialize() that cannot write leaves the entry implicit (the frontend retries it each second); the retry writes it."""
+    message = StoredMessage(store.next_seq(), "t", "m", {}, b"x", 0.0, [7], 2**40)
+    store.append([message], [], [(7, message.seq)])
+    real_write = store._write
+
+    def full_disk(batch: Any, options: Any) -> None:
+        raise StorageError("IO error: No space left on device")
+
+    store._write = full_disk  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        store.materialize([(7, message.seq, 1)])
+    store._write = real_write  # type: ignore[method-assign]
+    assert store.is_implicit(7, message.seq) and store.pending(7, 0, 10) == []
+    assert store.materialize([(7, message.seq, 1)]) == 1
+    assert store.pending(7, 0, 10) == [(message.seq, 1)] and _implicit_keys(store) == []
