@@ -135,6 +135,8 @@ def measure_herald(workers: Workers, admin: Client, endpoint: str, meter: CpuMet
     server_cpu = meter.stop()  # warm-up included: the run is one continuous schedule
     workers.join([reader, publisher])
     deliver = LatencyRecorder.from_bytes(consumed["latency"]).summary()
+    to_frontend = LatencyRecorder.from_bytes(consumed["to_frontend"]).summary()
+    from_frontend = LatencyRecorder.from_bytes(consumed["from_frontend"]).summary()
     ack = LatencyRecorder.from_bytes(published["ack_latency"]).summary()
     lag = LatencyRecorder.from_bytes(published["send_lag"]).summary()
     start = published["start_ns"]
@@ -160,6 +162,11 @@ def measure_herald(workers: Workers, admin: Client, endpoint: str, meter: CpuMet
                 **common,
                 "achieved_delivery_msg_per_s": rate(consumed["unique"], start, consumed["last_ns"]),
                 "duplicates": consumed["duplicates"],
+                # The frontend's accept time splits each delivery (wall clock, so ~us apart between processes).
+                "scheduled_to_accepted_p50_us": to_frontend.p50_us,
+                "scheduled_to_accepted_p99_us": to_frontend.p99_us,
+                "accepted_to_delivered_p50_us": from_frontend.p50_us,
+                "accepted_to_delivered_p99_us": from_frontend.p99_us,
                 "consumer_cpu_s": round(consumed["cpu_s"], 3),
             },
         ),

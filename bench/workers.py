@@ -370,6 +370,11 @@ def consumer(link: Link, endpoint: str, topic: str, subscription: str, count: in
         unique = duplicates = 0
         first_ns = last_ns = 0
         recorder = LatencyRecorder()
+        # Split at the frontend's accept time, which every delivery carries (wall clock, in seconds):
+        # scheduled -> accepted is the publisher, the proxy and the frontend's reading;
+        # accepted -> received is the write, the sender and the consumer.
+        to_frontend, from_frontend = LatencyRecorder(), LatencyRecorder()
+        wall_minus_monotonic_ns = time.time_ns() - now_ns()
         receive = sub.receive
         cpu = time.process_time()
         if warm_unique >= warmup:
@@ -404,6 +409,9 @@ def consumer(link: Link, endpoint: str, topic: str, subscription: str, count: in
             last_ns = now_ns()
             if latency:
                 recorder.record(received - scheduled)
+                accepted = int(message.timestamp * 1e9) - wall_minus_monotonic_ns
+                to_frontend.record(max(0, accepted - scheduled))
+                from_frontend.record(max(0, received - accepted))
             if not link.parent_alive():
                 return
         link.send(
@@ -415,6 +423,8 @@ def consumer(link: Link, endpoint: str, topic: str, subscription: str, count: in
                 "duplicates": duplicates,
                 "cpu_s": time.process_time() - cpu,
                 "latency": recorder.to_bytes(),
+                "to_frontend": to_frontend.to_bytes(),
+                "from_frontend": from_frontend.to_bytes(),
                 "statistics": dataclasses.asdict(sub.statistics()),
             },
         )
