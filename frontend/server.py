@@ -195,11 +195,11 @@ class CommitWriter:
         self._signal = context.socket(zmq.PAIR)
         self._signal.connect(address)
         self._jobs: queue.SimpleQueue[CommitJob | None] = queue.SimpleQueue()
-        # Written jobs whose fsync has not been collected yet, oldest first.
+        # Written jobs whose fsync has not been collected yet, oldest first. A
+        # publish looks its ids up in each one's ``ids`` (usually one job, at
+        # most MAX_UNSYNCED_WRITES): merging them into one map cost a dict insert
+        # and a delete per message.
         self.in_flight: deque[CommitJob] = deque()
-        # The (topic, id) keys of every job in flight (keys are never in two of them: a
-        # later publish of one is answered "duplicate" and not written again).
-        self.in_flight_ids: dict[tuple[str, str], str] = {}
         # How long recent fsyncs took, inline or on the thread, and their median (see SLOW_FSYNC_S).
         self._fsync_seconds: deque[float] = deque(maxlen=FSYNCS_REMEMBERED)
         self.fsync_median_s = 0.0
@@ -219,7 +219,6 @@ class CommitWriter:
     def submit(self, job: CommitJob) -> None:
         """fsync the written ``job`` on the writer thread; :meth:`collect` it once ``done`` is readable."""
         self.in_flight.append(job)
-        self.in_flight_ids.update(job.ids)
         self._jobs.put(job)
 
     def sync_now(self, job: CommitJob) -> CommitJob:
@@ -259,10 +258,7 @@ class CommitWriter:
         finished: list[CommitJob] = []
         in_flight = self.in_flight
         while in_flight and in_flight[0].written:
-            job = in_flight.popleft()
-            for key in job.ids:
-                self.in_flight_ids.pop(key, None)
-            finished.append(job)
+            finished.append(in_flight.popleft())
         return finished
 
     @property
@@ -869,7 +865,9 @@ class FrontendServer:
         dedup_scope = f"{topic['id']}:{topic_name}"
         stored = self.store.find_duplicates(dedup_scope, [item.message_id for item in items if item.message_id is not None])
         # Per message, with bound methods in locals: this loop runs for every message published.
-        in_flight_ids = self.writer.in_flight_ids
+        # The (topic, id) keys of the writes in flight (a key is never in two of them: a
+        # later publish of one is answered "duplicate" and not written again).
+        in_flight_ids = [job.ids for job in self.writer.in_flight]
         batch_ids, next_seq = self.batch_ids, self.store.next_seq
         add_dedup, add_message = self.batch_dedup.append, self.batch_messages.append
         duplicates = added_bytes = 0
@@ -877,9 +875,13 @@ class FrontendServer:
             message_id = item.message_id
             if message_id is not None:
                 key = (topic_name, message_id)
-                if key in in_flight_ids:
-                    relied_on.append(key)  # stored only once that write succeeds: see _finish_commit
-                if key in in_flight_ids or key in batch_ids or message_id in stored:
+                in_flight = False
+                for job_ids in in_flight_ids:
+                    if key in job_ids:
+                        relied_on.append(key)  # stored only once that write succeeds: see _finish_commit
+                        in_flight = True
+                        break
+                if in_flight or key in batch_ids or message_id in stored:
                     ids.append(message_id)
                     duplicate.append(True)
                     duplicates += 1
