@@ -75,7 +75,12 @@ READ_AHEAD: Final = 2
 # frontend a poll-loop pass and a RocksDB write per message.
 COMPLETE_BATCH: Final = 250
 COMPLETE_DELAY_S: Final = 0.005
-DEADLINE_HEAP_COMPACT_AT: Final = 50_000  # entries; compaction keeps the heap within ~2x the live deliveries
+# Ack deadlines are kept per delivery pass, not per delivery: every delivery a
+# pass hands out shares its deadline, so the heap holds one (due, pass, keys)
+# entry per pass. Settled keys stay in their pass's list until it is due or the
+# lists together hold this many keys; then they are rebuilt from the live
+# deliveries (within ~2x of them).
+DEADLINE_KEYS_COMPACT_AT: Final = 50_000
 
 DeliveryKey = tuple[int, int, int]  # (subscription id, shard, seq)
 
@@ -164,13 +169,15 @@ class SenderServer:
         self.subs_by_id: dict[int, SubscriptionState] = {}
         # Attaches waiting for a subscription lookup: at most one per consumer.
         self.parked_attaches: dict[str, dict[str, Frames]] = {}
-        self.deadlines: list[tuple[float, DeliveryKey, int]] = []  # heap of (due, key, attempt)
+        self.deadlines: list[tuple[float, int, list[DeliveryKey]]] = []  # heap of (due, pass number, keys handed out in that pass)
+        self.deadline_keys = 0  # keys in all of those lists, settled ones included
+        self.deadline_passes = 0  # orders entries of one due time; lists are never compared
         self.redeliveries: list[tuple[float, DeliveryKey, int]] = []  # heap of (not before, key, attempt)
         self.completions: dict[int, list[list[int]]] = {}
         self.completions_since: float | None = None  # when the oldest waiting completion was first seen
         self.attempted: dict[int, list[list[int]]] = {}
         self.dead_letters: dict[int, list[list[Any]]] = {}
-        self.deadline_compact_at = DEADLINE_HEAP_COMPACT_AT
+        self.deadline_compact_at = DEADLINE_KEYS_COMPACT_AT
         self.credit_dirty = False
         self.counters: dict[str, int] = {
             "dispatched": 0,
@@ -250,6 +257,7 @@ class SenderServer:
             "subscriptions": len(self.subs),
             "consumers": sum(len(s.consumers) for s in self.subs.values()),
             "in_flight": sum(len(s.deliveries) for s in self.subs.values()),
+            "deadline_keys": self.deadline_keys,
             **self.counters,
         }
 
@@ -357,6 +365,7 @@ class SenderServer:
                 continue
             batches: dict[str, list[Delivery]] = {}
             deadline = now + float(state.settings["ack_deadline"])
+            handed_out: list[DeliveryKey] = []
             turn = 0
             while state.ready and consumers:
                 key = state.ready.popleft()
@@ -367,12 +376,16 @@ class SenderServer:
                 delivery.consumer = consumer.consumer_id
                 delivery.deadline = deadline
                 consumer.unacked.add(key)
-                heapq.heappush(self.deadlines, (deadline, key, delivery.attempt))
+                handed_out.append(key)
                 batches.setdefault(consumer.consumer_id, []).append(delivery)
                 if consumer.free <= 0:
                     consumers.remove(consumer)
                 else:
                     turn += 1
+            if handed_out:
+                self.deadline_passes += 1
+                heapq.heappush(self.deadlines, (deadline, self.deadline_passes, handed_out))
+                self.deadline_keys += len(handed_out)
             for consumer_id, deliveries in batches.items():
                 packed = state.consumers[consumer_id].packed
                 for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
@@ -391,27 +404,39 @@ class SenderServer:
                             )
 
     def _expire_deadlines(self, now: float) -> None:
-        if len(self.deadlines) > self.deadline_compact_at:
+        if self.deadline_keys > self.deadline_compact_at:
             self._compact_deadlines()
-            self.deadline_compact_at = max(DEADLINE_HEAP_COMPACT_AT, 2 * len(self.deadlines))
+            self.deadline_compact_at = max(DEADLINE_KEYS_COMPACT_AT, 2 * self.deadline_keys)
         while self.deadlines and self.deadlines[0][0] <= now:
-            _, key, attempt = heapq.heappop(self.deadlines)
-            state = self.subs_by_id.get(key[0])
-            delivery = state.deliveries.get(key) if state else None
-            if state is None or delivery is None or delivery.attempt != attempt or delivery.consumer is None or delivery.deadline > now:
-                continue  # settled, rescheduled, or handed out again with the same attempt (a DETACH's unseen)
-            self.counters["expired"] += 1
-            self._retry(state, delivery, now, backoff=True)
+            _, _, keys = heapq.heappop(self.deadlines)
+            self.deadline_keys -= len(keys)
+            for key in keys:
+                state = self.subs_by_id.get(key[0])
+                delivery = state.deliveries.get(key) if state else None
+                if state is None or delivery is None or delivery.consumer is None or delivery.deadline > now:
+                    continue  # settled, taken back, or handed out again since (a later pass's entry has it)
+                self.counters["expired"] += 1
+                self._retry(state, delivery, now, backoff=True)
 
     def _compact_deadlines(self) -> None:
-        """Drop the heap entries of settled deliveries (acks leave them behind).
+        """Drop settled keys from the deadline lists (acks leave them behind).
 
-        Without this the heap grows with throughput x ack_deadline rather than
-        with the deliveries actually in flight.
+        Without this the lists grow with throughput x ack_deadline rather than
+        with the deliveries actually in flight. Deliveries of one pass share
+        their deadline, so grouping the live ones by it rebuilds one entry per pass.
         """
-        live = [(d.deadline, d.key, d.attempt) for state in self.subs.values() for d in state.deliveries.values() if d.consumer is not None]
+        by_deadline: dict[float, list[DeliveryKey]] = {}
+        for state in self.subs.values():
+            for delivery in state.deliveries.values():
+                if delivery.consumer is not None:
+                    by_deadline.setdefault(delivery.deadline, []).append(delivery.key)
+        live: list[tuple[float, int, list[DeliveryKey]]] = []
+        for deadline, keys in by_deadline.items():
+            self.deadline_passes += 1
+            live.append((deadline, self.deadline_passes, keys))
         heapq.heapify(live)
         self.deadlines = live
+        self.deadline_keys = sum(len(keys) for _, _, keys in live)
 
     def _retry(self, state: SubscriptionState, delivery: Delivery, now: float, *, backoff: bool) -> None:
         """Take a delivery back from its consumer and schedule the next attempt (or dead-letter it)."""
@@ -613,8 +638,8 @@ class SenderServer:
             if delivery is None:
                 continue
             if unseen and (key[1], key[2], delivery.attempt) in unseen:
-                # Never handed to the application: not an attempt. Its deadline entry
-                # is left behind and skipped (see _expire_deadlines).
+                # Never handed to the application: not an attempt. Its key stays in
+                # its pass's deadline list and is skipped (see _expire_deadlines).
                 delivery.consumer = None
                 returned.append(key)
             else:

@@ -222,3 +222,54 @@ def test_a_thousand_idle_consumers(herald: HeraldSystem) -> None:
         for sock in sockets:
             sock.close(0)
         context.term()
+
+
+def test_ack_deadlines_of_settled_deliveries_are_compacted_and_a_held_one_still_expires(herald: HeraldSystem) -> None:
+    """A sender keeps ack deadlines per delivery pass; acks leave their keys behind until a compaction.
+
+    60,000 deliveries acked well within their deadline must not leave 60,000
+    keys behind until it passes (the compaction runs past 50,000), and one
+    delivery held unacked across that compaction must still come back once
+    its deadline passes.
+    """
+    from broker.metrics import read_snapshots
+
+    ack_deadline_s = 15.0
+    total = 60_000
+    with Client(herald.endpoint, timeout=30.0) as client:
+        client.create_topic("deadlines")
+        client.create_subscription("deadlines", "deadlines.sub", ack_deadline=ack_deadline_s, backoff=(0, 0))
+        with client.subscribe("deadlines", "deadlines.sub") as subscription:
+            client.publish("deadlines", b"held")
+            held = subscription.receive(timeout=10)
+            assert held is not None and held.data == b"held"
+            held_at = time.monotonic()
+            settled = 0
+            for _ in range(total // 1000):
+                client.publish_batch("deadlines", [b"x" * 10] * 1000)
+                while (message := subscription.receive(timeout=0)) is not None:
+                    message.ack_nowait()
+                    settled += 1
+            while settled < total:
+                message = subscription.receive(timeout=10)
+                assert message is not None, f"only {settled} of {total} delivered"
+                assert message.id != held.id, "the held delivery came back before its deadline"
+                message.ack_nowait()
+                settled += 1
+            subscription.receive(timeout=0.2)  # sends the last acks
+
+            def compacted() -> bool:
+                senders = {role: snapshot for role, snapshot in read_snapshots(str(herald.data_dir)).items() if role.startswith("sender-")}
+                return sum(int(snapshot.get("acked", 0)) for snapshot in senders.values()) >= total and all(
+                    int(snapshot.get("deadline_keys", 0)) < 50_000 for snapshot in senders.values()
+                )
+
+            # Before the deadline: past it, the due lists are dropped anyway.
+            before_deadline = held_at + ack_deadline_s - 1.0 - time.monotonic()
+            assert before_deadline > 1.0, "publishing took too long to see the compaction before the deadline"
+            wait_for(compacted, timeout=before_deadline, interval=0.2, message="the senders' deadline lists compacted after 60,000 acks")
+            again = subscription.receive(timeout=ack_deadline_s + 20)
+            assert again is not None and again.id == held.id, "the held delivery was not handed out again after its deadline"
+            assert again.attempt == 2
+            assert time.monotonic() - held_at >= ack_deadline_s - 0.5
+            again.ack()
