@@ -119,6 +119,9 @@ INLINE_SYNC_MESSAGES: Final = 16
 SLOW_FSYNC_S: Final = 0.001
 FSYNCS_REMEMBERED: Final = 9
 MAX_UNSYNCED_WRITES: Final = 8
+# Settled entries (COMPLETE) wait at most this many before the poll loop applies
+# them even while publishes keep coming; a crash delivers them again.
+SETTLES_WAITING_MAX: Final = 2_000
 # After its fsync the writer thread must take the GIL back from a busy poll
 # loop, which by default lets go only every 5 ms: that wait would be added to
 # every commit. A shorter interval hands it over sooner (alternating runs of
@@ -486,6 +489,12 @@ class FrontendServer:
                 if any(self.forwards_waiting.values()):
                     self._flush_forwards()
                 self._commit_batch()
+                # Settles wait while publishes are coming in or a write's replies are due:
+                # in a closed loop of publishers, replying sooner is throughput. They are
+                # applied in a pass without either, or once SETTLES_WAITING_MAX wait.
+                store = self.store
+                if store.settles_waiting and (store.settles_waiting >= SETTLES_WAITING_MAX or (self.backend not in ready and not writer.finished)):
+                    store.apply_settles()
                 self._dispatch_backlogs()
                 if self.store.purge_runnable:
                     self._purge_deleted()
@@ -684,6 +693,8 @@ class FrontendServer:
 
     def statistics(self) -> dict[str, Any]:
         """A snapshot of this frontend's counters."""
+        self.store.apply_settles()  # the backlog counts and "completed" include every COMPLETE received
+        self.counters["completed"] = self.store.settled_total
         return {
             "frontend": self.index,
             "pid": os.getpid(),
@@ -698,6 +709,7 @@ class FrontendServer:
             "purging": self.store.purging,
             "errors_by_code": dict(self.errors_by_code),
             **self.counters,
+            "storage_failures": self.counters["storage_failures"] + self.store.settle_failures,
         }
 
     def _relay_to_metadata(self, envelope: list[bytes], frames: Frames) -> None:
@@ -1282,14 +1294,14 @@ class FrontendServer:
                 cursor.window = 0
 
     def _on_complete(self, header: dict[str, Any]) -> None:
+        # The credit comes back at once; the store applies the settles when the
+        # loop has nothing more urgent (see the poll loop and ShardStore.settle_later).
         entries = decode_complete(header)
-        try:
-            self.counters["completed"] += self.store.complete(entries)
-        finally:
-            for sub_id, seq in entries:
-                cursor = self.cursors.get(sub_id)
-                if cursor is not None:
-                    cursor.outstanding.discard(seq)
+        self.store.settle_later(entries)
+        for sub_id, seq in entries:
+            cursor = self.cursors.get(sub_id)
+            if cursor is not None:
+                cursor.outstanding.discard(seq)
 
     def _on_dead(self, header: dict[str, Any]) -> None:
         for sub_id, seq, attempts, dead_topic in decode_dead(header):

@@ -212,6 +212,10 @@ class ShardStore:
         # entry (see the module docstring), and per I key how many are left.
         self._implicit: dict[int, tuple[int, int]] = {}
         self._implicit_left: dict[int, int] = {}
+        # Settled entries not yet applied (see settle_later), and what applying them settled or failed.
+        self._settles_waiting: list[tuple[int, int]] = []
+        self.settled_total = 0
+        self.settle_failures = 0
         self._materialize_left_at_open()
         raw_last = self._db.get(_LAST_SEQ)
         self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
@@ -343,6 +347,44 @@ class ShardStore:
             self._implicit[seq] = entry
             self._implicit_left[entry[1]] = self._implicit_left.get(entry[1], 0) + 1
 
+    def settle_later(self, entries: list[tuple[int, int]]) -> None:
+        """Queue settled (subscription id, seq) entries; :meth:`apply_settles` applies them (:meth:`complete`).
+
+        Settling is clean-up (deleting the entry and, once no one needs it, the
+        message): nothing waits on it, so the poll loop applies the queue when
+        it has nothing more urgent to do, and publishes are answered sooner.
+        Every method here that reads or changes pending entries or messages
+        applies the queue first, so none of them sees a settled entry as
+        pending. A crash loses the queue, and those messages are delivered
+        again after the restart (at least once), as when a COMPLETE is lost.
+        """
+        self._settles_waiting.extend(entries)
+
+    @property
+    def settles_waiting(self) -> int:
+        """Entries queued by :meth:`settle_later` and not applied yet."""
+        return len(self._settles_waiting)
+
+    def apply_settles(self) -> int:
+        """Apply the entries queued by :meth:`settle_later`; the number settled (counted in :attr:`settled_total`).
+
+        A failed write is counted in :attr:`settle_failures` and logged, not
+        raised: those entries stay pending on disk and are delivered again
+        after the next start, as with a failed :meth:`complete`.
+        """
+        entries = self._settles_waiting
+        if not entries:
+            return 0
+        self._settles_waiting = []
+        try:
+            settled = self.complete(entries)
+        except StorageError as exc:
+            self.settle_failures += 1
+            log.error("could not settle %d entries: %s; they are delivered again after the next start", len(entries), exc)
+            return 0
+        self.settled_total += settled
+        return settled
+
     def is_implicit(self, sub_id: int, seq: int) -> bool:
         """Whether (subscription id, seq) is an implicit entry (see the module docstring)."""
         return self._implicit.get(seq, _NOT_IMPLICIT)[0] == sub_id
@@ -360,6 +402,7 @@ class ShardStore:
         Raises:
             StorageError: the write failed; the entries stay implicit.
         """
+        self.apply_settles()
         batch: WriteBatch | None = None
         forgotten: list[tuple[int, tuple[int, int]]] = []
         for sub_id, seq, attempts in entries:
@@ -382,6 +425,7 @@ class ShardStore:
 
     def holds(self, sub_id: int, seq: int) -> bool:
         """Whether the entry (subscription id, seq) is still pending: implicit, or a ``P`` key."""
+        self.apply_settles()
         return self.is_implicit(sub_id, seq) or self._db.get(_pending_key(sub_id, seq)) is not None
 
     def property_int(self, name: str) -> int:
@@ -392,6 +436,7 @@ class ShardStore:
             return 0
 
     def close(self) -> None:
+        self.apply_settles()
         try:
             self._db.close()
         except Exception as exc:  # rocksdict raises plain Exception
@@ -610,6 +655,7 @@ class ShardStore:
                 that they still exist (which keeps a late update from
                 resurrecting an entry that was settled meanwhile).
         """
+        self.apply_settles()
         entries = list(entries)
         if not entries:
             return
@@ -650,6 +696,7 @@ class ShardStore:
         Returns:
             The number of entries set back.
         """
+        self.apply_settles()
         entries = list(entries)
         # An implicit entry is at attempt 1 by definition: it becomes a P key at 0.
         materialized = self.materialize([(sub_id, seq, 0) for sub_id, seq in entries]) if self._implicit else 0
@@ -776,6 +823,7 @@ class ShardStore:
         the square of the backlog, each chunk re-reading the deletions of the
         ones before it).
         """
+        self.apply_settles()
         self.deleted_subscriptions.add(sub_id)
         if self.backlog is not None:
             self.backlog.pop(sub_id, None)
@@ -802,6 +850,7 @@ class ShardStore:
             StorageError: the write failed (the frontend then drops every purge:
                 see :meth:`cancel_purges`).
         """
+        self.apply_settles()
         removed = 0
         finished = self.finished_seq  # before durable_seq: see finished_seq
         durable = self.durable_seq
@@ -843,6 +892,7 @@ class ShardStore:
         Returns:
             The orphaned subscription ids now being purged.
         """
+        self.apply_settles()
         orphans = sorted((self.backlogged_at_open or frozenset()) - known - self.deleted_subscriptions)
         for sub_id in orphans:
             self.delete_subscription(sub_id)
@@ -865,6 +915,7 @@ class ShardStore:
         Returns:
             The number of messages removed.
         """
+        self.apply_settles()
         self.expiring = False
         more = False
         index_keys: list[bytes] = []
@@ -931,11 +982,13 @@ class ShardStore:
         return {message_id for message_id, value in zip(message_ids, found, strict=True) if value is not None}
 
     def read_message(self, seq: int) -> StoredMessage | None:
+        self.apply_settles()
         raw = self._db.get(_message_key(seq))
         return decode_message(seq, raw) if raw is not None else None
 
     def read_messages(self, seqs: list[int]) -> list[StoredMessage | None]:
         """Messages by seq (None where settled or expired): from the body cache, the rest in one multi-get."""
+        self.apply_settles()
         if not seqs:
             return []
         bodies = self._bodies
@@ -975,6 +1028,7 @@ class ShardStore:
 
     def pending(self, sub_id: int, after_seq: int, limit: int, *, upto: int | None = None) -> list[tuple[int, int]]:
         """Up to ``limit`` (seq, attempts) of a subscription's backlog after ``after_seq``, up to ``upto`` (default :attr:`durable_seq`)."""
+        self.apply_settles()
         out: list[tuple[int, int]] = []
         last = self.durable_seq if upto is None else upto
         if after_seq >= last or limit <= 0:
@@ -987,13 +1041,16 @@ class ShardStore:
         return out
 
     def count_pending(self, sub_id: int) -> int:
+        self.apply_settles()
         prefix = _PENDING + _U64.pack(sub_id)
         return sum(1 for _ in self._iter_prefix(prefix)) + sum(1 for owner, _ in self._implicit.values() if owner == sub_id)
 
     def count_messages(self) -> int:
+        self.apply_settles()
         return sum(1 for _ in self._iter_prefix(_MESSAGE))
 
     def messages(self) -> list[StoredMessage]:
+        self.apply_settles()
         return [decode_message(_U64.unpack_from(k, 1)[0], v) for k, v in self._iter_prefix(_MESSAGE)]
 
     def _iter_prefix(self, prefix: bytes) -> Iterable[tuple[bytes, bytes]]:

@@ -203,3 +203,48 @@ def test_a_taken_back_implicit_entry_whose_write_fails_stays_implicit_for_the_re
     assert store.is_implicit(7, message.seq) and store.pending(7, 0, 10) == []
     assert store.materialize([(7, message.seq, 1)]) == 1
     assert store.pending(7, 0, 10) == [(message.seq, 1)] and _implicit_keys(store) == []
+
+
+def test_settles_applied_later_are_never_seen_as_pending(store: ShardStore) -> None:
+    """settle_later() only queues settled entries; every read of pending entries applies the queue first, so a
+    backlog scan never hands a settled entry out again, and the counts follow."""
+    seqs = _append(store, 3, [1, 2])
+    store.settle_later([(1, seqs[0]), (2, seqs[0]), (1, seqs[1])])
+    assert store.settles_waiting == 3 and store.settled_total == 0
+    assert store.pending(1, 0, 10) == [(seqs[2], 0)]
+    assert store.settles_waiting == 0 and store.settled_total == 3
+    assert store.pending(2, 0, 10) == [(seqs[1], 0), (seqs[2], 0)]
+    assert store.read_message(seqs[0]) is None  # settled by every subscription: deleted
+    assert store.backlog == {1: 1, 2: 2}
+
+
+def test_settles_still_queued_at_a_crash_leave_their_entries_pending(tmp_path: Path) -> None:
+    """The queue lives in memory only: after a crash its entries are pending again (delivered again, at least once)."""
+    path = tmp_path / "shard"
+    store = ShardStore(path, sync=False)
+    seqs = _append(store, 2, [1])
+    store.settle_later([(1, seqs[0])])
+    store._db.close()  # a SIGKILL: close() would apply the queue first
+    reopened = ShardStore(path, sync=False)
+    try:
+        assert reopened.pending(1, 0, 10) == [(seqs[0], 0), (seqs[1], 0)]
+    finally:
+        reopened.close()
+
+
+def test_queued_settles_whose_write_fails_are_counted_and_stay_pending(store: ShardStore) -> None:
+    """apply_settles() does not raise (it runs inside unrelated reads): a failed write is counted and logged, and
+    its entries stay pending, as after a failed complete()."""
+    seqs = _append(store, 2, [1])
+    store.settle_later([(1, seqs[0])])
+    real_write = store._write
+
+    def full_disk(batch: Any, options: Any) -> None:
+        raise StorageError("IO error: No space left on device")
+
+    store._write = full_disk  # type: ignore[method-assign]
+    assert store.apply_settles() == 0
+    store._write = real_write  # type: ignore[method-assign]
+    assert store.settle_failures == 1 and store.settles_waiting == 0 and store.settled_total == 0
+    assert store.pending(1, 0, 10) == [(seqs[0], 0), (seqs[1], 0)]
+    assert store.backlog == {1: 2}
