@@ -98,16 +98,18 @@ FORWARD_WAITING_MAX: Final = 64
 FORWARD_STALL_S: Final = 1.0
 FORWARD_RETRY_MS: Final = 2
 # Every batch is written on the poll-loop thread (building and writing it
-# holds the GIL, so another thread gained nothing there). The fsync of a batch
-# of at most this many messages runs there too: handing a small fsync to the
-# writer thread and back costs two thread wake-ups and GIL hand-overs, more than
-# the fsync itself (measured at 2,000 single-message publishes/s: 0.5 ms of the
-# 1.1 ms median commit). A larger batch's fsync goes to the writer thread, so
-# validating the next batch overlaps it.
-INLINE_SYNC_MESSAGES: Final = 16
-# A slow disk changes the plan. While one batch's fsync runs, the next batches
-# wait for it to be written: a publish that arrives then is delivered only
-# after that fsync (and, inline, the whole loop waits it out). Once the median
+# holds the GIL, so another thread gained nothing there), and fsync'd there
+# too, whatever its size. Handing the fsync to the writer thread and back costs
+# two thread wake-ups and GIL hand-overs: under load the thread took 0.74 ms
+# (p50) to start a 0.2 ms fsync, and a publisher's answer waited for both. With
+# publishers keeping a few requests in flight, that wait is the throughput:
+# fsyncing batches of more than 16 messages inline raised the end-to-end rate
+# with one subscription by 8-16% (alternating runs), and the loop used less CPU
+# per message. Only a slow disk sends fsyncs to the thread (below).
+#
+# A slow disk changes the plan. While one batch's fsync runs inline, the whole
+# loop waits it out: a publish that arrives then is read, written and delivered
+# only after that fsync. Once the median
 # of recent fsyncs (FSYNCS_REMEMBERED, timed from the loop's side, so a
 # thread's wait for the GIL is in them) reaches SLOW_FSYNC_S, every fsync goes
 # to the writer thread, and the loop writes and delivers further batches while
@@ -178,11 +180,11 @@ class CommitJob:
 
 
 class CommitWriter:
-    """Writes the shard's group commits on the poll-loop thread and fsyncs them, large ones on a thread of their own.
+    """Writes the shard's group commits on the poll-loop thread and fsyncs them there, or on a thread of their own once the disk is slow.
 
     :meth:`write` puts a job's batch in the WAL (not yet fsync'd). Then
-    :meth:`sync_now` fsyncs it on the calling thread, or :meth:`submit`
-    hands the fsync to the writer thread. The fsync runs with the GIL released
+    :meth:`sync_now` fsyncs it on the calling thread, or (slow disk, see
+    SLOW_FSYNC_S) :meth:`submit` hands the fsync to the writer thread. There it runs with the GIL released
     (``flush_wal``), so the poll loop keeps draining and validating meanwhile,
     and may write further batches: one fsync makes every batch written before
     it durable, so the thread takes all the jobs submitted by then and syncs
@@ -916,11 +918,12 @@ class FrontendServer:
     def _commit_batch(self) -> None:
         """Write the accumulated batch and start its delivery; its fsync follows (see CommitWriter).
 
-        While one batch is being fsync'd, the loop keeps validating requests
-        into the next one: that overlap is the group commit. Once the disk is
-        slow (see SLOW_FSYNC_S) the next batch is written and delivered at once,
-        without waiting for that fsync; its publishers are answered once an
-        fsync that started after its write has returned.
+        The requests that arrive while a batch is written and fsync'd (inline)
+        make the next batch: that is the group commit. Once the disk is slow
+        (see SLOW_FSYNC_S) the fsync runs on the writer thread, and the next
+        batch is written and delivered at once, without waiting for that
+        fsync; its publishers are answered once an fsync that started after
+        its write has returned.
         """
         writer = self.writer
         if (not self.batch_replies and not self.batch_messages) or not writer.may_write():
@@ -934,7 +937,7 @@ class FrontendServer:
         if job.error is not None:
             self._finish_commit(job)
             return
-        inline = not writer.in_flight and len(job.messages) <= INLINE_SYNC_MESSAGES and not writer.disk_is_slow
+        inline = not writer.in_flight and not writer.disk_is_slow
         if not inline:
             # The fsync starts now, and the job is in flight before any of it is
             # handed out: an entry taken back meanwhile (a refused DISPATCH) is then

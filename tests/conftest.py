@@ -302,3 +302,22 @@ def stored_messages(data_dir: Path, shards: int = 2) -> list[Any]:
         finally:
             store.close()
     return messages
+
+
+def preload_fsync_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Build tests/fail_wal_fsync.c and LD_PRELOAD it into every Herald process started afterwards.
+
+    The shim acts on a frontend's WAL fsyncs as its environment variables say
+    (``HERALD_TEST_FSYNC_FAIL_TRIGGER``, ``HERALD_TEST_FSYNC_HOLD``,
+    ``HERALD_TEST_FSYNC_DELAY_US``: see the file). Skips the test where gcc is missing.
+    """
+    library = tmp_path / "fail_wal_fsync.so"
+    try:
+        built = subprocess.run(
+            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(PROJECT_ROOT / "tests" / "fail_wal_fsync.c"), "-ldl"], capture_output=True, timeout=60
+        )
+    except FileNotFoundError:
+        pytest.skip("gcc is not installed: cannot build the fsync shim")
+    if built.returncode != 0:
+        pytest.skip(f"cannot build the fsync shim: {built.stderr.decode().strip()}")
+    monkeypatch.setenv("LD_PRELOAD", str(library))

@@ -284,16 +284,21 @@ def _warmed_subscription(client: Client, topic: str, name: str, **settings: Any)
         yield subscription, published
 
 
-def test_a_dispatch_refused_while_its_batch_is_fsyncd_is_handed_out_again(herald_factory: Callable[..., HeraldSystem], tmp_path: Path) -> None:
+def test_a_dispatch_refused_while_its_batch_is_fsyncd_is_handed_out_again(
+    herald_factory: Callable[..., HeraldSystem], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Delivery starts before the fsync, so a DISPATCH can be refused while its own batch is still being fsync'd,
     when no backlog scan can see its entries yet. The subscription must not conclude that it has caught up
     and pass over them: once the sender drains again, every message arrives, with no restart of anything.
 
     The sender is stopped for less than the 3 s after which frontends give up on it (a reset of its cursors
-    would rescan everything and hide the bug); batches of 32 messages are fsync'd on the writer thread."""
+    would rescan everything and hide the bug). Every WAL fsync takes 2 ms more (the fsync shim), so the disk is
+    slow (SLOW_FSYNC_S): fsyncs run on the writer thread, and the poll loop goes on meanwhile."""
     from clients.protocol import shard_of
-    from tests.conftest import topic_for_shard
+    from tests.conftest import preload_fsync_shim, topic_for_shard
 
+    preload_fsync_shim(tmp_path, monkeypatch)
+    monkeypatch.setenv("HERALD_TEST_FSYNC_DELAY_US", "2000")
     herald = _tiny_hwm_herald(herald_factory, tmp_path)
     topic, name, batches, per_batch = topic_for_shard("refused-early.", 1), "refused-early.sub", 6, 32
     expected = {f"{b}-{i}" for b in range(batches) for i in range(per_batch)}

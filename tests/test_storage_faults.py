@@ -24,7 +24,7 @@ import pytest
 
 from clients import Client, HeraldError, Subscription
 from frontend.store import ShardStore, StorageError, StoredMessage
-from tests.conftest import PROJECT_ROOT, HeraldSystem, stored_messages, wait_for
+from tests.conftest import PROJECT_ROOT, HeraldSystem, preload_fsync_shim, stored_messages, wait_for
 
 PAYLOAD_BYTES = 256 * 1024
 
@@ -283,18 +283,9 @@ def _message(store: ShardStore, message_id: str) -> StoredMessage:
 
 
 def _fsync_shim(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, variable: str, name: str) -> Path:
-    """Build tests/fail_wal_fsync.c, LD_PRELOAD it into every Herald process started afterwards, and point the
+    """LD_PRELOAD tests/fail_wal_fsync.c into every Herald process started afterwards, and point the
     shim's ``variable`` at ``tmp_path / name``: the file a test creates to act."""
-    library = tmp_path / "fail_wal_fsync.so"
-    try:
-        built = subprocess.run(
-            ["gcc", "-shared", "-fPIC", "-O2", "-o", str(library), str(PROJECT_ROOT / "tests" / "fail_wal_fsync.c"), "-ldl"], capture_output=True, timeout=60
-        )
-    except FileNotFoundError:
-        pytest.skip("gcc is not installed: cannot build the fsync shim")
-    if built.returncode != 0:
-        pytest.skip(f"cannot build the fsync shim: {built.stderr.decode().strip()}")
-    monkeypatch.setenv("LD_PRELOAD", str(library))
+    preload_fsync_shim(tmp_path, monkeypatch)
     trigger = tmp_path / name
     monkeypatch.setenv(variable, str(trigger))
     return trigger
@@ -365,7 +356,7 @@ def test_a_message_dead_lettered_before_its_batch_is_durable_is_copied(herald_fa
     from clients.protocol import shard_of
 
     herald = herald_factory()
-    topic, name, count = "dead.early", "dead.early.sub", 32  # more than 16: fsync'd on the writer thread, the poll loop runs on
+    topic, name, count = "dead.early", "dead.early.sub", 32
     dead_topic = f"{name}.dead"
     sender = f"sender-{shard_of(name, 2)}"
     with Client(herald.endpoint, timeout=30) as client:
@@ -377,6 +368,8 @@ def test_a_message_dead_lettered_before_its_batch_is_durable_is_copied(herald_fa
             client.publish(topic, b"warm")  # attached and credited: the batch below goes out by the fast path
             warm = subscription.receive(timeout=10)
             assert warm is not None and warm.ack()
+            # The fsync below must run on the writer thread while the poll loop goes on: a slow disk's way.
+            _make_the_disk_slow(herald.endpoint, topic, subscription, hold_wal_fsyncs)
             hold_wal_fsyncs.touch()
             acked: list[str] = []
             publishing = threading.Thread(target=lambda: _publish_ids(herald.endpoint, topic, [f"m-{i}" for i in range(count)], acked))
@@ -460,17 +453,7 @@ def test_on_a_slow_disk_a_batch_is_delivered_while_an_earlier_one_waits_for_its_
         with Client(herald.endpoint, timeout=30) as client:
             probe = client.publish(topic, b"probe")
         _receive_all(subscription, [probe])  # attached, with credit: new messages take the fast path
-        # The disk turns slow: five fsyncs of 50 ms or more make the median of the frontend's recent ones slow (SLOW_FSYNC_S).
-        slow: list[str] = []
-        for n in range(5):
-            hold_wal_fsyncs.touch()
-            publishing_one = threading.Thread(target=_publish_ids, args=(herald.endpoint, topic, [f"slow-{n}"], slow))
-            publishing_one.start()
-            time.sleep(0.05)
-            hold_wal_fsyncs.unlink()
-            publishing_one.join(30)
-        assert sorted(slow) == [f"slow-{n}" for n in range(5)]
-        _receive_all(subscription, slow)
+        _make_the_disk_slow(herald.endpoint, topic, subscription, hold_wal_fsyncs)
         hold_wal_fsyncs.touch()
         acked: dict[str, list[str]] = {"first": [], "second": []}
         batches = {name: [f"{name}-{i}" for i in range(20)] for name in acked}
@@ -486,6 +469,21 @@ def test_on_a_slow_disk_a_batch_is_delivered_while_an_earlier_one_waits_for_its_
             for thread in publishing:
                 thread.join(30)
         assert sorted(acked["first"] + acked["second"]) == sorted(batches["first"] + batches["second"])
+
+
+def _make_the_disk_slow(endpoint: str, topic: str, subscription: Subscription, hold: Path) -> None:
+    """Hold five fsyncs for 50 ms each, one publish each (read and acknowledged): the median of the frontend's
+    recent fsyncs is then slow (SLOW_FSYNC_S), so its fsyncs run on the writer thread while the poll loop goes on."""
+    slow: list[str] = []
+    for n in range(5):
+        hold.touch()
+        publishing_one = threading.Thread(target=_publish_ids, args=(endpoint, topic, [f"slow-{n}"], slow))
+        publishing_one.start()
+        time.sleep(0.05)
+        hold.unlink()
+        publishing_one.join(30)
+    assert sorted(slow) == [f"slow-{n}" for n in range(5)]
+    _receive_all(subscription, slow)
 
 
 def _publish_ids(endpoint: str, topic: str, ids: list[str], acked: list[str]) -> None:
