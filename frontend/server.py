@@ -105,7 +105,10 @@ FORWARD_RETRY_MS: Final = 2
 # publishers keeping a few requests in flight, that wait is the throughput:
 # fsyncing batches of more than 16 messages inline raised the end-to-end rate
 # with one subscription by 8-16% (alternating runs), and the loop used less CPU
-# per message. Only a slow disk sends fsyncs to the thread (below).
+# per message. Only a slow disk, or a batch of more than INLINE_SYNC_BYTES of
+# payload (whose fsync takes long enough to stall CREDIT and COMPLETE behind it),
+# sends fsyncs to the thread.
+INLINE_SYNC_BYTES: Final = 1024 * 1024
 #
 # A slow disk changes the plan. While one batch's fsync runs inline, the whole
 # loop waits it out: a publish that arrives then is read, written and delivered
@@ -931,13 +934,13 @@ class FrontendServer:
         job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after, self.batch_after_failure)
         self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
         self.batch_after, self.batch_after_failure = [], []
-        self.batch_bytes = 0
+        payload_bytes, self.batch_bytes = self.batch_bytes, 0
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
         writer.write(job)
         if job.error is not None:
             self._finish_commit(job)
             return
-        inline = not writer.in_flight and not writer.disk_is_slow
+        inline = not writer.in_flight and not writer.disk_is_slow and payload_bytes <= INLINE_SYNC_BYTES
         if not inline:
             # The fsync starts now, and the job is in flight before any of it is
             # handed out: an entry taken back meanwhile (a refused DISPATCH) is then
@@ -1261,9 +1264,9 @@ class FrontendServer:
                 case _:
                     raise ProtocolError("unknown_command", f"control socket does not take {frames.command.name}")
         except StorageError as exc:
-            # A COMPLETE or ATTEMPTED the shard could not write: the entries stay on
-            # disk, so those messages are delivered again after this frontend's next
-            # start (a lost attempt number only repeats).
+            # An ATTEMPTED (or the settles applied before it) the shard could not
+            # write: the entries stay on disk, so those messages are delivered again
+            # after this frontend's next start (a lost attempt number only repeats).
             self.counters["storage_failures"] += 1
             log.error("could not write a control message to the shard: %s", exc)
         except Exception as exc:

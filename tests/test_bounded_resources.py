@@ -31,7 +31,7 @@ from tests.conftest import PROJECT_ROOT, HeraldSystem, wait_for
 
 # Far below what an unbounded queue reaches within these tests, above the
 # worst seen: under the flood the owning frontend peaked at 205-267 MiB here
-# and once at 407 MiB in a CI run (RocksDB memtables and cache ~100 MiB, the
+# and once at 407 MiB in a CI run (RocksDB memtables and cache up to ~160 MiB since the memtables grew to 64 MiB, the
 # 8 MiB group-commit batch, and replies queued toward a proxy that is busy
 # pushing requests, up to sndhwm of them).
 RSS_LIMIT_MIB = 600

@@ -248,3 +248,27 @@ def test_queued_settles_whose_write_fails_are_counted_and_stay_pending(store: Sh
     assert store.settle_failures == 1 and store.settles_waiting == 0 and store.settled_total == 0
     assert store.pending(1, 0, 10) == [(seqs[0], 0), (seqs[1], 0)]
     assert store.backlog == {1: 2}
+
+
+def test_a_queued_settle_whose_read_fails_is_counted_and_does_not_escape(tmp_path: Path) -> None:
+    """Settling a message no longer in the fan-out map reads it back; rocksdict raises plain exceptions there, and
+    apply_settles() runs inside unrelated calls (a backlog scan here), so it must not let one out."""
+    path = tmp_path / "shard"
+    store = ShardStore(path, sync=False)
+    seqs = _append(store, 2, [1])
+    store.close()
+    reopened = ShardStore(path, sync=False)  # an empty fan-out map: settling reads the message back
+    try:
+        real_get_many = reopened._get_many
+
+        def failing_read(keys: list[bytes]) -> list[bytes | None]:
+            raise RuntimeError("IO error: read failed")
+
+        reopened.settle_later([(1, seqs[0])])
+        reopened._get_many = failing_read  # type: ignore[method-assign]
+        assert reopened.apply_settles() == 0
+        reopened._get_many = real_get_many  # type: ignore[method-assign]
+        assert reopened.settle_failures == 1
+        assert reopened.pending(1, 0, 10) == [(seqs[0], 0), (seqs[1], 0)]
+    finally:
+        reopened.close()
