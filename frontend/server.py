@@ -99,7 +99,7 @@ FORWARD_STALL_S: Final = 1.0
 FORWARD_RETRY_MS: Final = 2
 # Every batch is written on the poll-loop thread (building and writing it
 # holds the GIL, so another thread gained nothing there), and fsync'd there
-# too, whatever its size. Handing the fsync to the writer thread and back costs
+# too (up to INLINE_SYNC_BYTES of payload). Handing the fsync to the writer thread and back costs
 # two thread wake-ups and GIL hand-overs: under load the thread took 0.74 ms
 # (p50) to start a 0.2 ms fsync, and a publisher's answer waited for both. With
 # publishers keeping a few requests in flight, that wait is the throughput:
@@ -183,11 +183,11 @@ class CommitJob:
 
 
 class CommitWriter:
-    """Writes the shard's group commits on the poll-loop thread and fsyncs them there, or on a thread of their own once the disk is slow.
+    """Writes the shard's group commits on the poll-loop thread and fsyncs them there, or on a thread of their own (a slow disk, a batch over INLINE_SYNC_BYTES).
 
     :meth:`write` puts a job's batch in the WAL (not yet fsync'd). Then
-    :meth:`sync_now` fsyncs it on the calling thread, or (slow disk, see
-    SLOW_FSYNC_S) :meth:`submit` hands the fsync to the writer thread. There it runs with the GIL released
+    :meth:`sync_now` fsyncs it on the calling thread, or (a slow disk, see
+    SLOW_FSYNC_S, or a large batch) :meth:`submit` hands the fsync to the writer thread. There it runs with the GIL released
     (``flush_wal``), so the poll loop keeps draining and validating meanwhile,
     and may write further batches: one fsync makes every batch written before
     it durable, so the thread takes all the jobs submitted by then and syncs
