@@ -127,6 +127,7 @@ MAX_UNSYNCED_WRITES: Final = 8
 # Settled entries (COMPLETE) wait at most this many before the poll loop applies
 # them even while publishes keep coming; a crash delivers them again.
 SETTLES_WAITING_MAX: Final = 2_000
+SETTLES_QUEUE_LIMIT: Final = 50_000  # applied at once, even within a pass, past this many (~4 MiB)
 # After its fsync the writer thread must take the GIL back from a busy poll
 # loop, which by default lets go only every 5 ms: that wait would be added to
 # every commit. A shorter interval hands it over sooner (alternating runs of
@@ -1303,7 +1304,10 @@ class FrontendServer:
         # The credit comes back at once; the store applies the settles when the
         # loop has nothing more urgent (see the poll loop and ShardStore.settle_later).
         entries = decode_complete(header)
-        self.store.settle_later(entries)
+        store = self.store
+        store.settle_later(entries)
+        if store.settles_waiting >= SETTLES_QUEUE_LIMIT:
+            store.apply_settles()  # a long drain of COMPLETEs within one pass: the queue's memory stays bounded
         for sub_id, seq in entries:
             cursor = self.cursors.get(sub_id)
             if cursor is not None:
