@@ -471,6 +471,35 @@ def test_on_a_slow_disk_a_batch_is_delivered_while_an_earlier_one_waits_for_its_
         assert sorted(acked["first"] + acked["second"]) == sorted(batches["first"] + batches["second"])
 
 
+def test_a_batch_over_a_mib_is_fsyncd_off_the_poll_loop(herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path) -> None:
+    """A fast disk's batches are fsync'd on the poll loop, but one of more than INLINE_SYNC_BYTES of payload goes to
+    the writer thread: while its fsync is held, the frontend still answers other requests. (Inline, the held fsync
+    would hold the loop, and the PING below would time out.)"""
+    herald = herald_factory(env={"HERALD_FRONTENDS": "1"})  # the PING reaches the frontend writing the batch
+    topic = "big.batch"
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic(topic)
+        client.publish(topic, b"small")  # a fast fsync first: the disk is not slow
+    acked: list[str] = []
+    hold_wal_fsyncs.touch()
+
+    def publish_big_batch() -> None:  # 2 MB of payload in one request, so one batch
+        with Client(herald.endpoint, timeout=60) as publisher:
+            acked.extend(publisher.publish_batch(topic, [(b"x" * 100_000, None, f"big-{i}") for i in range(20)]))
+
+    publishing = threading.Thread(target=publish_big_batch)
+    try:
+        publishing.start()
+        time.sleep(0.5)  # written, its fsync held
+        with Client(herald.endpoint, timeout=3) as other:
+            other.ping()
+        assert publishing.is_alive() and not acked, "the big batch was answered before its fsync was released"
+    finally:
+        hold_wal_fsyncs.unlink()
+        publishing.join(30)
+    assert acked == [f"big-{i}" for i in range(20)]
+
+
 def _make_the_disk_slow(endpoint: str, topic: str, subscription: Subscription, hold: Path) -> None:
     """Hold five fsyncs for 50 ms each, one publish each (read and acknowledged): the median of the frontend's
     recent fsyncs is then slow (SLOW_FSYNC_S), so its fsyncs run on the writer thread while the poll loop goes on."""
