@@ -16,8 +16,10 @@ Only the latency benchmark fills in the scheduled time; throughput leaves it 0.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import struct
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -69,6 +71,23 @@ def raw_frames(payload_bytes: bytes) -> list[bytes]:
 
 # --------------------------------------------------------------------------- pacing (open loop)
 
+PR_SET_TIMERSLACK: Final = 29  # <linux/prctl.h>
+
+
+def tighten_timer_slack() -> None:
+    """Let this thread's sleeps end on time: Linux lets a sleep overrun by the thread's timer slack (50 us by default).
+
+    Measured here, ``time.sleep(0.0004)`` overran by 72 us at the median with
+    the default slack and by 22 us with a slack of 1 ns. The overrun counts in
+    every system's latency alike (it runs from the due time), so the default
+    slack only added noise to every figure. Elsewhere than Linux: nothing.
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
+        except (OSError, AttributeError):
+            pass
+
 
 class Schedule:
     """Message ``k`` is due at ``start_ns + k * interval``: a fixed schedule, whatever the system does."""
@@ -86,11 +105,13 @@ class Schedule:
     def run(self, emit: Callable[[int, int], None], stop: threading.Event | None = None) -> None:
         """Call ``emit(k, due_ns)`` for every k at (not before) its due time.
 
-        ``time.sleep`` is precise to ~0.1 ms here, unlike event-loop timers
-        (1 ms), so pacing adds little of its own to measured latency. When
-        behind schedule, due messages are emitted back to back: the lag shows
-        in the latency, it is not skipped (no coordinated omission).
+        ``time.sleep`` with a tight timer slack (see :func:`tighten_timer_slack`)
+        ends ~20 us late here, unlike event-loop timers (1 ms), so pacing adds
+        little of its own to measured latency. When behind schedule, due
+        messages are emitted back to back: the lag shows in the latency, it is
+        not skipped (no coordinated omission).
         """
+        tighten_timer_slack()
         for k in range(self.total):
             if stop is not None and stop.is_set():
                 return
