@@ -17,6 +17,7 @@ import orjson
 
 from bench.harness import LatencyRecorder
 from bench.peers import check_peers
+from bench.suite import build_parser, plan_of
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +34,15 @@ def test_latency_recorder_is_within_its_resolution() -> None:
     assert summary.max_us == 10_000
     for measured, exact in ((summary.p50_us, 5_000), (summary.p99_us, 9_900), (summary.p999_us, 9_990)):
         assert exact <= measured <= exact * 1.008, (measured, exact)  # never optimistic, within one bucket (1/128)
+
+
+def test_messages_sets_the_headline_round_size() -> None:
+    """``--messages N`` makes each headline round (fan-out to one subscription) N messages, above the fan-out cap
+    too: a sustained run is ``--messages 2000000``. Larger fan-outs stay capped at their deliveries."""
+    default = plan_of(build_parser().parse_args([]))
+    plan = plan_of(build_parser().parse_args(["--messages", str(10 * default.fanout_deliveries)]))
+    assert plan.headline_messages == plan.messages == 10 * default.fanout_deliveries
+    assert plan.fanout_deliveries == default.fanout_deliveries
 
 
 def test_bench_compare_runs_reports_and_cleans_up(tmp_path: Path) -> None:
