@@ -126,16 +126,18 @@ class Plan:
     headline_rounds: int = 1
     # Messages per headline round (0: ``messages``). Rounds of 20,000 lasted about 0.25 s, and start-up (the
     # first commits, consumers attaching) weighed in them: Herald's rounds spread over 70-88k msg/s in one run,
-    # and over 82-84k with 100,000 per round (Redis `always`: 90-95k against 97-99k).
+    # and over 82-84k with 100,000 per round (Redis `always`: 90-95k against 97-99k). Rounds of 100,000 (~1 s)
+    # still spread over 72-96k in one run; rounds of 1,000,000 (~10 s each, steady state: memtable flushes,
+    # compactions and Redis's growing AOF inside every round) over 100.3-102.0k, Redis `always` 95.7-103.4k.
     headline_messages: int = 0
 
 
 QUICK: Final = Plan(3_000, 300, (1, 10, 100), 20_000, (1_000, 2_000, 10_000), 1.0, 0.3, 2, 1.0, (10, 1_000), 3_000, 5_000, 20_000)
 # 10 s per fixed rate: with 3 s steps a p99 at 2,000/s rested on its 60 worst of 6,000 samples, and one stall of the
 # machine moved it several-fold for every system (Redis `always` from 3.5 to 13.5 ms between runs).
-STANDARD: Final = Plan(20_000, 2_000, (1, 10, 100), 200_000, (1_000, 2_000, 10_000), 10.0, 1.0, 5, 2.0, (10, 1_000), 20_000, 100_000, 100_000, 3, 100_000)
+STANDARD: Final = Plan(20_000, 2_000, (1, 10, 100), 200_000, (1_000, 2_000, 10_000), 10.0, 1.0, 5, 2.0, (10, 1_000), 20_000, 100_000, 100_000, 3, 1_000_000)
 FULL: Final = Plan(
-    50_000, 5_000, (1, 10, 100), 500_000, (1_000, 2_000, 10_000), 10.0, 1.0, 8, 3.0, (10, 1_000, 100_000), 50_000, 1_000_000, 500_000, 3, 250_000
+    50_000, 5_000, (1, 10, 100), 500_000, (1_000, 2_000, 10_000), 10.0, 1.0, 8, 3.0, (10, 1_000, 100_000), 50_000, 1_000_000, 500_000, 3, 2_000_000
 )
 
 

@@ -16,6 +16,7 @@ Only the latency benchmark fills in the scheduled time; throughput leaves it 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ctypes
 import dataclasses
 import struct
@@ -83,10 +84,8 @@ def tighten_timer_slack() -> None:
     slack only added noise to every figure. Elsewhere than Linux: nothing.
     """
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL(None).prctl(PR_SET_TIMERSLACK, 1, 0, 0, 0)
-        except (OSError, AttributeError):
-            pass
 
 
 class Schedule:
