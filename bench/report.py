@@ -253,7 +253,8 @@ def _headline(results: list[dict[str, Any]]) -> list[str]:
         rows.append(
             [
                 "live feed SUB receive rate, batched publishing",
-                f"Herald {_number(live[HERALD_LIVE]['value'])} msg/s vs raw PUB/SUB {_number(live['raw-pubsub']['value'])} msg/s",
+                f"Herald {_number(live[HERALD_LIVE]['value'])} msg/s{_rounds_note(live[HERALD_LIVE])} vs raw PUB/SUB {_number(live['raw-pubsub']['value'])} msg/s"
+                f"{_rounds_note(live['raw-pubsub'])}",
                 f"{_ratio(ratio)} (target >= 0.5x)",
                 "met" if ratio >= 0.5 else "not met",
             ]
