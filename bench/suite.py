@@ -891,8 +891,8 @@ def build_parser(prog: str = "herald bench") -> argparse.ArgumentParser:
 def plan_of(args: argparse.Namespace) -> Plan:
     plan = QUICK if args.quick else FULL if args.full else STANDARD
     if args.messages is not None:
-        # The headline rounds take exactly this many too: capped by fanout_deliveries, as the other
-        # fan-out figures are, ``--messages 2000000`` ran rounds of 200,000.
+        # The headline rounds take N messages as well. (Capped by fanout_deliveries like the other
+        # fan-out figures, ``--messages 2000000`` used to run rounds of 200,000.)
         plan = Plan(**{**_plan_fields(plan), "messages": args.messages, "topics_messages": args.messages, "headline_messages": args.messages})
     if args.fanout is not None:
         plan = Plan(**{**_plan_fields(plan), "fanout": tuple(parse_int_list(args.fanout))})
