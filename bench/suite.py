@@ -401,14 +401,22 @@ def scenario_fanout(suite: Suite) -> None:
                 measured[system.spec.name].append(_fanout_round(suite, system, subscriptions, round_number, rounds))
         for system in systems:
             runs = measured[system.spec.name]
-            result, delivered, expected = sorted(runs, key=lambda run: run[0].value)[len(runs) // 2]
+            result, delivered, expected = runs[_median_round([run[0] for run in runs])]
             if rounds > 1:
-                result.extra["rounds"] = [run[0].value for run in runs]
-                result.extra["figure"] = f"median of {rounds} rounds, the systems in turn"
                 for other, other_delivered, other_expected in runs:
                     if other is not result and other_delivered < other_expected and not system.spec.at_most_once:
                         suite.note(f"INCOMPLETE: a round of {other.name}: {other_delivered:,} of {other_expected:,} delivered")
             suite.add(result, delivered=delivered, expected=expected)
+
+
+def _median_round(results: list[Result]) -> int:
+    """The index of the median of a system's rounds (run with the systems in turn); it carries every round's value."""
+    order = sorted(range(len(results)), key=lambda index: results[index].value)
+    median = order[len(order) // 2]
+    if len(results) > 1:
+        results[median].extra["rounds"] = [result.value for result in results]
+        results[median].extra["figure"] = f"median of {len(results)} rounds, the systems in turn"
+    return median
 
 
 def _fanout_round(suite: Suite, system: System, subscriptions: int, round_number: int, rounds: int) -> tuple[Result, int, int]:
@@ -773,14 +781,9 @@ def scenario_live(suite: Suite) -> None:
             if result is not None:  # a failed round is a note already
                 measured[system.spec.name].append(result)
     for system in systems:
-        runs = sorted(measured[system.spec.name], key=lambda run: run.value)
-        if not runs:
-            continue
-        result = runs[len(runs) // 2]
-        if len(runs) > 1:
-            result.extra["rounds"] = [run.value for run in measured[system.spec.name]]
-            result.extra["figure"] = f"median of {len(runs)} rounds, the systems in turn"
-        suite.add(result)
+        runs = measured[system.spec.name]
+        if runs:
+            suite.add(runs[_median_round(runs)])
     _latency_scenario(suite, "live", systems)
 
 
