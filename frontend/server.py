@@ -84,11 +84,16 @@ DISPATCH_MESSAGE_BYTES: Final = 100  # a message's JSON without its id, topic an
 DISPATCH_ENTRY_BYTES: Final = 50  # one [sub, index, attempt] entry
 REFILL_FRACTION: Final = 4  # refill a backlog once a quarter of the window is free...
 REFILL_MAX: Final = 256  # ...or this many slots, whichever is fewer
-# Group commit limits: past GROUP_COMMIT_BYTES of payload waiting for the writer
+# Group commit limits: past GROUP_COMMIT_BYTES of messages waiting for the writer
 # the loop stops taking client requests (they wait in ZeroMQ queues); past
 # OVERLOAD_BYTES even forwarded publishes are refused with `unavailable`.
 GROUP_COMMIT_BYTES: Final = 8 * 2**20
 OVERLOAD_BYTES: Final = 32 * 2**20
+# What a waiting message costs beyond its payload (its StoredMessage, id and reply
+# entries: about 390 bytes measured), charged against the limits above so that
+# a flood of empty payloads is bounded too: counted by payload alone, a pass
+# took in 2,000 requests of 10,000 empty messages and held the loop for seconds.
+MESSAGE_OVERHEAD_BYTES: Final = 512
 # Publishes for another frontend's topic wait here while that frontend's queue is
 # full. While the owner keeps taking them, FORWARD_WAITING_MAX waiting makes the
 # loop stop taking client requests (back-pressure, in arrival order); once the
@@ -99,7 +104,7 @@ FORWARD_STALL_S: Final = 1.0
 FORWARD_RETRY_MS: Final = 2
 # Every batch is written on the poll-loop thread (building and writing it
 # holds the GIL, so another thread gained nothing there), and fsync'd there
-# too (up to INLINE_SYNC_BYTES of payload). Handing the fsync to the writer thread and back costs
+# too (up to INLINE_SYNC_BYTES of payload and MESSAGE_OVERHEAD_BYTES per message). Handing the fsync to the writer thread and back costs
 # two thread wake-ups and GIL hand-overs: under load the thread took 0.74 ms
 # (p50) to start a 0.2 ms fsync, and a publisher's answer waited for both. With
 # publishers keeping a few requests in flight, that wait is the throughput:
@@ -400,7 +405,7 @@ class FrontendServer:
         self.exit_code = 0
         self.meta_version = 0
         self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
-        self.batch_bytes = 0  # payload bytes in batch_messages
+        self.batch_bytes = 0  # what batch_messages hold: payload bytes plus MESSAGE_OVERHEAD_BYTES each
         self.forwards_waiting: dict[int, deque[tuple[float, list[bytes], list[bytes]]]] = {owner: deque() for owner in self.peers}
         self.forward_progress: dict[int, float] = dict.fromkeys(self.peers, 0.0)  # when each owner last took a forward
         self.batch_messages: list[StoredMessage] = []
@@ -883,7 +888,7 @@ class FrontendServer:
         dedup_scope = f"{topic['id']}:{topic_name}"
         stored = self.store.find_duplicates(dedup_scope, [item.message_id for item in items if item.message_id is not None])
         # Per message, with bound methods in locals: this loop runs for every message published.
-        # The (topic, id) keys of the writes in flight (a key is never in two of them: a
+        # The (topic incarnation, id) keys of the writes in flight (a key is never in two of them: a
         # later publish of one is answered "duplicate" and not written again).
         in_flight_ids = [job.ids for job in self.writer.in_flight]
         batch_ids, next_seq = self.batch_ids, self.store.next_seq
@@ -892,7 +897,7 @@ class FrontendServer:
         for item in items:
             message_id = item.message_id
             if message_id is not None:
-                key = (topic_name, message_id)
+                key = (dedup_scope, message_id)  # per incarnation, as on disk: a re-created topic starts afresh
                 in_flight = False
                 for job_ids in in_flight_ids:
                     if key in job_ids:
@@ -912,7 +917,7 @@ class FrontendServer:
                 seq = next_seq()
             subs = everyone if everyone is not None else [s["id"] for s in subscriptions if matches_filter(item.attributes, s["settings"].get("filter"))]
             add_message(StoredMessage(seq, topic_name, message_id, item.attributes, item.payload, now, subs, expire_ms))
-            added_bytes += len(item.payload)
+            added_bytes += len(item.payload) + MESSAGE_OVERHEAD_BYTES
             ids.append(message_id)
             duplicate.append(False)
         self.counters["duplicates"] += duplicates
@@ -935,13 +940,13 @@ class FrontendServer:
         job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after, self.batch_after_failure)
         self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
         self.batch_after, self.batch_after_failure = [], []
-        payload_bytes, self.batch_bytes = self.batch_bytes, 0
+        batch_bytes, self.batch_bytes = self.batch_bytes, 0
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
         writer.write(job)
         if job.error is not None:
             self._finish_commit(job)
             return
-        inline = not writer.in_flight and not writer.disk_is_slow and payload_bytes <= INLINE_SYNC_BYTES
+        inline = not writer.in_flight and not writer.disk_is_slow and batch_bytes <= INLINE_SYNC_BYTES
         if not inline:
             # The fsync starts now, and the job is in flight before any of it is
             # handed out: an entry taken back meanwhile (a refused DISPATCH) is then

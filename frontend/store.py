@@ -20,6 +20,8 @@ key                                     value
 ``I`` first seq of a write              u64 pairs (seq, subscription id): the
                                         write's implicit entries (below)
 ``Z``                                   u64 last seq used
+``R``                                   u64 seqs reserved: none above it was
+                                        ever handed out (see ShardStore.write)
 ======================================  =========================================
 
 Implicit entries. A message with one subscription that is handed out as it is
@@ -71,6 +73,14 @@ _DEDUP: Final = b"D"
 _EXPIRY: Final = b"E"
 _DEDUP_EXPIRY: Final = b"F"
 _LAST_SEQ: Final = b"Z"
+_RESERVED_SEQ: Final = b"R"
+# Seqs reserved by one fsync'd write of the ``R`` key. Messages are handed out
+# before their own fsync, so after losing the WAL's unsynced tail (a power
+# loss, or an fsync that failed) ``Z`` may be below seqs a sender or consumer
+# still holds; a new message must never take such a seq, or an ack of the lost
+# one would settle it. A shard reopens above its reservation, so seqs jump by
+# up to this much per restart, and one extra fsync per this many messages.
+SEQ_RESERVATION: Final = 1_000_000
 _IMPLICIT: Final = b"I"
 _MESSAGE_KEY: Final = struct.Struct(">1sQ")  # _MESSAGE, seq
 BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)
@@ -222,8 +232,10 @@ class ShardStore:
         self.settled_total = 0
         self.settle_failures = 0
         self._materialize_left_at_open()
-        raw_last = self._db.get(_LAST_SEQ)
-        self.last_seq: int = _U64.unpack(raw_last)[0] if raw_last else 0
+        raw_last, raw_reserved = self._db.get(_LAST_SEQ), self._db.get(_RESERVED_SEQ)
+        self.last_seq: int = max(_U64.unpack(raw_last)[0] if raw_last else 0, _U64.unpack(raw_reserved)[0] if raw_reserved else 0)
+        # Seqs up to here may be used (see SEQ_RESERVATION); a write past it reserves more first.
+        self.reserved_seq: int = self.last_seq
         # The highest seq whose fsync has returned (make_durable): backlog scans stop there, so
         # they never read a message of a write whose fsync is still running (only the
         # fast dispatch, from memory, hands such a message out).
@@ -492,6 +504,8 @@ class ShardStore:
         try:
             if self.sync_failed is not None:
                 raise StorageError(f"an earlier fsync of the WAL failed ({self.sync_failed}); nothing more is written until the frontend restarts")
+            if batch_last_seq > self.reserved_seq:
+                self._reserve_seqs(batch_last_seq + SEQ_RESERVATION)
             batch = WriteBatch(raw_mode=True)
             handed_out = set(first_attempts) if not every_entry_handed_out and first_attempts is not None else set()
             expiring: dict[int, list[int]] = {}
@@ -599,6 +613,14 @@ class ShardStore:
             if refused is not None and self.durable_seq >= refused[0]:
                 finished = max(finished, refused[1])
             self.finished_seq = finished
+
+    def _reserve_seqs(self, upto: int) -> None:
+        """Make ``upto`` the reserved seq, durably, before any seq above the old reservation is written."""
+        reservation = WriteBatch(raw_mode=True)
+        reservation.put(_RESERVED_SEQ, _U64.pack(upto))
+        self._write(reservation, self._lazy)
+        self._sync_wal()  # even without ``sync``: seqs must not repeat, whatever the durability mode
+        self.reserved_seq = upto
 
     def next_seq(self) -> int:
         self.last_seq += 1

@@ -23,6 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import zmq
 
 from clients import Client
@@ -99,10 +100,11 @@ def served_while(herald: HeraldSystem, misbehaving: Callable[[threading.Event], 
     return latencies
 
 
+# argv: endpoint, payload bytes, messages per request.
 FLOODER = """
 import sys, time, zmq
 from clients.protocol import encode_publish
-frames = [b"", *encode_publish("flood", [(b"f" * 1024, None, None)] * 100, b"")]
+frames = [b"", *encode_publish("flood", [(b"f" * int(sys.argv[2]), None, None)] * int(sys.argv[3]), b"")]
 sock = zmq.Context().socket(zmq.DEALER)
 sock.setsockopt(zmq.SNDHWM, 1_000_000)
 sock.connect(sys.argv[1])
@@ -117,21 +119,41 @@ while True:  # as fast as the socket takes them, never reading a reply
 """
 
 
-def test_flooding_publisher_that_never_reads_replies(herald: HeraldSystem) -> None:
+@pytest.mark.parametrize(
+    ("payload_bytes", "per_request"),
+    [
+        (1024, 100),
+        # Empty payloads, the most a request may carry: a frontend's batch must be
+        # bounded by its messages, not only by their payload bytes (zero here).
+        # Without a rate limit such a flood saturates its topic's owner, and other
+        # publishes to that owner are refused as `unavailable` meanwhile: the
+        # well-behaved client asks only for PINGs here, which any frontend answers.
+        (0, 10_000),
+    ],
+    ids=["kib-payloads", "empty-payloads"],
+)
+def test_flooding_publisher_that_never_reads_replies(herald: HeraldSystem, payload_bytes: int, per_request: int) -> None:
     with Client(herald.endpoint) as client:
         client.create_topic("flood")
         client.create_topic("polite")
 
     def flood(stop: threading.Event) -> None:
         # Its own process, as a real flooding client would be: it must not share our GIL.
-        process = subprocess.Popen([sys.executable, "-c", FLOODER, herald.endpoint], cwd=PROJECT_ROOT, env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)))
+        process = subprocess.Popen(
+            [sys.executable, "-c", FLOODER, herald.endpoint, str(payload_bytes), str(per_request)],
+            cwd=PROJECT_ROOT,
+            env=dict(os.environ, PYTHONPATH=str(PROJECT_ROOT)),
+        )
         try:
             stop.wait()
         finally:
             process.kill()
             process.wait(10)
 
-    served_while(herald, flood, 8.0, lambda client: client.publish("polite", b"hello") and None)
+    if payload_bytes:
+        served_while(herald, flood, 8.0, lambda client: client.publish("polite", b"hello") and None)
+    else:
+        served_while(herald, flood, 8.0, lambda client: client.ping() and None)
     with Client(herald.endpoint) as client:
         shed = sum(client.status()["shed"] for _ in range(4))
     print(f"publishes refused as overload (sampled from the answering frontends): {shed}")

@@ -7,6 +7,7 @@ whether more is due, and range scans stop at their range's end.
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -272,3 +273,31 @@ def test_a_queued_settle_whose_read_fails_is_counted_and_does_not_escape(tmp_pat
         assert reopened.pending(1, 0, 10) == [(seqs[0], 0), (seqs[1], 0)]
     finally:
         reopened.close()
+
+
+def test_seqs_written_before_a_lost_wal_tail_are_never_used_again(tmp_path: Path) -> None:
+    """Messages are handed out before their fsync. If the WAL's unsynced tail is then lost
+    (a power loss, a failed fsync), the reopened shard must not give those seqs to new
+    messages: a sender may still hold the lost ones, and their acks would settle the new."""
+    store = ShardStore(tmp_path / "shard")
+    try:
+        durable = _append(store, 3, [1])
+        # The disk as a power loss would leave it: what was fsync'd, and nothing after.
+        shutil.copytree(tmp_path / "shard", tmp_path / "after-power-loss")
+        lost = [StoredMessage(store.next_seq(), "t", f"lost-{i}", {}, b"x", 0.0, [1], 2**40) for i in range(3)]
+        store.write(lost, [], [(1, m.seq) for m in lost])  # written and handed out; its fsync never happens
+    finally:
+        store.close()
+    reopened = ShardStore(tmp_path / "after-power-loss")
+    try:
+        assert [m.seq for m in reopened.messages()] == durable  # the tail is gone...
+        fresh = reopened.next_seq()
+        assert fresh > max(m.seq for m in lost)  # ...and so are its seqs
+        reopened.append([StoredMessage(fresh, "t", "fresh", {}, b"x", 0.0, [1], 2**40)], [])
+    finally:
+        reopened.close()
+    again = ShardStore(tmp_path / "after-power-loss")  # a reservation outlives a clean restart too
+    try:
+        assert again.next_seq() > fresh
+    finally:
+        again.close()
