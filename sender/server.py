@@ -24,8 +24,9 @@ import secrets
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, cast
 
+import orjson
 import zmq
 
 from broker.auth import Authorizer
@@ -40,6 +41,7 @@ from clients.protocol import (
     CONSUMER_EXPIRY_S,
     CONSUMER_HEARTBEAT_S,
     NOBLOCK,
+    U32_MAX,
     Command,
     Frames,
     HeraldError,
@@ -65,6 +67,15 @@ from metadata.link import MetadataLink
 log = logging.getLogger("herald.sender")
 
 MAX_MESSAGES_PER_DELIVER: Final = 500  # one DELIVER multipart carries at most this many
+# ...and is cut where its estimated header would pass this, far below the
+# MAX_HEADER_BYTES (4 MiB) consumers accept: 64 attributes of 1 KiB make a
+# message of ~65 KB, so a full DELIVER of those would be ~32 MB. A message is
+# estimated once, when it is dispatched; one always goes out, whatever its size
+# (the attribute limits keep one message's header under ~400 KB).
+DELIVER_MAX_HEADER_BYTES: Final = 1 * 2**20
+# A DELIVER message's JSON besides its id, topic and attributes: keys, ts, ref,
+# attempt, its comma and its payload_sizes entry when packed.
+DELIVER_MESSAGE_BYTES: Final = 150
 # The window a sender asks of the frontends is this many times its consumers'
 # max_unacked: the next deliveries wait in the sender's memory, ready the moment
 # acks free room, instead of the frontend reading them back from RocksDB later.
@@ -75,6 +86,10 @@ READ_AHEAD: Final = 2
 # frontend a poll-loop pass and a RocksDB write per message.
 COMPLETE_BATCH: Final = 250
 COMPLETE_DELAY_S: Final = 0.005
+# A DEAD, ATTEMPTED or COMPLETE carries at most this many entries (a DEAD entry,
+# the largest, is ~300 bytes at worst), so one that waited through a stalled
+# frontend still decodes under its MAX_HEADER_BYTES.
+NOTICE_MAX_ENTRIES: Final = 5000
 # Ack deadlines are kept per delivery pass, not per delivery: every delivery a
 # pass hands out shares its deadline, so the heap holds one (due, pass, keys)
 # entry per pass. Settled keys stay in their pass's list until it is due or the
@@ -95,6 +110,7 @@ class Delivery:
     entry: dict[str, Any]
     payload: bytes
     attempt: int
+    header_bytes: int  # estimated share of a DELIVER header (see DELIVER_MAX_HEADER_BYTES)
     consumer: str | None = None
     deadline: float = 0.0
 
@@ -139,8 +155,13 @@ class SubscriptionState:
         self.version = max(self.version, version)
 
     def window(self) -> int:
-        """Messages the frontends may hand this sender: the consumers' room, read ahead by READ_AHEAD."""
-        return READ_AHEAD * sum(c.max_unacked for c in self.consumers.values() if c.ready)
+        """Messages the frontends may hand this sender: the consumers' room, read ahead by READ_AHEAD.
+
+        At most U32_MAX, what a frontend accepts in a CREDIT: it refuses the whole
+        CREDIT, every subscription's window, when one is out of range, and ~21k
+        consumers at the largest max_unacked would pass it.
+        """
+        return min(U32_MAX, READ_AHEAD * sum(c.max_unacked for c in self.consumers.values() if c.ready))
 
 
 class SenderServer:
@@ -177,6 +198,7 @@ class SenderServer:
         self.completions_since: float | None = None  # when the oldest waiting completion was first seen
         self.attempted: dict[int, list[list[int]]] = {}
         self.dead_letters: dict[int, list[list[Any]]] = {}
+        self.stalled_frontends: set[int] = set()  # shards whose socket last refused a notice (warned once per stall)
         self.deadline_compact_at = DEADLINE_KEYS_COMPACT_AT
         self.credit_dirty = False
         self.counters: dict[str, int] = {
@@ -192,6 +214,7 @@ class SenderServer:
             "filtered": 0,
             "bad_dispatches": 0,
             "bad_unseen": 0,
+            "attempted_dropped": 0,  # ATTEMPTED entries a stalled frontend's full socket refused
         }
 
     # ------------------------------------------------------------------ loop
@@ -273,33 +296,63 @@ class SenderServer:
                 send_frames(sock, frames, NOBLOCK)
 
     def _flush_to_frontends(self, *, force: bool = False) -> None:
+        # DEAD and COMPLETE wait, merged per shard, until the frontend's socket takes
+        # them: a lost DEAD would deliver a dead message again, and a lost COMPLETE
+        # would keep its entry in the frontend's credit accounting (cursor.outstanding)
+        # for good, shrinking that subscription's window until a restart. Both are
+        # bounded while they wait: each entry is a delivery this frontend dispatched,
+        # and it dispatches no more per subscription than the window it was granted
+        # until a COMPLETE or DEAD frees room, so a stalled frontend's queue stops
+        # growing at the sum of its windows.
         for shard, dead in list(self.dead_letters.items()):
-            try:
-                send_frames(self.frontends[shard], encode(Command.DEAD, b"", {"entries": dead}), NOBLOCK)
+            if unsent := self._send_notices(shard, Command.DEAD, dead):
+                self.dead_letters[shard] = unsent
+            else:
                 del self.dead_letters[shard]
-            except zmq.Again:
-                log.warning("frontend %d is not draining; %d dead-letters wait for the next pass", shard, len(dead))
-        flush: list[tuple[Command, dict[int, list[list[int]]]]] = [(Command.ATTEMPTED, self.attempted)]
+        # A lost ATTEMPTED only lets a later redelivery repeat an attempt number: not kept.
+        for shard, attempted in self.attempted.items():
+            self.counters["attempted_dropped"] += len(self._send_notices(shard, Command.ATTEMPTED, attempted))
+        self.attempted.clear()
         if self.completions:
             now = time.monotonic()
             if self.completions_since is None:
                 self.completions_since = now
             if force or now - self.completions_since >= COMPLETE_DELAY_S or sum(map(len, self.completions.values())) >= COMPLETE_BATCH:
-                flush.append((Command.COMPLETE, self.completions))
-                self.completions_since = None
-        for command, pending in flush:
-            for shard, entries in pending.items():
-                if entries and shard < len(self.frontends):
-                    try:
-                        send_frames(self.frontends[shard], encode(command, b"", {"entries": entries}), NOBLOCK)
-                    except zmq.Again:
-                        log.warning(
-                            "frontend %d is not draining; %d %s entries dropped (they are handed out again when either side restarts)",
-                            shard,
-                            len(entries),
-                            command.name,
-                        )
-            pending.clear()
+                for shard, completed in list(self.completions.items()):
+                    if unsent := self._send_notices(shard, Command.COMPLETE, completed):
+                        self.completions[shard] = unsent  # later acks of this shard append to it
+                    else:
+                        del self.completions[shard]
+                # What a full socket refused is offered again COMPLETE_DELAY_S later (or with the next pass's acks).
+                self.completions_since = now if self.completions else None
+        if force and (self.completions or self.dead_letters):
+            log.warning(
+                "stopping with %d COMPLETE and %d DEAD entries no frontend took (they are handed out again)",
+                sum(map(len, self.completions.values())),
+                sum(map(len, self.dead_letters.values())),
+            )
+
+    def _send_notices(self, shard: int, command: Command, entries: list[list[Any]]) -> list[list[Any]]:
+        """Send ``entries`` to frontend ``shard`` without blocking, NOTICE_MAX_ENTRIES to a message; return those its full socket refused."""
+        if shard >= len(self.frontends):
+            return []  # not a shard of this system (dispatches are checked, so never expected): nobody to tell
+        sock = self.frontends[shard]
+        for start in range(0, len(entries), NOTICE_MAX_ENTRIES):
+            # Asked before encoding: queued entries are offered again every pass while the frontend is stalled.
+            if cast(int, sock.get(zmq.EVENTS)) & zmq.POLLOUT:
+                try:
+                    send_frames(sock, encode(command, b"", {"entries": entries[start : start + NOTICE_MAX_ENTRIES]}), NOBLOCK)
+                    continue
+                except zmq.Again:
+                    pass
+            if shard not in self.stalled_frontends:
+                self.stalled_frontends.add(shard)
+                log.warning("frontend %d is not draining (its socket refused %s); DEAD and COMPLETE wait for it, ATTEMPTED is dropped", shard, command.name)
+            return entries[start:] if start else entries
+        if shard in self.stalled_frontends:
+            self.stalled_frontends.discard(shard)
+            log.info("frontend %d is draining again", shard)
+        return []
 
     def _on_dispatch(self, raw: list[bytes]) -> None:
         try:
@@ -318,8 +371,16 @@ class SenderServer:
         dispatched_at_version = get_field(frames.header, "meta_version", int, required=False, default=0)
         payloads = frames.payloads
         messages, entries = decode_dispatch(frames.header, payloads)  # whole, before any is applied
+        header_bytes_of: list[int] = []  # per message, shared by its deliveries
         for seq, fields in messages:
             fields["ref"] = delivery_ref(shard, seq)
+            # As the frontend estimates a DISPATCH: an id counted at its worst escaping
+            # (6 bytes a character), a topic name as it is (names need no escaping),
+            # and attributes encoded, which only messages that have them pay for.
+            header_bytes = DELIVER_MESSAGE_BYTES + 6 * len(fields["id"]) + len(fields["topic"])
+            if fields["attributes"]:
+                header_bytes += len(orjson.dumps(fields["attributes"]))
+            header_bytes_of.append(header_bytes)
         stale_subscriptions: set[str] = set()
         subs_by_id = self.subs_by_id
         accepted = 0
@@ -348,7 +409,7 @@ class SenderServer:
                 fields = dict(fields)
             else:
                 fields_taken.add(index)
-            state.deliveries[key] = Delivery(key, fields, payloads[index], attempt)
+            state.deliveries[key] = Delivery(key, fields, payloads[index], attempt, header_bytes_of[index])
             state.ready.append(key)
         self.counters["dispatched"] += accepted
         for name in stale_subscriptions:
@@ -387,21 +448,31 @@ class SenderServer:
                 heapq.heappush(self.deadlines, (deadline, self.deadline_passes, handed_out))
                 self.deadline_keys += len(handed_out)
             for consumer_id, deliveries in batches.items():
-                packed = state.consumers[consumer_id].packed
-                for start in range(0, len(deliveries), MAX_MESSAGES_PER_DELIVER):
-                    chunk = deliveries[start : start + MAX_MESSAGES_PER_DELIVER]
-                    entries = []
-                    for delivery in chunk:
-                        delivery.entry["attempt"] = delivery.attempt
-                        entries.append(delivery.entry)
-                    payloads = [d.payload for d in chunk]
-                    send_frames(self.deliver, encode_deliver_entries(consumer_id, state.name, entries, payloads, packed=packed))
-                    self.counters["delivered"] += len(chunk)
-                    if log.isEnabledFor(logging.DEBUG):
-                        for delivery in deliveries[start : start + MAX_MESSAGES_PER_DELIVER]:
-                            log.debug(
-                                "delivered seq=%d:%d sub=%s attempt=%d consumer=%s", delivery.key[1], delivery.key[2], state.name, delivery.attempt, consumer_id
-                            )
+                self._send_delivers(state.name, state.consumers[consumer_id], deliveries)
+
+    def _send_delivers(self, subscription: str, consumer: Consumer, deliveries: list[Delivery]) -> None:
+        """Send one consumer's deliveries of a pass, in DELIVERs cut at MAX_MESSAGES_PER_DELIVER or DELIVER_MAX_HEADER_BYTES."""
+        consumer_id, packed = consumer.consumer_id, consumer.packed
+        entries: list[dict[str, Any]] = []
+        payloads: list[bytes] = []
+        header_bytes = 0
+        for delivery in deliveries:
+            header_bytes += delivery.header_bytes
+            if header_bytes > DELIVER_MAX_HEADER_BYTES or len(entries) >= MAX_MESSAGES_PER_DELIVER:
+                if entries:  # else this one is over the limit alone, and goes out alone
+                    send_frames(self.deliver, encode_deliver_entries(consumer_id, subscription, entries, payloads, packed=packed))
+                    entries, payloads = [], []
+                header_bytes = delivery.header_bytes
+            entry = delivery.entry
+            entry["attempt"] = delivery.attempt
+            entries.append(entry)
+            payloads.append(delivery.payload)
+        if entries:
+            send_frames(self.deliver, encode_deliver_entries(consumer_id, subscription, entries, payloads, packed=packed))
+        self.counters["delivered"] += len(deliveries)
+        if log.isEnabledFor(logging.DEBUG):
+            for delivery in deliveries:
+                log.debug("delivered seq=%d:%d sub=%s attempt=%d consumer=%s", delivery.key[1], delivery.key[2], subscription, delivery.attempt, consumer_id)
 
     def _expire_deadlines(self, now: float) -> None:
         if self.deadline_keys > self.deadline_compact_at:
