@@ -5,8 +5,9 @@ how they wait. Everything else lives here, once: building each request as a
 :class:`Call` (frames plus the parser of its reply), turning replies into
 values or :class:`HeraldError`, the publish retry policy, the message types,
 and the consumer-side state machine that parses what a sender pushes on the
-SUB socket (WELCOME, DELIVER, ACK_REPLY, ERROR) and de-duplicates redeliveries
-of messages this consumer has already acknowledged.
+SUB socket (WELCOME, DELIVER, ACK_REPLY, ERROR), de-duplicates redeliveries
+of messages this consumer has already acknowledged, and drops buffered copies
+the sender has already taken back.
 
 Frames are never built here by hand: every request goes through
 ``clients.protocol`` (``encode``, ``encode_publish``, ``encode_attach``,
@@ -18,6 +19,7 @@ from __future__ import annotations
 import functools
 import itertools
 import logging
+import math
 import os
 import secrets
 import time
@@ -93,7 +95,7 @@ PUBLISHES_IN_FLIGHT: Final = 4
 PUBLISH_HOLD_MAX_S: Final = 0.05
 # Header budget of one PUBLISH: below the server's MAX_HEADER_BYTES with room for the envelope.
 PUBLISH_HEADER_BYTES: Final = MAX_HEADER_BYTES - 64 * 1024
-# Message ids a consumer remembers as acknowledged, to drop their redeliveries.
+# Deliveries (refs) a consumer remembers as acknowledged, to drop their redeliveries.
 ACKED_WINDOW: Final = 10_000
 
 
@@ -548,7 +550,21 @@ class ClientCounters:
 
 @dataclass(frozen=True, slots=True)
 class SubscriptionStatistics:
-    """A snapshot of one subscription's consumer counters."""
+    """A snapshot of one subscription's consumer counters.
+
+    Attributes:
+        delivered: messages received and buffered for the application.
+        duplicates_dropped: copies of deliveries already acknowledged, dropped
+            (and acknowledged again) on arrival or when taken from the buffer.
+        acked: acknowledgements sent (``ack_nowait``) or confirmed (``ack``).
+        stale_acks: ``ack()`` calls the sender answered ``stale``.
+        nacked: NACKs sent.
+        malformed: messages or DELIVER entries from the sender that could not be read.
+        buffered: messages received but not yet handed to the application.
+        expired_dropped: buffered copies dropped unprocessed because they were
+            received more than the subscription's ``ack_deadline`` ago: the
+            sender has taken them back and delivers them again.
+    """
 
     delivered: int
     duplicates_dropped: int
@@ -557,6 +573,7 @@ class SubscriptionStatistics:
     nacked: int
     malformed: int
     buffered: int
+    expired_dropped: int
 
 
 # --------------------------------------------------------------------------- messages
@@ -587,12 +604,15 @@ class MessageFields:
     """The fields of a delivered message, shared by both flavours.
 
     Attributes:
-        id: the message id, stable across redeliveries (de-duplicate on it).
+        id: the message id, stable across redeliveries; not unique: a message
+            published again with the same id after the topic's ``dedup_window``,
+            and dead-letter copies (they keep the original id), are other messages.
         topic: the topic it was published to.
         data: the payload.
         attributes: the string attributes given at publish time.
         attempt: 1 for the first delivery, higher for redeliveries.
-        ref: the delivery handle acknowledgements name.
+        ref: the delivery handle acknowledgements name (``shard.seq``): one per
+            stored message, the same across its redeliveries (de-duplicate on it).
         subscription: the subscription it was delivered through.
         timestamp: when the server stored it, in seconds since the epoch.
     """
@@ -697,13 +717,20 @@ def ack_result(result: str, message: MessageFields) -> bool:
 
 
 class AckedWindow:
-    """The ids of at least the last ``capacity`` messages acknowledged successfully.
+    """The refs of at least the last ``capacity`` deliveries acknowledged successfully.
 
-    Two generations of sets, not an LRU: a consumer adds every id it
+    Keyed by ref (``shard.seq``), which names one stored message and stays the
+    same across its redeliveries (a shard never hands a seq out twice, see
+    ``frontend/store.py``'s ``SEQ_RESERVATION``). A message id does not: an id
+    published again after the topic's ``dedup_window`` (or with a window of 0)
+    is stored as another message, and dead-letter copies keep the original id,
+    so a window of ids would skip (and settle) messages never processed.
+
+    Two generations of sets, not an LRU: a consumer adds every delivery it
     acknowledges, and an ``OrderedDict`` cost 0.45 us per add where a set costs
     about a quarter of that. When the newer set fills, it becomes the older one
     and the oldest generation is forgotten, so between ``capacity`` and twice
-    ``capacity`` ids are remembered.
+    ``capacity`` refs are remembered.
     """
 
     __slots__ = ("_older", "_recent", "capacity")
@@ -715,18 +742,22 @@ class AckedWindow:
         self._recent: set[str] = set()
         self._older: set[str] = set()
 
-    def add(self, message_id: str) -> None:
-        """Remember an acknowledged id, forgetting the oldest generation when the newer one is full."""
+    def add(self, ref: str) -> None:
+        """Remember an acknowledged delivery, forgetting the oldest generation when the newer one is full."""
         recent = self._recent
-        recent.add(message_id)
+        recent.add(ref)
         if len(recent) >= self.capacity:
             self._older, self._recent = recent, set()
 
-    def __contains__(self, message_id: object) -> bool:
-        return message_id in self._recent or message_id in self._older
+    def generations(self) -> tuple[set[str], set[str]]:
+        """Both generations, for a loop that checks many refs with plain ``in`` tests; valid until the next :meth:`add`."""
+        return self._recent, self._older
+
+    def __contains__(self, ref: object) -> bool:
+        return ref in self._recent or ref in self._older
 
     def __len__(self) -> int:
-        # Builds the union (up to 2 x capacity ids): for tests and inspection, not the hot path.
+        # Builds the union (up to 2 x capacity refs): for tests and inspection, not the hot path.
         return len(self._recent | self._older)
 
 
@@ -806,16 +837,36 @@ class SubscriptionView:
         return f"<{type(self).__name__} {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
 
 
+def _ack_deadline_of(info: Mapping[str, Any]) -> float | None:
+    """The subscription's ``ack_deadline`` in seconds from its record, or None when the record has none."""
+    settings = info.get("settings")
+    value = settings.get("ack_deadline") if isinstance(settings, Mapping) else None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value > 0:
+        return None
+    return float(value)
+
+
 class ConsumerCore(Generic[M]):
     """The consumer's protocol state, shared by both flavours: no sockets.
 
     It names the consumer, builds its ATTACH/ACK/NACK/DETACH frames, parses
     what the sender pushes, buffers deliveries in arrival order, and drops
-    redeliveries of ids it acknowledged (re-acknowledging them, so the sender
-    stops redelivering a message whose first ack was lost).
+    redeliveries of deliveries (refs) it acknowledged, re-acknowledging them
+    so the sender stops redelivering a message whose first ack was lost.
 
-    The buffer needs no bound of its own: the sender never has more than the
-    subscription's ``max_unacked`` deliveries out to one consumer.
+    The sender never has more than the subscription's ``max_unacked``
+    deliveries out to one consumer, but that alone does not bound the buffer:
+    once a delivery's ``ack_deadline`` passes, the sender takes it back, frees
+    its slot and sends more, while the old copy is still buffered here. An
+    application slower than ``max_unacked / ack_deadline`` would then only
+    ever process copies already taken back (every ack ``stale``) while the
+    buffer grew. So buffered copies received more than ``ack_deadline`` ago
+    are dropped unprocessed, without an ack (counted as ``expired_dropped``):
+    the sender delivers them again. The buffer then holds only copies received
+    within the last ``ack_deadline``. Arrival times are kept per DELIVER, not
+    per message: :attr:`_arrivals` holds (``time.monotonic()``, messages ever
+    buffered up to the end of that DELIVER), and the buffer's head is message
+    number ``_buffered_total - len(buffer)``.
     """
 
     def __init__(self, info: dict[str, Any], consumer_id: str, make: Callable[..., M], *, window: int = ACKED_WINDOW, token: str | None = None) -> None:
@@ -829,6 +880,10 @@ class ConsumerCore(Generic[M]):
         self.consumer_id = consumer_id
         self.topic_frame = consumer_topic_frame(consumer_id)
         self.buffer: deque[M] = deque()
+        self.ack_deadline = _ack_deadline_of(info)  # None: never drop a buffered copy as expired
+        self._arrivals: deque[tuple[float, int]] = deque()  # oldest first; see the class docstring
+        self._buffered_total = 0
+        self._expires_at = math.inf  # when the oldest arrival's copies are older than ack_deadline
         self.acked = AckedWindow(window)
         self.welcomed = False
         self.failure: HeraldError | None = None
@@ -842,6 +897,7 @@ class ConsumerCore(Generic[M]):
         self.stale_acks = 0
         self.nacked = 0
         self.malformed = 0
+        self.expired_dropped = 0
 
     def connect(self, sub: Any, push: Any, curve: CurveKeys | None) -> None:
         """Set up and connect fresh SUB (deliveries) and PUSH (attach, acks) sockets, for either client flavour."""
@@ -870,7 +926,7 @@ class ConsumerCore(Generic[M]):
         if self.acks_due is None:
             self.acks_due = time.monotonic() + ACK_FLUSH_DELAY_S
         self.pending_acks.append((message.ref, message.attempt))
-        self.acked.add(message.id)
+        self.acked.add(message.ref)
         self.acked_count += 1
         return len(self.pending_acks) >= ACK_FLUSH_COUNT
 
@@ -890,16 +946,33 @@ class ConsumerCore(Generic[M]):
         return self.ack_frames(refs)
 
     def settle_buffered_copies(self) -> None:
-        """Before DETACH: queue the ack of each buffered copy of a message already
-        acknowledged (as :meth:`next_message` would), so it is not named unseen and
-        handed to another consumer."""
+        """Before DETACH: drop the expired buffered copies, and queue the ack of each
+        buffered copy of a delivery already acknowledged (as :meth:`next_message`
+        would), so neither is named unseen and handed to another consumer."""
+        self._drop_expired(time.monotonic())
+        acked = self.acked
         kept: deque[M] = deque()
+        arrivals: deque[tuple[float, int]] = deque()
+        # Rebuild the arrival marks for what is kept: each kept copy keeps its DELIVER's time.
+        position = self._buffered_total - len(self.buffer)
+        marks = iter(self._arrivals)
+        mark = next(marks, None)
         for message in self.buffer:
-            if message.id in self.acked:
+            position += 1
+            while mark is not None and mark[1] < position:
+                mark = next(marks, None)
+            if message.ref in acked:
                 self._reack(message)
+                continue
+            kept.append(message)
+            if mark is None:
+                continue
+            if arrivals and arrivals[-1][0] == mark[0]:
+                arrivals[-1] = (mark[0], len(kept))
             else:
-                kept.append(message)
-        self.buffer = kept
+                arrivals.append((mark[0], len(kept)))
+        self.buffer, self._arrivals, self._buffered_total = kept, arrivals, len(kept)
+        self._set_expiry()
 
     def detach_frames(self) -> list[bytes]:
         """DETACH: the sender hands this consumer's unacknowledged messages on at once.
@@ -907,8 +980,11 @@ class ConsumerCore(Generic[M]):
         The buffered ones, which the application never saw, are named as
         ``unseen``: they keep their attempt number, so a consumer that reads a
         few messages and leaves does not use up the attempts of those it
-        prefetched. Call :meth:`settle_buffered_copies` and send the acks first.
+        prefetched. Buffered copies older than ``ack_deadline`` are dropped
+        first (the sender has taken them back). Call
+        :meth:`settle_buffered_copies` and send the acks first.
         """
+        self._drop_expired(time.monotonic())
         header: dict[str, Any] = {"subscription": self.name, "consumer": self.consumer_id, "unseen": [[m.ref, m.attempt] for m in self.buffer]}
         if self.token:
             header["token"] = self.token
@@ -939,22 +1015,69 @@ class ConsumerCore(Generic[M]):
             return []
         self.acked_count += 1
         # A copy already buffered behind this reply is dropped by next_message().
-        self.acked.add(message.id)
+        self.acked.add(message.ref)
         return []
 
     def next_message(self) -> M | None:
-        """The next buffered message, skipping redeliveries of ids already acknowledged.
+        """The next buffered message, skipping redeliveries of deliveries already
+        acknowledged, and copies received more than ``ack_deadline`` ago.
 
-        A skipped copy is acknowledged again (its ref and attempt are queued
-        like ack_nowait), so the sender stops sending it.
+        A skipped copy of an acknowledged delivery is acknowledged again (its
+        ref and attempt are queued like ack_nowait), so the sender stops
+        sending it. An expired copy is dropped without an ack: the sender has
+        taken it back and sends it again.
         """
         buffer = self.buffer
+        if buffer and (now := time.monotonic()) > self._expires_at:
+            self._drop_expired(now)
+        acked = self.acked
         while buffer:
             message = buffer.popleft()
-            if message.id not in self.acked:
+            if message.ref not in acked:
                 return message
             self._reack(message)
         return None
+
+    def _drop_expired(self, now: float) -> None:
+        """Drop the buffered copies received more than ``ack_deadline`` before ``now``,
+        forget the arrival marks of DELIVERs already taken whole, and set :attr:`_expires_at`."""
+        deadline = self.ack_deadline
+        arrivals, buffer = self._arrivals, self.buffer
+        if deadline is None or not arrivals:
+            self._expires_at = math.inf
+            return
+        head = self._buffered_total - len(buffer)  # the number of the buffer's first message
+        horizon = now - deadline
+        end = head
+        while arrivals and arrivals[0][0] < horizon:
+            end = arrivals.popleft()[1]
+        count = min(end - head, len(buffer))
+        if count > 0:
+            if count == len(buffer):
+                buffer.clear()
+            else:
+                for _ in range(count):
+                    buffer.popleft()
+            self.expired_dropped += count
+            head += count
+        while arrivals and arrivals[0][1] <= head:
+            arrivals.popleft()
+        self._set_expiry()
+
+    def _set_expiry(self) -> None:
+        arrivals, deadline = self._arrivals, self.ack_deadline
+        self._expires_at = arrivals[0][0] + deadline if arrivals and deadline is not None else math.inf
+
+    def _note_arrival(self, count: int) -> None:
+        """Mark the ``count`` messages just buffered by one DELIVER with the time, and drop what expired."""
+        now = time.monotonic()
+        self._buffered_total = total = self._buffered_total + count
+        arrivals = self._arrivals
+        if len(self.buffer) == count:
+            arrivals.clear()  # everything buffered before was taken
+        arrivals.append((now, total))
+        if now > self._expires_at or len(arrivals) == 1:
+            self._drop_expired(now)
 
     @staticmethod
     def check_batch_size(max_messages: int) -> None:
@@ -967,12 +1090,17 @@ class ConsumerCore(Generic[M]):
         return [first, *self.next_messages(max_messages - 1)] if max_messages > 1 else [first]
 
     def next_messages(self, limit: int) -> list[M]:
-        """Up to ``limit`` buffered messages, in order, skipping (and re-acking) copies as :meth:`next_message` does."""
-        buffer, acked = self.buffer, self.acked
+        """Up to ``limit`` buffered messages, in order, skipping copies as :meth:`next_message` does."""
+        buffer = self.buffer
+        if buffer and (now := time.monotonic()) > self._expires_at:
+            self._drop_expired(now)
+        acked = self.acked
+        recent, older = acked.generations()  # _reack adds nothing to them
         taken: list[M] = []
         while buffer and len(taken) < limit:
             message = buffer.popleft()
-            if message.id not in acked:
+            ref = message.ref
+            if ref not in recent and ref not in older:
                 taken.append(message)
             else:
                 self._reack(message)
@@ -980,7 +1108,9 @@ class ConsumerCore(Generic[M]):
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this consumer's counters."""
-        return SubscriptionStatistics(self.delivered, self.duplicates_dropped, self.acked_count, self.stale_acks, self.nacked, self.malformed, len(self.buffer))
+        return SubscriptionStatistics(
+            self.delivered, self.duplicates_dropped, self.acked_count, self.stale_acks, self.nacked, self.malformed, len(self.buffer), self.expired_dropped
+        )
 
     # -- what arrives
 
@@ -1042,13 +1172,17 @@ class ConsumerCore(Generic[M]):
         reacks: list[tuple[str, int]] = []
         # Locals and plain tuples: this loop runs for every message a consumer receives.
         acked, make, name, buffer_append = self.acked, self._make, self.name, self.buffer.append
+        recent, older = acked.generations()
         for message_id, topic, attempt, attributes, ts, ref, payload in rows:
-            if message_id in acked:
+            if ref in recent or ref in older:
                 reacks.append((ref, attempt))
                 continue
             buffer_append(make(message_id, topic, payload, attributes, attempt, ref, name, ts, owner))
         self.duplicates_dropped += len(reacks)
-        self.delivered += len(rows) - len(reacks)
+        buffered = len(rows) - len(reacks)
+        self.delivered += buffered
+        if buffered and self.ack_deadline is not None:
+            self._note_arrival(buffered)
         return reacks
 
 

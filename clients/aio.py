@@ -787,7 +787,9 @@ class AsyncSubscription(SubscriptionView):
     """A consumer of one subscription for asyncio: ``async for`` it, ``await msg.ack()``.
 
     Delivery is at least once; redeliveries of messages this consumer already
-    acknowledged successfully are dropped (and acknowledged again). A reader
+    acknowledged successfully are dropped (and acknowledged again), and so are
+    buffered copies received more than ``ack_deadline`` ago (unacknowledged:
+    the sender has taken them back and sends them again). A reader
     task files deliveries and ack replies, a heartbeat task keeps the consumer
     attached; a coroutine that blocks the event loop for longer than
     ``CONSUMER_EXPIRY_S`` stops heartbeats, and the sender then hands this

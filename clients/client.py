@@ -422,7 +422,10 @@ class Subscription(SubscriptionView):
     Delivery is at least once: a message not acknowledged within the
     subscription's ``ack_deadline`` comes again with a higher ``attempt``. A
     redelivery of a message this consumer already acknowledged successfully
-    (within at least the last ``ACKED_WINDOW`` ids) is dropped and acknowledged again.
+    (one of at least the last ``ACKED_WINDOW`` deliveries, known by ``ref``) is
+    dropped and acknowledged again. A buffered copy received more than
+    ``ack_deadline`` ago is dropped unprocessed: the sender has taken it back
+    and sends it again.
 
     A background thread with its own socket sends heartbeats, so the sender
     keeps this consumer even while the application is busy with a message.

@@ -281,25 +281,25 @@ def test_receive_batch_takes_what_arrived_behind_the_first_in_both_flavours(hera
 
 
 def test_a_buffered_copy_of_an_acknowledged_message_is_skipped_by_either_receive() -> None:
-    """next_message and next_messages drop a redelivered copy of an id already acknowledged, and ack it again."""
+    """next_message and next_messages drop a redelivered copy of a delivery (ref) already acknowledged, and ack it again."""
     info = {"name": "s", "topic": "t", "endpoints": {"deliver": "tcp://127.0.0.1:1", "ack": "tcp://127.0.0.1:2"}}
     core: ConsumerCore[Message] = ConsumerCore(info, "c", Message)
     make = slot_constructor(Message)
-    for ref, message_id in enumerate(["a", "b", "a", "c", "b"]):
-        core.buffer.append(make(message_id, "t", b"", {}, 1, f"0.{ref}", "s", 0.0, None))
+    for ref, message_id in [("0.0", "a"), ("0.1", "b"), ("0.0", "a"), ("0.3", "c"), ("0.1", "b")]:
+        core.buffer.append(make(message_id, "t", b"", {}, 1, ref, "s", 0.0, None))
     first = core.next_message()
     assert first is not None and first.id == "a"
     core.queue_ack(first)
-    core.acked.add("b")  # as an ACK_REPLY of "b" would
+    core.acked.add("0.1")  # as an ACK_REPLY of "b" would
     assert [message.id for message in core.next_messages(10)] == ["c"]
-    assert core.pending_acks == [("0.0", 1), ("0.1", 1), ("0.2", 1), ("0.4", 1)]
+    assert core.pending_acks == [("0.0", 1), ("0.1", 1), ("0.0", 1), ("0.1", 1)]
     assert core.statistics().duplicates_dropped == 3
     # A re-ack queued by a receive sets the time by which the acks go out, like ack_nowait does,
     # and an ack_nowait queued behind it keeps that time.
     core.take_pending_acks()
     assert core.acks_due is None
     core.buffer.append(make("c", "t", b"", {}, 2, "0.5", "s", 0.0, None))
-    core.acked.add("c")
+    core.acked.add("0.5")
     assert core.next_message() is None
     due = core.acks_due
     assert due is not None and core.pending_acks == [("0.5", 2)]
@@ -387,10 +387,10 @@ def test_acked_refs_parse_to_shard_seq_attempt() -> None:
 def test_the_acked_window_remembers_at_least_its_capacity() -> None:
     window = AckedWindow(3)
     for number in range(10):
-        window.add(str(number))
-        # The newest `capacity` ids are always there, whatever the generations hold.
-        assert all(str(kept) in window for kept in range(max(0, number - 2), number + 1))
-    assert "0" not in window and 3 <= len(window) <= 6
+        window.add(f"0.{number}")
+        # The newest `capacity` refs are always there, whatever the generations hold.
+        assert all(f"0.{kept}" in window for kept in range(max(0, number - 2), number + 1))
+    assert "0.0" not in window and 3 <= len(window) <= 6
     with pytest.raises(ValueError):
         AckedWindow(0)
 
