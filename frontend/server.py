@@ -406,6 +406,7 @@ class FrontendServer:
         self.meta_version = 0
         self.waiting_for_topic: dict[str, list[Callable[[dict[str, Any] | None], None]]] = {}
         self.batch_bytes = 0  # what batch_messages hold: payload bytes plus MESSAGE_OVERHEAD_BYTES each
+        self.held_bytes = 0  # the same for publishes waiting for their topic's lookup
         self.forwards_waiting: dict[int, deque[tuple[float, list[bytes], list[bytes]]]] = {owner: deque() for owner in self.peers}
         self.forward_progress: dict[int, float] = dict.fromkeys(self.peers, 0.0)  # when each owner last took a forward
         self.batch_messages: list[StoredMessage] = []
@@ -464,7 +465,7 @@ class FrontendServer:
         try:
             while not self.stop.stopping:
                 forwards_waiting = any(self.forwards_waiting.values())
-                paused = self.batch_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
+                paused = self.batch_bytes + self.held_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
                 # With forwards waiting for room, look again soon: a peer's free slot raises no event here.
                 # Likewise while a backlog pass stopped at its limit, a deleted backlog
                 # is being purged or expired messages removed: one chunk per pass,
@@ -487,12 +488,12 @@ class FrontendServer:
                 if self.control in ready:
                     for frames in drain(self.control, self.config.drain_burst_requests):
                         self._on_control(frames)
-                        if self.batch_bytes >= GROUP_COMMIT_BYTES or writer.finished:
+                        if self.batch_bytes + self.held_bytes >= GROUP_COMMIT_BYTES or writer.finished:
                             break  # a pass must end for the writer to take the batch
                 if self.backend in ready:
                     for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
-                        if self.batch_bytes >= GROUP_COMMIT_BYTES or writer.finished or self._forwards_backed_up:
+                        if self.batch_bytes + self.held_bytes >= GROUP_COMMIT_BYTES or writer.finished or self._forwards_backed_up:
                             break
                 if writer.done in ready or writer.finished:
                     for job in writer.collect():
@@ -753,7 +754,22 @@ class FrontendServer:
             self._forward(owner, envelope, body)
             return
         topic, items = decode_publish(frames, self.config.max_payload_bytes)
-        self._with_topic(topic, lambda info: self._accept_publish(envelope, frames.request_id, topic, items, info))
+        cached = self.topics.get(topic)
+        if cached is not None:
+            self._accept_publish(envelope, frames.request_id, topic, items, cached)
+            return
+        # Held until metadata answers, and counted against the group-commit limit
+        # meanwhile: nothing else ended a pass that read publishes for a topic not
+        # yet looked up, and one took in 2,000 requests of 10,000 messages (GBs)
+        # before the answer could be read.
+        held = sum(len(item.payload) for item in items) + MESSAGE_OVERHEAD_BYTES * len(items)
+        self.held_bytes += held
+
+        def accept(info: dict[str, Any] | None) -> None:
+            self.held_bytes -= held
+            self._accept_publish(envelope, frames.request_id, topic, items, info)
+
+        self._look_up_topic(topic, accept)
 
     def _forward(self, owner: int, envelope: list[bytes], body: list[bytes]) -> None:
         """Send a publish to the frontend that owns its topic, in arrival order.
@@ -805,6 +821,10 @@ class FrontendServer:
         if cached is not None:
             then(cached)
             return
+        self._look_up_topic(topic, then)
+
+    def _look_up_topic(self, topic: str, then: Callable[[dict[str, Any] | None], None]) -> None:
+        """Ask metadata for a topic the cache does not hold; ``then`` runs with the answer (see :meth:`_with_topic`)."""
         waiters = self.waiting_for_topic.get(topic)
         if waiters is not None:
             waiters.append(then)
