@@ -35,6 +35,7 @@ from clients.protocol import (
     ACK_OK,
     ACK_STALE,
     ACK_UNKNOWN,
+    CONSUMER_EXPIRY_S,
     MAX_BATCH_MESSAGES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_ID_BYTES,
@@ -97,6 +98,15 @@ PUBLISH_HOLD_MAX_S: Final = 0.05
 PUBLISH_HEADER_BYTES: Final = MAX_HEADER_BYTES - 64 * 1024
 # Deliveries (refs) a consumer remembers as acknowledged, to drop their redeliveries.
 ACKED_WINDOW: Final = 10_000
+# Step 5 of the consumer checklist (docs/protocol.md §9): a consumer that has had
+# no WELCOME for this long re-reads SUB_DESCRIBE, and it never re-reads more
+# often. The sender answers every heartbeat (one per CONSUMER_HEARTBEAT_S) with
+# a WELCOME, so this is CONSUMER_LIVENESS missed answers in a row: the same grace
+# the sender gives a silent consumer before dropping it, CONSUMER_EXPIRY_S. A
+# shorter wait would ask the broker about every hiccup (a sender restarting on
+# its old port, which ZeroMQ reconnects to by itself, takes seconds); a longer
+# one would leave a consumer whose sender moved stalled for longer.
+REDISCOVER_AFTER_S: Final = CONSUMER_EXPIRY_S
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -837,6 +847,16 @@ class SubscriptionView:
         return f"<{type(self).__name__} {self.name} on {self.topic} consumer={self.consumer_id}{' closed' if self._closed else ''}>"
 
 
+def _endpoints_of(info: Mapping[str, Any]) -> tuple[str, str]:
+    """The (deliver, ack) endpoints of a subscription record.
+
+    Raises:
+        ProtocolError: ``malformed`` when the record has none.
+    """
+    endpoints = _field(info, "endpoints", dict)
+    return _field(endpoints, "deliver", str), _field(endpoints, "ack", str)
+
+
 def _ack_deadline_of(info: Mapping[str, Any]) -> float | None:
     """The subscription's ``ack_deadline`` in seconds from its record, or None when the record has none."""
     settings = info.get("settings")
@@ -874,9 +894,7 @@ class ConsumerCore(Generic[M]):
         self.token = token
         self.name: str = _field(info, "name", str)
         self.topic: str = _field(info, "topic", str)
-        endpoints = _field(info, "endpoints", dict)
-        self.deliver_endpoint: str = _field(endpoints, "deliver", str)
-        self.ack_endpoint: str = _field(endpoints, "ack", str)
+        self.deliver_endpoint, self.ack_endpoint = _endpoints_of(info)
         self.consumer_id = consumer_id
         self.topic_frame = consumer_topic_frame(consumer_id)
         self.buffer: deque[M] = deque()
@@ -886,6 +904,10 @@ class ConsumerCore(Generic[M]):
         self._expires_at = math.inf  # when the oldest arrival's copies are older than ack_deadline
         self.acked = AckedWindow(window)
         self.welcomed = False
+        # time.monotonic() of the last WELCOME, and of the last SUB_DESCRIBE
+        # re-read: see rediscover_at(). Counted from creation until the first WELCOME.
+        self.last_welcome = time.monotonic()
+        self.described_at = -math.inf
         self.failure: HeraldError | None = None
         self._make = slot_constructor(make)
         self._acks_in_flight: dict[bytes, MessageFields] = {}
@@ -901,8 +923,49 @@ class ConsumerCore(Generic[M]):
 
     def connect(self, sub: Any, push: Any, curve: CurveKeys | None) -> None:
         """Set up and connect fresh SUB (deliveries) and PUSH (attach, acks) sockets, for either client flavour."""
-        setup_socket(sub, connect=self.deliver_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self.topic_frame, curve=curve)
-        setup_socket(push, connect=self.ack_endpoint, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, curve=curve)
+        self._connect(sub, push, self.deliver_endpoint, self.ack_endpoint, curve)
+
+    def _connect(self, sub: Any, push: Any, deliver: str, ack: str, curve: CurveKeys | None) -> None:
+        setup_socket(sub, connect=deliver, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, subscribe=self.topic_frame, curve=curve)
+        setup_socket(push, connect=ack, sndhwm=CONSUMER_SNDHWM, rcvhwm=CONSUMER_RCVHWM, curve=curve)
+
+    # -- finding a sender that moved (protocol.md §9, step 5)
+
+    def rediscover_at(self) -> float:
+        """When (``time.monotonic()``) to re-read SUB_DESCRIBE: REDISCOVER_AFTER_S after
+        both the last WELCOME and the last re-read."""
+        return max(self.last_welcome, self.described_at) + REDISCOVER_AFTER_S
+
+    def endpoints_changed(self, info: Mapping[str, Any]) -> bool:
+        """Whether a fresh SUB_DESCRIBE record names other endpoints than the ones in use.
+
+        Raises:
+            ProtocolError: ``malformed`` when the record has no endpoints.
+        """
+        return _endpoints_of(info) != (self.deliver_endpoint, self.ack_endpoint)
+
+    def move(self, info: dict[str, Any], sub: Any, push: Any, curve: CurveKeys | None) -> None:
+        """Connect fresh SUB and PUSH sockets to the endpoints of ``info`` (a newer
+        SUB_DESCRIBE record of this subscription) and adopt the record.
+
+        Everything else is kept: the buffer, the acknowledged window, the queued
+        acks and the counters. :attr:`welcomed` goes back to False: the caller
+        attaches again (ATTACH ready=false until a WELCOME, then ready=true).
+
+        Raises:
+            ProtocolError: ``malformed`` when the record is not this subscription's.
+            ValueError: an endpoint ZeroMQ does not accept; nothing is changed.
+        """
+        if _field(info, "name", str) != self.name:
+            raise ProtocolError("malformed", f"SUB_DESCRIBE of {self.name!r} answered with subscription {info.get('name')!r}")
+        deliver, ack = _endpoints_of(info)
+        self._connect(sub, push, deliver, ack, curve)
+        # welcomed first: a heartbeat thread that sees the new ack endpoint must also see it is not welcomed yet.
+        self.welcomed = False
+        self.info = info
+        self.deliver_endpoint, self.ack_endpoint = deliver, ack
+        self.ack_deadline = _ack_deadline_of(info)
+        self._set_expiry()
 
     # -- frames to send
 
@@ -1143,6 +1206,7 @@ class ConsumerCore(Generic[M]):
                     self.malformed += 1
             case Command.WELCOME:
                 self.welcomed = events.welcomed = True
+                self.last_welcome = time.monotonic()
             case Command.ERROR:
                 reported = HeraldError.from_header(frames.header)
                 if reported.code == "subscription_not_found":

@@ -16,6 +16,7 @@ import contextlib
 import functools
 import logging
 import secrets
+import time
 from collections import Counter
 from collections.abc import Callable, Coroutine, Generator, Iterable, Mapping
 from types import TracebackType
@@ -33,6 +34,7 @@ from clients._core import (
     PUBLISH_HEADER_BYTES,
     PUBLISH_HOLD_MAX_S,
     PUBLISHES_IN_FLIGHT,
+    REDISCOVER_AFTER_S,
     AsyncMessage,
     Call,
     ClientCounters,
@@ -192,6 +194,21 @@ class _LoopSocket:
             waiter: asyncio.Future[None] = loop.create_future()
             self._writable.append(waiter)
             await waiter
+
+    def replace(self, sock: zmq.Socket[Any]) -> None:
+        """Close the socket and go on with ``sock``, a fresh one connected elsewhere.
+
+        Senders waiting in :meth:`send_wait` keep waiting, for room on ``sock``.
+        """
+        loop = self._loop if self._loop is not None and not self._loop.is_closed() else None
+        if loop is not None:
+            loop.remove_reader(self._fd)
+        self.sock.close(linger=0)
+        self.sock = sock
+        self._fd = cast(int, sock.getsockopt(zmq.FD))
+        if loop is not None:
+            loop.add_reader(self._fd, self._check)
+            self._schedule_check()
 
     def close(self, linger: int = 0) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -794,6 +811,14 @@ class AsyncSubscription(SubscriptionView):
     attached; a coroutine that blocks the event loop for longer than
     ``CONSUMER_EXPIRY_S`` stops heartbeats, and the sender then hands this
     consumer's messages to others.
+
+    When no WELCOME (the sender's answer to every heartbeat) has come for
+    ``REDISCOVER_AFTER_S`` (``CONSUMER_EXPIRY_S``), the heartbeat task re-reads
+    the subscription with SUB_DESCRIBE in a task of its own, at most once per
+    that interval; if its sender moved to other endpoints (the whole system
+    restarted and the old ports were taken, or the sender count changed), the
+    consumer reconnects there and attaches again, keeping its buffer and
+    acknowledged window. A broker that does not answer is asked again later.
     """
 
     def __init__(self, client: AsyncClient, info: dict[str, Any], *, consumer_id: str | None = None) -> None:
@@ -809,6 +834,10 @@ class AsyncSubscription(SubscriptionView):
         self._heartbeat: asyncio.Task[None] | None = None
         self._ack_timer: asyncio.TimerHandle | None = None  # sends the queued acks ACK_FLUSH_DELAY_S after the first
         self._ack_timer_loop: asyncio.AbstractEventLoop | None = None
+        # Attaching again after a move to another sender: the heartbeat task sends
+        # ATTACH ready=false every ATTACH_RETRY_S until a WELCOME, then ready=true.
+        self._reattaching = False
+        self._rediscovery: asyncio.Task[None] | None = None  # the SUB_DESCRIBE re-read in progress
         self._closed = False
         context = client._context
         sub: zmq.Socket[Any] = context.socket(zmq.SUB)
@@ -912,10 +941,11 @@ class AsyncSubscription(SubscriptionView):
         self._arrived.set()
         if self._ack_timer is not None:
             self._ack_timer.cancel()  # the queued acks go out below, before DETACH
-        if self._heartbeat is not None:
-            self._heartbeat.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._heartbeat
+        for task in (self._heartbeat, self._rediscovery):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for future in self._awaiting.values():
             if not future.done():
                 future.set_exception(closed_error(repr(self)))
@@ -1029,12 +1059,7 @@ class AsyncSubscription(SubscriptionView):
             raise
 
     def _on_task_failure(self, error: BaseException) -> None:
-        failure = HeraldError("internal", f"consumer task of subscription {self.name!r} failed: {error!r}")
-        self._core.failure = self._core.failure or failure
-        for future in self._awaiting.values():
-            if not future.done():
-                future.set_exception(failure)
-        self._arrived.set()
+        self._fail(HeraldError("internal", f"consumer task of subscription {self.name!r} failed: {error!r}"))
 
     def _on_message(self, raw: list[bytes]) -> None:
         events = self._core.handle(raw, self)
@@ -1061,10 +1086,75 @@ class AsyncSubscription(SubscriptionView):
             self._arrived.set()
 
     async def _heartbeat_loop(self) -> None:
-        frames = self._core.attach_frames(ready=True)
+        core = self._core
+        frames = core.attach_frames(ready=True)
+        loop = asyncio.get_running_loop()
         while True:
-            await asyncio.sleep(CONSUMER_HEARTBEAT_S)
-            self._push.send(frames)  # sender unreachable: the next heartbeat counts
+            await asyncio.sleep(ATTACH_RETRY_S if self._reattaching else CONSUMER_HEARTBEAT_S)
+            if self._reattaching:
+                self._send_attach()
+            else:
+                self._push.send(frames)  # sender unreachable: the next heartbeat counts
+            # protocol.md §9, step 5; the re-read runs in a task of its own, so heartbeats go on meanwhile.
+            if time.monotonic() >= core.rediscover_at() and (self._rediscovery is None or self._rediscovery.done()):
+                self._rediscovery = loop.create_task(self._rediscover(), name=f"herald-rediscover-{self.name}")
+                _watch(self._rediscovery, self._on_task_failure)
+
+    def _send_attach(self) -> None:
+        """One step of attaching again: ATTACH ready=false until a WELCOME came, then ready=true once."""
+        ready = self._core.welcomed
+        self._push.send(self._core.attach_frames(ready=ready))  # not sent: the next round tries again
+        if ready:
+            self._reattaching = False
+
+    async def _rediscover(self) -> None:
+        """Re-read the subscription; move to its new endpoints if its sender moved.
+
+        A broker that does not answer is asked again REDISCOVER_AFTER_S later;
+        ``subscription_not_found`` fails the subscription, as when the sender reports it.
+        """
+        core = self._core
+        core.described_at = now = time.monotonic()
+        log.info("no WELCOME from sender %s for %g s; re-reading subscription %s", core.deliver_endpoint, now - core.last_welcome, self.name)
+        try:
+            info = await self._client.describe_subscription(self.name)
+            if self._closed or not core.endpoints_changed(info):
+                return  # the sender may be restarting on its old ports: ZeroMQ reconnects by itself
+        except HeraldError as error:
+            if error.code == "subscription_not_found":
+                self._fail(error)
+            else:
+                log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
+            return
+        self._move(info)
+
+    def _move(self, info: dict[str, Any]) -> None:
+        """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
+        self._sub.read_now()  # keep what already arrived
+        context = self._client._context
+        sub: zmq.Socket[Any] = context.socket(zmq.SUB)
+        push: zmq.Socket[Any] = context.socket(zmq.PUSH)
+        try:
+            self._core.move(info, sub, push, self._client.curve)
+        except (ValueError, HeraldError) as error:
+            sub.close(0)
+            push.close(0)
+            log.warning("cannot move subscription %s to %s (%s); trying again in %g s", self.name, info.get("endpoints"), error, REDISCOVER_AFTER_S)
+            return
+        # The same _LoopSockets go on with the new sockets: sends waiting for room wait on the new PUSH.
+        self._sub.replace(sub)
+        self._push.replace(push)
+        log.warning("subscription %s moved to sender deliver=%s ack=%s; attaching again", self.name, self._core.deliver_endpoint, self._core.ack_endpoint)
+        self._reattaching = True
+        self._send_attach()
+
+    def _fail(self, error: HeraldError) -> None:
+        """Fail the subscription with ``error``: receive() raises it, waiting acks get it."""
+        self._core.failure = self._core.failure or error
+        for future in self._awaiting.values():
+            if not future.done():
+                future.set_exception(error)
+        self._arrived.set()
 
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncSubscription", "Subscribing", "run"]

@@ -27,6 +27,7 @@ from clients._core import (
     CLIENT_SNDHWM,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
+    REDISCOVER_AFTER_S,
     Call,
     ClientCounters,
     ClientStatistics,
@@ -78,6 +79,7 @@ IDLE_POLL_MS: Final = 500
 DETACH_LINGER_MS: Final = 500
 # A few heartbeats may wait for a reconnecting sender; older ones are worthless.
 CONSUMER_HEARTBEAT_QUEUE: Final = 4
+ATTACH_RETRY_MS: Final = math.ceil(ATTACH_RETRY_S * 1000)
 DRAIN_BURST: Final = 10_000  # SUB messages handled per wake-up before checking the caller's deadline
 
 
@@ -336,11 +338,14 @@ class Client:
 
     # ------------------------------------------------------------------ plumbing
 
-    def _request(self, call: Call[T]) -> T:
+    def _request(self, call: Call[T], *, timeout: float | None = None) -> T:
+        """Send ``call`` and wait for its reply, resending on the attempt schedule, for at most
+        ``timeout`` seconds (default: the client's)."""
+        timeout = self.timeout if timeout is None else timeout
         with self._lock:
             if self._closed:
                 raise closed_error(repr(self))
-            deadline = time.monotonic() + self.timeout
+            deadline = time.monotonic() + timeout
             # Replies to every attempt count: a late answer to the first is as good as any.
             waiting: set[bytes] = set()
             attempt = 0
@@ -373,7 +378,7 @@ class Client:
                     log.info("retrying %s after %s", call.command.name, error)
                     time.sleep(pause)
             self._counters.timeouts += 1
-            raise timeout_error(call.command.name, self.endpoint, self.timeout)
+            raise timeout_error(call.command.name, self.endpoint, timeout)
 
     def _send(self, frames: list[bytes], until: float) -> bool:
         """Send without blocking past ``until``; False when the deadline passed."""
@@ -430,6 +435,17 @@ class Subscription(SubscriptionView):
     A background thread with its own socket sends heartbeats, so the sender
     keeps this consumer even while the application is busy with a message.
     Use one subscription from one thread.
+
+    When no WELCOME (the sender's answer to every heartbeat) has come for
+    ``REDISCOVER_AFTER_S`` (``CONSUMER_EXPIRY_S``), :meth:`receive` re-reads the
+    subscription with SUB_DESCRIBE, at most once per that interval; if its
+    sender moved to other endpoints (the whole system restarted and the old
+    ports were taken, or the sender count changed), it reconnects there and
+    attaches again, keeping its buffer and acknowledged window. The re-read
+    happens while :meth:`receive` waits with nothing to return; it waits for
+    its reply as long as :meth:`receive` has left, but at least 1 s and at most
+    the client's timeout, so :meth:`receive` may overrun its timeout by up to
+    a second. A broker that does not answer is asked again later.
     """
 
     def __init__(self, client: Client, info: dict[str, Any], *, consumer_id: str | None = None) -> None:
@@ -447,6 +463,10 @@ class Subscription(SubscriptionView):
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._closed = False
+        # Attaching again after a move to another sender: receive() sends ATTACH
+        # ready=false every ATTACH_RETRY_S until a WELCOME, then ready=true.
+        self._reattaching = False
+        self._maintain_at = math.inf  # when receive() next runs _maintain (time.monotonic())
         context = client._context
         self._sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
         self._push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
@@ -457,6 +477,7 @@ class Subscription(SubscriptionView):
             self._sub.close(0)
             self._push.close(0)
             raise
+        self._maintain_at = self._core.rediscover_at()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"herald-heartbeat-{self.name}", daemon=True)
         self._heartbeat.start()
         client._subscriptions.add(self)
@@ -504,9 +525,18 @@ class Subscription(SubscriptionView):
             wait_ms = IDLE_POLL_MS if deadline is None else min(IDLE_POLL_MS, _poll_ms(deadline))
             if acks_due is not None:
                 wait_ms = min(wait_ms, _poll_ms(acks_due))
+            if self._reattaching:
+                wait_ms = min(wait_ms, ATTACH_RETRY_MS)
             if self._sub.poll(wait_ms, zmq.POLLIN):
                 self._drain()
-            elif deadline is not None and time.monotonic() >= deadline:
+                continue
+            # Nothing arrived: the one place that checks on the sender, so the
+            # path with messages flowing pays nothing for it.
+            now = time.monotonic()
+            if now >= self._maintain_at:
+                self._maintain(now, deadline)
+                continue
+            if deadline is not None and now >= deadline:
                 self._flush_acks()  # nothing here sends them before the next receive()
                 return None
 
@@ -667,16 +697,98 @@ class Subscription(SubscriptionView):
         if not self._send(self._core.attach_frames(ready=True), deadline):
             raise timeout_error(f"ATTACH to subscription {self.name!r}", self._core.ack_endpoint, self._timeout)
 
+    def _maintain(self, now: float, deadline: float | None) -> None:
+        """Attach again after a move, and re-read SUB_DESCRIBE when no WELCOME came for
+        REDISCOVER_AFTER_S (protocol.md §9, step 5). On the receive() thread, which owns
+        the SUB and PUSH sockets; sets the next :attr:`_maintain_at`, always after ``now``."""
+        core = self._core
+        if self._reattaching:
+            self._send_attach()
+        if now >= core.rediscover_at():
+            self._rediscover(deadline)
+        self._maintain_at = time.monotonic() + ATTACH_RETRY_S if self._reattaching else core.rediscover_at()
+
+    def _send_attach(self) -> None:
+        """One step of attaching again: ATTACH ready=false until a WELCOME came, then ready=true once."""
+        ready = self._core.welcomed
+        with contextlib.suppress(zmq.Again):  # sender not reachable yet: the next round tries again
+            self._push.send_multipart(self._core.attach_frames(ready=ready), zmq.NOBLOCK)
+        if ready:
+            self._reattaching = False  # the heartbeat thread sends ready=true from here on
+
+    def _rediscover(self, deadline: float | None) -> None:
+        """Re-read the subscription; move to its new endpoints if its sender moved.
+
+        A broker that does not answer is asked again REDISCOVER_AFTER_S later;
+        ``subscription_not_found`` fails the subscription, as when the sender reports it.
+        """
+        core = self._core
+        core.described_at = now = time.monotonic()
+        # Hold receive() past its own deadline by as little as works: at least one
+        # resend-free round trip, at most the client's timeout.
+        remaining = math.inf if deadline is None else deadline - now
+        timeout = min(self._client.timeout, max(CONSUMER_HEARTBEAT_S, remaining))
+        log.info("no WELCOME from sender %s for %g s; re-reading subscription %s", core.deliver_endpoint, now - core.last_welcome, self.name)
+        try:
+            info = self._client._request(describe_subscription_call(self.name), timeout=timeout)
+            if not core.endpoints_changed(info):
+                return  # the sender may be restarting on its old ports: ZeroMQ reconnects by itself
+        except HeraldError as error:
+            if error.code == "subscription_not_found":
+                core.failure = error  # receive() raises it, as when the sender reports the deletion
+            else:
+                log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
+            return
+        self._move(info)
+
+    def _move(self, info: dict[str, Any]) -> None:
+        """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
+        while self._sub.poll(0, zmq.POLLIN):  # keep what already arrived
+            self._drain()
+        context = self._client._context
+        sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
+        push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
+        try:
+            self._core.move(info, sub, push, self._client.curve)
+        except (ValueError, HeraldError) as error:
+            sub.close(0)
+            push.close(0)
+            log.warning("cannot move subscription %s to %s (%s); trying again in %g s", self.name, info.get("endpoints"), error, REDISCOVER_AFTER_S)
+            return
+        old_sub, old_push = self._sub, self._push
+        self._sub, self._push = sub, push
+        old_sub.close(linger=0)
+        old_push.close(linger=0)  # queued ATTACHes and acks for the old sender are worthless
+        log.warning("subscription %s moved to sender deliver=%s ack=%s; attaching again", self.name, self._core.deliver_endpoint, self._core.ack_endpoint)
+        self._reattaching = True
+        self._send_attach()
+
+    def _heartbeat_socket(self, endpoint: str) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._client._context.socket(zmq.PUSH)
+        setup_socket(sock, connect=endpoint, sndhwm=CONSUMER_HEARTBEAT_QUEUE, rcvhwm=CONSUMER_HEARTBEAT_QUEUE, curve=self._client.curve)
+        return sock
+
     def _heartbeat_loop(self) -> None:
         # zmq sockets are not thread-safe: this thread sends on a PUSH of its own.
-        sock: zmq.Socket[bytes] = self._client._context.socket(zmq.PUSH)
+        core = self._core
+        sock: zmq.Socket[bytes] | None = None
         try:
-            setup_socket(sock, connect=self._core.ack_endpoint, sndhwm=CONSUMER_HEARTBEAT_QUEUE, rcvhwm=CONSUMER_HEARTBEAT_QUEUE, curve=self._client.curve)
-            frames = self._core.attach_frames(ready=True)
+            endpoint = core.ack_endpoint
+            sock = self._heartbeat_socket(endpoint)
+            frames = core.attach_frames(ready=True)
             while not self._stop.wait(CONSUMER_HEARTBEAT_S):
+                if core.ack_endpoint != endpoint:
+                    # receive() moved this consumer to another sender: this thread reconnects its own socket.
+                    sock.close(linger=0)
+                    sock = None
+                    endpoint = core.ack_endpoint
+                    sock = self._heartbeat_socket(endpoint)
+                if not core.welcomed:
+                    continue  # receive() is attaching again: ready=true only after the WELCOME
                 with contextlib.suppress(zmq.Again):  # sender unreachable: heartbeats are idempotent, the next one counts
                     sock.send_multipart(frames, zmq.NOBLOCK)
         except Exception:
             log.exception("heartbeat thread of %s failed; the sender will expire this consumer", self.name)
         finally:
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
