@@ -942,7 +942,7 @@ class AsyncSubscription(SubscriptionView):
         if self._ack_timer is not None:
             self._ack_timer.cancel()  # the queued acks go out below, before DETACH
         for task in (self._heartbeat, self._rediscovery):
-            if task is not None:
+            if task is not None and not task.done():  # a task that ended with an error reported it already (_watch)
                 task.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
@@ -1126,6 +1126,8 @@ class AsyncSubscription(SubscriptionView):
             else:
                 log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
             return
+        finally:
+            core.described_at = time.monotonic()  # the next re-read comes REDISCOVER_AFTER_S after this one ended
         self._move(info)
 
     def _move(self, info: dict[str, Any]) -> None:

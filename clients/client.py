@@ -80,6 +80,7 @@ DETACH_LINGER_MS: Final = 500
 # A few heartbeats may wait for a reconnecting sender; older ones are worthless.
 CONSUMER_HEARTBEAT_QUEUE: Final = 4
 ATTACH_RETRY_MS: Final = math.ceil(ATTACH_RETRY_S * 1000)
+REDISCOVER_WAIT_S: Final = 2.0  # the longest a re-read of SUB_DESCRIBE holds receive() (see Subscription._rediscover)
 DRAIN_BURST: Final = 10_000  # SUB messages handled per wake-up before checking the caller's deadline
 
 
@@ -444,8 +445,9 @@ class Subscription(SubscriptionView):
     attaches again, keeping its buffer and acknowledged window. The re-read
     happens while :meth:`receive` waits with nothing to return; it waits for
     its reply as long as :meth:`receive` has left, but at least 1 s and at most
-    the client's timeout, so :meth:`receive` may overrun its timeout by up to
-    a second. A broker that does not answer is asked again later.
+    ``REDISCOVER_WAIT_S`` (2 s), so :meth:`receive` may overrun its timeout by
+    up to a second. A broker that does not answer is asked again
+    ``REDISCOVER_AFTER_S`` after the attempt ended.
     """
 
     def __init__(self, client: Client, info: dict[str, Any], *, consumer_id: str | None = None) -> None:
@@ -723,11 +725,13 @@ class Subscription(SubscriptionView):
         ``subscription_not_found`` fails the subscription, as when the sender reports it.
         """
         core = self._core
-        core.described_at = now = time.monotonic()
-        # Hold receive() past its own deadline by as little as works: at least one
-        # resend-free round trip, at most the client's timeout.
+        now = time.monotonic()
+        # Hold receive() past its own deadline, and the client's lock from other
+        # threads' calls, by as little as works: at least one resend-free round
+        # trip, at most REDISCOVER_WAIT_S (a broker that is up answers in
+        # milliseconds; one that is down is asked again later).
         remaining = math.inf if deadline is None else deadline - now
-        timeout = min(self._client.timeout, max(CONSUMER_HEARTBEAT_S, remaining))
+        timeout = min(self._client.timeout, REDISCOVER_WAIT_S, max(CONSUMER_HEARTBEAT_S, remaining))
         log.info("no WELCOME from sender %s for %g s; re-reading subscription %s", core.deliver_endpoint, now - core.last_welcome, self.name)
         try:
             info = self._client._request(describe_subscription_call(self.name), timeout=timeout)
@@ -739,6 +743,8 @@ class Subscription(SubscriptionView):
             else:
                 log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
             return
+        finally:
+            core.described_at = time.monotonic()  # the next re-read comes REDISCOVER_AFTER_S after this one ended
         self._move(info)
 
     def _move(self, info: dict[str, Any]) -> None:

@@ -763,6 +763,11 @@ class FrontendServer:
         # yet looked up, and one took in 2,000 requests of 10,000 messages (GBs)
         # before the answer could be read.
         held = sum(len(item.payload) for item in items) + MESSAGE_OVERHEAD_BYTES * len(items)
+        if self.batch_bytes + self.held_bytes >= OVERLOAD_BYTES:
+            # A paused loop still takes a forwarded publish per pass (the control
+            # socket also carries CREDIT and COMPLETE): past this, refuse them.
+            self.counters["shed"] += 1
+            raise HeraldError("unavailable", f"frontend {self.index} has {(self.batch_bytes + self.held_bytes) // 2**20} MiB waiting; retry")
         self.held_bytes += held
 
         def accept(info: dict[str, Any] | None) -> None:
