@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from clients import Client, HeraldError, Subscription
+from clients import Client, HeraldError, PublishId, Subscription
 from frontend.store import ShardStore, StorageError, StoredMessage
 from tests.conftest import PROJECT_ROOT, HeraldSystem, preload_fsync_shim, stored_messages, wait_for
 
@@ -580,3 +580,42 @@ def test_a_dead_letter_copy_that_cannot_be_written_hands_the_original_out_again(
             assert [copy.data for copy in copies] == [body], "exactly one copy, once space was back"
             assert copies[0].attributes["herald.original_id"] == original_id and copies[0].attributes["herald.attempts"] == "2", copies[0].attributes
     assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
+
+
+def test_an_id_whose_write_awaits_its_fsync_is_no_duplicate_in_a_recreated_topic(herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path) -> None:
+    """De-duplication ids belong to one incarnation of a topic, in writes still being fsync'd as on disk: an id
+    published to a topic that is then deleted and created again, while that write's fsync is held, is stored
+    again in the new topic, not answered `duplicate`."""
+    herald = herald_factory(env={"HERALD_FRONTENDS": "1"})  # one shard: both writes in flight on it
+    topic = "reborn"
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic(topic)
+        client.create_subscription(topic, "reader")
+    with Client(herald.endpoint) as reader, reader.subscribe(topic, "reader") as subscription:
+        with Client(herald.endpoint, timeout=30) as client:
+            probe = client.publish(topic, b"probe")
+        _receive_all(subscription, [probe])
+        _make_the_disk_slow(herald.endpoint, topic, subscription, hold_wal_fsyncs)  # fsyncs on the writer thread
+    answers: dict[str, PublishId] = {}
+
+    def publish(name: str) -> None:
+        with Client(herald.endpoint, timeout=60) as publisher:
+            answers[name] = publisher.publish(topic, b"m", message_id="same-id")
+
+    hold_wal_fsyncs.touch()
+    publishing = [threading.Thread(target=publish, args=(name,)) for name in ("old", "new")]
+    try:
+        publishing[0].start()
+        time.sleep(0.5)  # written to the old topic, its fsync held
+        with Client(herald.endpoint, timeout=30) as admin:
+            admin.delete_topic(topic)
+            admin.create_topic(topic)
+        publishing[1].start()
+        time.sleep(0.5)
+    finally:
+        hold_wal_fsyncs.unlink()
+        for thread in publishing:
+            thread.join(30)
+    assert answers["old"] == answers["new"] == "same-id"
+    assert not answers["old"].duplicate
+    assert not answers["new"].duplicate, "the new topic's publish was answered from the deleted topic's write"
