@@ -944,28 +944,36 @@ class ConsumerCore(Generic[M]):
         """
         return _endpoints_of(info) != (self.deliver_endpoint, self.ack_endpoint)
 
-    def move(self, info: dict[str, Any], sub: Any, push: Any, curve: CurveKeys | None) -> None:
-        """Connect fresh SUB and PUSH sockets to the endpoints of ``info`` (a newer
-        SUB_DESCRIBE record of this subscription) and adopt the record.
+    def move(self, info: dict[str, Any], context: zmq.Context[Any], curve: CurveKeys | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any]] | None:
+        """Fresh SUB and PUSH sockets connected to the endpoints of ``info`` (a newer
+        SUB_DESCRIBE record of this subscription), the record adopted; None, logged
+        and nothing changed, when the record or an endpoint is unusable.
 
         Everything else is kept: the buffer, the acknowledged window, the queued
         acks and the counters. :attr:`welcomed` goes back to False: the caller
-        attaches again (ATTACH ready=false until a WELCOME, then ready=true).
-
-        Raises:
-            ProtocolError: ``malformed`` when the record is not this subscription's.
-            ValueError: an endpoint ZeroMQ does not accept; nothing is changed.
+        swaps the sockets in and attaches again (ATTACH ready=false until a
+        WELCOME, then ready=true).
         """
-        if _field(info, "name", str) != self.name:
-            raise ProtocolError("malformed", f"SUB_DESCRIBE of {self.name!r} answered with subscription {info.get('name')!r}")
-        deliver, ack = _endpoints_of(info)
-        self._connect(sub, push, deliver, ack, curve)
+        sub: zmq.Socket[Any] = context.socket(zmq.SUB)
+        push: zmq.Socket[Any] = context.socket(zmq.PUSH)
+        try:
+            if _field(info, "name", str) != self.name:
+                raise ProtocolError("malformed", f"SUB_DESCRIBE of {self.name!r} answered with subscription {info.get('name')!r}")
+            deliver, ack = _endpoints_of(info)
+            self._connect(sub, push, deliver, ack, curve)
+        except (ValueError, HeraldError) as error:
+            sub.close(0)
+            push.close(0)
+            log.warning("cannot move subscription %s to %s (%s); trying again in %g s", self.name, info.get("endpoints"), error, REDISCOVER_AFTER_S)
+            return None
         # welcomed first: a heartbeat thread that sees the new ack endpoint must also see it is not welcomed yet.
         self.welcomed = False
         self.info = info
         self.deliver_endpoint, self.ack_endpoint = deliver, ack
         self.ack_deadline = _ack_deadline_of(info)
         self._set_expiry()
+        log.warning("subscription %s moved to sender deliver=%s ack=%s; attaching again", self.name, deliver, ack)
+        return sub, push
 
     # -- frames to send
 

@@ -1133,20 +1133,12 @@ class AsyncSubscription(SubscriptionView):
     def _move(self, info: dict[str, Any]) -> None:
         """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
         self._sub.read_now()  # keep what already arrived
-        context = self._client._context
-        sub: zmq.Socket[Any] = context.socket(zmq.SUB)
-        push: zmq.Socket[Any] = context.socket(zmq.PUSH)
-        try:
-            self._core.move(info, sub, push, self._client.curve)
-        except (ValueError, HeraldError) as error:
-            sub.close(0)
-            push.close(0)
-            log.warning("cannot move subscription %s to %s (%s); trying again in %g s", self.name, info.get("endpoints"), error, REDISCOVER_AFTER_S)
+        sockets = self._core.move(info, self._client._context, self._client.curve)
+        if sockets is None:
             return
         # The same _LoopSockets go on with the new sockets: sends waiting for room wait on the new PUSH.
-        self._sub.replace(sub)
-        self._push.replace(push)
-        log.warning("subscription %s moved to sender deliver=%s ack=%s; attaching again", self.name, self._core.deliver_endpoint, self._core.ack_endpoint)
+        self._sub.replace(sockets[0])
+        self._push.replace(sockets[1])
         self._reattaching = True
         self._send_attach()
 

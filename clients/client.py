@@ -751,21 +751,13 @@ class Subscription(SubscriptionView):
         """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
         while self._sub.poll(0, zmq.POLLIN):  # keep what already arrived
             self._drain()
-        context = self._client._context
-        sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
-        push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
-        try:
-            self._core.move(info, sub, push, self._client.curve)
-        except (ValueError, HeraldError) as error:
-            sub.close(0)
-            push.close(0)
-            log.warning("cannot move subscription %s to %s (%s); trying again in %g s", self.name, info.get("endpoints"), error, REDISCOVER_AFTER_S)
+        sockets = self._core.move(info, self._client._context, self._client.curve)
+        if sockets is None:
             return
         old_sub, old_push = self._sub, self._push
-        self._sub, self._push = sub, push
+        self._sub, self._push = sockets
         old_sub.close(linger=0)
         old_push.close(linger=0)  # queued ATTACHes and acks for the old sender are worthless
-        log.warning("subscription %s moved to sender deliver=%s ack=%s; attaching again", self.name, self._core.deliver_endpoint, self._core.ack_endpoint)
         self._reattaching = True
         self._send_attach()
 

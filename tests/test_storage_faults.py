@@ -11,6 +11,7 @@ to mount (root in the CI container); without it the test is skipped, saying why.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -446,14 +447,7 @@ def test_on_a_slow_disk_a_batch_is_delivered_while_an_earlier_one_waits_for_its_
     next batch is written and delivered too; neither publish is answered until the fsync returns, then both are."""
     herald = herald_factory()
     topic = "pipelined"
-    with Client(herald.endpoint, timeout=30) as client:
-        client.create_topic(topic)
-        client.create_subscription(topic, "reader")
-    with Client(herald.endpoint) as reader, reader.subscribe(topic, "reader") as subscription:
-        with Client(herald.endpoint, timeout=30) as client:
-            probe = client.publish(topic, b"probe")
-        _receive_all(subscription, [probe])  # attached, with credit: new messages take the fast path
-        _make_the_disk_slow(herald.endpoint, topic, subscription, hold_wal_fsyncs)
+    with _reader_on_a_slow_disk(herald, topic, hold_wal_fsyncs) as subscription:
         hold_wal_fsyncs.touch()
         acked: dict[str, list[str]] = {"first": [], "second": []}
         batches = {name: [f"{name}-{i}" for i in range(20)] for name in acked}
@@ -498,6 +492,21 @@ def test_a_batch_over_a_mib_is_fsyncd_off_the_poll_loop(herald_factory: Callable
         hold_wal_fsyncs.unlink()
         publishing.join(30)
     assert acked == [f"big-{i}" for i in range(20)]
+
+
+@contextlib.contextmanager
+def _reader_on_a_slow_disk(herald: HeraldSystem, topic: str, hold: Path) -> Iterator[Subscription]:
+    """A new topic and subscription, read by an attached consumer (with credit: new messages take the fast path),
+    on a frontend whose disk is then slow (see :func:`_make_the_disk_slow`)."""
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic(topic)
+        client.create_subscription(topic, "reader")
+    with Client(herald.endpoint) as reader, reader.subscribe(topic, "reader") as subscription:
+        with Client(herald.endpoint, timeout=30) as client:
+            probe = client.publish(topic, b"probe")
+        _receive_all(subscription, [probe])
+        _make_the_disk_slow(herald.endpoint, topic, subscription, hold)
+        yield subscription
 
 
 def _make_the_disk_slow(endpoint: str, topic: str, subscription: Subscription, hold: Path) -> None:
@@ -588,14 +597,8 @@ def test_an_id_whose_write_awaits_its_fsync_is_no_duplicate_in_a_recreated_topic
     again in the new topic, not answered `duplicate`."""
     herald = herald_factory(env={"HERALD_FRONTENDS": "1"})  # one shard: both writes in flight on it
     topic = "reborn"
-    with Client(herald.endpoint, timeout=30) as client:
-        client.create_topic(topic)
-        client.create_subscription(topic, "reader")
-    with Client(herald.endpoint) as reader, reader.subscribe(topic, "reader") as subscription:
-        with Client(herald.endpoint, timeout=30) as client:
-            probe = client.publish(topic, b"probe")
-        _receive_all(subscription, [probe])
-        _make_the_disk_slow(herald.endpoint, topic, subscription, hold_wal_fsyncs)  # fsyncs on the writer thread
+    with _reader_on_a_slow_disk(herald, topic, hold_wal_fsyncs):
+        pass  # fsyncs now run on the writer thread, so writes can wait for theirs side by side
     answers: dict[str, PublishId] = {}
 
     def publish(name: str) -> None:
