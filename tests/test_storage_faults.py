@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from clients import Client, HeraldError, PublishId, Subscription
+from clients import Client, HeraldError, Message, PublishId, Subscription
 from frontend.store import ShardStore, StorageError, StoredMessage
 from tests.conftest import PROJECT_ROOT, HeraldSystem, preload_fsync_shim, stored_messages, wait_for
 
@@ -622,3 +622,50 @@ def test_an_id_whose_write_awaits_its_fsync_is_no_duplicate_in_a_recreated_topic
     assert answers["old"] == answers["new"] == "same-id"
     assert not answers["old"].duplicate
     assert not answers["new"].duplicate, "the new topic's publish was answered from the deleted topic's write"
+
+
+def test_entries_taken_back_on_a_full_disk_are_written_once_there_is_room(herald_factory: Callable[..., HeraldSystem], small_disk: Path) -> None:
+    """A restarted sender's deliveries are taken back, and the implicit ones (see frontend/store.py) must be
+    written as pending entries before a backlog scan can hand them out again. On a full disk that write fails:
+    the frontend keeps them and retries each second, and once there is room the messages come again."""
+    herald = herald_factory(data_dir=small_disk / "data", env={"HERALD_FRONTENDS": "1", "HERALD_SENDERS": "1"})
+    bodies = [b"held-%d" % i for i in range(20)]
+    with Client(herald.endpoint, timeout=5.0) as client:
+        client.create_topic("held")
+        client.create_subscription("held", "reader", ack_deadline=600)  # nothing comes back by its deadline here
+        client.create_topic("filler")
+        with client.subscribe("held", "reader") as subscription:
+            ids = set(client.publish_batch("held", bodies))
+            first = _take(subscription, len(bodies))  # handed out as written (implicit entries), never acknowledged
+            assert {m.id for m in first} == ids and {m.attempt for m in first} == {1}
+            for _ in range(400):  # random bytes: RocksDB compresses repeated ones
+                try:
+                    client.publish_batch("filler", [os.urandom(PAYLOAD_BYTES) for _ in range(2)])
+                except HeraldError as error:
+                    assert error.code == "storage_failed", error
+                    break
+            else:
+                pytest.fail("a 24 MiB disk took 200 MiB of publishes")
+            failures = client.status()["storage_failures"]
+            herald.kill_child("sender-0")
+            wait_for(lambda: client.status()["storage_failures"] > failures, timeout=30, message="the taken-back entries' write refused")
+            assert _mount(["-o", "remount,size=256m", str(small_disk)]).returncode == 0
+            again = _take(subscription, len(bodies), timeout=60)
+            assert {m.id for m in again} == ids and min(m.attempt for m in again) >= 2, [(m.id, m.attempt) for m in again]
+            for message in again:
+                message.ack_nowait()
+    assert _running(herald), herald.status()
+
+
+def _take(subscription: Subscription, count: int, timeout: float = 30) -> list[Message]:
+    """The next ``count`` messages, unacknowledged (fail after ``timeout`` s)."""
+    taken: list[Message] = []
+
+    def enough() -> bool:
+        message = subscription.receive(timeout=0.5)
+        if message is not None:
+            taken.append(message)
+        return len(taken) >= count
+
+    wait_for(enough, timeout=timeout, interval=0, message=f"{count} messages")
+    return taken
