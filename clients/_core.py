@@ -936,13 +936,28 @@ class ConsumerCore(Generic[M]):
         both the last WELCOME and the last re-read."""
         return max(self.last_welcome, self.described_at) + REDISCOVER_AFTER_S
 
-    def endpoints_changed(self, info: Mapping[str, Any]) -> bool:
-        """Whether a fresh SUB_DESCRIBE record names other endpoints than the ones in use.
+    def rediscovering(self) -> None:
+        """Note that a re-read of SUB_DESCRIBE starts (see :meth:`rediscover_at`)."""
+        log.info("no WELCOME from sender %s for %g s; re-reading subscription %s", self.deliver_endpoint, time.monotonic() - self.last_welcome, self.name)
 
-        Raises:
-            ProtocolError: ``malformed`` when the record has no endpoints.
+    def rediscovered(self, info: dict[str, Any] | None, error: HeraldError | None) -> bool:
+        """Conclude a re-read with its record or its error; True when the record names other endpoints (then :meth:`move`).
+
+        The next re-read comes REDISCOVER_AFTER_S after this one ended. A
+        ``subscription_not_found`` becomes :attr:`failure`; other errors, and a
+        record without endpoints, are logged and the re-read is tried again later.
         """
-        return _endpoints_of(info) != (self.deliver_endpoint, self.ack_endpoint)
+        self.described_at = time.monotonic()
+        if error is None and info is not None:
+            try:
+                return _endpoints_of(info) != (self.deliver_endpoint, self.ack_endpoint)
+            except ProtocolError as malformed:
+                error = malformed
+        if error is not None and error.code == "subscription_not_found":
+            self.failure = self.failure or error  # receive() raises it, as when the sender reports the deletion
+        elif error is not None:
+            log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
+        return False
 
     def move(self, info: dict[str, Any], context: zmq.Context[Any], curve: CurveKeys | None) -> tuple[zmq.Socket[Any], zmq.Socket[Any]] | None:
         """Fresh SUB and PUSH sockets connected to the endpoints of ``info`` (a newer

@@ -34,7 +34,6 @@ from clients._core import (
     PUBLISH_HEADER_BYTES,
     PUBLISH_HOLD_MAX_S,
     PUBLISHES_IN_FLIGHT,
-    REDISCOVER_AFTER_S,
     AsyncMessage,
     Call,
     ClientCounters,
@@ -1114,21 +1113,16 @@ class AsyncSubscription(SubscriptionView):
         ``subscription_not_found`` fails the subscription, as when the sender reports it.
         """
         core = self._core
-        core.described_at = now = time.monotonic()
-        log.info("no WELCOME from sender %s for %g s; re-reading subscription %s", core.deliver_endpoint, now - core.last_welcome, self.name)
+        core.rediscovering()
         try:
             info = await self._client.describe_subscription(self.name)
-            if self._closed or not core.endpoints_changed(info):
-                return  # the sender may be restarting on its old ports: ZeroMQ reconnects by itself
         except HeraldError as error:
-            if error.code == "subscription_not_found":
-                self._fail(error)
-            else:
-                log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
+            core.rediscovered(None, error)
+            if core.failure is not None:
+                self._fail(core.failure)  # the acks waiting get it too
             return
-        finally:
-            core.described_at = time.monotonic()  # the next re-read comes REDISCOVER_AFTER_S after this one ended
-        self._move(info)
+        if core.rediscovered(info, None) and not self._closed:  # else the sender may be restarting on its old ports
+            self._move(info)
 
     def _move(self, info: dict[str, Any]) -> None:
         """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""

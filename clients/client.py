@@ -27,7 +27,6 @@ from clients._core import (
     CLIENT_SNDHWM,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
-    REDISCOVER_AFTER_S,
     Call,
     ClientCounters,
     ClientStatistics,
@@ -732,20 +731,14 @@ class Subscription(SubscriptionView):
         # milliseconds; one that is down is asked again later).
         remaining = math.inf if deadline is None else deadline - now
         timeout = min(self._client.timeout, REDISCOVER_WAIT_S, max(CONSUMER_HEARTBEAT_S, remaining))
-        log.info("no WELCOME from sender %s for %g s; re-reading subscription %s", core.deliver_endpoint, now - core.last_welcome, self.name)
+        core.rediscovering()
         try:
             info = self._client._request(describe_subscription_call(self.name), timeout=timeout)
-            if not core.endpoints_changed(info):
-                return  # the sender may be restarting on its old ports: ZeroMQ reconnects by itself
         except HeraldError as error:
-            if error.code == "subscription_not_found":
-                core.failure = error  # receive() raises it, as when the sender reports the deletion
-            else:
-                log.warning("cannot re-read subscription %s (%s); trying again in %g s", self.name, error, REDISCOVER_AFTER_S)
+            core.rediscovered(None, error)
             return
-        finally:
-            core.described_at = time.monotonic()  # the next re-read comes REDISCOVER_AFTER_S after this one ended
-        self._move(info)
+        if core.rediscovered(info, None):  # else the sender may be restarting on its old ports: ZeroMQ reconnects by itself
+            self._move(info)
 
     def _move(self, info: dict[str, Any]) -> None:
         """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
