@@ -465,7 +465,7 @@ class FrontendServer:
         try:
             while not self.stop.stopping:
                 forwards_waiting = any(self.forwards_waiting.values())
-                paused = self.batch_bytes + self.held_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
+                paused = self.waiting_bytes >= GROUP_COMMIT_BYTES or self._forwards_backed_up
                 # With forwards waiting for room, look again soon: a peer's free slot raises no event here.
                 # Likewise while a backlog pass stopped at its limit, a deleted backlog
                 # is being purged or expired messages removed: one chunk per pass,
@@ -488,12 +488,12 @@ class FrontendServer:
                 if self.control in ready:
                     for frames in drain(self.control, self.config.drain_burst_requests):
                         self._on_control(frames)
-                        if self.batch_bytes + self.held_bytes >= GROUP_COMMIT_BYTES or writer.finished:
+                        if self.waiting_bytes >= GROUP_COMMIT_BYTES or writer.finished:
                             break  # a pass must end for the writer to take the batch
                 if self.backend in ready:
                     for frames in drain(self.backend, self.config.drain_burst_requests):
                         self._on_client_request(frames)
-                        if self.batch_bytes + self.held_bytes >= GROUP_COMMIT_BYTES or writer.finished or self._forwards_backed_up:
+                        if self.waiting_bytes >= GROUP_COMMIT_BYTES or writer.finished or self._forwards_backed_up:
                             break
                 if writer.done in ready or writer.finished:
                     for job in writer.collect():
@@ -763,11 +763,11 @@ class FrontendServer:
         # yet looked up, and one took in 2,000 requests of 10,000 messages (GBs)
         # before the answer could be read.
         held = sum(len(item.payload) for item in items) + MESSAGE_OVERHEAD_BYTES * len(items)
-        if self.batch_bytes + self.held_bytes >= OVERLOAD_BYTES:
+        if self.waiting_bytes >= OVERLOAD_BYTES:
             # A paused loop still takes a forwarded publish per pass (the control
             # socket also carries CREDIT and COMPLETE): past this, refuse them.
             self.counters["shed"] += 1
-            raise HeraldError("unavailable", f"frontend {self.index} has {(self.batch_bytes + self.held_bytes) // 2**20} MiB waiting; retry")
+            raise HeraldError("unavailable", f"frontend {self.index} has {self.waiting_bytes // 2**20} MiB waiting; retry")
         self.held_bytes += held
 
         def accept(info: dict[str, Any] | None) -> None:
@@ -811,6 +811,11 @@ class FrontendServer:
                 for _, envelope, body in waiting:
                     self._reply_error(envelope, request_id_of(body), error)
                 waiting.clear()
+
+    @property
+    def waiting_bytes(self) -> int:
+        """What the publishes not yet written hold (payload plus MESSAGE_OVERHEAD_BYTES each), looked up or not."""
+        return self.batch_bytes + self.held_bytes
 
     @property
     def _forwards_backed_up(self) -> bool:
