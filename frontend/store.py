@@ -24,17 +24,20 @@ key                                     value
                                         ever handed out (see ShardStore.write)
 ======================================  =========================================
 
-Implicit entries. A message with one subscription that is handed out as it is
-written (the common case: a consumer with room) gets no ``P`` key: the entry
-is pending for as long as its message exists, and one ``I`` key per write
-lists such entries. That spares a put and, worse, a delete of a key still in
-the memtable (0.4-0.7 us, against 0.1 us for a put) for every message. The
-shard keeps them in memory; whenever one must outlive its hand-out (a sender
-restarts or refuses it, an attempt number must be kept, it is taken back) it
-is written as a ``P`` key after all (:meth:`ShardStore.materialize`), and on
-open every one left in an ``I`` key whose message still exists becomes a
-``P`` key (attempt 1, as it was handed out). An ``I`` key is deleted once none
-of its entries is implicit any more.
+Implicit entries. An entry handed out as its message is written (the common
+case: a consumer with room) gets no ``P`` key. The shard holds it in memory,
+and one ``I`` key per write lists such entries. That spares a put and, worse,
+a delete of a key still in the memtable (0.4-0.7 us, against 0.1 us for a put)
+for every delivery. Whenever one must outlive its hand-out (a sender restarts
+or refuses it, an attempt number must be kept, it is taken back) it is written
+as a ``P`` key after all (:meth:`ShardStore.materialize`). An ``I`` key is
+deleted once none of its entries is implicit any more. On open every entry
+left in an ``I`` key whose message still exists becomes a ``P`` key (attempt
+1, as it was handed out). With one subscription the message is deleted as the
+entry is settled, so only unsettled entries are left; with several, an entry
+settled while another subscription still held the message is left too, and
+comes again after a crash (at least once: a crash also loses the settles not
+yet applied, see :meth:`ShardStore.settle_later`).
 """
 
 from __future__ import annotations
@@ -86,7 +89,16 @@ _MESSAGE_KEY: Final = struct.Struct(">1sQ")  # _MESSAGE, seq
 BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)
 BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its encoded bytes
 SUBSCRIPTION_ID_BYTES: Final = 40  # one id in a decoded message's subscription list
-FANOUT_CACHE_ENTRIES: Final = 50_000  # ~200 bytes each (10 MiB); covers a second or more of live traffic
+# The in-memory fan-out map (see ShardStore.complete) is bounded by an estimate of
+# its memory: about 200 bytes per message and 8 per subscription still holding it
+# (measured with tracemalloc). A message settled after it left the map costs a
+# read of its body and of its other subscriptions' entries: with ten
+# subscriptions that made settling a backlog cost more than twice as much per
+# delivery, so a subscription that fell behind by more than the map held (50,000
+# messages, until the twenty-first round) fell further behind.
+FANOUT_CACHE_BYTES: Final = 48 * 2**20  # 240,000 messages of one subscription, 50,000 of a hundred
+FANOUT_ENTRY_BYTES: Final = 200
+FANOUT_SLOT_BYTES: Final = 8
 # RocksDB's memory is bounded on purpose (invariant: bounded memory): two
 # memtables of WRITE_BUFFER_BYTES plus a block cache of BLOCK_CACHE_BYTES.
 # At ~100k messages/s a 32 MiB memtable filled about every second, and its
@@ -98,9 +110,6 @@ WRITE_BUFFER_BYTES: Final = 64 * 1024 * 1024
 MEMTABLE_BLOOM_RATIO: Final = 0.05  # of the write buffer: 3.2 MiB of filter per 64 MiB memtable
 MAX_WRITE_BUFFERS: Final = 2
 BLOCK_CACHE_BYTES: Final = 32 * 1024 * 1024
-
-
-_NOT_IMPLICIT: Final = (-1, -1)
 
 
 class StorageError(Exception):
@@ -217,15 +226,16 @@ class ShardStore:
         self._lazy.sync = False
         # seq -> the subscriptions whose entries of a recent message are still pending (see complete()).
         self._fanout: OrderedDict[int, list[int]] = OrderedDict()
+        self._fanout_slots = 0  # the subscriptions in all its lists (see FANOUT_CACHE_BYTES)
         # seq -> decoded message, for backlog reads: subscriptions of one topic
         # drain the same messages, each of which was read and decoded once per
         # subscription. Bounded by BODY_CACHE_BYTES, emptied of each message as
         # it is deleted.
         self._bodies: OrderedDict[int, tuple[StoredMessage, int]] = OrderedDict()  # seq -> (message, bytes counted)
         self._body_bytes = 0
-        # seq -> (subscription id, first seq of its write's I key) of each implicit
-        # entry (see the module docstring), and per I key how many are left.
-        self._implicit: dict[int, tuple[int, int]] = {}
+        # (subscription id, seq) of each implicit entry (see the module docstring) ->
+        # the first seq of its write, which names its I key; and per I key how many are left.
+        self._implicit: dict[tuple[int, int], int] = {}
         self._implicit_left: dict[int, int] = {}
         # Settled entries not yet applied (see settle_later), and what applying them settled or failed.
         self._settles_waiting: list[tuple[int, int]] = []
@@ -306,7 +316,7 @@ class ShardStore:
             return []
         values = self._get_many([_pending_key(sub_id, seq) for sub_id, seq in keys])
         implicit = self._implicit
-        return [sub_id for (sub_id, seq), value in zip(keys, values, strict=True) if value is not None or implicit.get(seq, _NOT_IMPLICIT)[0] == sub_id]
+        return [key[0] for key, value in zip(keys, values, strict=True) if value is not None or key in implicit]
 
     def _count_settled(self, sub_ids: list[int]) -> None:
         """Subtract entries that existed, once their deletion is written."""
@@ -345,24 +355,25 @@ class ShardStore:
         if self._sync:
             self._sync_wal()
 
-    def _forget_implicit(self, batch: WriteBatch, seq: int) -> tuple[int, int] | None:
-        """Stop holding ``seq``'s implicit entry in memory; delete its write's ``I`` key (in ``batch``) once none is left."""
-        entry = self._implicit.pop(seq, None)
-        if entry is not None:
-            first = entry[1]
-            left = self._implicit_left.get(first, 0) - 1
-            if left > 0:
-                self._implicit_left[first] = left
-            else:
-                self._implicit_left.pop(first, None)
-                batch.delete(_IMPLICIT + _U64.pack(first))
-        return entry
+    def _forget_implicit(self, batch: WriteBatch, key: tuple[int, int], forgotten: list[tuple[tuple[int, int], int]]) -> None:
+        """Stop holding the implicit entry ``key`` (subscription id, seq) in memory, if it is one, noting it in
+        ``forgotten``; delete its write's ``I`` key (in ``batch``) once none is left."""
+        first = self._implicit.pop(key, None)
+        if first is None:
+            return
+        forgotten.append((key, first))
+        left = self._implicit_left.get(first, 0) - 1
+        if left > 0:
+            self._implicit_left[first] = left
+        else:
+            self._implicit_left.pop(first, None)
+            batch.delete(_IMPLICIT + _U64.pack(first))
 
-    def _restore_implicit(self, forgotten: list[tuple[int, tuple[int, int]]]) -> None:
-        """Undo :meth:`_forget_implicit` for (seq, entry) pairs whose write failed: they are still implicit on disk."""
-        for seq, entry in forgotten:
-            self._implicit[seq] = entry
-            self._implicit_left[entry[1]] = self._implicit_left.get(entry[1], 0) + 1
+    def _restore_implicit(self, forgotten: list[tuple[tuple[int, int], int]]) -> None:
+        """Undo :meth:`_forget_implicit` for entries whose write failed: they are still implicit on disk."""
+        for key, first in forgotten:
+            self._implicit[key] = first
+            self._implicit_left[first] = self._implicit_left.get(first, 0) + 1
 
     def settle_later(self, entries: list[tuple[int, int]]) -> None:
         """Queue settled (subscription id, seq) entries; :meth:`apply_settles` applies them (:meth:`complete`).
@@ -405,7 +416,7 @@ class ShardStore:
     def is_implicit(self, sub_id: int, seq: int) -> bool:
         """Whether (subscription id, seq) is an implicit entry (see the module docstring)."""
         self.apply_settles()
-        return self._implicit.get(seq, _NOT_IMPLICIT)[0] == sub_id
+        return (sub_id, seq) in self._implicit
 
     def materialize(self, entries: Iterable[tuple[int, int, int]]) -> int:
         """Write the implicit ones among (subscription id, seq, attempts) ``entries`` as ``P`` keys with that attempt number.
@@ -422,16 +433,15 @@ class ShardStore:
         """
         self.apply_settles()
         batch: WriteBatch | None = None
-        forgotten: list[tuple[int, tuple[int, int]]] = []
+        forgotten: list[tuple[tuple[int, int], int]] = []
+        implicit = self._implicit
         for sub_id, seq, attempts in entries:
-            if self._implicit.get(seq, _NOT_IMPLICIT)[0] != sub_id:
+            if (sub_id, seq) not in implicit:
                 continue
             if batch is None:
                 batch = WriteBatch(raw_mode=True)
             batch.put(_pending_key(sub_id, seq), _U32.pack(attempts))
-            entry = self._forget_implicit(batch, seq)
-            if entry is not None:
-                forgotten.append((seq, entry))
+            self._forget_implicit(batch, (sub_id, seq), forgotten)
         if batch is None:
             return 0
         try:
@@ -509,7 +519,7 @@ class ShardStore:
             batch = WriteBatch(raw_mode=True)
             handed_out = set(first_attempts) if not every_entry_handed_out and first_attempts is not None else set()
             expiring: dict[int, list[int]] = {}
-            not_yet, once = _U32.pack(0), _U32.pack(1)
+            not_yet = _U32.pack(0)
             fanout = self._fanout
             # Keys go into the batch grouped by kind and in key order (bodies, then each
             # subscription's entries): RocksDB inserts a run of adjacent keys into its
@@ -519,25 +529,30 @@ class ShardStore:
             seqs_of: dict[int, list[int]] = {}
             implicit: list[tuple[int, int]] = []  # (seq, subscription id): see the module docstring
             put, message_key = batch.put, _MESSAGE_KEY.pack  # _message_key without a call per message
+            slots = 0
             for message in messages:
                 seq = message.seq
                 put(message_key(_MESSAGE, seq), encode_message(message))
                 subscriptions = message.subscriptions
                 fanout[seq] = list(subscriptions)  # complete() narrows it in place
+                slots += len(subscriptions)
                 expiring.setdefault(message.expire_ms, []).append(seq)
-                if len(subscriptions) == 1 and (every_entry_handed_out or (subscriptions[0], seq) in handed_out):
-                    implicit.append((seq, subscriptions[0]))
+                if every_entry_handed_out:
+                    implicit.extend([(seq, sub_id) for sub_id in subscriptions])
                     continue
                 for sub_id in subscriptions:
+                    if (sub_id, seq) in handed_out:
+                        implicit.append((seq, sub_id))
+                        continue
                     seqs = seqs_of.get(sub_id)
                     if seqs is None:
                         seqs_of[sub_id] = [seq]
                     else:
                         seqs.append(seq)
             pack_pair = _PAIR.pack
-            for sub_id in sorted(seqs_of):
+            for sub_id in sorted(seqs_of):  # entries not handed out: the backlog scan finds them
                 for seq in seqs_of[sub_id]:
-                    put(_PENDING + pack_pair(sub_id, seq), once if every_entry_handed_out or (sub_id, seq) in handed_out else not_yet)
+                    put(_PENDING + pack_pair(sub_id, seq), not_yet)
             if implicit:
                 pairs = [number for pair in implicit for number in pair]
                 put(_IMPLICIT + _U64.pack(implicit[0][0]), struct.pack(f">{len(pairs)}Q", *pairs))
@@ -559,13 +574,13 @@ class ShardStore:
                 batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
             if messages:
                 batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
-            while len(fanout) > FANOUT_CACHE_ENTRIES:
-                fanout.popitem(last=False)
+            self._fanout_slots += slots
+            self._trim_fanout()
             try:
                 self._write(batch, self._lazy)
             except StorageError:
                 for message in messages:  # complete() trusts the map: only stored entries may be in it
-                    fanout.pop(message.seq, None)
+                    self._drop_fanout(message.seq)
                 raise
             if messages:
                 self.written_seq = max(self.written_seq, batch_last_seq)
@@ -574,7 +589,7 @@ class ShardStore:
                 self._implicit_left[first] = len(implicit)
                 implicit_map = self._implicit
                 for seq, sub_id in implicit:
-                    implicit_map[seq] = (sub_id, first)
+                    implicit_map[sub_id, seq] = first
             # Counted now, not once durable: delivery starts before the fsync, so an
             # entry may be settled (and subtracted) before then.
             self.count_appended(seqs_of, implicit)
@@ -766,7 +781,8 @@ class ShardStore:
         settled_by_seq: dict[int, list[int]] = {}
         settled = 0
         implicit, implicit_settled = self._implicit, []
-        for sub_id, seq in entries:
+        for entry in entries:
+            sub_id, seq = entry
             subs = settled_by_seq.get(seq)
             if subs is None:
                 settled_by_seq[seq] = [sub_id]
@@ -774,8 +790,8 @@ class ShardStore:
                 continue
             else:
                 subs.append(sub_id)
-            if implicit and implicit.get(seq, _NOT_IMPLICIT)[0] == sub_id:
-                implicit_settled.append(seq)  # no P key to delete
+            if entry in implicit:
+                implicit_settled.append(entry)  # no P key to delete
             else:
                 delete(_PENDING + pack_pair(sub_id, seq))
             settled += 1
@@ -784,7 +800,7 @@ class ShardStore:
         existed: list[int] = []
         unknown: list[int] = []
         fanout, bodies = self._fanout, self._bodies
-        forgotten: list[tuple[int, tuple[int, int]]] = []
+        forgotten: list[tuple[tuple[int, int], int]] = []
         try:
             for seq, subs in settled_by_seq.items():
                 holders = fanout.get(seq)
@@ -803,42 +819,65 @@ class ShardStore:
                     cached = bodies.pop(seq, None)  # the body cache never outlives the message
                     if cached is not None:
                         self._body_bytes -= cached[1]
+            self._fanout_slots -= len(existed)  # each one was removed from a list of the map
             if unknown:
                 self._settle_unknown(batch, unknown, settled_by_seq, existed, known_pending)
-                while len(fanout) > FANOUT_CACHE_ENTRIES:  # an old backlog settling refills it too
-                    fanout.popitem(last=False)
+                self._trim_fanout()  # an old backlog settling refills it too
             # After the reads above, which count an implicit entry as existing.
-            for seq in implicit_settled:
-                entry = self._forget_implicit(batch, seq)
-                if entry is not None:
-                    forgotten.append((seq, entry))
+            for key in implicit_settled:
+                self._forget_implicit(batch, key, forgotten)
             self._write(batch, self._lazy)
         except BaseException:
             self._restore_implicit(forgotten)  # the write did not happen: still pending, still implicit
             # The map was narrowed for a write that did not happen: forget these
             # messages, so the next settle reads what is really left of them.
             for seq in settled_by_seq:
-                fanout.pop(seq, None)
+                self._drop_fanout(seq)
             raise
         self._count_settled(existed)
         return settled
+
+    def _trim_fanout(self) -> None:
+        """Evict the oldest messages of the fan-out map while it is over FANOUT_CACHE_BYTES."""
+        fanout = self._fanout
+        while fanout and len(fanout) * FANOUT_ENTRY_BYTES + self._fanout_slots * FANOUT_SLOT_BYTES > FANOUT_CACHE_BYTES:
+            _, evicted = fanout.popitem(last=False)
+            self._fanout_slots -= len(evicted)
+
+    def _drop_fanout(self, seq: int) -> None:
+        holders = self._fanout.pop(seq, None)
+        if holders is not None:
+            self._fanout_slots -= len(holders)
 
     def _settle_unknown(self, batch: WriteBatch, seqs: list[int], settled_by_seq: dict[int, list[int]], existed: list[int], known_pending: bool) -> None:
         """:meth:`complete` for messages the in-memory map no longer holds: read what is left of them."""
         keys = [(sub_id, seq) for seq in seqs for sub_id in settled_by_seq[seq]]
         existed.extend([sub_id for sub_id, _ in keys] if known_pending else self._existing(keys))
         others_by_seq: list[tuple[int, list[int]]] = []
-        for seq, raw in zip(seqs, self._get_many([_message_key(seq) for seq in seqs]), strict=True):
+        # A backlog's messages were read (and decoded) to be handed out: the body cache has most of them.
+        bodies = self._bodies
+        unread: list[int] = []
+        for seq in seqs:
+            cached = bodies.get(seq)
+            if cached is None:
+                unread.append(seq)
+            else:
+                subs = settled_by_seq[seq]
+                others_by_seq.append((seq, [other for other in cached[0].subscriptions if other not in subs]))
+        for seq, raw in zip(unread, self._get_many([_message_key(seq) for seq in unread]) if unread else (), strict=True):
             if raw is not None:
                 subs = settled_by_seq[seq]
                 others_by_seq.append((seq, [other for other in decode_message(seq, raw).subscriptions if other not in subs]))
         # Which of the other subscriptions still hold each message: one MultiGet for all of them.
         holder_keys = [_pending_key(other, seq) for seq, others in others_by_seq for other in others]
         still_pending = iter(self._get_many(holder_keys) if holder_keys else ())
+        implicit = self._implicit
         for seq, others in others_by_seq:
-            left = [other for other in others if next(still_pending) is not None]
+            # A holder's entry may be implicit (no P key): it holds the message all the same.
+            left = [other for other in others if next(still_pending) is not None or (other, seq) in implicit]
             if left:
                 self._fanout[seq] = left
+                self._fanout_slots += len(left)
             else:
                 batch.delete(_message_key(seq))
                 self._forget_body(seq)
@@ -886,7 +925,7 @@ class ShardStore:
             if state.idle_at == finished:
                 continue  # nothing new was written since it last looked
             if self._implicit:  # handed out when written, so in memory only (a few windows' worth at most)
-                implicit = [(sub_id, seq) for seq, (owner, _) in self._implicit.items() if owner == sub_id]
+                implicit = [key for key in self._implicit if key[0] == sub_id]
                 if implicit:
                     removed += self.complete(implicit, known_pending=True)
                     if removed >= limit:
@@ -960,7 +999,7 @@ class ShardStore:
         for seq, raw in zip(seqs, self._get_many([_message_key(seq) for seq in seqs]) if seqs else (), strict=True):
             if raw is None:
                 continue  # every subscription settled it already
-            self._fanout.pop(seq, None)
+            self._drop_fanout(seq)
             for sub_id in decode_message(seq, raw).subscriptions:
                 batch.delete(_pending_key(sub_id, seq))
                 expiring.append((sub_id, seq))
@@ -970,12 +1009,9 @@ class ShardStore:
         for key in index_keys:
             batch.delete(key)
         existed = self._existing(expiring)
-        implicit_forgotten: list[tuple[int, tuple[int, int]]] = []
-        for sub_id, seq in expiring:
-            if self.is_implicit(sub_id, seq):
-                entry = self._forget_implicit(batch, seq)
-                if entry is not None:
-                    implicit_forgotten.append((seq, entry))
+        implicit_forgotten: list[tuple[tuple[int, int], int]] = []
+        for entry in expiring:
+            self._forget_implicit(batch, entry, implicit_forgotten)
         forgotten = 0
         for key, value in self._scan(_DEDUP_EXPIRY, _DEDUP_EXPIRY + _U64.pack(now_ms)):
             if forgotten >= limit:
@@ -1071,7 +1107,7 @@ class ShardStore:
     def count_pending(self, sub_id: int) -> int:
         self.apply_settles()
         prefix = _PENDING + _U64.pack(sub_id)
-        return sum(1 for _ in self._iter_prefix(prefix)) + sum(1 for owner, _ in self._implicit.values() if owner == sub_id)
+        return sum(1 for _ in self._iter_prefix(prefix)) + sum(1 for owner, _ in self._implicit if owner == sub_id)
 
     def count_messages(self) -> int:
         self.apply_settles()

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+import frontend.store as store_module
 from frontend.store import EXPIRE_CHUNK, DedupEntry, ShardStore, StorageError, StoredMessage
 
 BATCH = 100
@@ -103,20 +104,61 @@ def _implicit_keys(store: ShardStore) -> list[bytes]:
 
 
 def test_an_entry_handed_out_with_its_write_is_pending_without_a_key_until_settled(store: ShardStore) -> None:
-    """A one-subscription message handed out as it is written gets no P key (module docstring, "Implicit entries"):
-    it counts as pending while its message exists, and settling it leaves no key behind."""
+    """An entry handed out as its message is written gets no P key (module docstring, "Implicit entries"): it counts
+    as pending until settled, and settling it leaves no key behind. An entry not handed out gets a P key at attempt 0."""
     handed_out = [StoredMessage(store.next_seq(), "t", f"h{i}", {}, b"x", 0.0, [1], 2**40) for i in range(3)]
     two_subscriptions = StoredMessage(store.next_seq(), "t", "two", {}, b"x", 0.0, [1, 2], 2**40)
     messages = [*handed_out, two_subscriptions]
     store.append(messages, [], [(1, m.seq) for m in handed_out] + [(1, two_subscriptions.seq)])
-    assert store.pending(1, 0, 10) == [(two_subscriptions.seq, 1)], "only the two-subscription message has P keys"
+    assert store.pending(1, 0, 10) == [], "every entry of subscription 1 was handed out"
+    assert store.pending(2, 0, 10) == [(two_subscriptions.seq, 0)], "subscription 2 had no room: its entry waits on disk"
     assert store.count_pending(1) == 4 and store.backlog == {1: 4, 2: 1}
     assert all(store.holds(1, m.seq) for m in messages) and not store.holds(2, handed_out[0].seq)
     assert len(_implicit_keys(store)) == 1
     assert store.complete([(1, m.seq) for m in handed_out]) == 3
     assert [m.message_id for m in store.messages()] == ["two"]
+    assert len(_implicit_keys(store)) == 1, "the write's I key stays while one of its entries is implicit"
+    assert store.complete([(1, two_subscriptions.seq)]) == 1
     assert _implicit_keys(store) == [], "the write's I key goes with its last implicit entry"
-    assert store.backlog == {1: 1, 2: 1} and store.count_pending(1) == 1
+    assert [m.message_id for m in store.messages()] == ["two"], "subscription 2 still holds it"
+    assert store.backlog == {2: 1} and store.count_pending(1) == 0
+
+
+def test_a_message_outlives_the_settles_of_its_other_subscriptions_while_one_holds_it_implicitly(store: ShardStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Settling a message the in-memory fan-out map no longer holds reads which of its entries are left: an implicit
+    one (no P key) must count, or the message would be deleted under a subscription still to get it."""
+    monkeypatch.setattr(store_module, "FANOUT_CACHE_BYTES", 1)  # nothing stays in the map
+    shared = StoredMessage(store.next_seq(), "t", "shared", {}, b"x", 0.0, [1, 2, 3], 2**40)
+    store.append([shared], [], [(1, shared.seq), (2, shared.seq), (3, shared.seq)])
+    later = [StoredMessage(store.next_seq(), "t", f"later{i}", {}, b"x", 0.0, [1], 2**40) for i in range(3)]
+    store.append(later, [], [(1, m.seq) for m in later])  # pushes the shared message out of the map
+    assert store.complete([(1, shared.seq), (2, shared.seq)]) == 2
+    assert store.holds(3, shared.seq) and not store.holds(1, shared.seq)
+    assert "shared" in [m.message_id for m in store.messages()], "subscription 3 still holds it"
+    assert store.backlog == {1: 3, 3: 1}
+    assert store.complete([(3, shared.seq)]) == 1
+    assert "shared" not in [m.message_id for m in store.messages()]
+    assert store.backlog == {1: 3}
+    assert store._fanout_slots == sum(len(holders) for holders in store._fanout.values()) == 0
+
+
+def test_the_fan_out_map_keeps_its_size_estimate_exact_through_settles_evictions_and_expiry(store: ShardStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The map's memory bound rests on a running count of the subscriptions in its lists: it must match them."""
+    monkeypatch.setattr(store_module, "FANOUT_CACHE_BYTES", 30 * (store_module.FANOUT_ENTRY_BYTES + 3 * store_module.FANOUT_SLOT_BYTES))
+
+    def exact() -> bool:
+        return store._fanout_slots == sum(len(holders) for holders in store._fanout.values())
+
+    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1, 2, 3], 2**40 if i % 2 else 1_000) for i in range(50)]
+    store.append(messages, [], [(1, m.seq) for m in messages])
+    assert 0 < len(store._fanout) <= 30 and exact(), "the oldest were evicted"
+    store.complete([(sub_id, m.seq) for m in messages[:25] for sub_id in (1, 2)])
+    assert exact()
+    store.complete([(3, m.seq) for m in messages[:25]] + [(1, m.seq) for m in messages[25:]])
+    assert exact()
+    store.expire(now_ms=5_000)
+    assert exact()
+    assert [m.seq for m in store.messages()] == [m.seq for m in messages[25:] if m.expire_ms > 5_000]
 
 
 def test_implicit_entries_become_pending_entries_when_taken_back_or_counted(store: ShardStore) -> None:
@@ -152,6 +194,28 @@ def test_implicit_entries_left_at_a_crash_are_pending_entries_after_reopening(tm
         assert reopened.backlog == {1: 3}
         assert _implicit_keys(reopened) == []
         assert not reopened.is_implicit(1, left)
+    finally:
+        reopened.close()
+
+
+def test_implicit_entries_of_a_shared_message_left_at_a_crash_are_pending_entries_after_reopening(tmp_path: Path) -> None:
+    """With several subscriptions, every entry left in an I key whose message is still there comes back as a P key:
+    the unsettled ones, and (at least once, a duplicate) one settled while another subscription still held it."""
+    path = tmp_path / "shard"
+    store = ShardStore(path, sync=False)
+    shared = StoredMessage(store.next_seq(), "t", "shared", {}, b"x", 0.0, [1, 2, 3], 2**40)
+    gone = StoredMessage(store.next_seq(), "t", "gone", {}, b"x", 0.0, [1, 2], 2**40)
+    store.append([shared, gone], [], [(1, shared.seq), (2, shared.seq), (1, gone.seq), (2, gone.seq)])
+    assert store.pending(3, 0, 10) == [(shared.seq, 0)]
+    store.complete([(1, shared.seq), (1, gone.seq), (2, gone.seq)])
+    store.close()  # as after a SIGKILL: nothing but what was written
+    reopened = ShardStore(path, sync=False)
+    try:
+        assert reopened.pending(1, 0, 10) == [(shared.seq, 1)], "settled while subscription 2 held the message: again"
+        assert reopened.pending(2, 0, 10) == [(shared.seq, 1)]
+        assert reopened.pending(3, 0, 10) == [(shared.seq, 0)]
+        assert [m.message_id for m in reopened.messages()] == ["shared"]
+        assert _implicit_keys(reopened) == []
     finally:
         reopened.close()
 
