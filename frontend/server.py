@@ -1106,7 +1106,7 @@ class FrontendServer:
         subscription that gets it, so a fan-out to many subscriptions is
         encoded, sent and decoded once per message, not once per delivery.
         Chunks stay well below MAX_HEADER_BYTES. ``fresh``: new messages of the
-        write just made, stored as attempt 1 already: nobody needs the list of
+        write just made, implicit entries at attempt 1 already: nobody needs the list of
         those sent, so it is not built.
         """
         sent: list[tuple[int, int, int]] = []
@@ -1163,7 +1163,7 @@ class FrontendServer:
             for sub_id, seq in refused:
                 self._release(sub_id, seq)
             # Only what a sender took is an attempt. A new message's entry was
-            # stored as attempt 1 with the message (see ShardStore.write): set it
+            # an implicit entry, at attempt 1 (see ShardStore.write): set it
             # back to 0, so that its first delivery is still attempt 1. (A backlog
             # entry's count is raised only once a sender took it.)
             if fresh:

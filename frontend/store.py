@@ -137,6 +137,7 @@ class _Purge:
     after_seq: int  # its entries up to this seq are removed
     until_seq: int  # the highest seq that may carry it
     idle_at: int = -1  # finished_seq when a pass last found nothing left but writes still to come
+    implicit_swept: bool = False  # its implicit entries are settled (once every write that may hand one out is over)
 
 
 @dataclass(slots=True)
@@ -227,6 +228,7 @@ class ShardStore:
         # seq -> the subscriptions whose entries of a recent message are still pending (see complete()).
         self._fanout: OrderedDict[int, list[int]] = OrderedDict()
         self._fanout_slots = 0  # the subscriptions in all its lists (see FANOUT_CACHE_BYTES)
+        self._subscription_ids: dict[int, int] = {}  # one int object per subscription id (see _settle_unknown)
         # seq -> decoded message, for backlog reads: subscriptions of one topic
         # drain the same messages, each of which was read and decoded once per
         # subscription. Bounded by BODY_CACHE_BYTES, emptied of each message as
@@ -497,8 +499,9 @@ class ShardStore:
         Args:
             messages: with ``seq`` already assigned by :meth:`next_seq`.
             dedup: client-given ids to remember until their ``expire_ms``.
-            first_attempts: (subscription id, seq) pairs handed out right away,
-                recorded as attempt 1 so a redelivery after a crash counts up.
+            first_attempts: (subscription id, seq) pairs handed out right away:
+                implicit entries, at attempt 1 (see the module docstring). The
+                others are written as ``P`` keys at attempt 0.
             every_entry_handed_out: every entry of the write was handed out
                 (``first_attempts`` is then not read).
 
@@ -732,7 +735,7 @@ class ShardStore:
         """Set (subscription id, seq) entries stored as attempt 1 back to 0 (never attempted).
 
         For new messages whose first DISPATCH a sender refused: :meth:`write`
-        stored them as attempt 1. An entry with any other count, or none (settled
+        made them implicit entries, at attempt 1. An entry with any other count, or none (settled
         meanwhile), is left as it is: this must never lower a count that a
         delivery already used. Not fsync'd, like :meth:`record_attempts`.
 
@@ -872,9 +875,12 @@ class ShardStore:
         holder_keys = [_pending_key(other, seq) for seq, others in others_by_seq for other in others]
         still_pending = iter(self._get_many(holder_keys) if holder_keys else ())
         implicit = self._implicit
+        # Decoded ids are fresh int objects (28 bytes each past 256): share one per subscription, as
+        # lists filled at write time do, so that FANOUT_SLOT_BYTES holds for these lists too.
+        shared = self._subscription_ids.setdefault
         for seq, others in others_by_seq:
             # A holder's entry may be implicit (no P key): it holds the message all the same.
-            left = [other for other in others if next(still_pending) is not None or (other, seq) in implicit]
+            left = [shared(other, other) for other in others if next(still_pending) is not None or (other, seq) in implicit]
             if left:
                 self._fanout[seq] = left
                 self._fanout_slots += len(left)
@@ -924,7 +930,10 @@ class ShardStore:
         for sub_id, state in list(self._purges.items()):
             if state.idle_at == finished:
                 continue  # nothing new was written since it last looked
-            if self._implicit:  # handed out when written, so in memory only (a few windows' worth at most)
+            if not state.implicit_swept and finished >= state.until_seq:
+                # Handed out when written, so in memory only. Only writes up to until_seq can
+                # hand one out: one walk over every subscription's implicit entries, once those are over.
+                state.implicit_swept = True
                 implicit = [key for key in self._implicit if key[0] == sub_id]
                 if implicit:
                     removed += self.complete(implicit, known_pending=True)
@@ -935,7 +944,7 @@ class ShardStore:
                 removed += self.complete([(sub_id, seq) for seq, _ in found], known_pending=True)
                 state.after_seq = found[-1][0]
                 state.idle_at = -1
-            elif finished >= state.until_seq:
+            elif finished >= state.until_seq and state.implicit_swept:
                 del self._purges[sub_id]
             else:
                 state.idle_at = finished
