@@ -1159,9 +1159,10 @@ class FrontendServer:
             self.dispatch_more = False
             self.counters["dispatches_refused"] += len(chunk.entries)
             refused = [(sub_id, messages[index]["seq"]) for sub_id, index, _ in chunk.entries]
-            self._materialize([(sub_id, seq, 1) for sub_id, seq in refused])  # one write for the chunk, not one per entry
+            # One write for the chunk: on a full disk, one failure to retry, not one per entry.
+            self._materialize([(sub_id, seq, 1) for sub_id, seq in refused])
             for sub_id, seq in refused:
-                self._release(sub_id, seq)
+                self._rewind(sub_id, seq)
             # Only what a sender took is an attempt. A new message's entry was
             # an implicit entry, at attempt 1 (see ShardStore.write): set it
             # back to 0, so that its first delivery is still attempt 1. (A backlog
@@ -1175,6 +1176,10 @@ class FrontendServer:
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""
         self._materialize([(sub_id, seq, 1)])
+        self._rewind(sub_id, seq)
+
+    def _rewind(self, sub_id: int, seq: int) -> None:
+        """Make the backlog scan of ``sub_id`` go back to a taken-back entry (already written as a ``P`` key, or queued to be)."""
         cursor = self.cursors.get(sub_id)
         if cursor is not None:
             cursor.outstanding.discard(seq)
