@@ -532,16 +532,18 @@ class ShardStore:
             seqs_of: dict[int, list[int]] = {}
             implicit: list[tuple[int, int]] = []  # (seq, subscription id): see the module docstring
             put, message_key = batch.put, _MESSAGE_KEY.pack  # _message_key without a call per message
-            slots = 0
+            add_implicit = implicit.append
             for message in messages:
                 seq = message.seq
                 put(message_key(_MESSAGE, seq), encode_message(message))
                 subscriptions = message.subscriptions
                 fanout[seq] = list(subscriptions)  # complete() narrows it in place
-                slots += len(subscriptions)
                 expiring.setdefault(message.expire_ms, []).append(seq)
                 if every_entry_handed_out:
-                    implicit.extend([(seq, sub_id) for sub_id in subscriptions])
+                    if len(subscriptions) == 1:  # the common case, without building a list
+                        add_implicit((seq, subscriptions[0]))
+                    else:
+                        implicit.extend([(seq, sub_id) for sub_id in subscriptions])
                     continue
                 for sub_id in subscriptions:
                     if (sub_id, seq) in handed_out:
@@ -577,7 +579,7 @@ class ShardStore:
                 batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
             if messages:
                 batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
-            self._fanout_slots += slots
+            self._fanout_slots += len(implicit) + sum(map(len, seqs_of.values()))  # every entry of the write
             self._trim_fanout()
             try:
                 self._write(batch, self._lazy)
