@@ -878,6 +878,12 @@ def build_parser(prog: str = "herald bench") -> argparse.ArgumentParser:
     parser.add_argument("--messages", type=int, default=None, help="timed messages per throughput figure (default by mode)")
     parser.add_argument("--rates", default=None, help="comma-separated fixed rates for the latency figures (default 1000,2000,10000)")
     parser.add_argument("--fanout", default=None, help="comma-separated subscription counts for the fanout scenario (default 1,10,100)")
+    parser.add_argument(
+        "--fanout-deliveries",
+        type=int,
+        default=None,
+        help="deliveries per fan-out figure with more than one subscription (default 200000, 500000 with --full; --messages caps each figure's messages too)",
+    )
     parser.add_argument("--topics", default=None, help="comma-separated topic counts for the topics scenario (default 10,1000; --full adds 100000)")
     parser.add_argument("--window", type=int, default=DEFAULT_WINDOW, help=f"batches of {BATCH} in flight per publisher (default {DEFAULT_WINDOW})")
     parser.add_argument("--work-dir", type=Path, default=None, help="where temporary data folders go (default: system temp; must not be tmpfs)")
@@ -899,6 +905,8 @@ def plan_of(args: argparse.Namespace) -> Plan:
         plan = Plan(**{**_plan_fields(plan), "messages": args.messages, "topics_messages": args.messages, "headline_messages": args.messages})
     if args.fanout is not None:
         plan = Plan(**{**_plan_fields(plan), "fanout": tuple(parse_int_list(args.fanout))})
+    if args.fanout_deliveries is not None:
+        plan = Plan(**{**_plan_fields(plan), "fanout_deliveries": args.fanout_deliveries})
     if args.topics is not None:
         plan = Plan(**{**_plan_fields(plan), "topics": tuple(parse_int_list(args.topics))})
     if args.rates is not None:

@@ -43,6 +43,8 @@ def test_messages_sets_the_headline_round_size() -> None:
     plan = plan_of(build_parser().parse_args(["--messages", str(10 * default.fanout_deliveries)]))
     assert plan.headline_messages == plan.messages == 10 * default.fanout_deliveries
     assert plan.fanout_deliveries == default.fanout_deliveries
+    longer = plan_of(build_parser().parse_args(["--messages", "200000", "--fanout-deliveries", "2000000"]))
+    assert longer.fanout_deliveries == 2_000_000 and longer.messages == 200_000
 
 
 def test_bench_compare_runs_reports_and_cleans_up(tmp_path: Path) -> None:
