@@ -860,19 +860,13 @@ class ShardStore:
         existed.extend([sub_id for sub_id, _ in keys] if known_pending else self._existing(keys))
         others_by_seq: list[tuple[int, list[int]]] = []
         # A backlog's messages were read (and decoded) to be handed out: the body cache has most of them.
-        bodies = self._bodies
-        unread: list[int] = []
+        # Those read back now are not kept: they are being settled.
+        found = self._cached_or_read(seqs, keep=False)
         for seq in seqs:
-            cached = bodies.get(seq)
-            if cached is None:
-                unread.append(seq)
-            else:
+            message = found.get(seq)
+            if message is not None:
                 subs = settled_by_seq[seq]
-                others_by_seq.append((seq, [other for other in cached[0].subscriptions if other not in subs]))
-        for seq, raw in zip(unread, self._get_many([_message_key(seq) for seq in unread]) if unread else (), strict=True):
-            if raw is not None:
-                subs = settled_by_seq[seq]
-                others_by_seq.append((seq, [other for other in decode_message(seq, raw).subscriptions if other not in subs]))
+                others_by_seq.append((seq, [other for other in message.subscriptions if other not in subs]))
         # Which of the other subscriptions still hold each message: one MultiGet for all of them.
         holder_keys = [_pending_key(other, seq) for seq, others in others_by_seq for other in others]
         still_pending = iter(self._get_many(holder_keys) if holder_keys else ())
@@ -1066,6 +1060,12 @@ class ShardStore:
         self.apply_settles()
         if not seqs:
             return []
+        found = self._cached_or_read(seqs, keep=True)
+        return [found.get(seq) for seq in seqs]
+
+    def _cached_or_read(self, seqs: list[int], *, keep: bool) -> dict[int, StoredMessage]:
+        """The messages of ``seqs`` that exist, by seq: from the body cache (as recently used), the rest in one
+        multi-get, decoded (and cached when ``keep``)."""
         bodies = self._bodies
         found: dict[int, StoredMessage] = {}
         unread: list[int] = []
@@ -1080,8 +1080,9 @@ class ShardStore:
             for seq, raw in zip(unread, self._get_many([_message_key(seq) for seq in unread]), strict=True):
                 if raw is not None:
                     message = found[seq] = decode_message(seq, raw)
-                    self._remember_body(message, len(raw))
-        return [found.get(seq) for seq in seqs]
+                    if keep:
+                        self._remember_body(message, len(raw))
+        return found
 
     def _remember_body(self, message: StoredMessage, encoded_bytes: int) -> None:
         bodies = self._bodies
