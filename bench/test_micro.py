@@ -73,20 +73,20 @@ def test_encode_publish(benchmark: Any, items: list[tuple[bytes, dict[str, str] 
 def test_decode_publish(benchmark: Any, publish_frames: list[bytes]) -> None:
     """decode (signature, command, header JSON) + decode_publish (validation): what a frontend does per PUBLISH."""
 
-    def run() -> tuple[str, list[Any]]:
+    def run() -> tuple[str, list[Any], Any]:
         return decode_publish(decode(publish_frames), DEFAULT_MAX_PAYLOAD_BYTES)
 
-    topic, decoded = benchmark(run)
+    topic, decoded, _ = benchmark(run)
     assert topic == TOPIC and len(decoded) == BATCH
 
 
 def test_publish_round_trip(benchmark: Any, items: list[tuple[bytes, dict[str, str] | None, str | None]]) -> None:
     """Encode and decode one PUBLISH of 100 messages: client plus frontend codec cost."""
 
-    def run() -> tuple[str, list[Any]]:
+    def run() -> tuple[str, list[Any], Any]:
         return decode_publish(decode(encode_publish(TOPIC, items, b"\x00" * 8)), DEFAULT_MAX_PAYLOAD_BYTES)
 
-    topic, decoded = benchmark(run)
+    topic, decoded, _ = benchmark(run)
     assert topic == TOPIC
     assert [item.message_id for item in decoded] == [item[2] for item in items]
 

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import secrets
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,7 @@ from clients.protocol import (
     Command,
     Frames,
     HeraldError,
+    IdSequence,
     ProtocolError,
     check_attributes,
     check_name,
@@ -118,26 +120,38 @@ REDISCOVER_AFTER_S: Final = CONSUMER_EXPIRY_S
 ACK_FLUSH_COUNT: Final = 256
 ACK_FLUSH_DELAY_S: Final = 0.005
 
+# The ids this client makes: a random 64-bit prefix per process, then a
+# counter in hex. A request whose messages all get made ids carries them as a
+# PUBLISH ``sequence`` (the prefix and its first number), which the server
+# remembers as ranges of numbers rather than an index entry per id.
 _id_prefix = secrets.token_hex(8)
-_id_counter = itertools.count(1)
+_id_next = 1
+_id_lock = threading.Lock()
 
 
 def _fresh_id_space() -> None:
     # A forked child must not repeat its parent's ids.
-    global _id_prefix, _id_counter
+    global _id_prefix, _id_next, _id_lock
     _id_prefix = secrets.token_hex(8)
-    _id_counter = itertools.count(1)
+    _id_next = 1
+    _id_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_fresh_id_space)
 
 
-def new_message_id() -> str:
-    """A fresh message id, unique without coordination: 64 random bits per process, then a counter.
+def reserve_ids(count: int) -> IdSequence:
+    """``count`` fresh ids in a row, unique without coordination (threads share the counter)."""
+    global _id_next
+    with _id_lock:
+        first = _id_next
+        _id_next += count
+    return IdSequence(_id_prefix, first)
 
-    Cheaper than uuid4 per message (one os.urandom call per process, not per id).
-    """
-    return f"{_id_prefix}{next(_id_counter):x}"
+
+def new_message_id() -> str:
+    """A fresh message id: this process's random prefix, then the next number (see :func:`reserve_ids`)."""
+    return reserve_ids(1).message_id(0)
 
 
 class RequestIds:
@@ -409,12 +423,13 @@ class PublishId(str):
         return (PublishId, (str(self), self.duplicate))
 
 
-PublishItem = tuple[bytes, dict[str, str] | None, str]
+# (payload, attributes, message id); an id of None is made when the request is built (see publish_call).
+PublishItem = tuple[bytes, dict[str, str] | None, str | None]
 ItemLike = bytes | tuple[bytes] | tuple[bytes, Mapping[str, str] | None] | tuple[bytes, Mapping[str, str] | None, str | None]
 
 
 def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message_id: str | None = None) -> PublishItem:
-    """Check one message locally and give it an id when the caller did not.
+    """Check one message locally (an id of None is made when its request is built).
 
     Raises:
         TypeError: when ``data`` is not bytes-like.
@@ -428,7 +443,7 @@ def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message
         raise HeraldError("invalid_header", f"attribute names must be strings, got {sorted(map(repr, attributes))[:3]}")
     attrs = check_attributes(dict(attributes)) if attributes else None
     if message_id is None:
-        message_id = new_message_id()
+        pass
     elif not isinstance(message_id, str) or not message_id:
         raise HeraldError("invalid_header", f"message_id must be a non-empty string, got {message_id!r}")
     elif len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
@@ -447,7 +462,7 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
     append = out.append
     for index, item in enumerate(items):
         if type(item) is bytes:  # the common case, without publish_item's checks of what is not there
-            append((item, None, new_message_id()))
+            append((item, None, None))
         elif isinstance(item, tuple):
             if not 1 <= len(item) <= 3:
                 raise TypeError(f"item {index} must be bytes or (bytes, attributes[, message_id]), got a tuple of {len(item)}")
@@ -457,9 +472,14 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
     return out
 
 
+_MADE_ID_MAX: Final = "f" * 32  # the longest id this client makes: a 16-hex-digit prefix and a 64-bit counter
+
+
 def publish_header_bytes(item: PublishItem) -> int:
     """An upper estimate of one message's share of the PUBLISH header (JSON with quoting)."""
     _, attributes, message_id = item
+    if message_id is None:
+        message_id = _MADE_ID_MAX  # made when sent: in a sequence it takes no room at all
     # Encoded, not counted in characters: JSON escapes a control character to six
     # bytes, which made 40 messages of such attributes a 12 MB header. Plus the
     # entry's punctuation and its size in payload_sizes when the batch is packed.
@@ -502,11 +522,20 @@ def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
 
 
 def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishId]]:
-    """PUBLISH of already-normalised items; safe to send twice (ids de-duplicate)."""
+    """PUBLISH of already-normalised items; safe to send twice (ids de-duplicate).
+
+    The ids still to be made are made here, once: a resend carries the same.
+    When every item's is, they go as a ``sequence``; otherwise each in its entry.
+    """
     check_name(topic, "topic")
     new_id = str.__new__
     wire_items: list[tuple[bytes, dict[str, str] | None, str | None]] = list(items)
     count = len(wire_items)
+    sequence: IdSequence | None = None
+    if all(item[2] is None for item in wire_items):
+        sequence = reserve_ids(count)
+    elif any(item[2] is None for item in wire_items):
+        wire_items = [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in wire_items]
 
     def parse(header: dict[str, Any]) -> list[PublishId]:
         ids = _field(header, "ids", list)
@@ -522,7 +551,7 @@ def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishI
                 publish_id.duplicate = True
         return made
 
-    return Call(Command.PUBLISH, lambda request_id, token: encode_publish(topic, wire_items, request_id, token), parse, repeatable=True)
+    return Call(Command.PUBLISH, lambda request_id, token: encode_publish(topic, wire_items, request_id, token, sequence), parse, repeatable=True)
 
 
 # --------------------------------------------------------------------------- statistics

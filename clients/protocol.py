@@ -56,6 +56,12 @@ PAYLOAD_SIZES_FIELD: Final = "payload_sizes"
 MAX_ATTRIBUTES: Final = 64
 MAX_ATTRIBUTE_BYTES: Final = 1024
 MAX_MESSAGE_ID_BYTES: Final = 128
+# A PUBLISH ``sequence`` (§4, PUBLISH): its prefix, and the highest number a message of it may get (u64).
+MAX_SEQUENCE_PREFIX_CHARS: Final = 64
+_SEQUENCE_PREFIX_PATTERN: Final = re.compile(r"[A-Za-z0-9._\-]+")
+_HEX_NUMBER_PATTERN: Final = re.compile(r"0|[1-9a-f][0-9a-f]{0,15}")
+SEQUENCE_SEPARATOR: Final = "~"
+MAX_SEQUENCE_NUMBER: Final = 2**64 - 1
 LIVE_TOPIC_TERMINATOR: Final = b"\x00"
 
 # Names: printable, no spaces or control characters; dots, dashes, underscores
@@ -588,8 +594,38 @@ class PublishItem:
     payload: bytes
 
 
-def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, str | None]], request_id: bytes, token: str | None = None) -> list[bytes]:
-    """Frames of a PUBLISH request for ``items`` of (payload, attributes, message id)."""
+@dataclass(frozen=True, slots=True)
+class IdSequence:
+    """A PUBLISH's ``sequence``: message ``i`` of the request has the id ``prefix~n``, ``n`` = ``first + i`` in lowercase hex."""
+
+    prefix: str
+    first: int
+
+    def message_id(self, index: int) -> str:
+        return f"{self.prefix}~{self.first + index:x}"
+
+
+def split_sequence_id(message_id: str) -> tuple[str, int] | None:
+    """(prefix, number) of an id of the form an id sequence gives (``prefix~n``), else None."""
+    prefix, separator, digits = message_id.rpartition(SEQUENCE_SEPARATOR)
+    if not separator or not _HEX_NUMBER_PATTERN.fullmatch(digits):
+        return None
+    if len(prefix) > MAX_SEQUENCE_PREFIX_CHARS or not _SEQUENCE_PREFIX_PATTERN.fullmatch(prefix):
+        return None
+    return prefix, int(digits, 16)
+
+
+def encode_publish(
+    topic: str,
+    items: list[tuple[bytes, dict[str, str] | None, str | None]],
+    request_id: bytes,
+    token: str | None = None,
+    sequence: IdSequence | None = None,
+) -> list[bytes]:
+    """Frames of a PUBLISH request for ``items`` of (payload, attributes, message id).
+
+    With ``sequence`` the ids come from it, and the items' own must be None.
+    """
     messages: list[dict[str, Any]] = []
     payloads: list[bytes] = []
     for payload, attributes, message_id in items:
@@ -600,14 +636,42 @@ def encode_publish(topic: str, items: list[tuple[bytes, dict[str, str] | None, s
             entry["attributes"] = attributes
         messages.append(entry)
         payloads.append(payload)
-    header: dict[str, Any] = {"topic": topic, "messages": messages}
+    header: dict[str, Any] = {"topic": topic}
+    if sequence is not None:
+        header["sequence"] = {"prefix": sequence.prefix, "first": sequence.first}
+    if sequence is None or any(messages):
+        header["messages"] = messages  # without ids or attributes there is nothing to list
     if token:
         header["token"] = token
     return encode(Command.PUBLISH, request_id, header, payloads, packed=True)
 
 
-def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishItem]]:
-    """Validate a PUBLISH request: topic name, one header entry per payload, sizes.
+def decode_sequence(header: dict[str, Any], count: int) -> IdSequence | None:
+    """A PUBLISH's ``sequence`` field, checked for a request of ``count`` messages (None when absent).
+
+    Raises:
+        ProtocolError: ``invalid_header`` naming what is wrong.
+    """
+    sequence = header.get("sequence")
+    if sequence is None:
+        return None
+    if type(sequence) is not dict:
+        raise ProtocolError("invalid_header", f"header field 'sequence' must be an object {{prefix, first}}, got {type(sequence).__name__}")
+    prefix, first = sequence.get("prefix"), sequence.get("first")
+    if type(prefix) is not str or not 0 < len(prefix) <= MAX_SEQUENCE_PREFIX_CHARS or not _SEQUENCE_PREFIX_PATTERN.fullmatch(prefix):
+        raise ProtocolError("invalid_header", f"sequence.prefix must be 1 to {MAX_SEQUENCE_PREFIX_CHARS} letters, digits and . _ -, got {str(prefix)[:80]!r}")
+    if type(first) is not int or first < 0 or first + count - 1 > MAX_SEQUENCE_NUMBER:
+        raise ProtocolError(
+            "invalid_header",
+            f"sequence.first must be an integer from 0 to 2**64 - {count} (the request's last number is at most 2**64 - 1), got {str(first)[:40]}",
+        )
+    return IdSequence(prefix, first)
+
+
+def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishItem], IdSequence | None]:
+    """Validate a PUBLISH request: topic name, one header entry per payload, sizes, and its id sequence if it has one.
+
+    With a ``sequence`` every item's ``message_id`` is the id the sequence gives it.
 
     Raises:
         ProtocolError: the first problem found, with the offending index.
@@ -625,6 +689,7 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
         raise ProtocolError("malformed", f"PUBLISH header lists {len(messages)} messages but {len(payloads)} payload frames follow")
     if len(payloads) > MAX_BATCH_MESSAGES:
         raise ProtocolError("batch_too_large", f"{len(payloads)} messages in one PUBLISH exceed {MAX_BATCH_MESSAGES}; split the batch")
+    sequence = decode_sequence(frames.header, len(payloads))
     items: list[PublishItem] = []
     for index, (entry, payload) in enumerate(zip(messages, payloads, strict=True)):
         if len(payload) > max_payload:
@@ -636,7 +701,11 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
         if type(entry) is not dict:
             raise ProtocolError("invalid_header", f"messages[{index}] must be an object, got {type(entry).__name__}")
         message_id = entry.get("id")
-        if message_id is not None:
+        if sequence is not None:
+            if message_id is not None:
+                raise ProtocolError("invalid_header", f"messages[{index}] has an id of its own in a request with a sequence, which gives every message its id")
+            message_id = sequence.message_id(index)
+        elif message_id is not None:
             if type(message_id) is not str or not message_id:
                 raise ProtocolError("invalid_header", f"messages[{index}].id must be a non-empty string")
             # A character is at most 4 bytes of UTF-8: short ids need no encoding to be measured.
@@ -644,7 +713,7 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
                 raise ProtocolError("invalid_header", f"messages[{index}].id exceeds {MAX_MESSAGE_ID_BYTES} bytes")
         attributes = entry.get("attributes")
         items.append(PublishItem(message_id, check_attributes(attributes) if attributes is not None else {}, payload))
-    return topic, items
+    return topic, items, sequence
 
 
 # --------------------------------------------------------------------------- consumers

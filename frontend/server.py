@@ -42,10 +42,12 @@ from clients.protocol import (
     PROTOCOL_VERSION,
     RELAY_ONLY_EXISTING_FIELD,
     RELAY_QUOTA_FIELD,
+    SEQUENCE_SEPARATOR,
     SERVER_VERSION,
     Command,
     Frames,
     HeraldError,
+    IdSequence,
     ProtocolError,
     PublishItem,
     check_name,
@@ -66,8 +68,9 @@ from clients.protocol import (
     send_frames,
     shard_of,
     split_envelope,
+    split_sequence_id,
 )
-from frontend.store import PURGE_CHUNK, DedupEntry, ShardStore, StorageError, StoredMessage
+from frontend.store import PURGE_CHUNK, DedupEntry, ShardStore, StorageError, StoredMessage, sequence_key
 from metadata.link import MetadataLink
 
 log = logging.getLogger("herald.frontend")
@@ -177,6 +180,8 @@ class CommitJob:
     ids: dict[tuple[str, str], str]
     after: list[Callable[[], None]]
     after_failure: list[Callable[[], None]]
+    # Id-sequence records this write adds to: G key -> (flat (start, end) runs of numbers, remember until then).
+    sequences: dict[bytes, tuple[list[int], int]] = field(default_factory=dict)
     plan: list[tuple[int, StoredMessage, int]] = field(default_factory=list)  # (subscription id, message, attempt 1)
     # Subscriptions with messages in this job that were not handed out: until
     # the job is durable, a backlog scan cannot see them, so it must not
@@ -226,7 +231,7 @@ class CommitWriter:
         try:
             # Without subscriptions left on disk every entry of the write is handed out: no set of them to build.
             handed_out = None if not job.left_on_disk else [(sub_id, message.seq) for sub_id, message, _ in job.plan]
-            job.last_seq = self.store.write(job.messages, job.dedup, handed_out, every_entry_handed_out=handed_out is None)
+            job.last_seq = self.store.write(job.messages, job.dedup, handed_out, every_entry_handed_out=handed_out is None, sequences=job.sequences)
         except StorageError as exc:
             job.error = exc
 
@@ -413,6 +418,7 @@ class FrontendServer:
         self.batch_dedup: list[DedupEntry] = []
         self.batch_replies: list[PendingPublish] = []
         self.batch_ids: dict[tuple[str, str], str] = {}
+        self.batch_sequences: dict[bytes, tuple[list[int], int]] = {}
         self.batch_after: list[Callable[[], None]] = []
         self.batch_after_failure: list[Callable[[], None]] = []
         self.dead_in_progress: set[tuple[int, int]] = set()
@@ -753,10 +759,10 @@ class FrontendServer:
         if owner != self.index:
             self._forward(owner, envelope, body)
             return
-        topic, items = decode_publish(frames, self.config.max_payload_bytes)
+        topic, items, sequence = decode_publish(frames, self.config.max_payload_bytes)
         cached = self.topics.get(topic)
         if cached is not None:
-            self._accept_publish(envelope, frames.request_id, topic, items, cached)
+            self._accept_publish(envelope, frames.request_id, topic, items, sequence, cached)
             return
         # Held until metadata answers, and counted against the group-commit limit
         # meanwhile: nothing else ended a pass that read publishes for a topic not
@@ -772,7 +778,7 @@ class FrontendServer:
 
         def accept(info: dict[str, Any] | None) -> None:
             self.held_bytes -= held
-            self._accept_publish(envelope, frames.request_id, topic, items, info)
+            self._accept_publish(envelope, frames.request_id, topic, items, sequence, info)
 
         self._look_up_topic(topic, accept)
 
@@ -875,7 +881,9 @@ class FrontendServer:
         else:
             waiter(info)
 
-    def _accept_publish(self, envelope: list[bytes], request_id: bytes, topic_name: str, items: list[PublishItem], info: dict[str, Any] | None) -> None:
+    def _accept_publish(
+        self, envelope: list[bytes], request_id: bytes, topic_name: str, items: list[PublishItem], sequence: IdSequence | None, info: dict[str, Any] | None
+    ) -> None:
         try:
             if info is not None and "error" in info:
                 raise info["error"]
@@ -916,7 +924,21 @@ class FrontendServer:
         # Ids are remembered per topic incarnation: a deleted and re-created
         # topic must not answer "duplicate" for ids of its predecessor.
         dedup_scope = f"{topic['id']}:{topic_name}"
-        stored = self.store.find_duplicates(dedup_scope, [item.message_id for item in items if item.message_id is not None])
+        record_key: bytes | None = None
+        accepted: list[int] = []  # with a sequence: the indexes of the messages this request stores
+        if sequence is None:
+            given = [item.message_id for item in items if item.message_id is not None]
+            stored = self.store.find_duplicates(dedup_scope, given)
+            # An id given as a sequence gives it (say one a client made, sent again as its own) may
+            # be stored in that sequence's record, not under a D key.
+            for given_id in given:
+                parts = split_sequence_id(given_id) if SEQUENCE_SEPARATOR in given_id else None
+                if parts is not None and self.store.stored_in_sequence(sequence_key(dedup_scope, parts[0]), parts[1], 1):
+                    stored.add(given_id)
+        else:
+            # Ids of a sequence are looked up in its record, by number: no read per message (see frontend/store.py).
+            record_key = sequence_key(dedup_scope, sequence.prefix)
+            stored = {sequence.message_id(number - sequence.first) for number in self.store.stored_in_sequence(record_key, sequence.first, len(items))}
         # Per message, with bound methods in locals: this loop runs for every message published.
         # The (topic incarnation, id) keys of the writes in flight (a key is never in two of them: a
         # later publish of one is answered "duplicate" and not written again).
@@ -924,7 +946,7 @@ class FrontendServer:
         batch_ids, next_seq = self.batch_ids, self.store.next_seq
         add_dedup, add_message = self.batch_dedup.append, self.batch_messages.append
         duplicates = added_bytes = 0
-        for item in items:
+        for index, item in enumerate(items):
             message_id = item.message_id
             if message_id is not None:
                 key = (dedup_scope, message_id)  # per incarnation, as on disk: a re-created topic starts afresh
@@ -941,7 +963,10 @@ class FrontendServer:
                     continue
                 batch_ids[key] = message_id
                 seq = next_seq()
-                add_dedup(DedupEntry(dedup_scope, message_id, dedup_expire_ms, seq))
+                if record_key is None:
+                    add_dedup(DedupEntry(dedup_scope, message_id, dedup_expire_ms, seq))
+                else:
+                    accepted.append(index)
             else:
                 message_id = secrets.token_hex(12)
                 seq = next_seq()
@@ -951,8 +976,28 @@ class FrontendServer:
             ids.append(message_id)
             duplicate.append(False)
         self.counters["duplicates"] += duplicates
+        if accepted and record_key is not None and sequence is not None:
+            self._add_to_sequence(record_key, sequence.first, accepted, len(items), dedup_expire_ms)
         self.batch_bytes += added_bytes
         self.batch_replies.append(PendingPublish(envelope, request_id, ids, duplicate, relied_on))
+
+    def _add_to_sequence(self, record_key: bytes, first: int, accepted: list[int], count: int, expire_ms: int) -> None:
+        """Note in the batch that it stores numbers ``first`` + ``accepted`` (indexes of a request of ``count``) of an id sequence."""
+        if len(accepted) == count:
+            runs = [first, first + count]  # the common case: nothing of the request was a duplicate
+        else:
+            runs = []
+            for index in accepted:
+                if runs and runs[-1] == first + index:
+                    runs[-1] += 1
+                else:
+                    runs += (first + index, first + index + 1)
+        noted = self.batch_sequences.get(record_key)
+        if noted is None:
+            self.batch_sequences[record_key] = (runs, expire_ms)
+        else:
+            noted[0].extend(runs)
+            self.batch_sequences[record_key] = (noted[0], max(noted[1], expire_ms))
 
     def _commit_batch(self) -> None:
         """Write the accumulated batch and start its delivery; its fsync follows (see CommitWriter).
@@ -967,8 +1012,10 @@ class FrontendServer:
         writer = self.writer
         if (not self.batch_replies and not self.batch_messages) or not writer.may_write():
             return
-        job = CommitJob(self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after, self.batch_after_failure)
-        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids = [], [], [], {}
+        job = CommitJob(
+            self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_after, self.batch_after_failure, self.batch_sequences
+        )
+        self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_sequences = [], [], [], {}, {}
         self.batch_after, self.batch_after_failure = [], []
         batch_bytes, self.batch_bytes = self.batch_bytes, 0
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)

@@ -19,10 +19,25 @@ key                                     value
                                         then (de-duplication expiry index)
 ``I`` first seq of a write              u64 pairs (seq, subscription id): the
                                         write's implicit entries (below)
+``G`` topic id:topic NUL prefix         u64 expire_ms, then u64 pairs (start,
+                                        end): the numbers stored of one id
+                                        sequence (below), end exclusive
+``H`` expire_ms, ``G`` key               empty: when to look at that sequence
+                                        record again (its expiry index)
 ``Z``                                   u64 last seq used
 ``R``                                   u64 seqs reserved: none above it was
                                         ever handed out (see ShardStore.write)
 ======================================  =========================================
+
+Id sequences. A PUBLISH may name its messages' ids by a prefix and the number
+of its first message (docs/protocol.md, PUBLISH ``sequence``), as the Python
+clients do for the ids they make. Such ids are remembered as ranges of numbers
+in one ``G`` key per (topic incarnation, prefix), rewritten once per write that
+adds to it, instead of a ``D`` key per message: a ``D`` key is a random key
+that lives for the whole de-duplication window, and writing, flushing and
+compacting those (and their ``F`` expiry lists) was 40% of the owning
+frontend's CPU in runs of a few minutes. A record lives until ``dedup_window``
+after its last write; its ``H`` key brings it up for that check.
 
 Implicit entries. An entry handed out as its message is written (the common
 case: a consumer with room) gets no ``P`` key. The shard holds it in memory,
@@ -85,6 +100,16 @@ _RESERVED_SEQ: Final = b"R"
 # up to this much per restart, and one extra fsync per this many messages.
 SEQ_RESERVATION: Final = 1_000_000
 _IMPLICIT: Final = b"I"
+_SEQUENCE: Final = b"G"
+_SEQUENCE_EXPIRY: Final = b"H"
+# Id-sequence records kept in memory (the rest are read from their G key when a
+# PUBLISH names them): one per publishing client process and topic.
+SEQUENCE_CACHE_ENTRIES: Final = 4096
+# Ranges kept per record, at most. A client's numbers only grow, and a gap is
+# left only by a request that was refused as a whole and never sent again, so
+# a record is one range or a few; past this the lowest (oldest) ranges are
+# forgotten: their numbers are no longer recognised as duplicates.
+SEQUENCE_MAX_RANGES: Final = 256
 _MESSAGE_KEY: Final = struct.Struct(">1sQ")  # _MESSAGE, seq
 BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)
 BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its encoded bytes
@@ -128,6 +153,39 @@ class StoredMessage:
     timestamp: float
     subscriptions: list[int]
     expire_ms: int
+
+
+@dataclass(slots=True)
+class _SequenceRecord:
+    """The numbers stored of one id sequence, and until when they are remembered (see the module docstring)."""
+
+    ranges: list[int]  # flat (start, end) pairs, end exclusive: sorted, disjoint, not touching
+    expire_ms: int
+
+
+def sequence_key(scope: str, prefix: str) -> bytes:
+    """The ``G`` key of id sequence ``prefix`` in ``scope`` (topic id:topic name, a topic incarnation)."""
+    return _SEQUENCE + scope.encode() + b"\0" + prefix.encode()
+
+
+def merge_ranges(ranges: list[int], runs: list[int]) -> list[int]:
+    """``ranges`` with the numbers of ``runs`` added (both flat (start, end) pairs); a new list."""
+    if not ranges:
+        pairs = sorted(zip(runs[0::2], runs[1::2], strict=True))
+    elif len(runs) == 2 and runs[0] >= ranges[-2]:
+        # The common case: a client's next numbers, at or after its last range.
+        if runs[0] <= ranges[-1]:
+            return [*ranges[:-1], max(ranges[-1], runs[1])]
+        return [*ranges, *runs]
+    else:
+        pairs = sorted(zip(ranges[0::2] + runs[0::2], ranges[1::2] + runs[1::2], strict=True))
+    merged: list[int] = []
+    for start, end in pairs:
+        if merged and start <= merged[-1]:
+            merged[-1] = max(merged[-1], end)
+        else:
+            merged += (start, end)
+    return merged
 
 
 @dataclass(slots=True)
@@ -239,6 +297,8 @@ class ShardStore:
         # the first seq of its write, which names its I key; and per I key how many are left.
         self._implicit: dict[tuple[int, int], int] = {}
         self._implicit_left: dict[int, int] = {}
+        # Id-sequence records by G key, the most recently used last (see SEQUENCE_CACHE_ENTRIES).
+        self._sequences: OrderedDict[bytes, _SequenceRecord] = OrderedDict()
         # Settled entries not yet applied (see settle_later), and what applying them settled or failed.
         self._settles_waiting: list[tuple[int, int]] = []
         self.settled_total = 0
@@ -487,6 +547,7 @@ class ShardStore:
         first_attempts: Iterable[tuple[int, int]] | None = (),
         *,
         every_entry_handed_out: bool = False,
+        sequences: dict[bytes, tuple[list[int], int]] | None = None,
     ) -> int:
         """Write messages, their pending entries and indexes in one batch, not yet fsync'd.
 
@@ -504,6 +565,9 @@ class ShardStore:
                 others are written as ``P`` keys at attempt 0.
             every_entry_handed_out: every entry of the write was handed out
                 (``first_attempts`` is then not read).
+            sequences: per id-sequence record (:func:`sequence_key`), the
+                numbers this write stores (flat (start, end) pairs) and until
+                when to remember them (see the module docstring).
 
         Returns:
             The batch's highest seq (0 for a batch without messages).
@@ -577,6 +641,7 @@ class ShardStore:
             # assigned later seqs already.
             for expire_ms, keys in forget.items():
                 batch.put(_DEDUP_EXPIRY + _PAIR.pack(expire_ms, batch_last_seq), orjson.dumps([k.decode("utf-8", "surrogateescape") for k in keys]))
+            updated = self._put_sequences(batch, sequences) if sequences else None
             if messages:
                 batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
             self._fanout_slots += len(implicit) + sum(map(len, seqs_of.values()))  # every entry of the write
@@ -589,6 +654,9 @@ class ShardStore:
                 raise
             if messages:
                 self.written_seq = max(self.written_seq, batch_last_seq)
+            if updated:
+                for key, record in updated:
+                    self._cache_sequence(key, record)
             if implicit:
                 first = implicit[0][0]
                 self._implicit_left[first] = len(implicit)
@@ -606,6 +674,58 @@ class ShardStore:
                 self._refused_behind = (self.written_seq, batch_last_seq)
             raise
         return batch_last_seq
+
+    def _put_sequences(self, batch: WriteBatch, sequences: dict[bytes, tuple[list[int], int]]) -> list[tuple[bytes, _SequenceRecord]]:
+        """Put the id-sequence records ``sequences`` adds to in ``batch``; the new records, to cache once it is written."""
+        updated: list[tuple[bytes, _SequenceRecord]] = []
+        for key, (runs, expire_ms) in sequences.items():
+            record = self._sequence_record(key)
+            if record is None:
+                # A new record: its first expiry check (which moves itself on while the record is in use).
+                batch.put(_SEQUENCE_EXPIRY + _U64.pack(expire_ms) + key, b"")
+                ranges = merge_ranges([], runs)
+            else:
+                ranges = merge_ranges(record.ranges, runs)
+                expire_ms = max(expire_ms, record.expire_ms)
+            if len(ranges) > 2 * SEQUENCE_MAX_RANGES:
+                ranges = ranges[-2 * SEQUENCE_MAX_RANGES :]
+            batch.put(key, struct.pack(f">{len(ranges) + 1}Q", expire_ms, *ranges))
+            updated.append((key, _SequenceRecord(ranges, expire_ms)))  # a new object: the cached one is unchanged if the write fails
+        return updated
+
+    def _sequence_record(self, key: bytes) -> _SequenceRecord | None:
+        """The id-sequence record under ``key``: cached, or read (and cached); None if there is none."""
+        record = self._sequences.get(key)
+        if record is not None:
+            self._sequences.move_to_end(key)
+            return record
+        raw = self._db.get(key)
+        if raw is None:
+            return None
+        numbers = [number for (number,) in _U64.iter_unpack(raw)]
+        record = _SequenceRecord(numbers[1:], numbers[0])
+        self._cache_sequence(key, record)
+        return record
+
+    def _cache_sequence(self, key: bytes, record: _SequenceRecord) -> None:
+        sequences = self._sequences
+        sequences[key] = record
+        sequences.move_to_end(key)
+        while len(sequences) > SEQUENCE_CACHE_ENTRIES:
+            sequences.popitem(last=False)
+
+    def stored_in_sequence(self, key: bytes, first: int, count: int) -> list[int]:
+        """The numbers from ``first`` to ``first + count - 1`` stored in the id sequence ``key`` (:func:`sequence_key`), ascending."""
+        record = self._sequence_record(key)
+        if record is None:
+            return []
+        ranges, end = record.ranges, first + count
+        stored: list[int] = []
+        for index in range(0, len(ranges), 2):
+            low, high = max(ranges[index], first), min(ranges[index + 1], end)
+            if low < high:
+                stored.extend(range(low, high))
+        return stored
 
     def make_durable(self, batch_last_seq: int) -> None:
         """fsync what :meth:`write` wrote (with ``sync``), then let backlog scans see it up to ``batch_last_seq``.
@@ -1026,11 +1146,30 @@ class ShardStore:
                 batch.delete(dedup_key.encode("utf-8", "surrogateescape"))
                 forgotten += 1
             batch.delete(key)
+        looked_at = 0
+        dropped: list[bytes] = []
+        for key, _ in self._scan(_SEQUENCE_EXPIRY, _SEQUENCE_EXPIRY + _U64.pack(now_ms)):
+            if looked_at >= limit:
+                more = True
+                break
+            looked_at += 1
+            batch.delete(key)
+            record_key = key[1 + _U64.size :]
+            record = self._sequence_record(record_key)
+            if record is None:
+                continue
+            if record.expire_ms <= now_ms:
+                batch.delete(record_key)
+                dropped.append(record_key)
+            else:  # written to since this check was set: look again when it is due now
+                batch.put(_SEQUENCE_EXPIRY + _U64.pack(record.expire_ms) + record_key, b"")
         try:
             self._write(batch, self._lazy)
         except StorageError:
             self._restore_implicit(implicit_forgotten)
             raise
+        for record_key in dropped:
+            self._sequences.pop(record_key, None)
         self._count_settled(existed)
         self.expiring = more
         return removed
