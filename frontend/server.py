@@ -1206,19 +1206,20 @@ class FrontendServer:
             self.dispatch_more = False
             self.counters["dispatches_refused"] += len(chunk.entries)
             refused = [(sub_id, messages[index]["seq"]) for sub_id, index, _ in chunk.entries]
-            # One write for the chunk: on a full disk, one failure to retry, not one per entry.
-            self._materialize([(sub_id, seq, 1) for sub_id, seq in refused])
+            if fresh:
+                # New messages' entries are implicit entries of the write just made, at attempt 1
+                # (see ShardStore.write), but only what a sender took is an attempt: they become
+                # pending entries at attempt 0. Written by the heartbeat's retry, not now: the
+                # write's fsync may still be to come, and a write that fails here (a full disk)
+                # leaves RocksDB's WAL in error, which failed that fsync too and restarted the
+                # frontend. Until then they stay implicit; a crash makes them pending entries.
+                self.unmaterialized.extend((sub_id, seq, 0) for sub_id, seq in refused)
+            else:
+                # Pending entries already, whose count is raised only once a sender took them.
+                # One write for the chunk: on a full disk, one failure to retry, not one per entry.
+                self._materialize([(sub_id, seq, 1) for sub_id, seq in refused])
             for sub_id, seq in refused:
                 self._rewind(sub_id, seq)
-            # Only what a sender took is an attempt. A new message's entry was
-            # an implicit entry, at attempt 1 (see ShardStore.write): set it
-            # back to 0, so that its first delivery is still attempt 1. (A backlog
-            # entry's count is raised only once a sender took it.)
-            if fresh:
-                try:
-                    self.store.unattempt(refused)
-                except StorageError as exc:
-                    log.error("could not set refused new messages back to attempt 0: %s", exc)
 
     def _release(self, sub_id: int, seq: int) -> None:
         """Take back a handed-out entry so the backlog scan hands it out again."""

@@ -120,7 +120,7 @@ SUBSCRIPTION_ID_BYTES: Final = 40  # one id in a decoded message's subscription 
 # read of its body and of its other subscriptions' entries: with ten
 # subscriptions that made settling a backlog cost more than twice as much per
 # delivery, so a subscription that fell behind by more than the map held (50,000
-# messages, until the twenty-first round) fell further behind.
+# messages, until the nineteenth round) fell further behind.
 FANOUT_CACHE_BYTES: Final = 48 * 2**20  # 240,000 messages of one subscription, 50,000 of a hundred
 FANOUT_ENTRY_BYTES: Final = 200
 FANOUT_SLOT_BYTES: Final = 8
@@ -852,35 +852,6 @@ class ShardStore:
                 count += 1
         if count:
             self._write(batch, self._lazy)
-
-    def unattempt(self, entries: Iterable[tuple[int, int]]) -> int:
-        """Set (subscription id, seq) entries stored as attempt 1 back to 0 (never attempted).
-
-        For new messages whose first DISPATCH a sender refused: :meth:`write`
-        made them implicit entries, at attempt 1. An entry with any other count, or none (settled
-        meanwhile), is left as it is: this must never lower a count that a
-        delivery already used. Not fsync'd, like :meth:`record_attempts`.
-
-        Returns:
-            The number of entries set back.
-        """
-        self.apply_settles()
-        entries = list(entries)
-        # An implicit entry is at attempt 1 by definition: it becomes a P key at 0.
-        materialized = self.materialize([(sub_id, seq, 0) for sub_id, seq in entries]) if self._implicit else 0
-        keys = [_pending_key(sub_id, seq) for sub_id, seq in entries]
-        if not keys:
-            return materialized
-        once, not_yet = _U32.pack(1), _U32.pack(0)
-        batch = WriteBatch(raw_mode=True)
-        count = 0
-        for key, value in zip(keys, self._get_many(keys), strict=True):
-            if value == once:
-                batch.put(key, not_yet)
-                count += 1
-        if count:
-            self._write(batch, self._lazy)
-        return materialized + count
 
     def complete(self, entries: Iterable[tuple[int, int]], *, known_pending: bool = False) -> int:
         """Delete settled (subscription id, seq) entries; free messages no one needs.

@@ -64,18 +64,6 @@ def test_an_entry_settled_between_its_write_and_its_fsync_leaves_no_backlog(stor
     assert store.pending(1, 0, 10) == [] and len(store.pending(2, 0, 10)) == 3
 
 
-def test_unattempt_sets_back_only_entries_still_at_their_first_attempt(store: ShardStore) -> None:
-    """A new message's entry is stored as attempt 1 when it is handed out with its write;
-    a refused DISPATCH sets it back to 0, unless a backlog pass has counted it further meanwhile."""
-    messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1], 2**40) for i in range(3)]
-    store.append(messages, [], [(1, m.seq) for m in messages])
-    first, second, third = (m.seq for m in messages)
-    store.record_attempts([(1, second, 2)])
-    store.complete([(1, third)])
-    assert store.unattempt([(1, first), (1, second), (1, third), (9, first)]) == 1
-    assert store.pending(1, 0, 10) == [(first, 0), (second, 2)]  # the settled one is not brought back
-
-
 def test_the_retention_sweep_removes_a_bounded_chunk_per_call(store: ShardStore) -> None:
     total = 3 * EXPIRE_CHUNK + BATCH // 2
     _append(store, total, [1, 2], expire_ms=1_000)
@@ -162,13 +150,13 @@ def test_the_fan_out_map_keeps_its_size_estimate_exact_through_settles_evictions
 
 
 def test_implicit_entries_become_pending_entries_when_taken_back_or_counted(store: ShardStore) -> None:
-    """An implicit entry that must outlive its hand-out is written as a P key: taken back at attempt 1, set back to 0
-    by a refused first DISPATCH, or with the attempt number a redelivery reached."""
+    """An implicit entry that must outlive its hand-out is written as a P key: taken back at attempt 1, at 0 after
+    a refused first DISPATCH (only what a sender took is an attempt), or with the attempt number a redelivery reached."""
     messages = [StoredMessage(store.next_seq(), "t", f"m{i}", {}, b"x", 0.0, [1], 2**40) for i in range(4)]
     store.append(messages, [], [(1, m.seq) for m in messages])
     taken_back, refused, redelivered, untouched = (m.seq for m in messages)
     assert store.materialize([(1, taken_back, 1), (2, untouched, 1)]) == 1
-    assert store.unattempt([(1, refused)]) == 1
+    assert store.materialize([(1, refused, 0)]) == 1
     store.record_attempts([(1, redelivered, 3)])
     assert store.pending(1, 0, 10) == [(taken_back, 1), (refused, 0), (redelivered, 3)]
     assert store.count_pending(1) == 4 and store.backlog == {1: 4}

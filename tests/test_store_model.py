@@ -132,14 +132,14 @@ def test_random_operations_keep_every_owed_entry_and_the_bookkeeping_exact(seed:
                             owed.difference_update(settled)
                 elif roll < 0.6:
                     chosen = rng.sample(sorted(store._implicit), min(len(store._implicit), rng.randint(1, 4)))
-                    kind = rng.choice(["materialize", "record_attempts", "unattempt"])
+                    kind = rng.choice(["materialize", "record_attempts", "refused"])
                     steps.append(f"{kind} {chosen}")
                     if kind == "materialize":
                         store.materialize([(sub_id, seq, 1) for sub_id, seq in chosen])
                     elif kind == "record_attempts":
                         store.record_attempts([(sub_id, seq, 2) for sub_id, seq in chosen])
-                    else:
-                        store.unattempt(chosen)
+                    else:  # a refused first DISPATCH: never attempted
+                        store.materialize([(sub_id, seq, 0) for sub_id, seq in chosen])
                 elif roll < 0.68:
                     now_ms += rng.randint(0, 20)
                     steps.append(f"expire at {now_ms}")
