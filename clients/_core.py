@@ -521,18 +521,21 @@ def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
     return chunks
 
 
-def publish_call(topic: str, items: Sequence[PublishItem]) -> Call[list[PublishId]]:
+def publish_call(topic: str, items: Sequence[PublishItem], sequence: IdSequence | None = None) -> Call[list[PublishId]]:
     """PUBLISH of already-normalised items; safe to send twice (ids de-duplicate).
 
     The ids still to be made are made here, once: a resend carries the same.
-    When every item's is, they go as a ``sequence``; otherwise each in its entry.
+    When every item's is, they go as a ``sequence`` (``sequence``, if given:
+    the caller's own numbering); otherwise each in its entry.
     """
     check_name(topic, "topic")
     new_id = str.__new__
     wire_items: list[tuple[bytes, dict[str, str] | None, str | None]] = list(items)
     count = len(wire_items)
-    sequence: IdSequence | None = None
-    if all(item[2] is None for item in wire_items):
+    if sequence is not None:
+        if any(item[2] is not None for item in wire_items):
+            raise ValueError("a publish with a sequence takes its ids from it: give the items none of their own")
+    elif all(item[2] is None for item in wire_items):
         sequence = reserve_ids(count)
     elif any(item[2] is None for item in wire_items):
         wire_items = [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in wire_items]

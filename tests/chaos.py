@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Any
 
 from clients import AsyncClient, Client, HeraldError, PublishId
-from clients.protocol import shard_of
+from clients._core import publish_call
+from clients.protocol import IdSequence, shard_of
 from tests.conftest import PROJECT_ROOT, HeraldSystem, topic_for_shard, wait_for
 
 ACK_DEADLINE_S = 2.0
@@ -60,7 +61,10 @@ FAULT_KINDS = (
 
 
 def sequence_of(message_id: str) -> int:
-    """Ids are ``p<publisher>-<sequence>``; the sequence is global and increasing."""
+    """Ids are ``p<publisher>-<sequence>``, or ``p<publisher>~<sequence in hex>`` from a PUBLISH ``sequence``
+    (odd publishers); the sequence is global and increasing."""
+    if "~" in message_id:
+        return int(message_id.rsplit("~", 1)[1], 16)
     return int(message_id.rsplit("-", 1)[1])
 
 
@@ -137,7 +141,9 @@ class Publishers:
 
     A publish that fails (the client's deadline passed) is tried again with the
     same id, as an application would; the id is in ``attempted`` from its first
-    send, in ``acked`` once any attempt succeeded.
+    send, in ``acked`` once any attempt succeeded. Even publishers publish each
+    message with an id of its own (de-duplicated by ``D`` keys); odd ones send
+    each batch as one PUBLISH with a ``sequence`` (de-duplicated by its record).
     """
 
     def __init__(self, endpoint: str, topics: list[str], *, count: int = 3, batch: int = 10, pause_s: float = 0.02, timeout_s: float = 5.0) -> None:
@@ -186,6 +192,9 @@ class Publishers:
                 if self._stop.is_set():
                     return
                 topic = self.topics[(index + round_number) % len(self.topics)]
+                if index % 2:
+                    await self._publish_sequence(client, index, topic)
+                    continue
                 ids = [f"p{index}-{next(self.sequence)}" for _ in range(self.batch)]
                 with self.lock:
                     for message_id in ids:
@@ -210,6 +219,30 @@ class Publishers:
                     pending = failed
                 self.resends = sum(c.statistics().retries for c in self._clients)
                 await asyncio.sleep(self.pause_s)
+
+    async def _publish_sequence(self, client: AsyncClient, index: int, topic: str) -> None:
+        """One batch as one PUBLISH with a ``sequence``, sent again whole until it is acknowledged."""
+        numbers = [next(self.sequence) for _ in range(self.batch)]  # consecutive: nothing else runs between these
+        sequence = IdSequence(f"p{index}", numbers[0])
+        ids = [sequence.message_id(offset) for offset in range(self.batch)]
+        with self.lock:
+            for message_id in ids:
+                self.attempted[message_id] = topic
+            self.last_sent_sequence = max(self.last_sent_sequence, numbers[-1])
+        call = publish_call(topic, [(message_id.encode(), None, None) for message_id in ids], sequence)
+        while not self._stop.is_set():
+            try:
+                stored = await client._request(call)
+            except HeraldError as error:
+                self.errors[error.code] += 1
+                continue
+            assert [str(message_id) for message_id in stored] == ids, (stored, ids)
+            with self.lock:
+                self.acked.update(ids)
+                self.last_acked_sequence = max(self.last_acked_sequence, numbers[-1])
+            break
+        self.resends = sum(c.statistics().retries for c in self._clients)
+        await asyncio.sleep(self.pause_s)
 
 
 class ConsumerProcess:
