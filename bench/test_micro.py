@@ -230,7 +230,7 @@ def test_fanout_accept_one_message(benchmark: Any, frontend: tuple[FrontendServe
     def setup() -> tuple[tuple[Any, ...], dict[str, Any]]:
         _settle(server, intakes)
         item = PublishItem(f"{next(ids):032x}", {}, b"x" * SIZE)
-        return ([b"client"], b"\x00" * 8, TOPIC, [item], lookup), {}
+        return ([b"client"], b"\x00" * 8, TOPIC, [item], None, lookup), {}
 
     benchmark.pedantic(server._accept_publish, setup=setup, rounds=2_000, warmup_rounds=20)
     assert len(server.batch_messages) == 1 and server.batch_messages[0].subscriptions == list(range(1, FANOUT + 1))

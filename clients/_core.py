@@ -24,7 +24,7 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Final, Generic, Protocol, TypeVar
@@ -121,37 +121,57 @@ ACK_FLUSH_COUNT: Final = 256
 ACK_FLUSH_DELAY_S: Final = 0.005
 
 # The ids this client makes: a random 64-bit prefix per process, then a
-# counter in hex. A request whose messages all get made ids carries them as a
-# PUBLISH ``sequence`` (the prefix and its first number), which the server
-# remembers as ranges of numbers rather than an index entry per id.
+# number. A request whose messages all get made ids carries them as a PUBLISH
+# ``sequence`` (the prefix and its first number, ids ``prefix~n``), which the
+# server remembers per topic as ranges of numbers rather than an index entry
+# per id. So each topic gets numbers of its own, counting up without gaps: one
+# counter for all topics would leave a gap in a topic's record for every
+# request to another, and the server keeps a record's newest 256 ranges only.
+# A topic's counter is a block of SEQUENCE_BLOCK numbers, taken when the topic
+# is first published to (or again once it dropped out of the newest
+# SEQUENCE_TOPICS, or used its block up): a new block is one new range.
+SEQUENCE_BLOCK: Final = 2**32
+SEQUENCE_TOPICS: Final = 4096
 _id_prefix = secrets.token_hex(8)
-_id_next = 1
 _id_lock = threading.Lock()
+_id_blocks = itertools.count(0)
+_id_counters: OrderedDict[str, list[int]] = OrderedDict()  # topic -> [next number, end of its block]
+_loose_ids = itertools.count(1)  # new_message_id's
 
 
 def _fresh_id_space() -> None:
     # A forked child must not repeat its parent's ids.
-    global _id_prefix, _id_next, _id_lock
+    global _id_prefix, _id_lock, _id_blocks, _id_counters, _loose_ids
     _id_prefix = secrets.token_hex(8)
-    _id_next = 1
     _id_lock = threading.Lock()
+    _id_blocks = itertools.count(0)
+    _id_counters = OrderedDict()
+    _loose_ids = itertools.count(1)
 
 
 os.register_at_fork(after_in_child=_fresh_id_space)
 
 
-def reserve_ids(count: int) -> IdSequence:
-    """``count`` fresh ids in a row, unique without coordination (threads share the counter)."""
-    global _id_next
+def reserve_ids(topic: str, count: int) -> IdSequence:
+    """``count`` fresh ids in a row for ``topic`` (at most SEQUENCE_BLOCK), unique without coordination."""
     with _id_lock:
-        first = _id_next
-        _id_next += count
+        counter = _id_counters.get(topic)
+        if counter is None or counter[0] + count > counter[1]:
+            start = next(_id_blocks) * SEQUENCE_BLOCK
+            counter = _id_counters[topic] = [start, start + SEQUENCE_BLOCK]
+            if len(_id_counters) > SEQUENCE_TOPICS:
+                _id_counters.popitem(last=False)
+        else:
+            _id_counters.move_to_end(topic)
+        first = counter[0]
+        counter[0] += count
     return IdSequence(_id_prefix, first)
 
 
 def new_message_id() -> str:
-    """A fresh message id: this process's random prefix, then the next number (see :func:`reserve_ids`)."""
-    return reserve_ids(1).message_id(0)
+    """A fresh message id outside any sequence (no ``~``; the server indexes it as any id of the caller's):
+    this process's random prefix, then a counter of its own, in hex."""
+    return f"{_id_prefix}{next(_loose_ids):x}"
 
 
 class RequestIds:
@@ -472,7 +492,7 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
     return out
 
 
-_MADE_ID_MAX: Final = "f" * 32  # the longest id this client makes: a 16-hex-digit prefix and a 64-bit counter
+_MADE_ID_MAX: Final = "f" * 16 + "~" + "f" * 16  # the longest id this client makes: its prefix, ~ and a 64-bit number
 
 
 def publish_header_bytes(item: PublishItem) -> int:
@@ -536,7 +556,7 @@ def publish_call(topic: str, items: Sequence[PublishItem], sequence: IdSequence 
         if any(item[2] is not None for item in wire_items):
             raise ValueError("a publish with a sequence takes its ids from it: give the items none of their own")
     elif all(item[2] is None for item in wire_items):
-        sequence = reserve_ids(count)
+        sequence = reserve_ids(topic, count)
     elif any(item[2] is None for item in wire_items):
         wire_items = [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in wire_items]
 

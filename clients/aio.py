@@ -60,6 +60,7 @@ from clients._core import (
     info_call,
     list_subscriptions_call,
     list_topics_call,
+    new_message_id,
     parse_reply,
     ping_call,
     publish_call,
@@ -67,6 +68,7 @@ from clients._core import (
     publish_item,
     publish_items,
     reply_header,
+    reserve_ids,
     retry_pause,
     setup_socket,
     split_batch,
@@ -690,18 +692,26 @@ class AsyncClient:
 
     async def _send_coalesced(self, topic: str, batch: _Coalesced) -> None:
         try:
+            # The ids are made once, here, for the resends below too (publish_call would make new ones).
+            items: list[PublishItem] = batch.items
+            sequence = reserve_ids(topic, len(items)) if all(item[2] is None for item in items) else None
+            if sequence is None and any(item[2] is None for item in items):
+                items = [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in items]
             try:
                 # The timeout counts from the first publish of the batch, held or not.
-                ids = await self._request(publish_call(topic, batch.items), since=batch.since)
+                ids = await self._request(publish_call(topic, items, sequence), since=batch.since)
             except HeraldError as error:
                 if len(batch.items) == 1 or error.code == "timeout":
                     batch.fail(error)
                     return
                 # One message's error (say payload_too_large) must not fail its
                 # neighbours: send each alone. A failed PUBLISH stored nothing, and
-                # the ids are unchanged, so this cannot store anything twice.
-                self._counters.retries += len(batch.items)
-                results = await asyncio.gather(*(self._request(publish_call(topic, [item])) for item in batch.items), return_exceptions=True)
+                # the ids are unchanged (a sequence's, each as its own, are looked up
+                # in its record), so this cannot store anything twice.
+                self._counters.retries += len(items)
+                if sequence is not None:
+                    items = [(payload, attributes, sequence.message_id(index)) for index, (payload, attributes, _) in enumerate(items)]
+                results = await asyncio.gather(*(self._request(publish_call(topic, [item])) for item in items), return_exceptions=True)
                 for future, result in zip(batch.futures, results, strict=True):
                     if future.done():
                         continue

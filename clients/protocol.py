@@ -56,12 +56,13 @@ PAYLOAD_SIZES_FIELD: Final = "payload_sizes"
 MAX_ATTRIBUTES: Final = 64
 MAX_ATTRIBUTE_BYTES: Final = 1024
 MAX_MESSAGE_ID_BYTES: Final = 128
-# A PUBLISH ``sequence`` (§4, PUBLISH): its prefix, and the highest number a message of it may get (u64).
+# A PUBLISH ``sequence`` (§4, PUBLISH): its prefix, and the bound every number of it stays below
+# (the server keeps ranges with an exclusive end as u64).
 MAX_SEQUENCE_PREFIX_CHARS: Final = 64
 _SEQUENCE_PREFIX_PATTERN: Final = re.compile(r"[A-Za-z0-9._\-]+")
 _HEX_NUMBER_PATTERN: Final = re.compile(r"0|[1-9a-f][0-9a-f]{0,15}")
 SEQUENCE_SEPARATOR: Final = "~"
-MAX_SEQUENCE_NUMBER: Final = 2**64 - 1
+SEQUENCE_NUMBER_LIMIT: Final = 2**63
 LIVE_TOPIC_TERMINATOR: Final = b"\x00"
 
 # Names: printable, no spaces or control characters; dots, dashes, underscores
@@ -660,10 +661,9 @@ def decode_sequence(header: dict[str, Any], count: int) -> IdSequence | None:
     prefix, first = sequence.get("prefix"), sequence.get("first")
     if type(prefix) is not str or not 0 < len(prefix) <= MAX_SEQUENCE_PREFIX_CHARS or not _SEQUENCE_PREFIX_PATTERN.fullmatch(prefix):
         raise ProtocolError("invalid_header", f"sequence.prefix must be 1 to {MAX_SEQUENCE_PREFIX_CHARS} letters, digits and . _ -, got {str(prefix)[:80]!r}")
-    if type(first) is not int or first < 0 or first + count - 1 > MAX_SEQUENCE_NUMBER:
+    if type(first) is not int or first < 0 or first + count > SEQUENCE_NUMBER_LIMIT:
         raise ProtocolError(
-            "invalid_header",
-            f"sequence.first must be an integer from 0 to 2**64 - {count} (the request's last number is at most 2**64 - 1), got {str(first)[:40]}",
+            "invalid_header", f"sequence.first must be an integer from 0 to 2**63 - {count} (every number of the request below 2**63), got {str(first)[:40]}"
         )
     return IdSequence(prefix, first)
 

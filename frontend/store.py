@@ -105,10 +105,11 @@ _SEQUENCE_EXPIRY: Final = b"H"
 # Id-sequence records kept in memory (the rest are read from their G key when a
 # PUBLISH names them): one per publishing client process and topic.
 SEQUENCE_CACHE_ENTRIES: Final = 4096
-# Ranges kept per record, at most. A client's numbers only grow, and a gap is
-# left only by a request that was refused as a whole and never sent again, so
-# a record is one range or a few; past this the lowest (oldest) ranges are
-# forgotten: their numbers are no longer recognised as duplicates.
+# Ranges kept per record, at most. A client numbers each topic's messages
+# upwards (clients/_core.py, reserve_ids), and a gap is left only by a request
+# refused as a whole and never sent again, so a record is one range or a few;
+# past this the lowest (oldest) ranges are forgotten: their numbers are no
+# longer recognised as duplicates.
 SEQUENCE_MAX_RANGES: Final = 256
 _MESSAGE_KEY: Final = struct.Struct(">1sQ")  # _MESSAGE, seq
 BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads (see ShardStore._bodies)

@@ -3,6 +3,7 @@ number, and remembered by the owning frontend as ranges of numbers instead of an
 
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 from pathlib import Path
@@ -10,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from clients import Client
-from clients._core import publish_call
+from clients import AsyncClient, Client, HeraldError
+from clients._core import SEQUENCE_BLOCK, publish_call, reserve_ids
 from clients.protocol import Command, Frames, IdSequence, encode_publish, split_sequence_id
 from frontend.store import EXPIRE_CHUNK, ShardStore, StoredMessage, merge_ranges, sequence_key
 from tests.conftest import HeraldSystem, RawClient, stored_messages
@@ -77,7 +78,8 @@ def test_a_sequence_publish_sent_again_is_stored_once_also_after_its_frontend_is
         ({"prefix": "app", "first": -1}, None, "sequence.first"),
         ({"prefix": "app", "first": 1.5}, None, "sequence.first"),
         ({"prefix": "app", "first": True}, None, "sequence.first"),
-        ({"prefix": "app", "first": 2**64 - 1}, None, "sequence.first"),  # the second message's number is past 2**64 - 1
+        ({"prefix": "app", "first": 2**64 - 1}, None, "sequence.first"),
+        ({"prefix": "app", "first": 2**63 - 1}, None, "sequence.first"),  # the second message's number is 2**63
         ({"prefix": "app", "first": 1}, [{"id": "own"}, {}], "id of its own"),
     ],
 )
@@ -100,9 +102,9 @@ def test_the_python_client_sends_the_ids_it_makes_as_one_sequence_and_its_resend
         parts = [split_sequence_id(str(message_id)) for message_id in made]
         assert all(part is not None for part in parts) and len({part[0] for part in parts if part}) == 1
         assert [part[1] for part in parts if part] == list(range(parts[0][1], parts[0][1] + 3))  # type: ignore[index]
-        # Mixed with an id of the caller's own, the made ones go in their entries.
+        # Mixed with an id of the caller's own, the made ones go in their entries, outside any sequence.
         mixed = client.publish_batch(TOPIC, [b"d", (b"e", None, "own-id")])
-        assert split_sequence_id(str(mixed[0])) is not None and mixed[1] == "own-id"
+        assert "~" not in mixed[0] and mixed[1] == "own-id"
         # A resend of the very same request (as after a lost reply) finds every message stored.
         call = publish_call(TOPIC, [(b"f", None, None), (b"g", None, None)])
         sent = client._request(call)
@@ -112,6 +114,40 @@ def test_the_python_client_sends_the_ids_it_makes_as_one_sequence_and_its_resend
     herald.stop()
     stored = sorted(message.payload for message in stored_messages(herald.data_dir) if message.topic == TOPIC)
     assert stored == [b"a", b"b", b"c", b"d", b"e", b"f", b"g"]
+
+
+def test_the_highest_numbers_a_sequence_may_use_are_stored(herald: HeraldSystem, raw: RawClient) -> None:
+    assert raw.request(Command.TOPIC_CREATE, {"name": TOPIC}).command is Command.OK
+    last = _publish(raw, {"prefix": "edge", "first": 2**63 - 2}, 2)
+    assert last.command is Command.OK, last.header
+    assert last.header["ids"] == [f"edge~{2**63 - 2:x}", f"edge~{2**63 - 1:x}"]
+    assert _publish(raw, {"prefix": "edge", "first": 2**63 - 2}, 2).header["duplicate"] == [True, True]
+
+
+def test_each_topic_gets_numbers_of_its_own_so_its_record_stays_one_range() -> None:
+    """One counter for every topic would leave a gap in a topic's record for each request to another (and the
+    server keeps a record's newest 256 ranges only)."""
+    a_first, b_first, a_next = reserve_ids("ids.a", 3), reserve_ids("ids.b", 2), reserve_ids("ids.a", 4)
+    assert a_next.first == a_first.first + 3 and a_next.prefix == a_first.prefix == b_first.prefix
+    assert abs(b_first.first - a_first.first) >= SEQUENCE_BLOCK  # blocks apart: never the same numbers
+
+
+def test_a_coalesced_batch_split_after_an_error_keeps_its_ids(herald: HeraldSystem) -> None:
+    """After an error for one message, an AsyncClient sends each of a coalesced batch alone, with the ids the batch
+    had: a sequence's, each as its own id, which the server finds in the sequence's record if the batch was stored."""
+
+    async def publish() -> list[Any]:
+        async with AsyncClient(herald.endpoint) as client:
+            await client.create_topic(TOPIC, max_payload=10)
+            return await asyncio.gather(*(client.publish(TOPIC, payload) for payload in (b"a", b"x" * 11, b"c")), return_exceptions=True)
+
+    before = reserve_ids(TOPIC, 1)  # this process's counter for the topic: the batch takes the next three
+    first, refused, third = asyncio.run(publish())
+    assert isinstance(refused, HeraldError) and refused.code == "payload_too_large"
+    assert split_sequence_id(str(first)) == (before.prefix, before.first + 1)  # not new numbers for the resends
+    assert split_sequence_id(str(third)) == (before.prefix, before.first + 3)
+    herald.stop()
+    assert sorted(m.payload for m in stored_messages(herald.data_dir) if m.topic == TOPIC) == [b"a", b"c"]
 
 
 def test_a_sequence_request_carries_no_per_message_ids_on_the_wire() -> None:
