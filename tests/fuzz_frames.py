@@ -36,6 +36,7 @@ from clients.protocol import (
     MAX_REQUEST_ID_BYTES,
     SIGNATURE,
     Command,
+    IdSequence,
     ProtocolError,
     encode,
     encode_acks,
@@ -737,6 +738,7 @@ def valid_requests(request_id: bytes) -> dict[str, list[bytes]]:
         "SUB_LIST": encode(Command.SUB_LIST, request_id, {"topic": FUZZ_OTHER_TOPIC}),
         "SUB_DESCRIBE": encode(Command.SUB_DESCRIBE, request_id, {"name": FUZZ_SUBSCRIPTION}),
         "PUBLISH": encode_publish(FUZZ_TOPIC, [(b"body", {"k": "v"}, "fz-id-1"), (b"", None, None)], request_id),
+        "PUBLISH sequence": encode_publish(FUZZ_TOPIC, [(b"body", {"k": "v"}, None), (b"", None, None)], request_id, sequence=IdSequence("fz", 2**62)),
         "TOPIC_CREATE": encode(Command.TOPIC_CREATE, request_id, {"name": "fz.mut.topic", "exist_ok": True, "settings": {"retention": 3600}}),
         "SUB_CREATE": encode(
             Command.SUB_CREATE,
