@@ -63,6 +63,8 @@ HELP: Final = {
     "requests": "client requests received",
     "errors": "client requests answered with an error",
     "published": "messages stored (fsync'd) and acknowledged",
+    "ids_indexed": "of those, messages whose id (set by the caller) is an index key of its own for the dedup window",
+    "ids_in_sequences": "of those, messages whose id a PUBLISH sequence gave (kept as ranges of numbers, far cheaper)",
     "duplicates": "publishes answered as duplicates by message id",
     "forwarded": "publishes forwarded to the frontend owning the topic",
     "dispatched": "deliveries handed from a frontend to a sender, or taken by a sender",

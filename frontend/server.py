@@ -435,6 +435,10 @@ class FrontendServer:
             "requests": 0,
             "errors": 0,
             "published": 0,
+            # Of those, the messages whose id is an index key of its own (set by the caller), and those
+            # whose id a PUBLISH sequence gave (kept as ranges: docs/operations.md says why it matters).
+            "ids_indexed": 0,
+            "ids_in_sequences": 0,
             "duplicates": 0,
             "forwarded": 0,
             "dispatched": 0,
@@ -1076,6 +1080,9 @@ class FrontendServer:
             self.counters["commits"] += 1
             self.commit_seconds.observe(time.monotonic() - job.submitted_at)
             self.counters["published"] += len(job.messages)
+            self.counters["ids_indexed"] += len(job.dedup)
+            for runs, _ in job.sequences.values():
+                self.counters["ids_in_sequences"] += sum(runs[1::2]) - sum(runs[0::2])
             for pending in job.replies:
                 self._reply(pending.envelope, encode_ok(pending.request_id, {"ids": pending.message_ids, "duplicate": pending.duplicate}))
             if log.isEnabledFor(logging.DEBUG):

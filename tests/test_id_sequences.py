@@ -13,7 +13,7 @@ import pytest
 
 from clients import AsyncClient, Client, HeraldError
 from clients._core import SEQUENCE_BLOCK, publish_call, reserve_ids
-from clients.protocol import Command, Frames, IdSequence, encode_publish, split_sequence_id
+from clients.protocol import Command, Frames, IdSequence, encode_publish, shard_of, split_sequence_id
 from frontend.store import EXPIRE_CHUNK, ShardStore, StoredMessage, merge_ranges, sequence_key
 from tests.conftest import HeraldSystem, RawClient, stored_messages
 
@@ -111,9 +111,23 @@ def test_the_python_client_sends_the_ids_it_makes_as_one_sequence_and_its_resend
         resent = client._request(call)
         assert resent == sent and all(message_id.duplicate for message_id in resent)
         assert not any(message_id.duplicate for message_id in sent)
+        # The owner counts the messages stored with ids of their own (b"d", whose id was made outside any
+        # sequence, and b"e") and with ids from a sequence.
+        owner = _owner_status(client)
+        assert owner["ids_indexed"] == 2 and owner["ids_in_sequences"] == 5 and owner["published"] == 7
     herald.stop()
     stored = sorted(message.payload for message in stored_messages(herald.data_dir) if message.topic == TOPIC)
     assert stored == [b"a", b"b", b"c", b"d", b"e", b"f", b"g"]
+
+
+def _owner_status(client: Client) -> dict[str, Any]:
+    """STATUS of the frontend that owns TOPIC (the proxy spreads requests over the frontends)."""
+    owner = shard_of(TOPIC, client.info()["frontends"])
+    for _ in range(50):
+        status = client.status()
+        if status["frontend"] == owner:
+            return status
+    raise AssertionError(f"no STATUS answer from frontend {owner}")
 
 
 def test_the_highest_numbers_a_sequence_may_use_are_stored(herald: HeraldSystem, raw: RawClient) -> None:
