@@ -14,7 +14,7 @@ import pytest
 from clients import AsyncClient, Client, HeraldError
 from clients._core import SEQUENCE_BLOCK, publish_call, reserve_ids
 from clients.protocol import Command, Frames, IdSequence, encode_publish, shard_of, split_sequence_id
-from frontend.store import EXPIRE_CHUNK, ShardStore, StoredMessage, merge_ranges, sequence_key
+from frontend.store import EXPIRE_CHUNK, SEQUENCE_CACHE_ENTRIES, SEQUENCE_MAX_RANGES, ShardStore, StoredMessage, merge_ranges, sequence_key
 from tests.conftest import HeraldSystem, RawClient, stored_messages
 
 TOPIC = "sequenced"
@@ -225,5 +225,25 @@ def test_the_expiry_of_many_sequence_records_is_swept_in_chunks(tmp_path: Path) 
         store.expire(now_ms=5_000)
         assert not store.expiring
         assert all(store.stored_in_sequence(key, 0, 1) == [] for key in keys)
+    finally:
+        store.close()
+
+
+def test_a_record_keeps_its_newest_ranges_and_records_evicted_from_memory_are_read_back(tmp_path: Path) -> None:
+    """protocol.md §7: a record keeps its newest SEQUENCE_MAX_RANGES ranges; and a record no longer cached is read
+    from its G key, so a resend still finds it however many other prefixes were used since."""
+    key = sequence_key("1:t", "gappy")
+    store = ShardStore(tmp_path / "shard")
+    try:
+        runs = [number for start in range(0, 2 * (SEQUENCE_MAX_RANGES + 10), 2) for number in (start, start + 1)]  # every other number
+        _write(store, key, runs, expire_ms=2**40)
+        assert store.stored_in_sequence(key, 0, 20) == []  # the oldest ten ranges are forgotten
+        newest = 2 * (SEQUENCE_MAX_RANGES + 9)
+        assert store.stored_in_sequence(key, 20, 2) == [20] and store.stored_in_sequence(key, newest, 2) == [newest]
+        others = {sequence_key("1:t", f"other-{index}"): ([0, 1], 2**40) for index in range(SEQUENCE_CACHE_ENTRIES + 10)}
+        message = StoredMessage(store.next_seq(), "t", "m", {}, b"x", 0.0, [], 2**40)
+        store.make_durable(store.write([message], [], sequences=others))
+        assert key not in store._sequences  # pushed out of memory by the newer records
+        assert store.stored_in_sequence(key, newest, 1) == [newest]  # read back from disk
     finally:
         store.close()
