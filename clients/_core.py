@@ -462,11 +462,9 @@ def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message
     if attributes and not all(isinstance(key, str) for key in attributes):
         raise HeraldError("invalid_header", f"attribute names must be strings, got {sorted(map(repr, attributes))[:3]}")
     attrs = check_attributes(dict(attributes)) if attributes else None
-    if message_id is None:
-        pass
-    elif not isinstance(message_id, str) or not message_id:
+    if message_id is not None and (not isinstance(message_id, str) or not message_id):
         raise HeraldError("invalid_header", f"message_id must be a non-empty string, got {message_id!r}")
-    elif len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
+    if message_id is not None and len(message_id.encode()) > MAX_MESSAGE_ID_BYTES:
         raise HeraldError("invalid_header", f"message_id of {len(message_id.encode())} bytes exceeds {MAX_MESSAGE_ID_BYTES} bytes")
     return (data, attrs, message_id)
 
@@ -541,24 +539,32 @@ def split_batch(items: Sequence[PublishItem]) -> list[Sequence[PublishItem]]:
     return chunks
 
 
+def make_ids(topic: str, items: Sequence[PublishItem]) -> tuple[list[PublishItem], IdSequence | None]:
+    """The ids of ``items`` still to be made, made: as one sequence when every item's is (the items
+    are then returned as they are), otherwise each in its item."""
+    if all(item[2] is None for item in items):
+        return list(items), reserve_ids(topic, len(items))
+    if any(item[2] is None for item in items):
+        return [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in items], None
+    return list(items), None
+
+
 def publish_call(topic: str, items: Sequence[PublishItem], sequence: IdSequence | None = None) -> Call[list[PublishId]]:
     """PUBLISH of already-normalised items; safe to send twice (ids de-duplicate).
 
-    The ids still to be made are made here, once: a resend carries the same.
-    When every item's is, they go as a ``sequence`` (``sequence``, if given:
-    the caller's own numbering); otherwise each in its entry.
+    The ids still to be made are made here (:func:`make_ids`), once: a resend
+    carries the same. ``sequence``, if given, is the caller's own numbering
+    of items that have no ids.
     """
     check_name(topic, "topic")
     new_id = str.__new__
-    wire_items: list[tuple[bytes, dict[str, str] | None, str | None]] = list(items)
+    if sequence is None:
+        wire_items, sequence = make_ids(topic, items)
+    elif any(item[2] is not None for item in items):
+        raise ValueError("a publish with a sequence takes its ids from it: give the items none of their own")
+    else:
+        wire_items = list(items)
     count = len(wire_items)
-    if sequence is not None:
-        if any(item[2] is not None for item in wire_items):
-            raise ValueError("a publish with a sequence takes its ids from it: give the items none of their own")
-    elif all(item[2] is None for item in wire_items):
-        sequence = reserve_ids(topic, count)
-    elif any(item[2] is None for item in wire_items):
-        wire_items = [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in wire_items]
 
     def parse(header: dict[str, Any]) -> list[PublishId]:
         ids = _field(header, "ids", list)

@@ -60,7 +60,7 @@ from clients._core import (
     info_call,
     list_subscriptions_call,
     list_topics_call,
-    new_message_id,
+    make_ids,
     parse_reply,
     ping_call,
     publish_call,
@@ -68,7 +68,6 @@ from clients._core import (
     publish_item,
     publish_items,
     reply_header,
-    reserve_ids,
     retry_pause,
     setup_socket,
     split_batch,
@@ -693,10 +692,7 @@ class AsyncClient:
     async def _send_coalesced(self, topic: str, batch: _Coalesced) -> None:
         try:
             # The ids are made once, here, for the resends below too (publish_call would make new ones).
-            items: list[PublishItem] = batch.items
-            sequence = reserve_ids(topic, len(items)) if all(item[2] is None for item in items) else None
-            if sequence is None and any(item[2] is None for item in items):
-                items = [(payload, attributes, new_message_id() if message_id is None else message_id) for payload, attributes, message_id in items]
+            items, sequence = make_ids(topic, batch.items)
             try:
                 # The timeout counts from the first publish of the batch, held or not.
                 ids = await self._request(publish_call(topic, items, sequence), since=batch.since)
