@@ -35,8 +35,8 @@ clients do for the ids they make. Such ids are remembered as ranges of numbers
 in one ``G`` key per (topic incarnation, prefix), rewritten once per write that
 adds to it, instead of a ``D`` key per message: a ``D`` key is a random key
 that lives for the whole de-duplication window, and writing, flushing and
-compacting those (and their ``F`` expiry lists) was 40% of the owning
-frontend's CPU in runs of a few minutes. A record lives until ``dedup_window``
+compacting those (and their ``F`` expiry lists) cost the owning frontend
+1.8-1.9 us of CPU per message, about a fifth, in runs of a few minutes. A record lives until ``dedup_window``
 after its last write; its ``H`` key brings it up for that check.
 
 Implicit entries. An entry handed out as its message is written (the common
