@@ -79,7 +79,7 @@ HELP: Final = {
     "shed": "publishes refused as overload",
     "purged": "pending entries of deleted subscriptions removed",
     "purging": "deleted subscriptions whose backlog is still being removed",
-    "delivered": "DELIVER messages sent to consumers",
+    "delivered": "messages delivered to consumers (a DELIVER may carry several)",
     "acked": "acknowledgements applied",
     "deadline_keys": "keys in a sender's ack-deadline lists, settled ones included until the next compaction",
     "redelivered": "deliveries sent again after the ack deadline or a NACK",

@@ -1260,7 +1260,7 @@ class FrontendServer:
         except StorageError as exc:
             self.counters["storage_failures"] += 1
             self.unmaterialized.extend(entries)
-            log.error("could not write %d taken-back entries as pending entries; retrying each second: %s", len(entries), exc)
+            log.error("could not write %d taken-back entries as pending entries; retrying with the heartbeat (every 0.5 s): %s", len(entries), exc)
 
     def _retry_materialize(self) -> None:
         entries, self.unmaterialized = self.unmaterialized, []
