@@ -140,10 +140,12 @@ BLOCK_CACHE_BYTES: Final = 32 * 1024 * 1024
 # grow, 1 MiB at a time, rather than all at their final fsync. On ext4's default
 # data=ordered, a WAL fsync that commits the journal first writes out every
 # dirty block of files in that transaction, a new table file's too: a group
-# commit then waited for megabytes of someone else's data. Five alternating
-# pairs of `python -m bench --scenarios fanout --fanout 1` (three rounds of
-# 1,000,000 messages each) gave end to end a median of 107.9k msg/s against
-# 96.5k, higher in four pairs of five.
+# commit could wait for megabytes of someone else's data. RocksDB's tuning
+# guide recommends 1 MiB. Measured here it is within the machine's noise: five
+# alternating pairs of `python -m bench --scenarios fanout --fanout 1` gave end
+# to end a median of 107.9k msg/s against 96.5k (higher in four pairs), three
+# pairs of `--scenarios publish,fanout,latency` 86.2, 82.9 and 108.9k against
+# 101.5, 84.5 and 107.4k.
 TABLE_BYTES_PER_SYNC: Final = 1024 * 1024
 
 
