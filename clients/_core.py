@@ -359,9 +359,9 @@ def create_topic_call(name: str, exist_ok: bool, settings: Mapping[str, Any]) ->
     return simple_call(Command.TOPIC_CREATE, header, _topic, repeatable=bool(exist_ok))
 
 
-def delete_topic_call(name: str) -> Call[None]:
-    """TOPIC_DELETE."""
-    return simple_call(Command.TOPIC_DELETE, {"name": check_name(name, "topic")}, _none)
+def delete_topic_call(name: str) -> Call[list[str]]:
+    """TOPIC_DELETE; the names of the subscriptions deleted with the topic."""
+    return simple_call(Command.TOPIC_DELETE, {"name": check_name(name, "topic")}, lambda h: [str(sub) for sub in _field(h, "subscriptions", list)])
 
 
 def list_topics_call(prefix: str) -> Call[list[dict[str, Any]]]:

@@ -395,13 +395,16 @@ class AsyncClient:
         """
         return await self._request(create_topic_call(name, exist_ok, settings))
 
-    async def delete_topic(self, name: str) -> None:
+    async def delete_topic(self, name: str) -> list[str]:
         """Delete a topic, its subscriptions and their backlogs.
+
+        Returns:
+            The names of the subscriptions deleted with it.
 
         Raises:
             HeraldError: ``topic_not_found``, ``timeout``...
         """
-        await self._request(delete_topic_call(name))
+        return await self._request(delete_topic_call(name))
 
     async def list_topics(self, prefix: str = "") -> list[dict[str, Any]]:
         """List topics, optionally only those whose name starts with ``prefix``.

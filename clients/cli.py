@@ -17,8 +17,10 @@ Expected failures (server down, bad name, missing topic...) print
 from __future__ import annotations
 
 import argparse
+import base64
 import datetime
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -102,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--retention", type=float, metavar="S", help="seconds an unacknowledged message is kept")
     create.add_argument("--dedup-window", type=float, metavar="S", help="seconds a message id is remembered for de-duplication")
     create.add_argument("--max-payload", type=int, metavar="N", help="largest payload in bytes")
-    create.add_argument("--exist-ok", action="store_true", help="succeed when the topic already exists")
+    create.add_argument("--exist-ok", action="store_true", help="succeed when the topic already exists; its settings stay as they are (a warning says so)")
     topic_commands.add_parser("delete", help="delete a topic and its subscriptions").add_argument("name")
     listing = topic_commands.add_parser("list", help="list topics")
     listing.add_argument("--prefix", default="", help="only topics whose name starts with this")
@@ -124,11 +126,17 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument("--backoff-min", type=float, metavar="S", help="first redelivery delay")
     create.add_argument("--backoff-max", type=float, metavar="S", help="largest redelivery delay")
     create.add_argument("--max-unacked", type=int, metavar="N", help="unacknowledged messages one consumer may hold")
-    create.add_argument("--dead-letter-topic", metavar="T", help="where exhausted messages go (default <name>.dead)")
+    create.add_argument(
+        "--dead-letter-topic", metavar="T", help="where exhausted messages go (default: the subscription's name + '.dead'; it must not lead back to TOPIC)"
+    )
     create.add_argument(
         "--filter", action="append", type=_key_value, default=[], metavar="KEY=VALUE", help="deliver only messages with this attribute (repeatable)"
     )
-    create.add_argument("--exist-ok", action="store_true", help="succeed when the subscription already exists")
+    create.add_argument(
+        "--exist-ok",
+        action="store_true",
+        help="succeed when the subscription already exists; settings given replace its settings, the others go back to their defaults",
+    )
     sub_commands.add_parser("delete", help="delete a subscription and its backlog").add_argument("name")
     listing = sub_commands.add_parser("list", help="list subscriptions")
     listing.add_argument("--topic", help="only subscriptions of this topic")
@@ -154,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="check that the server answers and print its state")
     status.add_argument(
         "--data-dir",
-        default="./herald-data",
+        default=None,
         help="the data folder of a local `herald up`; its herald-status.json adds processes, uptimes and restarts (default ./herald-data)",
     )
     # Also after the command, where a newcomer types it; the global flag's value stands otherwise.
@@ -279,18 +287,39 @@ def _batches(lines: Iterable[bytes], size: int) -> Iterator[list[bytes]]:
         yield batch
 
 
-def _publish(client: Client, args: argparse.Namespace, out: TextIO, stdin: BinaryIO) -> int:
+def _publish(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) -> int:
     attributes = dict(args.attr) or None
     if args.data is not None:
         _print_id(client.publish(args.topic, os.fsencode(args.data), attributes, message_id=args.message_id), out)
         return EXIT_OK
     if args.message_id is not None:
         raise _UsageError("--id needs DATA: each stdin line gets its own generated id")
+    first_line = 1
     for batch in _batches(_lines(stdin), STDIN_BATCH):
-        for message_id in client.publish_batch(args.topic, [(line, attributes) for line in batch]):
+        try:
+            message_ids = client.publish_batch(args.topic, [(line, attributes) for line in batch])
+        except HeraldError as error:
+            _report_refused_lines(error, first_line, first_line + len(batch) - 1, err)
+            return EXIT_ERROR
+        for message_id in message_ids:
             _print_id(message_id, out)
         out.flush()
+        first_line += len(batch)
     return EXIT_OK
+
+
+def _report_refused_lines(error: HeraldError, first: int, last: int, err: TextIO) -> None:
+    """Say which stdin lines a refused PUBLISH held: its errors count messages from 0 within that one request."""
+    message = re.sub(r"messages\[(\d+)\]", lambda match: f"line {first + int(match.group(1))}", error.message)
+    index = error.details.get("index")
+    if isinstance(index, int) and "line " not in message:
+        message += f" (line {first + index})"
+    err.write(f"error: {error.code}: {message}\n")
+    before = f"lines 1-{first - 1} were stored (their ids are above); " if first > 1 else ""
+    if error.retriable:
+        err.write(f"{before}lines {first}-{last} may or may not be stored, and the lines after them were not sent\n")
+    else:
+        err.write(f"{before}lines {first}-{last} were refused together and not stored, and the lines after them were not sent\n")
 
 
 def _subscribe(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -302,13 +331,12 @@ def _subscribe(client: Client, args: argparse.Namespace, out: TextIO, err: TextI
             message = subscription.receive(timeout=args.idle_s)
             if message is None:
                 break
-            record = {
-                "id": message.id,
-                "topic": message.topic,
-                "attempt": message.attempt,
-                "attributes": message.attributes,
-                "data": message.data.decode("utf-8", errors="replace"),
-            }
+            record: dict[str, Any] = {"id": message.id, "topic": message.topic, "attempt": message.attempt, "attributes": message.attributes}
+            try:
+                record["data"] = message.data.decode()
+            except UnicodeDecodeError:
+                # Never print a lossy copy of a payload that is then acknowledged.
+                record["data_base64"] = base64.b64encode(message.data).decode()
             out.write(orjson.dumps(record).decode() + "\n")
             out.flush()
             try:
@@ -357,12 +385,12 @@ def _status(client: Client, out: TextIO, err: TextIO) -> int:
     out.write(f"statistics of the frontend that answered ({stats.get('frontend', info.get('frontend', '?'))}):\n")
     for key in sorted(stats):
         value = stats[key]
-        shown = " ".join(f"{k}={v}" for k, v in value.items()) if isinstance(value, dict) else str(value)
+        shown = (" ".join(f"{k}={v}" for k, v in value.items()) or "none") if isinstance(value, dict) else str(value)
         out.write(f"  {key:<26} {shown}\n")
     return EXIT_OK
 
 
-def _local_processes(data_dir: Path, endpoint: str, out: TextIO) -> None:
+def _local_processes(data_dir: Path, endpoint: str, out: TextIO, *, data_dir_given: bool = False) -> None:
     """Print the launcher's view of its children, when a local data folder has one for this endpoint."""
     try:
         status = orjson.loads((data_dir / "herald-status.json").read_bytes())
@@ -374,7 +402,8 @@ def _local_processes(data_dir: Path, endpoint: str, out: TextIO) -> None:
     served = status.get("client_endpoint")
     if not isinstance(served, str) or _server_key(served) != _server_key(endpoint):
         # Another Herald's folder (the default ./herald-data): its processes would mislead.
-        out.write(f"(not showing the processes in {data_dir}: that folder belongs to the herald at {served}; pass --data-dir)\n")
+        advice = f"not the one at {endpoint}" if data_dir_given else "pass --data-dir"
+        out.write(f"(not showing the processes in {data_dir}: that folder belongs to the herald at {served}; {advice})\n")
         return
     launcher = status.get("pid")
     if not (isinstance(launcher, int) and _process_exists(launcher)):
@@ -423,16 +452,19 @@ def _local_backlog(data_dir: Path, out: TextIO) -> None:
         out.write(f"  {name:<40} {count}\n")
 
 
-def _topic(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _topic(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     match args.action:
         case "create":
-            topic = client.create_topic(
-                args.name, exist_ok=args.exist_ok, retention=args.retention, dedup_window=args.dedup_window, max_payload=args.max_payload
-            )
+            given = {"retention": args.retention, "dedup_window": args.dedup_window, "max_payload": args.max_payload}
+            topic = client.create_topic(args.name, exist_ok=args.exist_ok, **given)
+            kept = {key: value for key, value in given.items() if value is not None and topic["settings"].get(key) != value}
+            if kept:
+                differences = ", ".join(f"{key} {topic['settings'].get(key)} (not {value:g})" for key, value in kept.items())
+                err.write(f"warning: topic {args.name} already exists and keeps its settings: {differences}; a topic's settings never change\n")
             out.write(_json(topic) + "\n")
         case "delete":
-            client.delete_topic(args.name)
-            out.write(f"deleted topic {args.name}\n")
+            deleted = client.delete_topic(args.name)
+            out.write(f"deleted topic {args.name}" + (f" and its subscriptions {', '.join(deleted)}" if deleted else "") + "\n")
         case "list":
             _print_topics(client.list_topics(args.prefix), out)
         case "describe":
@@ -442,9 +474,16 @@ def _topic(client: Client, args: argparse.Namespace, out: TextIO) -> int:
     return EXIT_OK
 
 
-def _subscription(client: Client, args: argparse.Namespace, out: TextIO) -> int:
+def _subscription(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     match args.action:
         case "create":
+            before: dict[str, Any] | None = None
+            if args.exist_ok:
+                try:
+                    before = client.describe_subscription(args.name)
+                except HeraldError as error:
+                    if error.code != "subscription_not_found":
+                        raise
             sub = client.create_subscription(
                 args.topic,
                 args.name,
@@ -457,6 +496,12 @@ def _subscription(client: Client, args: argparse.Namespace, out: TextIO) -> int:
                 dead_letter_topic=args.dead_letter_topic,
                 filter=dict(args.filter) or None,
             )
+            if before is not None:
+                old, new = before.get("settings") or {}, sub.get("settings") or {}
+                changes = [f"{key} {_setting(old, key)} -> {_setting(new, key)}" for key in sorted(new) if old.get(key) != new.get(key)]
+                if changes:
+                    # Settings replace the old ones as a whole (docs/protocol.md, SUB_CREATE): say what moved.
+                    err.write(f"updated subscription {args.name}: {', '.join(changes)} (settings not given are back to their defaults)\n")
             out.write(_json(sub) + "\n")
         case "delete":
             client.delete_subscription(args.name)
@@ -519,16 +564,18 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) ->
     with Client(args.endpoint, timeout=args.timeout, token=args.token, curve=_curve_keys(args)) as client:
         match args.command:
             case "topic":
-                return _topic(client, args, out)
+                return _topic(client, args, out, err)
             case "publish":
-                return _publish(client, args, out, stdin)
+                return _publish(client, args, out, err, stdin)
             case "subscription":
-                return _subscription(client, args, out)
+                return _subscription(client, args, out, err)
             case "subscribe":
                 return _subscribe(client, args, out, err)
             case "status":
                 code = _status(client, out, err)
-                _local_processes(Path(args.data_dir), client.endpoint, out)
+                from broker.config import DEFAULT_DATA_DIR  # herald up's default folder
+
+                _local_processes(Path(args.data_dir or DEFAULT_DATA_DIR), client.endpoint, out, data_dir_given=args.data_dir is not None)
                 return code
             case _:
                 raise _UsageError(f"unknown command {args.command!r}")

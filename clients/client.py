@@ -170,13 +170,16 @@ class Client:
         """
         return self._request(create_topic_call(name, exist_ok, settings))
 
-    def delete_topic(self, name: str) -> None:
+    def delete_topic(self, name: str) -> list[str]:
         """Delete a topic, its subscriptions and their backlogs.
+
+        Returns:
+            The names of the subscriptions deleted with it.
 
         Raises:
             HeraldError: ``topic_not_found``, ``timeout``...
         """
-        self._request(delete_topic_call(name))
+        return self._request(delete_topic_call(name))
 
     def list_topics(self, prefix: str = "") -> list[dict[str, Any]]:
         """List topics, optionally only those whose name starts with ``prefix``.

@@ -741,6 +741,9 @@ class FrontendServer:
             if reply.command is Command.OK:
                 self._reply(envelope, encode_ok(client_rid, reply.header))
             else:
+                # Passed on as metadata wrote it, and counted like the frontend's own errors.
+                self.counters["errors"] += 1
+                self.errors_by_code[str(reply.header.get("code", "unknown"))] += 1
                 self._reply(envelope, encode(Command.ERROR, client_rid, reply.header))
 
         def on_failure(error: HeraldError) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -321,13 +322,13 @@ class MetadataServer:
                 topic_name = get_field(header, "topic", str, required=False)
                 if topic_name is not None:
                     check_name(topic_name, "topic")
-                return encode_ok(rid, {"subscriptions": [self._with_endpoints(s) for s in self.store.subscriptions(topic_name)]}), 0
+                return encode_ok(rid, {"subscriptions": [self._reply_record(s) for s in self.store.subscriptions(topic_name)]}), 0
             case Command.SUB_DESCRIBE:
                 name = check_name(get_field(header, "name", str), "subscription")
                 sub = self.store.get_subscription(name)
                 if sub is None:
                     raise HeraldError("subscription_not_found", f"subscription {name!r} does not exist")
-                return encode_ok(rid, {"subscription": self._with_endpoints(sub), "version": self.store.version}), 0
+                return encode_ok(rid, {"subscription": self._reply_record(sub), "version": self.store.version}), 0
             case _:
                 raise ProtocolError("unknown_command", f"metadata does not handle {frames.command.name}")
 
@@ -350,10 +351,12 @@ class MetadataServer:
         self.lookups.put(name, found)
         return found
 
-    def _with_endpoints(self, sub: dict[str, Any]) -> dict[str, Any]:
+    def _reply_record(self, sub: dict[str, Any]) -> dict[str, Any]:
+        """A stored subscription as clients see it: with its sender's endpoints and its effective dead-letter topic."""
         index = shard_of(sub["name"], self.config.senders)
         return {
             **sub,
+            "dead_letter_topic": dead_letter_topic_of(sub["name"], sub["settings"]),
             "endpoints": {"deliver": self.config.sender_deliver_endpoints[index], "ack": self.config.sender_ack_endpoints[index]},
         }
 
@@ -397,7 +400,7 @@ class MetadataServer:
         name = check_name(get_field(header, "name", str), "subscription")
         settings = check_subscription_settings(header.get("settings"))
         exist_ok = bool(get_field(header, "exist_ok", bool, required=False, default=False))
-        check_name(dead_letter_topic_of(name, settings), "dead-letter topic (set dead_letter_topic, or shorten the subscription name)")
+        dead_letter_topic = check_name(dead_letter_topic_of(name, settings), "dead-letter topic (set dead_letter_topic, or shorten the subscription name)")
         topic = self.store.get_topic(topic_name)
         if topic is None:
             raise HeraldError("topic_not_found", f"topic {topic_name!r} does not exist; create it before subscribing")
@@ -410,22 +413,63 @@ class MetadataServer:
             if header.get(RELAY_ONLY_EXISTING_FIELD) and header.get("settings") and existing["settings"] != settings:
                 raise HeraldError("forbidden", f"changing the settings of subscription {name!r} needs an admin credential")
             if existing["settings"] == settings or not header.get("settings"):
-                return encode_ok(rid, {"subscription": self._with_endpoints(existing), "created": False}), 0
+                return encode_ok(rid, {"subscription": self._reply_record(existing), "created": False}), 0
+            self._refuse_dead_letter_cycle(topic_name, name, dead_letter_topic)
             # Changed settings (e.g. a new filter) apply at once: same id, new settings.
             existing = {**existing, "settings": settings}
             version = self.store.update_subscription(existing)
             self._announce(version, "subscription", name, topic_name)
-            return encode_ok(rid, {"subscription": self._with_endpoints(existing), "created": False, "updated": True}), version
+            return encode_ok(rid, {"subscription": self._reply_record(existing), "created": False, "updated": True}), version
         if header.get(RELAY_ONLY_EXISTING_FIELD):
             raise HeraldError("forbidden", f"subscription {name!r} does not exist, and creating one needs an admin credential")
         limit = self.config.max_subscriptions
         if limit is not None and header.get(RELAY_QUOTA_FIELD) and self.subscription_count >= limit:
             raise HeraldError("quota_exceeded", f"this server holds at most {limit} subscriptions (max_subscriptions); delete one first")
+        self._refuse_dead_letter_cycle(topic_name, name, dead_letter_topic)
         sub, version = self.store.create_subscription(topic, name, settings)
         self.subscription_count += 1
         self._announce(version, "subscription", name, topic_name)
         log.info("created subscription %r on %r", name, topic_name)
-        return encode_ok(rid, {"subscription": self._with_endpoints(sub), "created": True}), version
+        return encode_ok(rid, {"subscription": self._reply_record(sub), "created": True}), version
+
+    def _refuse_dead_letter_cycle(self, topic_name: str, name: str, dead_letter_topic: str) -> None:
+        """Refuse a subscription whose dead-letter copies would come back to its own topic.
+
+        Each dead-letter copy starts again at attempt 1, so a message that fails
+        everywhere would go round such a cycle for ever, an fsync'd copy per turn.
+        The search follows every subscription's dead-letter topic from
+        ``dead_letter_topic``; it reads only the topics on those chains.
+
+        Raises:
+            HeraldError: ``invalid_setting``, naming the cycle.
+        """
+        came_from: dict[str, str | None] = {dead_letter_topic: None}
+        waiting = deque([dead_letter_topic])
+        while waiting:
+            current = waiting.popleft()
+            if current == topic_name:
+                chain = [current]
+                while (previous := came_from[chain[-1]]) is not None:
+                    chain.append(previous)
+                chain.reverse()
+                if len(chain) == 1:
+                    raise HeraldError(
+                        "invalid_setting",
+                        f"subscription {name!r} would dead-letter messages of topic {topic_name!r} into that same topic, where they would fail"
+                        " again for ever; set dead_letter_topic to another topic",
+                    )
+                raise HeraldError(
+                    "invalid_setting",
+                    f"subscription {name!r} would dead-letter messages of topic {topic_name!r} into a cycle that leads back to it"
+                    f" ({' -> '.join([topic_name, *chain])}), where they would fail again for ever; set dead_letter_topic to a topic outside it",
+                )
+            for other in self.store.subscriptions(current):
+                if other["name"] == name:
+                    continue  # the subscription being defined: its old dead-letter topic no longer counts
+                following = dead_letter_topic_of(other["name"], other["settings"])
+                if following not in came_from:
+                    came_from[following] = current
+                    waiting.append(following)
 
     def _on_subscription_delete(self, rid: bytes, header: dict[str, Any]) -> tuple[list[bytes], int]:
         name = check_name(get_field(header, "name", str), "subscription")

@@ -11,7 +11,7 @@ from collections.abc import Callable
 import orjson
 import pytest
 
-from clients import Client
+from clients import Client, HeraldError
 from tests.conftest import HeraldSystem, run_cli, wait_for
 
 
@@ -52,6 +52,10 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
         client.create_subscription("counted", "counted-a")
         client.create_subscription("counted", "counted-b")
         client.publish_batch("counted", [b"m"] * 100)
+        # Errors of admin commands come from metadata through a frontend, and are counted there.
+        for refused in (lambda: client.describe_topic("not-there"), lambda: client.create_topic("counted")):
+            with pytest.raises(HeraldError):
+                refused()
         with client.subscribe("counted", "counted-a") as subscription:
             for _ in range(100):
                 message = subscription.receive(timeout=10)
@@ -67,6 +71,7 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
             and samples.get('herald_topics{role="metadata"}', 0.0) >= 1
             and total(samples, "herald_backlog") >= 100
             and sum(value for key, value in samples.items() if key.startswith("herald_requests_by_command_total{") and 'command="PUBLISH"' in key) >= 1
+            and total(samples, "herald_errors_total") >= 2
         )
         return samples if caught_up else None
 
@@ -86,6 +91,10 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
         == 100
     )
     assert total(samples, "herald_backlog") == 100
+    assert total(samples, "herald_errors_total") == 2
+    by_code = {key: value for key, value in samples.items() if key.startswith("herald_errors_by_code_total{")}
+    assert sum(value for key, value in by_code.items() if 'code="topic_not_found"' in key) == 1
+    assert sum(value for key, value in by_code.items() if 'code="topic_exists"' in key) == 1
     by_command = {key: value for key, value in samples.items() if key.startswith("herald_requests_by_command_total{")}
     assert sum(value for key, value in by_command.items() if 'command="PUBLISH"' in key) == 1  # one publish_batch
 
