@@ -20,7 +20,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from clients.protocol import DEFAULT_MAX_PAYLOAD_BYTES
+from clients.protocol import DEFAULT_MAX_PAYLOAD_BYTES, MAX_PAYLOAD_CEILING
 
 DEFAULT_HOST: Final = "127.0.0.1"
 LOOPBACK_HOST: Final = "127.0.0.1"  # where `herald up` binds every internal endpoint
@@ -170,8 +170,8 @@ class HeraldConfig:
                 f"sender endpoint lists differ in length: intake {len(self.sender_intake_endpoints)}, "
                 f"deliver {len(self.sender_deliver_endpoints)}, ack {len(self.sender_ack_endpoints)}"
             )
-        if self.max_payload_bytes <= 0:
-            raise ValueError(f"max_payload_bytes = {self.max_payload_bytes} must be positive")
+        if not 0 < self.max_payload_bytes <= MAX_PAYLOAD_CEILING:
+            raise ValueError(f"max_payload_bytes = {self.max_payload_bytes} must be positive and at most {MAX_PAYLOAD_CEILING} (64 MiB)")
 
     def to_json(self) -> bytes:
         return orjson.dumps(dataclasses.asdict(self), option=orjson.OPT_INDENT_2)
@@ -253,6 +253,8 @@ def load_up_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise fail(key, f"unknown key {key!r}; the file may set {return_keys}")
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise fail(key, f"{key} = {value!r} must be a positive integer")
+        if key == "max_payload_bytes" and value > MAX_PAYLOAD_CEILING:
+            raise fail(key, f"{key} = {value!r} exceeds {MAX_PAYLOAD_CEILING} (64 MiB), the most a payload may be")
         overrides[key] = value
     credentials = raw.get("credentials", [])
     if not isinstance(credentials, list) or not all(isinstance(c, dict) for c in credentials):

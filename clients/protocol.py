@@ -40,6 +40,7 @@ SERVER_VERSION: Final = "0.1.0"
 MAX_REQUEST_ID_BYTES: Final = 64
 MAX_NAME_BYTES: Final = 255
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024  # 1 MiB, the usual broker default
+MAX_PAYLOAD_CEILING: Final = 64 * 1024 * 1024  # the most max_payload_bytes or a topic's max_payload may allow
 MAX_HEADER_BYTES: Final = 4 * 1024 * 1024  # a batch header of ~10k messages fits
 # Header fields a frontend adds to an admin request it relays to metadata:
 # the request came from a client (quotas apply), and the credential may only
@@ -153,7 +154,7 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("malformed", 400, False, "the message does not have the frames the protocol requires"),
     ErrorSpec("unsupported_version", 401, False, "the signature frame names a protocol version this server does not speak"),
     ErrorSpec("unknown_command", 402, False, "the command frame is not a command this endpoint accepts"),
-    ErrorSpec("invalid_header", 403, False, "the header frame is not a JSON object or a field has the wrong type"),
+    ErrorSpec("invalid_header", 403, False, "the header frame is not a JSON object, or a field is missing, of the wrong type or out of range"),
     ErrorSpec("invalid_name", 404, False, "a topic or subscription name is empty, too long or has forbidden characters"),
     ErrorSpec("invalid_setting", 405, False, "a topic or subscription setting is unknown or out of range"),
     ErrorSpec("payload_too_large", 406, False, "a payload exceeds the configured maximum"),
@@ -161,8 +162,9 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("topic_not_found", 410, False, "the topic does not exist"),
     ErrorSpec("topic_exists", 411, False, "a topic with this name already exists"),
     ErrorSpec("subscription_not_found", 412, False, "the subscription does not exist"),
-    ErrorSpec("subscription_exists", 413, False, "a subscription with this name already exists with other settings"),
+    ErrorSpec("subscription_exists", 413, False, "a subscription with this name already exists (and exist_ok is not set), or exists on another topic"),
     ErrorSpec("unknown_delivery", 414, False, "an ack or nack names a delivery this sender does not know"),
+    ErrorSpec("wrong_sender", 415, False, "the subscription is served by another sender; use the endpoints SUB_DESCRIBE returns"),
     ErrorSpec("unauthenticated", 420, False, "the request carries no valid credential"),
     ErrorSpec("forbidden", 421, False, "the credential may not do this"),
     ErrorSpec("rate_limited", 429, True, "the client sends faster than its limit allows"),
@@ -297,7 +299,9 @@ def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, acc
     signature, raw_command, request_id, raw_header = frames[0], frames[1], frames[2], frames[3]
     if signature != SIGNATURE:
         if signature[:4] == SIGNATURE[:4]:
-            raise ProtocolError("unsupported_version", f"protocol {signature[4:]!r} is not supported; this server speaks {SIGNATURE!r}")
+            raise ProtocolError(
+                "unsupported_version", f"protocol version {signature[4:].decode('latin-1')!r} is not supported; this server speaks {SIGNATURE.decode()}"
+            )
         raise ProtocolError("malformed", f"first frame must be the signature {SIGNATURE!r}, got {signature[:16]!r}")
     if len(request_id) > MAX_REQUEST_ID_BYTES:
         raise ProtocolError("malformed", f"request id of {len(request_id)} bytes exceeds {MAX_REQUEST_ID_BYTES} bytes")
@@ -313,7 +317,7 @@ def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, acc
     except orjson.JSONDecodeError as exc:
         raise ProtocolError("invalid_header", f"header is not valid JSON: {exc}") from None
     if not isinstance(header, dict):
-        raise ProtocolError("invalid_header", f"header must be a JSON object, got {type(header).__name__}")
+        raise ProtocolError("invalid_header", f"header must be a JSON object, got {json_type_of(header)}")
     if unpack_payloads and PAYLOAD_SIZES_FIELD in header:
         sizes = header.pop(PAYLOAD_SIZES_FIELD)
         if sizes is not None:  # null means absent, as for every header field
@@ -411,7 +415,7 @@ def check_name(value: Any, what: str = "name") -> str:
         ProtocolError: ``invalid_name`` with the value and the rule it breaks.
     """
     if not isinstance(value, str):
-        raise ProtocolError("invalid_name", f"{what} must be a string, got {type(value).__name__}")
+        raise ProtocolError("invalid_name", f"{what} must be a string, got {json_type_of(value)}")
     if not value:
         raise ProtocolError("invalid_name", f"{what} must not be empty")
     size = len(value.encode("utf-8", "surrogatepass"))
@@ -434,16 +438,32 @@ def get_field(header: dict[str, Any], key: str, kind: type | tuple[type, ...], *
     value = header[key]
     # bool is an int in Python; a JSON true is never a valid number here.
     if isinstance(value, bool) and kind is not bool and (kind is int or kind is float or (isinstance(kind, tuple) and bool not in kind)):
-        raise ProtocolError("invalid_header", f"header field {key!r} must be {_kind_name(kind)}, got bool")
+        raise ProtocolError("invalid_header", f"header field {key!r} must be {_kind_name(kind)}, got {json_type_of(value)}")
     if not isinstance(value, kind):
-        raise ProtocolError("invalid_header", f"header field {key!r} must be {_kind_name(kind)}, got {type(value).__name__}")
+        raise ProtocolError("invalid_header", f"header field {key!r} must be {_kind_name(kind)}, got {json_type_of(value)}")
     return value
 
 
+_JSON_TYPE_NAMES: Final[dict[type, str]] = {
+    dict: "an object",
+    list: "an array",
+    str: "a string",
+    int: "an integer",
+    float: "a number",
+    bool: "a boolean",
+    type(None): "null",
+}
+
+
 def _kind_name(kind: type | tuple[type, ...]) -> str:
-    if isinstance(kind, tuple):
-        return " or ".join(k.__name__ for k in kind)
-    return kind.__name__
+    """A Python type (or types) as the JSON a client should send: "an integer or a number"."""
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join(_JSON_TYPE_NAMES.get(k, k.__name__) for k in kinds)
+
+
+def json_type_of(value: Any) -> str:
+    """What JSON ``value`` was decoded from, for error messages: "a string", "null"..."""
+    return _JSON_TYPE_NAMES.get(type(value), type(value).__name__)
 
 
 def check_attributes(value: Any) -> dict[str, str]:
@@ -451,12 +471,12 @@ def check_attributes(value: Any) -> dict[str, str]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise ProtocolError("invalid_header", f"attributes must be an object of strings, got {type(value).__name__}")
+        raise ProtocolError("invalid_header", f"attributes must be an object of strings, got {json_type_of(value)}")
     if len(value) > MAX_ATTRIBUTES:
         raise ProtocolError("invalid_header", f"{len(value)} attributes exceed the limit of {MAX_ATTRIBUTES}")
     for key, item in value.items():
         if not isinstance(item, str):
-            raise ProtocolError("invalid_header", f"attribute {key[:64]!r} must be a string, got {type(item).__name__}")
+            raise ProtocolError("invalid_header", f"attribute {key[:64]!r} must be a string, got {json_type_of(item)}")
         if len(key.encode()) + len(item.encode()) > MAX_ATTRIBUTE_BYTES:
             raise ProtocolError("invalid_header", f"attribute {key[:64]!r} is longer than {MAX_ATTRIBUTE_BYTES} bytes")
     return value
@@ -482,7 +502,7 @@ DEFAULT_DEDUP_WINDOW_S: Final = 600.0  # ten minutes covers any sane client retr
 TOPIC_SETTINGS: Final[dict[str, SettingSpec]] = {
     "retention": SettingSpec((int, float), DEFAULT_RETENTION_S, 1.0, 10 * 365 * 86400.0, "seconds an unacknowledged message is kept"),
     "dedup_window": SettingSpec((int, float), DEFAULT_DEDUP_WINDOW_S, 0.0, 7 * 86400.0, "seconds a client-given message id is remembered"),
-    "max_payload": SettingSpec(int, None, 0, 64 * 1024 * 1024, "largest payload accepted, in bytes; default: the server's max_payload_bytes"),
+    "max_payload": SettingSpec(int, None, 0, MAX_PAYLOAD_CEILING, "largest payload accepted, in bytes; default: the server's max_payload_bytes"),
 }
 
 DEFAULT_ACK_DEADLINE_S: Final = 30.0
@@ -511,7 +531,7 @@ def check_settings(raw: Any, specs: dict[str, SettingSpec], what: str) -> dict[s
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ProtocolError("invalid_setting", f"{what} settings must be an object, got {type(raw).__name__}")
+        raise ProtocolError("invalid_setting", f"{what} settings must be an object, got {json_type_of(raw)}")
     unknown = sorted(set(raw) - set(specs))
     if unknown:
         raise ProtocolError("invalid_setting", f"unknown {what} setting {unknown[0]!r}; known: {', '.join(sorted(specs))}")
@@ -657,7 +677,7 @@ def decode_sequence(header: dict[str, Any], count: int) -> IdSequence | None:
     if sequence is None:
         return None
     if type(sequence) is not dict:
-        raise ProtocolError("invalid_header", f"header field 'sequence' must be an object {{prefix, first}}, got {type(sequence).__name__}")
+        raise ProtocolError("invalid_header", f"header field 'sequence' must be an object {{prefix, first}}, got {json_type_of(sequence)}")
     prefix, first = sequence.get("prefix"), sequence.get("first")
     if type(prefix) is not str or not 0 < len(prefix) <= MAX_SEQUENCE_PREFIX_CHARS or not _SEQUENCE_PREFIX_PATTERN.fullmatch(prefix):
         raise ProtocolError("invalid_header", f"sequence.prefix must be 1 to {MAX_SEQUENCE_PREFIX_CHARS} letters, digits and . _ -, got {str(prefix)[:80]!r}")
@@ -682,7 +702,7 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
     if messages is None:
         messages = [{}] * len(payloads)
     if not isinstance(messages, list):
-        raise ProtocolError("invalid_header", f"header field 'messages' must be a list, got {type(messages).__name__}")
+        raise ProtocolError("invalid_header", f"header field 'messages' must be a list, got {json_type_of(messages)}")
     if not payloads:
         raise ProtocolError("malformed", "PUBLISH carries no payload frame; send one frame per message (an empty frame is an empty payload)")
     if len(messages) != len(payloads):
@@ -699,7 +719,7 @@ def decode_publish(frames: Frames, max_payload: int) -> tuple[str, list[PublishI
                 {"index": index, "size": len(payload), "limit": max_payload},
             )
         if type(entry) is not dict:
-            raise ProtocolError("invalid_header", f"messages[{index}] must be an object, got {type(entry).__name__}")
+            raise ProtocolError("invalid_header", f"messages[{index}] must be an object, got {json_type_of(entry)}")
         message_id = entry.get("id")
         if sequence is not None:
             if message_id is not None:
@@ -762,7 +782,7 @@ def parse_acked_refs(items: Any, what: str) -> list[tuple[int, int, int]]:
         ProtocolError: ``invalid_header`` for the first entry that is not ``[ref, attempt]``.
     """
     if type(items) is not list:
-        raise ProtocolError("invalid_header", f"{what} must be a list of [ref, attempt], got {type(items).__name__}")
+        raise ProtocolError("invalid_header", f"{what} must be a list of [ref, attempt], got {json_type_of(items)}")
     parsed: list[tuple[int, int, int]] = []
     append = parsed.append
     for item in items:

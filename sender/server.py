@@ -597,7 +597,7 @@ class SenderServer:
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
                 raise HeraldError(
-                    "invalid_header", f"subscription {name!r} is served by sender {shard_of(name, self.config.senders)}; use the endpoints SUB_DESCRIBE returns"
+                    "wrong_sender", f"subscription {name!r} is served by sender {shard_of(name, self.config.senders)}; use the endpoints SUB_DESCRIBE returns"
                 )
             parked = self.parked_attaches.setdefault(name, {})
             if not parked:

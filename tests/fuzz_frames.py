@@ -979,7 +979,7 @@ def documented_consumer_reply(frames: list[bytes], sender: int, world: ConsumerW
             welcome = {"subscription": subscription, "consumer": consumer, "max_unacked": effective, "heartbeat_s": CONSUMER_HEARTBEAT_S}
             return ExpectedReply(topic, b"WELCOME", request_id, header=welcome)
         if shard_of(subscription, world.sender_count) != sender:
-            return error("invalid_header")  # "a subscription served by another sender"
+            return error("wrong_sender")  # "a subscription served by another sender"
         return error("subscription_not_found", asynchronous=True)  # the sender asks metadata first
     if verb in (b"ACK", b"NACK"):
         entries = header.get("acks" if verb == b"ACK" else "nacks")

@@ -438,4 +438,4 @@ def test_attach_to_an_unknown_subscription_is_answered_by_name_hash_first(herald
     assert answers[owner][0] == "subscription_not_found", answers
     for index, (code, message) in answers.items():
         if index != owner:
-            assert code == "invalid_header" and f"served by sender {owner}" in message, answers
+            assert code == "wrong_sender" and f"served by sender {owner}" in message, answers
