@@ -522,6 +522,33 @@ SUBSCRIPTION_SETTINGS: Final[dict[str, SettingSpec]] = {
 }
 
 
+# The header fields each admin command reads, besides a credential's ``token``.
+# Any other field is refused: a typo such as ``setting`` for ``settings`` would
+# otherwise create a topic with default settings without a word.
+ADMIN_FIELDS: Final[dict[Command, frozenset[str]]] = {
+    Command.TOPIC_CREATE: frozenset({"name", "settings", "exist_ok"}),
+    Command.TOPIC_DELETE: frozenset({"name"}),
+    Command.TOPIC_LIST: frozenset({"prefix"}),
+    Command.TOPIC_DESCRIBE: frozenset({"name"}),
+    Command.SUB_CREATE: frozenset({"topic", "name", "settings", "exist_ok"}),
+    Command.SUB_DELETE: frozenset({"name"}),
+    Command.SUB_LIST: frozenset({"topic"}),
+    Command.SUB_DESCRIBE: frozenset({"name"}),
+}
+
+
+def check_admin_fields(command: Command, header: dict[str, Any], ignored: frozenset[str]) -> None:
+    """Refuse an admin command's header field that the command does not read (``ignored`` are let through).
+
+    Raises:
+        ProtocolError: ``invalid_header`` naming the field and the known ones.
+    """
+    known = ADMIN_FIELDS[command]
+    unknown = sorted(key for key in header if key not in known and key not in ignored)
+    if unknown:
+        raise ProtocolError("invalid_header", f"{command.name} has no field {unknown[0][:64]!r}; its fields are {', '.join(sorted(known))}")
+
+
 def check_settings(raw: Any, specs: dict[str, SettingSpec], what: str) -> dict[str, Any]:
     """Validate settings against their specs and fill in defaults.
 

@@ -329,6 +329,13 @@ NOT_INTEGERS: Final = st.one_of(
     st.integers(min_value=2**64, max_value=2**80),  # read as a float
 )
 EXTRA_FIELDS: Final = st.dictionaries(st.text(max_size=6).map(lambda key: "x-" + key), JSON_VALUES, max_size=2)
+# A field no admin command reads: a typo of a real one, or anything else.
+UNKNOWN_ADMIN_FIELDS: Final = st.dictionaries(
+    st.one_of(st.sampled_from(["setting", "exists_ok", "Name", "retention"]), st.text(max_size=6).map(lambda key: "x-" + key)),
+    JSON_VALUES,
+    min_size=1,
+    max_size=2,
+)
 REQUEST_IDS: Final = st.binary(max_size=MAX_REQUEST_ID_BYTES)
 
 
@@ -592,6 +599,9 @@ def topic_create_case(draw: st.DrawFn, target: str) -> FieldCase:
         fields["settings"], code = draw(bad_topic_settings()), "invalid_setting"
     elif target == "exist_ok":
         fields["exist_ok"], code = draw(PRESENT_NON_BOOLEANS), "invalid_header"
+    elif target == "unknown_field":
+        fields.update(draw(UNKNOWN_ADMIN_FIELDS))
+        code = "invalid_header"
     else:
         fields["name"], fields["exist_ok"], code = FUZZ_TOPIC, draw(st.sampled_from([MISSING, None, False])), "topic_exists"
     return b"TOPIC_CREATE", fields, frozenset({code}), [], f"TOPIC_CREATE bad {target}", None
@@ -640,6 +650,9 @@ def subscription_create_case(draw: st.DrawFn, target: str) -> FieldCase:
         fields["exist_ok"], codes = draw(PRESENT_NON_BOOLEANS), frozenset({"invalid_header"})
     elif target == "exists_elsewhere":
         fields["name"], codes = FUZZ_SUBSCRIPTION, frozenset({"subscription_exists"})  # it lives on FUZZ_OTHER_TOPIC
+    elif target == "unknown_field":
+        fields.update(draw(UNKNOWN_ADMIN_FIELDS))
+        codes = frozenset({"invalid_header"})
     else:
         fields.update(topic=FUZZ_OTHER_TOPIC, name=FUZZ_SUBSCRIPTION, exist_ok=draw(st.sampled_from([MISSING, None, False])))
         codes = frozenset({"subscription_exists"})
@@ -702,10 +715,13 @@ def bad_attributes(draw: st.DrawFn) -> Any:
 
 
 FIELD_CASE_BUILDERS: Final[dict[str, tuple[Callable[[st.DrawFn, str], FieldCase], tuple[str, ...]]]] = {
-    "TOPIC_CREATE": (topic_create_case, ("name", "settings", "exist_ok", "exists")),
+    "TOPIC_CREATE": (topic_create_case, ("name", "settings", "exist_ok", "exists", "unknown_field")),
     "TOPIC_DELETE|TOPIC_DESCRIBE|SUB_DELETE|SUB_DESCRIBE": (name_only_case, ("name", "absent")),
     "TOPIC_LIST|SUB_LIST": (list_case, ("prefix_type", "topic_type", "topic_name")),
-    "SUB_CREATE": (subscription_create_case, ("topic", "absent_topic", "name", "dead_letter_name", "settings", "exist_ok", "exists_elsewhere", "exists")),
+    "SUB_CREATE": (
+        subscription_create_case,
+        ("topic", "absent_topic", "name", "dead_letter_name", "settings", "exist_ok", "exists_elsewhere", "exists", "unknown_field"),
+    ),
     "PUBLISH": (
         publish_case,
         ("topic", "absent_topic", "messages_type", "count", "no_payloads", "entry_type", "id", "attributes", "payload_size", "batch_size"),
@@ -720,7 +736,9 @@ def field_level_cases(draw: st.DrawFn, family: str, target: str) -> RequestCase:
     """A request that passes §2's frame checks and has exactly one thing wrong: ``target`` of a ``family`` command."""
     build = FIELD_CASE_BUILDERS[family][0]
     verb, fields, codes, payloads, label, details = build(draw, target)
-    header = json_bytes({**draw(EXTRA_FIELDS), **fields})  # unknown fields are ignored
+    # PUBLISH ignores unknown fields; admin commands refuse them (the "unknown_field" targets).
+    extra = draw(EXTRA_FIELDS) if verb == b"PUBLISH" else {}
+    header = json_bytes({**extra, **fields})
     return RequestCase([SIGNATURE, verb, draw(REQUEST_IDS), header, *payloads], codes, label=label, details=details)
 
 
