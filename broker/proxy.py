@@ -25,6 +25,7 @@ import zmq
 from broker.config import HeraldConfig
 from broker.curve import start_curve
 from broker.runtime import Hwm, StopFlag, announce_ready, configure_logging, make_socket
+from clients.protocol import MAX_CONTROL_FRAME_BYTES, MAX_REQUEST_FRAME_BYTES
 
 log = logging.getLogger("herald.proxy")
 
@@ -55,10 +56,12 @@ class ProxyDevice:
             sndhwm=config.request_hwm * REPLY_QUEUE_FACTOR,
             rcvhwm=config.request_hwm,
             prepare=secure,
+            max_frame_bytes=MAX_REQUEST_FRAME_BYTES,
         )
         self.frontends = make_socket(self.context, zmq.DEALER, bind=config.proxy_backend_endpoint, sndhwm=config.request_hwm, rcvhwm=config.rcvhwm)
         self.live_in = make_socket(self.context, zmq.XSUB, bind=config.live_intake_endpoint, **hwm)
-        self.live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, prepare=secure, **hwm)
+        # Live-feed subscribers send only (un)subscribe frames: a topic prefix each.
+        self.live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, prepare=secure, max_frame_bytes=MAX_CONTROL_FRAME_BYTES, **hwm)
         self._controls: list[zmq.Socket[Any]] = []
         self._threads: list[threading.Thread] = []
 

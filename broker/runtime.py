@@ -86,10 +86,13 @@ def make_socket(
     subscribe: bytes | None = None,
     identity: bytes | None = None,
     prepare: Callable[[zmq.Socket[Any]], None] | None = None,
+    max_frame_bytes: int | None = None,
 ) -> zmq.Socket[Any]:
     """Create a socket with options set before bind and connect, in one place.
 
     ``prepare`` sets further options before bind, e.g. CURVE (see broker.curve).
+    ``max_frame_bytes``: a peer sending a larger frame is disconnected (for
+    sockets that untrusted clients reach; see MAX_REQUEST_FRAME_BYTES).
 
     Linger defaults to 0: a dying process must not hang on unsent messages,
     since everything that matters is either in RocksDB or will be retried.
@@ -100,6 +103,8 @@ def make_socket(
     sock.setsockopt(zmq.LINGER, linger_ms)
     if identity is not None:
         sock.setsockopt(zmq.IDENTITY, identity)
+    if max_frame_bytes is not None:
+        sock.setsockopt(zmq.MAXMSGSIZE, max_frame_bytes)
     if kind == zmq.SUB:
         sock.setsockopt(zmq.SUBSCRIBE, subscribe if subscribe is not None else b"")
     if prepare is not None:

@@ -40,6 +40,7 @@ from clients.protocol import (
     MAX_BATCH_MESSAGES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_ID_BYTES,
+    MAX_PAYLOAD_CEILING,
     SUBSCRIPTION_SETTINGS,
     TOPIC_SETTINGS,
     Command,
@@ -453,12 +454,16 @@ def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message
 
     Raises:
         TypeError: when ``data`` is not bytes-like.
-        HeraldError: ``invalid_header`` for bad attributes or message id.
+        HeraldError: ``invalid_header`` for bad attributes or message id,
+            ``payload_too_large`` above MAX_PAYLOAD_CEILING (64 MiB).
     """
     if isinstance(data, bytearray | memoryview):
         data = bytes(data)
     if not isinstance(data, bytes):
         raise TypeError(f"message data must be bytes, got {type(data).__name__}; encode text first, e.g. text.encode()")
+    if len(data) > MAX_PAYLOAD_CEILING:
+        # No server takes it, and one frame of it would be cut off by the server's frame limit without a reply.
+        raise HeraldError("payload_too_large", f"a payload of {len(data)} bytes exceeds {MAX_PAYLOAD_CEILING} bytes, the most any Herald server accepts")
     if attributes and not all(isinstance(key, str) for key in attributes):
         raise HeraldError("invalid_header", f"attribute names must be strings, got {sorted(map(repr, attributes))[:3]}")
     attrs = check_attributes(dict(attributes)) if attributes else None
@@ -479,7 +484,7 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
     out: list[PublishItem] = []
     append = out.append
     for index, item in enumerate(items):
-        if type(item) is bytes:  # the common case, without publish_item's checks of what is not there
+        if type(item) is bytes and len(item) <= MAX_PAYLOAD_CEILING:  # the common case, without publish_item's checks of what is not there
             append((item, None, None))
         elif isinstance(item, tuple):
             if not 1 <= len(item) <= 3:

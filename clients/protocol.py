@@ -41,7 +41,13 @@ MAX_REQUEST_ID_BYTES: Final = 64
 MAX_NAME_BYTES: Final = 255
 DEFAULT_MAX_PAYLOAD_BYTES: Final = 1024 * 1024  # 1 MiB, the usual broker default
 MAX_PAYLOAD_CEILING: Final = 64 * 1024 * 1024  # the most max_payload_bytes or a topic's max_payload may allow
+# The largest frame the request endpoint takes (ZMQ_MAXMSGSIZE): one payload at
+# the ceiling, packed with others, has room. ZeroMQ drops the connection of a
+# peer that sends more, before the bytes are buffered; no reply is possible.
+MAX_REQUEST_FRAME_BYTES: Final = 2 * MAX_PAYLOAD_CEILING
 MAX_HEADER_BYTES: Final = 4 * 1024 * 1024  # a batch header of ~10k messages fits
+# The same for the endpoints that take no payloads (a sender's ack endpoint, the live feed).
+MAX_CONTROL_FRAME_BYTES: Final = MAX_HEADER_BYTES + 64 * 1024
 # Header fields a frontend adds to an admin request it relays to metadata:
 # the request came from a client (quotas apply), and the credential may only
 # attach to an existing subscription (it has subscribe, not admin, permission).

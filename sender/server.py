@@ -40,6 +40,7 @@ from clients.protocol import (
     ACK_UNKNOWN,
     CONSUMER_EXPIRY_S,
     CONSUMER_HEARTBEAT_S,
+    MAX_CONTROL_FRAME_BYTES,
     NOBLOCK,
     U32_MAX,
     Command,
@@ -180,7 +181,10 @@ class SenderServer:
         self.authenticator = curve[1] if curve else None
         secure = curve[0].serve if curve else None
         self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], prepare=secure, **hwm)
-        self.consumer_in = make_socket(self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], prepare=secure, **hwm)
+        # Consumers send headers only (ATTACH, ACK, NACK, DETACH), never payloads.
+        self.consumer_in = make_socket(
+            self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], prepare=secure, max_frame_bytes=MAX_CONTROL_FRAME_BYTES, **hwm
+        )
         self.frontends = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.frontend_control_endpoints]
         self.metadata = MetadataLink(self.context, config, hwm)
         self.auth = Authorizer(config.credentials)

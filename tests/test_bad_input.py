@@ -8,7 +8,8 @@ from collections.abc import Iterator
 import orjson
 import pytest
 
-from clients.protocol import ERROR_CATALOG, SIGNATURE, Command, encode, encode_publish
+from clients import Client, HeraldError
+from clients.protocol import ERROR_CATALOG, MAX_PAYLOAD_CEILING, MAX_REQUEST_FRAME_BYTES, SIGNATURE, Command, encode, encode_publish
 from tests.conftest import HeraldSystem, RawClient, stored_messages, topic_for_shard
 
 GOOD_TOPIC = "good.topic"
@@ -185,6 +186,25 @@ def test_null_settings_mean_defaults(client: RawClient) -> None:
     published = client.request(Command.PUBLISH, {"topic": "ok.nulls", "messages": [{}]}, [b"x"])
     assert published.command is Command.OK, published.header
     assert client.request(Command.PING).command is Command.OK
+
+
+def test_a_frame_over_the_limit_costs_its_sender_the_connection_and_nothing_else(herald_module: HeraldSystem, client: RawClient) -> None:
+    """Found by a newcomer: a 200 MiB PING was read whole and answered. ZeroMQ now drops the
+    connection of a peer whose frame is over the limit, before buffering it (ZMQ_MAXMSGSIZE)."""
+    flooder = RawClient(herald_module.endpoint, timeout_s=2)
+    try:
+        flooder.send_raw([b"", *encode(Command.PING, b"big", {}), b"\0" * (MAX_REQUEST_FRAME_BYTES + 1)])
+        with pytest.raises(AssertionError, match="no reply"):
+            flooder.receive()
+        # The socket reconnects by itself; the next request is served.
+        flooder.timeout_ms = 10_000
+        assert flooder.request(Command.PING).command is Command.OK
+    finally:
+        flooder.close()
+    assert client.request(Command.PING).command is Command.OK
+    with Client(herald_module.endpoint) as python_client, pytest.raises(HeraldError) as excinfo:
+        python_client.publish(GOOD_TOPIC, b"\0" * (MAX_PAYLOAD_CEILING + 1))  # refused before it is sent
+    assert excinfo.value.code == "payload_too_large"
 
 
 def test_zzz_nothing_was_stored(herald_module: HeraldSystem, client: RawClient) -> None:
