@@ -13,6 +13,7 @@ metadata last.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fcntl
 import logging
 import os
@@ -458,28 +459,34 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("launcher")
     data_dir = str(Path(args.data_dir).resolve())
+    created = not Path(data_dir).exists()
+
+    def refuse(message: str) -> int:
+        """Print why herald up will not start; a folder made for this run is removed again (when still empty)."""
+        print(f"error: {message}", file=sys.stderr)
+        if created:
+            with contextlib.suppress(OSError):
+                Path(data_dir).rmdir()
+        return 2
+
     try:
         check_data_dir(Path(data_dir))
     except DataDirUnusable as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(str(exc))
     previous = _previous_config(Path(data_dir) / RUNTIME_CONFIG_NAME)
     try:
         folder_frontends = frontends_of_folder(Path(data_dir), previous)
     except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(str(exc))
     if args.frontends is None:
         # The folder's own count: the default depends on the machine, and a folder may move.
         args.frontends = folder_frontends or default_frontends()
     elif folder_frontends is not None and folder_frontends != args.frontends:
         # Topics are placed by crc32(name) % frontends: changing the count would strand stored messages.
-        print(
-            f"error: {data_dir} was created with {folder_frontends} frontends; --frontends (or $HERALD_FRONTENDS) {args.frontends} would strand its messages. "
-            "Use the same count, or leave both out to use the folder's.",
-            file=sys.stderr,
+        return refuse(
+            f"{data_dir} was created with {folder_frontends} frontends; --frontends (or $HERALD_FRONTENDS) {args.frontends} would strand its messages. "
+            "Use the same count, or leave both out to use the folder's."
         )
-        return 2
     overrides: dict[str, Any] = {}
     try:
         if args.config:
@@ -495,11 +502,9 @@ def main(argv: list[str] | None = None) -> int:
             **overrides,
         )
     except (ValueError, OSError, RuntimeError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(str(exc))
     if not port_is_free(config.client_endpoint):
-        print(f"error: {config.client_endpoint} is already in use (another herald, or another server); pick another --port", file=sys.stderr)
-        return 2
+        return refuse(f"{config.client_endpoint} is already in use (another herald, or another server); pick another --port")
     launcher = Launcher(config, args.metrics_port)
     try:
         code = launcher.run()

@@ -219,6 +219,7 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
         )
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port} is already in use" in result.stderr
+    assert not (tmp_path / "data").exists(), "a refused start leaves no folder of its own behind"
 
 
 @pytest.mark.parametrize(
