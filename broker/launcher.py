@@ -272,16 +272,17 @@ class Launcher:
 
         signal.signal(signal.SIGTERM, on_signal)
         signal.signal(signal.SIGINT, on_signal)
-        self.lock_data_dir()
-        self.plan()
         if self.metrics_port is not None:
-            # Bound before any child starts, so a taken port fails fast like the client port.
+            # Bound before anything is written to the folder or started, so a taken
+            # port fails fast like the client port and leaves the folder as it was.
             try:
                 self.metrics = MetricsServer(self.config.host, self.metrics_port, str(self.data_dir), self.processes)
             except OSError as exc:
                 raise MetricsPortTaken(
                     f"cannot serve metrics on {self.config.host}:{self.metrics_port}: {exc.strerror or exc}; pick another --metrics-port"
                 ) from None
+        self.lock_data_dir()
+        self.plan()
         try:
             self.start_all()
             if self.metrics is not None:
@@ -427,6 +428,8 @@ def check_data_dir(path: Path) -> None:
             os.close(descriptor)
         probe.unlink()
     except OSError as exc:
+        with contextlib.suppress(OSError):
+            probe.unlink()
         raise DataDirUnusable(f"data folder {path} is not usable: {exc.strerror or exc} (errno {exc.errno}); pick a writable --data-dir") from None
 
 
@@ -459,14 +462,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging("launcher")
     data_dir = str(Path(args.data_dir).resolve())
-    created = not Path(data_dir).exists()
+    made = [folder for folder in (Path(data_dir), *Path(data_dir).parents) if not folder.exists()]  # innermost first
 
     def refuse(message: str) -> int:
-        """Print why herald up will not start; a folder made for this run is removed again (when still empty)."""
+        """Print why herald up will not start; folders made for this run are removed again (when still empty)."""
         print(f"error: {message}", file=sys.stderr)
-        if created:
-            with contextlib.suppress(OSError):
-                Path(data_dir).rmdir()
+        for folder in made:
+            try:
+                folder.rmdir()
+            except OSError:
+                break
         return 2
 
     try:
@@ -512,8 +517,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except MetricsPortTaken as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return refuse(str(exc))
     except (RuntimeError, HeraldError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

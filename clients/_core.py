@@ -489,10 +489,19 @@ def publish_items(items: Iterable[ItemLike]) -> list[PublishItem]:
         elif isinstance(item, tuple):
             if not 1 <= len(item) <= 3:
                 raise TypeError(f"item {index} must be bytes or (bytes, attributes[, message_id]), got a tuple of {len(item)}")
-            out.append(publish_item(*item))
+            out.append(_indexed(publish_item, index, *item))
         else:
-            out.append(publish_item(item))
+            out.append(_indexed(publish_item, index, item))
     return out
+
+
+def _indexed(check: Callable[..., PublishItem], index: int, *args: Any) -> PublishItem:
+    """``check(*args)``, with a HeraldError's details naming the item, as the server's do."""
+    try:
+        return check(*args)
+    except HeraldError as error:
+        error.details.setdefault("index", index)
+        raise
 
 
 _MADE_ID_MAX: Final = "f" * 16 + "~" + "f" * 16  # the longest id this client makes: its prefix, ~ and a 64-bit number

@@ -163,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument(
         "--data-dir",
         default=None,
-        help="the data folder of a local `herald up`; its herald-status.json adds processes, uptimes and restarts (default ./herald-data)",
+        help="the data folder of a local `herald up`; its herald-status.json adds processes, uptimes and restarts (default $HERALD_DATA_DIR, else ./herald-data)",
     )
     # Also after the command, where a newcomer types it; the global flag's value stands otherwise.
     status.add_argument("--timeout", type=_positive_float, default=argparse.SUPPRESS, help="seconds to wait for each reply (as the global --timeout)")
@@ -299,7 +299,12 @@ def _publish(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO,
         try:
             message_ids = client.publish_batch(args.topic, [(line, attributes) for line in batch])
         except HeraldError as error:
-            _report_refused_lines(error, first_line, first_line + len(batch) - 1, err)
+            # A batch that publish_batch split may have been stored in part: print those ids first.
+            stored = error.details.get("published") or []
+            for message_id in stored:
+                _print_id(message_id, out)
+            out.flush()
+            _report_refused_lines(error, first_line + len(stored), first_line + len(batch) - 1, err)
             return EXIT_ERROR
         for message_id in message_ids:
             _print_id(message_id, out)
@@ -317,9 +322,9 @@ def _report_refused_lines(error: HeraldError, first: int, last: int, err: TextIO
     err.write(f"error: {error.code}: {message}\n")
     before = f"lines 1-{first - 1} were stored (their ids are above); " if first > 1 else ""
     if error.retriable:
-        err.write(f"{before}lines {first}-{last} may or may not be stored, and the lines after them were not sent\n")
+        err.write(f"{before}lines {first}-{last} may or may not be stored, and no line after them was sent\n")
     else:
-        err.write(f"{before}lines {first}-{last} were refused together and not stored, and the lines after them were not sent\n")
+        err.write(f"{before}lines {first}-{last} were not stored, nor any line after them\n")
 
 
 def _subscribe(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -459,7 +464,7 @@ def _topic(client: Client, args: argparse.Namespace, out: TextIO, err: TextIO) -
             topic = client.create_topic(args.name, exist_ok=args.exist_ok, **given)
             kept = {key: value for key, value in given.items() if value is not None and topic["settings"].get(key) != value}
             if kept:
-                differences = ", ".join(f"{key} {topic['settings'].get(key)} (not {value:g})" for key, value in kept.items())
+                differences = ", ".join(f"{key} {_setting(topic['settings'], key)} (not {_setting(given, key)})" for key in kept)
                 err.write(f"warning: topic {args.name} already exists and keeps its settings: {differences}; a topic's settings never change\n")
             out.write(_json(topic) + "\n")
         case "delete":
@@ -479,11 +484,8 @@ def _subscription(client: Client, args: argparse.Namespace, out: TextIO, err: Te
         case "create":
             before: dict[str, Any] | None = None
             if args.exist_ok:
-                try:
-                    before = client.describe_subscription(args.name)
-                except HeraldError as error:
-                    if error.code != "subscription_not_found":
-                        raise
+                # Listed rather than described: a describe of a new name would count as an error reply.
+                before = next((sub for sub in client.list_subscriptions(args.topic) if sub.get("name") == args.name), None)
             sub = client.create_subscription(
                 args.topic,
                 args.name,
@@ -575,7 +577,8 @@ def _run(args: argparse.Namespace, out: TextIO, err: TextIO, stdin: BinaryIO) ->
                 code = _status(client, out, err)
                 from broker.config import DEFAULT_DATA_DIR  # herald up's default folder
 
-                _local_processes(Path(args.data_dir or DEFAULT_DATA_DIR), client.endpoint, out, data_dir_given=args.data_dir is not None)
+                data_dir = args.data_dir or os.environ.get("HERALD_DATA_DIR")  # as herald up reads it
+                _local_processes(Path(data_dir or DEFAULT_DATA_DIR), client.endpoint, out, data_dir_given=data_dir is not None)
                 return code
             case _:
                 raise _UsageError(f"unknown command {args.command!r}")

@@ -145,8 +145,7 @@ SETTLES_QUEUE_LIMIT: Final = 50_000  # applied at once, even within a pass, past
 GIL_SWITCH_INTERVAL_S: Final = 0.0005
 SHUTDOWN_PURGE_S: Final = 2.0  # a graceful stop spends at most this long removing deleted backlogs
 _CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
-# Not the client's own fields: the credential, and what _authorize adds for metadata.
-_RELAYED_FIELDS: Final = frozenset({TOKEN_HEADER, RELAY_ONLY_EXISTING_FIELD})
+_TOKEN_ONLY: Final = frozenset({TOKEN_HEADER})  # the one field every admin command may carry besides its own
 _ADMIN_COMMANDS: Final = frozenset(
     {
         Command.TOPIC_CREATE,
@@ -654,6 +653,9 @@ class FrontendServer:
             frames = decode(body, accept=CLIENT_COMMANDS)
             if not forwarded:
                 self.requests_by_command[frames.command.name] += 1
+            if frames.command in _ADMIN_COMMANDS:
+                # Before _authorize adds a field of its own for metadata.
+                check_admin_fields(frames.command, frames.header, _TOKEN_ONLY)
             self._authorize(frames, forwarded)
             self._handle_client_frames(envelope, body, frames)
         except HeraldError as error:
@@ -695,7 +697,6 @@ class FrontendServer:
             case Command.STATUS:
                 self._reply(envelope, encode_ok(frames.request_id, self.statistics()))
             case command if command in _ADMIN_COMMANDS:
-                check_admin_fields(command, frames.header, _RELAYED_FIELDS)
                 self._relay_to_metadata(envelope, frames)
             case _:
                 raise ProtocolError("unknown_command", f"unknown command {frames.command.name}")

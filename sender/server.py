@@ -180,7 +180,10 @@ class SenderServer:
         curve = start_curve(config, self.context)
         self.authenticator = curve[1] if curve else None
         secure = curve[0].serve if curve else None
-        self.deliver = make_socket(self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], prepare=secure, **hwm)
+        # Consumers' SUB sockets send only (un)subscribe frames here: their consumer ids.
+        self.deliver = make_socket(
+            self.context, zmq.PUB, bind=config.sender_deliver_endpoints[index], prepare=secure, max_frame_bytes=MAX_CONTROL_FRAME_BYTES, **hwm
+        )
         # Consumers send headers only (ATTACH, ACK, NACK, DETACH), never payloads.
         self.consumer_in = make_socket(
             self.context, zmq.PULL, bind=config.sender_ack_endpoints[index], prepare=secure, max_frame_bytes=MAX_CONTROL_FRAME_BYTES, **hwm

@@ -222,6 +222,31 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
     assert not (tmp_path / "data").exists(), "a refused start leaves no folder of its own behind"
 
 
+def test_metrics_port_in_use_fails_fast_and_leaves_a_new_folder_unmade(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Its FRONTENDS file, written before the port was tried, fixed the frontend count of a folder that never held data."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    with socket.socket() as squatter:
+        squatter.bind(("127.0.0.1", 0))
+        squatter.listen()
+        port = squatter.getsockname()[1]
+        result = subprocess.run(
+            [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "new" / "data"), "--port", "0", "--metrics-port", str(port)],
+            env=launcher_env(),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=PROJECT_ROOT,
+        )
+    assert result.returncode == 2, result.stderr
+    assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr, result.stderr
+    assert not (tmp_path / "new").exists(), "both folders made for the refused start are gone"
+
+
 @pytest.mark.parametrize(
     ("flags", "env", "expected"),
     [

@@ -594,8 +594,9 @@ def test_internal_verb_with_a_bad_header_gets_unknown_command(requests: RequestL
     check_reply(reply[1:], body, frozenset({"unknown_command"}), ok_allowed=False)
 
 
-def test_deeply_nested_ignored_field_in_an_admin_request_is_not_an_internal_error(requests: RequestLink) -> None:
-    body = [SIGNATURE, b"TOPIC_LIST", b"r1", b'{"prefix": "fz.", "x-ignored": ' + b"[" * 300 + b"]" * 300 + b"}"]
+def test_deeply_nested_setting_in_an_admin_request_is_not_an_internal_error(requests: RequestLink) -> None:
+    # The frontend relays settings to metadata unread: orjson parses deeper nesting than it writes back.
+    body = [SIGNATURE, b"TOPIC_CREATE", b"r1", b'{"name": "fz.nested", "settings": {"retention": ' + b"[" * 300 + b"]" * 300 + b"}}"]
     reply = requests.exchange([b"", *body])
     check_reply(reply[1:], body, FIELD_LEVEL_CODES, ok_allowed=True)
 
