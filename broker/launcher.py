@@ -44,7 +44,7 @@ from broker.config import (
 )
 from broker.curve import ServerKeys
 from broker.metrics import METRICS_DIR_NAME, MetricsServer
-from broker.runtime import READY_PREFIX, configure_logging
+from broker.runtime import LAUNCHER_PID_ENV, READY_PREFIX, configure_logging
 from clients.protocol import Command, HeraldError, decode, encode, split_envelope
 
 log = logging.getLogger("herald.launcher")
@@ -131,6 +131,7 @@ class Launcher:
     def _spawn(self, child: Child) -> None:
         env = dict(os.environ)
         env["PYTHONPATH"] = PROJECT_ROOT + os.pathsep + env.get("PYTHONPATH", "") if env.get("PYTHONPATH") else PROJECT_ROOT
+        env[LAUNCHER_PID_ENV] = str(os.getpid())  # the child stops once this process is gone (see StopFlag)
         child.ready.clear()
         child.process = subprocess.Popen(
             [sys.executable, *child.args],

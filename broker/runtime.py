@@ -12,6 +12,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
@@ -148,17 +149,37 @@ def announce_ready(role: str, **details: Any) -> None:
     print(f"{READY_PREFIX} {role} pid={os.getpid()} {fields}".rstrip(), flush=True)
 
 
+# Set by the launcher in each child's environment: the pid a child must stay a child of.
+LAUNCHER_PID_ENV: Final = "HERALD_LAUNCHER_PID"
+LAUNCHER_CHECK_INTERVAL_S: Final = 0.5
+
+
 class StopFlag:
-    """Set by SIGTERM or SIGINT; the poll loop checks it between bursts."""
+    """Set by SIGTERM or SIGINT, or (for a child of ``herald up``) once the launcher is gone; the poll loop checks it between bursts."""
 
     def __init__(self) -> None:
         self.stopping = False
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+        launcher = os.environ.get(LAUNCHER_PID_ENV, "")
+        if launcher.isdigit():
+            threading.Thread(target=self._watch_launcher, args=(int(launcher),), name="launcher-watch", daemon=True).start()
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
         log.info("received %s, stopping", signal.Signals(signum).name)
         self.stopping = True
+
+    def _watch_launcher(self, launcher_pid: int) -> None:
+        # A launcher killed outright (SIGKILL, the OOM killer) stops nobody: its
+        # children would run on unsupervised, holding the ports and the data
+        # folder, so that a new `herald up` could not start. Once the launcher is
+        # gone the child is re-parented, and stops as on SIGTERM (drained, in order).
+        while not self.stopping:
+            if os.getppid() != launcher_pid:
+                log.warning("the launcher (pid %d) is gone; stopping", launcher_pid)
+                self.stopping = True
+                return
+            time.sleep(LAUNCHER_CHECK_INTERVAL_S)
 
 
 class LRUCache(Generic[K, V]):

@@ -163,7 +163,7 @@ class HeraldSystem:
         if self.process is not None:
             self.process.wait(10)
         for pid in pids:
-            wait_for(lambda pid=pid: not _alive(pid), message=f"pid {pid} gone")
+            wait_for(lambda pid=pid: not process_alive(pid), message=f"pid {pid} gone")
 
     def stop(self, timeout: float = 30.0) -> int | None:
         if self.process is None:
@@ -184,7 +184,7 @@ class HeraldSystem:
         return self.start()
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import zmq
 
+from clients import Client
 from clients.protocol import Command, decode, encode, encode_publish, split_envelope
-from tests.conftest import HeraldSystem, RawClient, launcher_env, stored_messages, topic_for_shard, wait_for
+from tests.conftest import HeraldSystem, RawClient, launcher_env, process_alive, stored_messages, topic_for_shard, wait_for
 
 
 class PipelinedPublisher:
@@ -382,3 +383,26 @@ def test_crash_looping_child_makes_the_launcher_give_up(herald: HeraldSystem) ->
     shutil.move(herald.data_dir / "metadata.moved", metadata_dir)
     herald.start()
     assert os.path.exists(herald.data_dir / "herald-status.json")
+
+
+def test_children_of_a_launcher_killed_outright_stop_and_a_new_launcher_starts(herald: HeraldSystem) -> None:
+    """Found by an operator: after a SIGKILL of `herald up` (the OOM killer), its children ran on
+    unsupervised, holding the ports and the folder, so a new `herald up` could not start."""
+    with Client(herald.endpoint) as client:
+        client.create_topic("orphans")
+        client.create_subscription("orphans", "orphans-sub")
+        acked = client.publish_batch("orphans", [b"before the kill"] * 50)
+    children = [child["pid"] for child in herald.status()["children"] if child["pid"]]
+    assert herald.process is not None
+    herald.process.kill()
+    herald.process.wait(10)
+    for pid in children:
+        wait_for(lambda pid=pid: not process_alive(pid), timeout=20, message=f"child pid {pid} stopped after its launcher was killed")
+    assert "the launcher (pid" in herald.log_path.read_text() and "is gone; stopping" in herald.log_path.read_text()
+    herald.start()
+    with Client(herald.endpoint) as client, client.subscribe("orphans", "orphans-sub") as subscription:
+        received = set()
+        while len(received) < len(acked) and (message := subscription.receive(timeout=10)) is not None:
+            received.add(message.id)
+            message.ack()
+    assert received == set(acked)

@@ -46,7 +46,7 @@ from hypothesis import HealthCheck, given, seed, settings
 
 from clients import Client
 from clients.protocol import ERROR_CATALOG, SIGNATURE, Command, encode, encode_attach, shard_of
-from tests.conftest import HeraldSystem, wait_for
+from tests.conftest import HeraldSystem, process_alive, wait_for
 from tests.fuzz_frames import (
     ACK_SUBSCRIPTION_PREFIX,
     ACK_TOPIC,
@@ -511,15 +511,6 @@ def test_mutated_consumer_messages_get_the_documented_answer_and_the_sender_surv
 # overflowed the C stack at ~130,000 levels (CVE-2024-27454); pyproject now
 # requires a fixed orjson. MAX_HEADER_BYTES (4 MiB) lets such a header in.
 DEEP_JSON: Final = b"[" * 140_000 + b"]" * 140_000
-
-
-def process_alive(pid: int) -> bool:
-    """Whether ``pid`` runs (a zombie the launcher has not reaped yet counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split()[2] != "Z"
-    except OSError:
-        return False
 
 
 def running_pids(system: HeraldSystem, prefix: str) -> dict[str, int]:
