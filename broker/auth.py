@@ -77,7 +77,9 @@ class Authorizer:
         token = header.get(TOKEN_HEADER)
         if not isinstance(token, str) or not token:
             self.refused["unauthenticated"] += 1
-            raise HeraldError("unauthenticated", "this server requires a token: pass token=... to the client (header field 'token')")
+            raise HeraldError(
+                "unauthenticated", "this server requires a token: the header field 'token' (Python: Client(token=...); herald: --token or $HERALD_TOKEN)"
+            )
         credential = self._known.get(token)
         if credential is None:
             credential = self._by_hash.get(hash_token(token))

@@ -212,6 +212,7 @@ def _credential_from_json(raw: Any) -> Credential:
 # Keys of the file `herald up --config` reads; endpoints always come from flags.
 TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm", "request_hwm", "max_topics", "max_subscriptions"})
 PATH_KEYS: Final = frozenset({"curve_secret_key_file", "curve_clients_dir"})
+TUNABLE_MAXIMUM: Final = 2**31 - 1  # a ZeroMQ high-water mark is a C int
 CREDENTIAL_KEYS: Final = frozenset({"name", "token", "token_sha256", "publish", "subscribe", "admin", "publish_rate", "publish_bytes_rate"})
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
 
@@ -255,7 +256,12 @@ def load_up_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             raise fail(key, f"{key} = {value!r} must be a positive integer")
         if key == "max_payload_bytes" and value > MAX_PAYLOAD_CEILING:
             raise fail(key, f"{key} = {value!r} exceeds {MAX_PAYLOAD_CEILING} (64 MiB), the most a payload may be")
+        if value > TUNABLE_MAXIMUM:
+            raise fail(key, f"{key} = {value!r} exceeds {TUNABLE_MAXIMUM}, the largest value ZeroMQ and the roles take")
         overrides[key] = value
+    if "curve_clients_dir" in overrides and "curve_secret_key_file" not in overrides:
+        # CURVE is on only with the server's secret key: an allow-list alone would leave the server open.
+        raise fail("curve_clients_dir", "curve_clients_dir needs curve_secret_key_file too: without the server's secret key CURVE is off")
     credentials = raw.get("credentials", [])
     if not isinstance(credentials, list) or not all(isinstance(c, dict) for c in credentials):
         raise fail("credentials", "credentials must be an array of tables: [[credentials]]")

@@ -114,7 +114,11 @@ class Launcher:
         self._lock_file = lock
 
     def plan(self) -> None:
-        self.config_path.write_bytes(self.config.to_json())
+        # Owner-only: it holds the credentials' token hashes.
+        descriptor = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "wb") as runtime_config:
+            runtime_config.write(self.config.to_json())
+        os.chmod(self.config_path, 0o600)  # a file left by an older run keeps its mode otherwise
         # Written whole or not at all: a torn file would keep every later start from reading the count.
         staged = self.data_dir / f"{FRONTENDS_FILE}.tmp"
         staged.write_text(str(self.config.frontends))
@@ -152,10 +156,15 @@ class Launcher:
                 child.ready.set()
 
     def start_all(self) -> None:
+        """Start the children in order, each once the one before is ready; stop starting on SIGTERM or SIGINT."""
         for child in self.children:
+            if self.stopping:
+                return
             self._spawn(child)
             deadline = time.monotonic() + CHILD_READY_TIMEOUT_S
             while not child.ready.wait(SUPERVISE_INTERVAL_S):
+                if self.stopping:
+                    return
                 code = child.process.poll() if child.process else None
                 if code is not None:
                     raise RuntimeError(f"{child.name} exited with code {code} while starting; its log is above")
@@ -286,6 +295,8 @@ class Launcher:
         self.plan()
         try:
             self.start_all()
+            if self.stopping:
+                return 0  # stopped while starting: no ready line for a system that is going away (finally stops what started)
             if self.metrics is not None:
                 self.metrics.start()
                 log.info("metrics on http://%s:%d/metrics, health on /health", self.config.host, self.metrics.port)
@@ -359,6 +370,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     port = whole_number(0, 65535, "PORT")
 
+    def durability(text: str) -> str:
+        # A type, not choices: argparse checks choices on flags only, never on the $HERALD_* default.
+        if text not in ("fsync", "async"):
+            raise argparse.ArgumentTypeError(f"{text!r} is neither fsync nor async (from the flag or ${ENV_PREFIX}DURABILITY)")
+        return text
+
     parser = argparse.ArgumentParser(prog="herald up", description="Run the whole Herald system on this machine.")
     parser.add_argument(
         "--data-dir", default=env("DATA_DIR", DEFAULT_DATA_DIR), help=f"where RocksDB keeps everything (default {DEFAULT_DATA_DIR}; $HERALD_DATA_DIR)"
@@ -379,7 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--durability",
-        choices=["fsync", "async"],
+        type=durability,
+        metavar="{fsync,async}",
         default=env("DURABILITY", "fsync"),
         help="fsync: acknowledge after the WAL is fsync'd (default); async: after the OS has it (survives a process crash, not a power loss); $HERALD_DURABILITY",
     )

@@ -60,12 +60,19 @@ class JsonFormatter(logging.Formatter):
 def configure_logging(role: str) -> None:
     """Log to stderr: HERALD_LOG_LEVEL (default INFO) and HERALD_LOG_FORMAT (text, or json for one object per line)."""
     level = os.environ.get("HERALD_LOG_LEVEL", "INFO").upper()
+    log_format = os.environ.get("HERALD_LOG_FORMAT", "text").lower()
     handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("HERALD_LOG_FORMAT", "text").lower() == "json":
+    if log_format == "json":
         handler.setFormatter(JsonFormatter(role))
     else:
         handler.setFormatter(logging.Formatter(f"%(asctime)s {role}[%(process)d] %(levelname)s %(message)s"))
-    logging.basicConfig(level=getattr(logging, level, logging.INFO), handlers=[handler])
+    known_level = level in LOG_LEVELS
+    logging.basicConfig(level=level if known_level else logging.INFO, handlers=[handler])
+    # Said once, not ignored: a typo would otherwise hide the DEBUG lines someone asked for.
+    if not known_level:
+        log.warning("HERALD_LOG_LEVEL=%r is not one of %s; logging at INFO", level, ", ".join(LOG_LEVELS))
+    if log_format not in ("text", "json"):
+        log.warning("HERALD_LOG_FORMAT=%r is neither text nor json; logging text", log_format)
 
 
 class Hwm(TypedDict):
@@ -149,6 +156,7 @@ def announce_ready(role: str, **details: Any) -> None:
     print(f"{READY_PREFIX} {role} pid={os.getpid()} {fields}".rstrip(), flush=True)
 
 
+LOG_LEVELS: Final = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 # Set by the launcher in each child's environment: the pid a child must stay a child of.
 LAUNCHER_PID_ENV: Final = "HERALD_LAUNCHER_PID"
 LAUNCHER_CHECK_INTERVAL_S: Final = 0.5

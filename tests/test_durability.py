@@ -199,6 +199,29 @@ def test_sigterm_drains_and_exits_zero(herald: HeraldSystem) -> None:
     _ = encode  # frames are built by the protocol module only
 
 
+def test_sigterm_while_starting_stops_without_a_ready_line(tmp_path: Path) -> None:
+    """Found by an operator: a SIGTERM 0.4 s after start went on starting every role and printed the ready line."""
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    process = subprocess.Popen(
+        [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), "--port", "0"],
+        env=launcher_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        cwd=PROJECT_ROOT,
+    )
+    planned = tmp_path / "data" / "herald-runtime.json"  # written just before the first role starts
+    wait_for(lambda: planned.exists(), timeout=30, interval=0.02, message="the launcher is starting its roles")
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    assert process.returncode == 0, stderr.decode()
+    assert b"herald ready" not in stdout, stdout
+    assert "started proxy" not in stderr.decode(), "went on starting roles after SIGTERM"
+
+
 def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import socket
     import subprocess
@@ -256,6 +279,7 @@ def test_metrics_port_in_use_fails_fast_and_leaves_a_new_folder_unmade(tmp_path)
         (["--metrics-port", "70000"], {}, "argument --metrics-port: 70000 is outside 0..65535"),
         (["--frontends", "0"], {}, "argument --frontends: 0 is outside 1..1024"),
         ([], {"HERALD_PORT": "abc"}, "argument --port: 'abc' is not a whole number (from the flag or $HERALD_PORT)"),
+        ([], {"HERALD_DURABILITY": "sync"}, "argument --durability: 'sync' is neither fsync nor async (from the flag or $HERALD_DURABILITY)"),
     ],
 )
 def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: list[str], env: dict[str, str], expected: str) -> None:  # type: ignore[no-untyped-def]

@@ -234,6 +234,8 @@ def test_an_open_server_says_so(herald: HeraldSystem) -> None:
         ("max_topics = 10\nnot_a_key = 1\n", ":2: unknown key 'not_a_key'"),
         ("max_topics = -1\n", ":1: max_topics = -1 must be a positive integer"),
         ("max_topics = 5\nmax_payload_bytes = 100000000000\n", ":2: max_payload_bytes = 100000000000 exceeds 67108864 (64 MiB)"),
+        ("sndhwm = 100000000000\n", ":1: sndhwm = 100000000000 exceeds 2147483647"),
+        ('curve_clients_dir = "."\n', ":1: curve_clients_dir needs curve_secret_key_file too"),
         ('[[credentials]]\nname = "a"\ntoken = "short"\n', ":3: credential 'a': token must be a string of at least 16 characters"),
         (
             '[[credentials]]\nname = "a"\ntoken = "0123456789abcdef0"\n\n[[credentials]]\nname = "b"\ntoken = "0123456789abcdef0"\n',
