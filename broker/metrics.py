@@ -14,6 +14,7 @@ process needs no extra port and a snapshot outlives a crash for inspection).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -100,7 +101,7 @@ class SnapshotWriter:
         try:
             self.directory.mkdir(exist_ok=True)
             tmp = self.path.with_suffix(".tmp")
-            tmp.write_bytes(orjson.dumps({**snapshot, "written_at": time.time()}))
+            tmp.write_bytes(orjson.dumps({**snapshot, "pid": os.getpid(), "written_at": time.time()}))
             tmp.replace(self.path)
             self._failed = False
         except OSError as exc:
@@ -207,10 +208,14 @@ def health(data_dir: str, processes: list[dict[str, Any]]) -> tuple[bool, dict[s
     roles: dict[str, str] = {}
     for child in processes:
         name = child["name"]
+        snapshot = snapshots.get(name, {})
         if not child["running"]:
             roles[name] = "not running"
-        elif name != "proxy" and now - float(snapshots.get(name, {}).get("written_at", 0.0)) > STALE_AFTER_S:
+        elif name != "proxy" and now - float(snapshot.get("written_at", 0.0)) > STALE_AFTER_S:
             roles[name] = f"no snapshot for {STALE_AFTER_S:g} s (stopped or stuck)"
+        elif name != "proxy" and snapshot.get("pid") not in (None, child.get("pid")):
+            # The snapshot is its previous process's: a restarted role is not ok until it has written one.
+            roles[name] = "restarted, no snapshot of its own yet"
         else:
             roles[name] = "ok"
     healthy = bool(roles) and all(state == "ok" for state in roles.values())

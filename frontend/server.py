@@ -372,6 +372,7 @@ class DispatchChunk:
 class SenderPeer:
     epoch: int = 0
     last_seen: float = 0.0
+    silent: bool = False  # reported as "stopped answering", not heard from since
 
 
 class FrontendServer:
@@ -616,6 +617,7 @@ class FrontendServer:
             if peer.epoch and peer.last_seen < cutoff:
                 log.warning("sender %d stopped answering; its deliveries will be handed out again", sender_index)
                 peer.epoch = 0
+                peer.silent = True
                 for cursor in self.cursors.values():
                     if cursor.sender == sender_index:
                         self._reset_cursor(cursor)
@@ -1382,6 +1384,9 @@ class FrontendServer:
     def _on_credit(self, header: dict[str, Any]) -> None:
         sender_index, epoch, windows = decode_credit(header, len(self.sender_peers))
         peer = self.sender_peers[sender_index]
+        if peer.silent:
+            peer.silent = False
+            log.warning("sender %d is answering again; handing its deliveries out again", sender_index)
         if peer.epoch != epoch:
             if peer.epoch:
                 log.info("sender %d restarted; handing its deliveries out again", sender_index)

@@ -336,7 +336,12 @@ class MetadataServer:
         peer = self.frontends.get(identity)
         if peer is None:
             peer = self.frontends[identity] = FrontendPeer(index=int(header.get("frontend", -1)))
-            log.info("frontend %d registered", peer.index)
+            # A restarted frontend comes back under a new socket identity: its old
+            # instance is gone, and must not be reported as "stopped answering" later.
+            replaced = [other for other, known in self.frontends.items() if known.index == peer.index and other != identity]
+            for other in replaced:
+                del self.frontends[other]
+            log.info("frontend %d registered%s", peer.index, " (a new instance)" if replaced else "")
         peer.last_seen = time.monotonic()
         version = header.get("version")
         if isinstance(version, int):
