@@ -142,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--topic", help="only subscriptions of this topic")
     sub_commands.add_parser("describe", help="print a subscription as JSON").add_argument("name")
 
-    subscribe = commands.add_parser("subscribe", help="print messages as JSON lines and acknowledge them")
+    subscribe = commands.add_parser(
+        "subscribe", help="print messages as JSON lines (data, or data_base64 for a payload that is not UTF-8) and acknowledge them"
+    )
     subscribe.add_argument("topic")
     subscribe.add_argument("name", help="subscription name (created when absent)")
     subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
