@@ -54,7 +54,7 @@ REQUEST_TIMEOUT_S: Final = 10.0
 Durability = Literal["fsync", "async"]
 
 
-MAX_DEFAULT_FRONTENDS: Final = 8  # the default's ceiling: each frontend holds ~100 MiB of RocksDB buffers
+MAX_DEFAULT_FRONTENDS: Final = 8  # the default's ceiling: each frontend may hold 160 MiB of RocksDB write buffers and block cache
 
 
 def usable_cpus() -> int:

@@ -211,7 +211,10 @@ class Launcher:
                 continue
             child.restart_times = [t for t in child.restart_times if now - t < CRASH_LOOP_WINDOW_S]
             if len(child.restart_times) >= CRASH_LOOP_RESTARTS:
-                self.gave_up = f"{child.name} crashed {len(child.restart_times)} times in {CRASH_LOOP_WINDOW_S:.0f} s (last exit code {code}); giving up"
+                self.gave_up = (
+                    f"{child.name} crashed {len(child.restart_times) + 1} times in {CRASH_LOOP_WINDOW_S:.0f} s"
+                    f" (restarted {len(child.restart_times)} times; last exit code {code}); giving up"
+                )
                 log.error(self.gave_up)
                 self.stopping = True
                 return

@@ -61,7 +61,7 @@ LABELLED_GAUGES: Final = {
     "backlog": ("subscription", "messages stored and not yet settled, per subscription (in this frontend's shard)"),
 }
 HELP: Final = {
-    "requests": "client requests received",
+    "requests": "requests received (frontends: client requests; metadata: also the frontends' heartbeats)",
     "errors": "client requests answered with an error",
     "published": "messages stored (fsync'd) and acknowledged",
     "ids_indexed": "of those, messages whose id (set by the caller) is an index key of its own for the dedup window",
@@ -70,10 +70,10 @@ HELP: Final = {
     "forwarded": "publishes forwarded to the frontend owning the topic",
     "dispatched": "deliveries handed from a frontend to a sender, or taken by a sender",
     "dispatches_refused": "deliveries a sender's full intake refused; they stay on disk and are handed out again",
-    "completed": "deliveries settled (acknowledged, expired or dead-lettered)",
+    "completed": "deliveries settled by senders' COMPLETE notices (acknowledged, or filtered out)",
     "dead_lettered": "messages moved to a dead-letter topic",
     "commits": "group commits (one fsync each)",
-    "storage_failures": "writes the store refused (group commits, acknowledgements, attempt numbers)",
+    "storage_failures": "writes the store refused (group commits, acknowledgements, attempt numbers, retention sweeps, purges)",
     "bad_control_messages": "malformed internal messages dropped by a frontend",
     "bad_dispatches": "malformed DISPATCH messages dropped by a sender",
     "bad_unseen": "DETACH messages whose malformed unseen list was ignored",

@@ -78,6 +78,7 @@ log = logging.getLogger("herald.frontend")
 
 TOPIC_CACHE_ENTRIES: Final = 100_000
 RETENTION_SWEEP_INTERVAL_S: Final = 1.0
+PURGE_RETRY_S: Final = 5.0  # after a failed purge write (a full disk)
 DISPATCH_SCAN_LIMIT: Final = 2000  # backlog entries read per subscription per pass
 DISPATCH_PASS_LIMIT: Final = 2000  # ...and for all subscriptions together
 # A DISPATCH message is cut at this many entries or this estimated header size,
@@ -429,6 +430,8 @@ class FrontendServer:
         self.expired_in_sweep = 0  # messages the retention sweep under way has removed
         self.dispatch_turn = 0  # which ready subscription the next backlog pass starts with
         self.dispatch_more = False  # the last backlog pass stopped at DISPATCH_PASS_LIMIT
+        self.purge_retry_at = 0.0  # monotonic time before which a failed purge is not tried again
+        self.refused_writes = 0  # batches refused since the last write that succeeded
         self.subscription_list: Literal["asked", "wanted", "done"] = "asked"  # the SUB_LIST at start (see _on_subscription_list)
         self.closing = False
         self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
@@ -483,7 +486,7 @@ class FrontendServer:
                 # Likewise while a backlog pass stopped at its limit, a deleted backlog
                 # is being purged or expired messages removed: one chunk per pass,
                 # between requests.
-                chunked_work = self.dispatch_more or self.store.purge_runnable or self.store.expiring
+                chunked_work = self.dispatch_more or self._purge_due or self.store.expiring
                 timeout = 0 if chunked_work else FORWARD_RETRY_MS if forwards_waiting else 50
                 ready = dict((full_poller if paused else poller).poll(timeout=timeout))
                 if self.metadata.events in ready:
@@ -521,7 +524,7 @@ class FrontendServer:
                 if store.settles_waiting and (store.settles_waiting >= SETTLES_WAITING_MAX or (self.backend not in ready and not writer.finished)):
                     store.apply_settles()
                 self._dispatch_backlogs()
-                if self.store.purge_runnable:
+                if self._purge_due:
                     self._purge_deleted()
                 if self.store.expiring:
                     self._sweep_retention()
@@ -547,7 +550,7 @@ class FrontendServer:
                 self._finish_commit(job)  # submits the next batch, if any
         # What is left of a deleted backlog after this is purged at the next start.
         deadline = time.monotonic() + SHUTDOWN_PURGE_S
-        while self.store.purge_runnable and time.monotonic() < deadline:
+        while self._purge_due and time.monotonic() < deadline:
             self._purge_deleted()
         self.writer.close()
         for sock in (self.backend, self.control, self.live, *self.senders, *self.peers.values()):
@@ -591,12 +594,18 @@ class FrontendServer:
         if orphans:
             log.info("purging the backlogs of %d deleted subscriptions (ids %s)", len(orphans), ", ".join(map(str, orphans[:10])))
 
+    @property
+    def _purge_due(self) -> bool:
+        return self.store.purge_runnable and time.monotonic() >= self.purge_retry_at
+
     def _purge_deleted(self, limit: int = PURGE_CHUNK) -> None:
         try:
             self.counters["purged"] += self.store.purge(limit)
         except StorageError as exc:
-            log.error("could not remove the backlog of deleted subscriptions: %s; retention or the next start removes it", exc)
-            self.store.cancel_purges()
+            # A full disk: the purges wait and try again, so the space they free comes back once there is room to write.
+            self.counters["storage_failures"] += 1
+            self.purge_retry_at = time.monotonic() + PURGE_RETRY_S
+            log.error("could not remove the backlog of deleted subscriptions: %s; trying again in %.0f s", exc, PURGE_RETRY_S)
 
     def _write_snapshot(self) -> None:
         self.snapshots.write(
@@ -628,6 +637,7 @@ class FrontendServer:
         try:
             removed = self.store.expire(int(time.time() * 1000))
         except StorageError as exc:
+            self.counters["storage_failures"] += 1
             log.error("retention sweep failed: %s", exc)
             return
         if removed:
@@ -1056,6 +1066,7 @@ class FrontendServer:
     def _finish_commit(self, job: CommitJob) -> None:
         if job.error is not None:
             self.counters["storage_failures"] += 1
+            self.refused_writes += 1
             log.error("write of %d messages failed, refusing them: %s", len(job.messages), job.error)
             for sub_id, message, _ in job.plan:
                 cursor = self.cursors.get(sub_id)
@@ -1087,6 +1098,10 @@ class FrontendServer:
                 self.stop.stopping = True
                 self.exit_code = 1
         else:
+            if self.refused_writes:
+                # The counterpart of the ERROR lines above, for whoever is watching a full disk.
+                log.warning("the shard writes again, after %d refused batches", self.refused_writes)
+                self.refused_writes = 0
             self.counters["commits"] += 1
             self.commit_seconds.observe(time.monotonic() - job.submitted_at)
             self.counters["published"] += len(job.messages)
@@ -1344,6 +1359,7 @@ class FrontendServer:
             try:
                 self.store.record_attempts(sent, known_pending=True)
             except StorageError as exc:
+                self.counters["storage_failures"] += 1
                 log.error("could not record attempts: %s", exc)
 
     # ------------------------------------------------------------------ control socket

@@ -1020,8 +1020,8 @@ class ShardStore:
             The number of entries removed.
 
         Raises:
-            StorageError: the write failed (the frontend then drops every purge:
-                see :meth:`cancel_purges`).
+            StorageError: the write failed; nothing was removed, and a later
+                call resumes where this one started.
         """
         self.apply_settles()
         removed = 0
@@ -1073,10 +1073,6 @@ class ShardStore:
         for sub_id in orphans:
             self.delete_subscription(sub_id)
         return orphans
-
-    def cancel_purges(self) -> None:
-        """Stop removing deleted backlogs (after a failed write; retention, or the next start, frees them)."""
-        self._purges.clear()
 
     def expire(self, now_ms: int, limit: int = EXPIRE_CHUNK) -> int:
         """Remove messages and dedup ids whose time is up, oldest first: about ``limit`` of each per call.
@@ -1148,7 +1144,8 @@ class ShardStore:
             else:  # written to since this check was set: look again when it is due now
                 batch.put(_SEQUENCE_EXPIRY + _U64.pack(record.expire_ms) + record_key, b"")
         try:
-            self._write(batch, self._lazy)
+            if not batch.is_empty():  # nothing due: no WAL append (the sweep runs every second, idle or not)
+                self._write(batch, self._lazy)
         except StorageError:
             self._restore_implicit(implicit_forgotten)
             raise
