@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import itertools
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -12,7 +14,13 @@ import zmq
 
 from clients import Client
 from clients.protocol import Command, decode, encode, encode_publish, split_envelope
-from tests.conftest import HeraldSystem, RawClient, launcher_env, process_alive, stored_messages, topic_for_shard, wait_for
+from tests.conftest import PROJECT_ROOT, HeraldSystem, RawClient, launcher_env, process_alive, stored_messages, topic_for_shard, wait_for
+
+
+def run_launcher(data_dir: Path, *flags: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `herald up` to its end, for starts that must be refused: its exit code and output."""
+    command = [sys.executable, "-m", "broker.launcher", "--data-dir", str(data_dir), *flags]
+    return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT, env=launcher_env(**(env or {})))
 
 
 class PipelinedPublisher:
@@ -164,20 +172,10 @@ def test_status_and_info(herald: HeraldSystem) -> None:
 
 
 def test_second_launcher_on_same_data_dir_fails_fast(herald: HeraldSystem) -> None:
-    import subprocess
-    import sys
 
-    from tests.conftest import PROJECT_ROOT
-
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.launcher", "--data-dir", str(herald.data_dir), "--port", "0"],
-        capture_output=True,
-        timeout=30,
-        cwd=PROJECT_ROOT,
-        env=launcher_env(),
-    )
+    result = run_launcher(herald.data_dir, "--port", "0")
     assert result.returncode == 2
-    assert b"in use" in result.stderr
+    assert "in use" in result.stderr
     raw = RawClient(herald.endpoint)
     assert raw.request(Command.PING).command is Command.OK
     raw.close()
@@ -201,11 +199,6 @@ def test_sigterm_drains_and_exits_zero(herald: HeraldSystem) -> None:
 
 def test_sigterm_while_starting_stops_without_a_ready_line(tmp_path: Path) -> None:
     """Found by an operator: a SIGTERM 0.4 s after start went on starting every role and printed the ready line."""
-    import subprocess
-    import sys
-
-    from tests.conftest import PROJECT_ROOT
-
     process = subprocess.Popen(
         [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), "--port", "0"],
         env=launcher_env(),
@@ -224,23 +217,12 @@ def test_sigterm_while_starting_stops_without_a_ready_line(tmp_path: Path) -> No
 
 def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  # type: ignore[no-untyped-def]
     import socket
-    import subprocess
-    import sys
-
-    from tests.conftest import PROJECT_ROOT
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), "--port", str(port)],
-            env=launcher_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=PROJECT_ROOT,
-        )
+        result = run_launcher(tmp_path / "data", "--port", str(port))
     assert result.returncode == 2
     assert f"tcp://127.0.0.1:{port} is already in use" in result.stderr
     assert not (tmp_path / "data").exists(), "a refused start leaves no folder of its own behind"
@@ -249,23 +231,12 @@ def test_client_port_in_use_fails_fast_with_a_clear_message(tmp_path) -> None:  
 def test_metrics_port_in_use_fails_fast_and_leaves_a_new_folder_unmade(tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Its FRONTENDS file, written before the port was tried, fixed the frontend count of a folder that never held data."""
     import socket
-    import subprocess
-    import sys
-
-    from tests.conftest import PROJECT_ROOT
 
     with socket.socket() as squatter:
         squatter.bind(("127.0.0.1", 0))
         squatter.listen()
         port = squatter.getsockname()[1]
-        result = subprocess.run(
-            [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "new" / "data"), "--port", "0", "--metrics-port", str(port)],
-            env=launcher_env(),
-            capture_output=True,
-            text=True,
-            timeout=60,
-            cwd=PROJECT_ROOT,
-        )
+        result = run_launcher(tmp_path / "new" / "data", "--port", "0", "--metrics-port", str(port))
     assert result.returncode == 2, result.stderr
     assert f"cannot serve metrics on 127.0.0.1:{port}" in result.stderr, result.stderr
     assert not (tmp_path / "new").exists(), "both folders made for the refused start are gone"
@@ -283,19 +254,8 @@ def test_metrics_port_in_use_fails_fast_and_leaves_a_new_folder_unmade(tmp_path)
     ],
 )
 def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: list[str], env: dict[str, str], expected: str) -> None:  # type: ignore[no-untyped-def]
-    import subprocess
-    import sys
 
-    from tests.conftest import PROJECT_ROOT
-
-    result = subprocess.run(
-        [sys.executable, "-m", "broker.launcher", "--data-dir", str(tmp_path / "data"), *flags],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=PROJECT_ROOT,
-        env=launcher_env(**env),
-    )
+    result = run_launcher(tmp_path / "data", *flags, env=env)
     assert (result.returncode, "Traceback" in result.stderr) == (2, False), result.stderr
     assert expected in result.stderr, result.stderr
     assert not (tmp_path / "data").exists()  # refused before anything was created
@@ -306,11 +266,8 @@ def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(heral
     keeps the count it was created with, even where the machine's default differs, and even with
     its FRONTENDS file or its runtime config gone; a conflicting flag or a damaged FRONTENDS file is a usage error, not a
     stranded shard or a traceback."""
-    import subprocess
-    import sys
 
     from broker.config import default_frontends
-    from tests.conftest import PROJECT_ROOT
 
     def frontends_running(system: HeraldSystem) -> int:
         return sum(1 for child in system.status()["children"] if child["name"].startswith("frontend-"))
@@ -333,8 +290,7 @@ def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(heral
     by_shards.stop()
 
     def launch(data_dir: Path, *flags: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "broker.launcher", "--data-dir", str(data_dir), "--port", "0", *flags]
-        return subprocess.run(command, capture_output=True, text=True, timeout=60, cwd=PROJECT_ROOT, env=launcher_env())
+        return run_launcher(data_dir, "--port", "0", *flags)
 
     conflicting = launch(created.data_dir, "--frontends", str(three + 1))
     assert (conflicting.returncode, "Traceback" in conflicting.stderr) == (2, False), conflicting.stderr
