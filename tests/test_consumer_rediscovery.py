@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -27,15 +28,32 @@ SETTINGS: dict[str, Any] = {"ack_deadline": 5, "max_attempts": 100}
 RECEIVE_TIMEOUT_S = 60.0
 
 
-def _hold_port(endpoint: str) -> socket.socket:
+def _hold_port(endpoint: str, timeout_s: float = 10.0) -> socket.socket:
     """A listening plain socket on ``endpoint``'s port, so nothing else can bind it."""
     host, _, port = endpoint.removeprefix("tcp://").rpartition(":")
-    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    # The killed sender's connections leave the port in TIME_WAIT; listening makes it taken all the same.
-    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    holder.bind((host, int(port)))
-    holder.listen(1)
-    return holder
+    deadline = time.monotonic() + timeout_s
+    while True:
+        holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # The killed sender's connections leave the port in TIME_WAIT; listening makes it taken all the same.
+        holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            holder.bind((host, int(port)))
+        except OSError:
+            holder.close()
+            # Seen once in a CI run, right after the SIGKILL of every process: the port was
+            # still taken for a moment. What holds it is in the message if it lasts.
+            if time.monotonic() > deadline:
+                try:
+                    holders = subprocess.run(["ss", "-tanp"], capture_output=True, text=True, check=False).stdout
+                except OSError:
+                    holders = "(ss is not installed)"
+                raise AssertionError(
+                    f"port {port} stayed taken for {timeout_s:g} s:\n" + "\n".join(line for line in holders.splitlines() if f":{port} " in line)
+                ) from None
+            time.sleep(0.1)
+            continue
+        holder.listen(1)
+        return holder
 
 
 class Consumer:
