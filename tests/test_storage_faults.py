@@ -24,6 +24,7 @@ from typing import Any
 import pytest
 
 from clients import Client, HeraldError, Message, PublishId, Subscription
+from clients.protocol import shard_of
 from frontend.store import ShardStore, StorageError, StoredMessage
 from tests.conftest import PROJECT_ROOT, HeraldSystem, preload_fsync_shim, stored_messages, wait_for
 
@@ -73,6 +74,7 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
     with Client(herald.endpoint, timeout=3.0) as client:
         client.create_topic("big")
         client.create_subscription("big", "big-reader")
+        client.create_subscription("big", "big-spare")
         # Random bytes: RocksDB compresses, so repeated bytes would never fill the disk.
         for _ in range(400):
             try:
@@ -86,6 +88,20 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
         assert acked, "something was stored before the disk filled"
         # Every process still runs; reads keep working on a full disk.
         assert client.describe_topic("big")["name"] == "big"
+        # Deleted on the full disk: its backlog's purge cannot be written, and is tried again until it can.
+        # (The log and the metric snapshots are on the full disk too: the owner's STATUS tells.)
+        owner = shard_of("big", 2)
+
+        def owner_statistics() -> dict[str, Any]:
+            return wait_for(lambda: (found := client.status()).get("frontend") == owner and found, interval=0.01, message="the owner answered STATUS")
+
+        failures_before = owner_statistics()["storage_failures"]
+        client.delete_subscription("big-spare")
+        wait_for(
+            lambda: (stats := owner_statistics())["purging"] == 1 and stats["storage_failures"] > failures_before + 1,
+            timeout=30,
+            message="the purge failed on the full disk, and was tried again",
+        )
         # Space comes back: the same shard takes writes again, no restart needed.
         assert _mount(["-o", "remount,size=256m", str(small_disk)]).returncode == 0
 
@@ -98,6 +114,12 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
             return True
 
         wait_for(publishes, timeout=60, interval=0.5, message="publishing works again once space is back")
+        wait_for(
+            lambda: (stats := owner_statistics())["purging"] == 0 and stats["purged"] > 0,
+            timeout=30,
+            interval=0.5,
+            message="the purge went on by itself once there was room",
+        )
         with client.subscribe("big", "big-reader") as subscription:
             received = _receive_all(subscription, acked)
     assert _running(herald), herald.status()
