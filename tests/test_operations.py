@@ -123,6 +123,18 @@ def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
     finally:
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: health(health_url)[0] == 200, timeout=15, interval=0.5, message="healthy again")
+    # A killed role is restarted within a second; until the new process writes its own snapshot the
+    # one on disk is its predecessor's, and must not make the new one "ok" (found by an operator).
+    new_pid = observed.wait_restarted("sender-0", observed.kill_child("sender-0"))
+
+    def ok_on_its_own_snapshot() -> bool:
+        if health(health_url)[1]["roles"]["sender-0"] != "ok":  # type: ignore[index]
+            return False
+        snapshot = orjson.loads((observed.data_dir / "metrics" / "sender-0.json").read_bytes())
+        assert snapshot["pid"] == new_pid, f"/health said ok on the snapshot of pid {snapshot['pid']}, not of the new sender {new_pid}"
+        return True
+
+    wait_for(ok_on_its_own_snapshot, timeout=15, interval=0.05, message="the restarted sender ok on its own snapshot")
 
 
 def test_json_logs(observed: HeraldSystem) -> None:
