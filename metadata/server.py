@@ -443,7 +443,9 @@ class MetadataServer:
         Each dead-letter copy starts again at attempt 1, so a message that fails
         everywhere would go round such a cycle for ever, an fsync'd copy per turn.
         The search follows every subscription's dead-letter topic from
-        ``dead_letter_topic``; it reads only the topics on those chains.
+        ``dead_letter_topic``; it reads only the topics on those chains, and
+        stops on reaching ``topic_name``, so the old settings of a subscription
+        being changed (it lives there) never count.
 
         Raises:
             HeraldError: ``invalid_setting``, naming the cycle.
@@ -469,8 +471,6 @@ class MetadataServer:
                     f" ({' -> '.join([topic_name, *chain])}), where they would fail again for ever; set dead_letter_topic to a topic outside it",
                 )
             for other in self.store.subscriptions(current):
-                if other["name"] == name:
-                    continue  # the subscription being defined: its old dead-letter topic no longer counts
                 following = dead_letter_topic_of(other["name"], other["settings"])
                 if following not in came_from:
                     came_from[following] = current
