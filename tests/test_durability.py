@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import zmq
 
+from broker.config import PEER_EXPIRY_S
 from clients import Client
 from clients.protocol import Command, decode, encode, encode_publish, split_envelope
 from tests.conftest import PROJECT_ROOT, HeraldSystem, RawClient, launcher_env, process_alive, stored_messages, topic_for_shard, wait_for
@@ -119,6 +120,12 @@ def test_acknowledged_publishes_survive_sigkill_of_a_frontend(herald: HeraldSyst
         publisher.pump(1.5)
     finally:
         publisher.close()
+    # Metadata knows the restarted frontend as a new instance of the old one, and does not report the
+    # old one as "stopped answering" once its heartbeats would have expired (a false alert, found by an operator).
+    time.sleep(PEER_EXPIRY_S)
+    log = herald.log_path.read_text()
+    assert "frontend 0 registered (a new instance)" in log, herald.log_tail()
+    assert "frontend 0 stopped answering" not in log, herald.log_tail()
     herald.stop()
     stored = {(m.topic, m.message_id) for m in stored_messages(herald.data_dir)}
     lost = publisher.acked - stored
