@@ -149,6 +149,29 @@ def test_the_fan_out_map_keeps_its_size_estimate_exact_through_settles_evictions
     assert [m.seq for m in store.messages()] == [m.seq for m in messages[25:] if m.expire_ms > 5_000]
 
 
+def test_cached_bodies_of_a_fan_out_backlog_share_their_subscription_list(store: ShardStore, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A decoded list of 100 ids was 4 KB of each cached body, so a fan-out backlog filled the cache with 3,500
+    messages and read the rest again: bodies with the same list share one, paid for once, and settling through the
+    cache (the map holds nothing) still keeps a message until its last subscription settles it."""
+    monkeypatch.setattr(store_module, "FANOUT_CACHE_BYTES", 1)  # every settle reads what is left, through the cache
+    monkeypatch.setattr(store_module, "SHARED_SUBSCRIPTION_IDS", 150)  # room for one list of 100, not two
+    hundred = list(range(1, 101))
+    seqs = _append(store, 200, hundred)
+    others = _append(store, 3, list(range(200, 300)), ids="other")
+    read = store.read_messages(seqs + others)
+    assert all(message is not None for message in read)
+    lists = {id(message.subscriptions) for message in read[:200] if message is not None}
+    assert len(lists) == 1, "the messages with the same list share one"
+    assert len({id(message.subscriptions) for message in read[200:] if message is not None}) == 3, "no room left to share"
+    assert store._body_bytes < 200 * 1_000 + 3 * 100 * store_module.SUBSCRIPTION_ID_BYTES + 100 * store_module.SUBSCRIPTION_ID_BYTES
+    store.complete([(sub_id, seq) for seq in seqs[:100] for sub_id in hundred[:99]])
+    assert [m.seq for m in store.messages()][:100] == seqs[:100], "subscription 100 still holds them"
+    store.complete([(100, seq) for seq in seqs[:100]])
+    assert [m.seq for m in store.messages()] == seqs[100:] + others
+    assert all(seq not in store._bodies for seq in seqs[:100]), "the cache never outlives a message"
+    assert store.backlog == dict.fromkeys(hundred, 100) | dict.fromkeys(range(200, 300), 3)
+
+
 def test_implicit_entries_become_pending_entries_when_taken_back_or_counted(store: ShardStore) -> None:
     """An implicit entry that must outlive its hand-out is written as a P key: taken back at attempt 1, at 0 after
     a refused first DISPATCH (only what a sender took is an attempt), or with the attempt number a redelivery reached."""
