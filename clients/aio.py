@@ -1054,17 +1054,41 @@ class AsyncSubscription(SubscriptionView):
             welcome: asyncio.Future[list[str]] = asyncio.get_running_loop().create_future()
             self._awaiting[request_id] = self._welcome = welcome
             async with self._deadline(f"ATTACH to subscription {self.name!r}", self._core.deliver_endpoint):
-                while not welcome.done():
-                    self._push.send(self._core.attach_frames(ready=False, request_id=request_id))
-                    await asyncio.wait([welcome], timeout=ATTACH_RETRY_S)
-                self._awaiting.pop(request_id, None)
-                welcome.result()  # raises the sender's error, if that is what came
+                while True:
+                    while not welcome.done():
+                        self._push.send(self._core.attach_frames(ready=False, request_id=request_id))
+                        await asyncio.wait([welcome], timeout=ATTACH_RETRY_S)
+                    self._awaiting.pop(request_id, None)
+                    error = welcome.exception()
+                    if error is None:
+                        break
+                    if not (isinstance(error, HeraldError) and error.code == "wrong_sender") or not await self._follow_to_serving_sender():
+                        raise self._core.failure or error
+                    request_id = self._ids.next()
+                    welcome = asyncio.get_running_loop().create_future()
+                    self._awaiting[request_id] = self._welcome = welcome
                 await self._push.send_wait(self._core.attach_frames(ready=True))
+                self._reattaching = False  # a move made while attaching is complete as well
             self._heartbeat = asyncio.get_running_loop().create_task(self._heartbeat_loop(), name=f"herald-heartbeat-{self.name}")
             _watch(self._heartbeat, self._on_task_failure)
         except BaseException:
             await self.close()
             raise
+
+    async def _follow_to_serving_sender(self) -> bool:
+        """After ``wrong_sender`` answered the first ATTACH: re-read SUB_DESCRIBE and move to the sender it names.
+
+        The record attached with was stale: the system restarted with another
+        number of senders since it was read. False (nothing changed) when the
+        re-read fails or names the same endpoints, as a sender and metadata that
+        disagree about the number of senders would.
+        """
+        try:
+            info = await self._client.describe_subscription(self.name)
+        except HeraldError as error:
+            self._core.rediscovered(None, error)
+            return False
+        return self._core.rediscovered(info, None) and self._move(info)
 
     def _on_task_failure(self, error: BaseException) -> None:
         self._fail(HeraldError("internal", f"consumer task of subscription {self.name!r} failed: {error!r}"))
@@ -1133,17 +1157,18 @@ class AsyncSubscription(SubscriptionView):
         if core.rediscovered(info, None) and not self._closed:  # else the sender may be restarting on its old ports
             self._move(info)
 
-    def _move(self, info: dict[str, Any]) -> None:
-        """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
+    def _move(self, info: dict[str, Any]) -> bool:
+        """Reconnect to the endpoints of ``info`` with fresh sockets and attach again; False if they are unusable."""
         self._sub.read_now()  # keep what already arrived
         sockets = self._core.move(info, self._client._context, self._client.curve)
         if sockets is None:
-            return
+            return False
         # The same _LoopSockets go on with the new sockets: sends waiting for room wait on the new PUSH.
         self._sub.replace(sockets[0])
         self._push.replace(sockets[1])
         self._reattaching = True
         self._send_attach()
+        return True
 
     def _fail(self, error: HeraldError) -> None:
         """Fail the subscription with ``error``: receive() raises it, waiting acks get it."""

@@ -685,7 +685,10 @@ class Subscription(SubscriptionView):
             while not self._core.welcomed:
                 reply = self._awaiting[request_id]
                 if isinstance(reply, HeraldError):
-                    raise reply
+                    if reply.code != "wrong_sender" or not self._follow_to_serving_sender(deadline):
+                        raise self._core.failure or reply
+                    self._awaiting[request_id] = None
+                    continue
                 if self._core.failure is not None:
                     raise self._core.failure
                 if time.monotonic() >= deadline:
@@ -700,6 +703,22 @@ class Subscription(SubscriptionView):
             self._awaiting.pop(request_id, None)
         if not self._send(self._core.attach_frames(ready=True), deadline):
             raise timeout_error(f"ATTACH to subscription {self.name!r}", self._core.ack_endpoint, self._timeout)
+        self._reattaching = False  # a move made while attaching is complete as well
+
+    def _follow_to_serving_sender(self, deadline: float) -> bool:
+        """After ``wrong_sender`` answered the first ATTACH: re-read SUB_DESCRIBE and move to the sender it names.
+
+        The record attached with was stale: the system restarted with another
+        number of senders since it was read. False (nothing changed) when the
+        re-read fails or names the same endpoints, as a sender and metadata that
+        disagree about the number of senders would.
+        """
+        try:
+            info = self._client._request(describe_subscription_call(self.name), timeout=max(deadline - time.monotonic(), 0.001))
+        except HeraldError as error:
+            self._core.rediscovered(None, error)
+            return False
+        return self._core.rediscovered(info, None) and self._move(info)
 
     def _maintain(self, now: float, deadline: float | None) -> None:
         """Attach again after a move, and re-read SUB_DESCRIBE when no WELCOME came for
@@ -743,19 +762,20 @@ class Subscription(SubscriptionView):
         if core.rediscovered(info, None):  # else the sender may be restarting on its old ports: ZeroMQ reconnects by itself
             self._move(info)
 
-    def _move(self, info: dict[str, Any]) -> None:
-        """Reconnect to the endpoints of ``info`` with fresh sockets and attach again."""
+    def _move(self, info: dict[str, Any]) -> bool:
+        """Reconnect to the endpoints of ``info`` with fresh sockets and attach again; False if they are unusable."""
         while self._sub.poll(0, zmq.POLLIN):  # keep what already arrived
             self._drain()
         sockets = self._core.move(info, self._client._context, self._client.curve)
         if sockets is None:
-            return
+            return False
         old_sub, old_push = self._sub, self._push
         self._sub, self._push = sockets
         old_sub.close(linger=0)
         old_push.close(linger=0)  # queued ATTACHes and acks for the old sender are worthless
         self._reattaching = True
         self._send_attach()
+        return True
 
     def _heartbeat_socket(self, endpoint: str) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._client._context.socket(zmq.PUSH)

@@ -170,3 +170,38 @@ def test_consumers_follow_their_sender_to_new_endpoints_after_a_restart(herald: 
         # The same consumer, moved: it adopted the new record and kept its state.
         assert info["endpoints"]["deliver"] not in old_delivers
         assert consumer.statistics.acked >= 1 + len(after)
+
+
+def test_a_consumer_attaching_with_a_stale_record_moves_to_the_serving_sender(herald: HeraldSystem) -> None:
+    """A SUB_DESCRIBE record read before a restart with another number of senders names the wrong sender, which
+    answers the first ATTACH with ``wrong_sender``: both clients re-read the record and attach where it says."""
+    from clients.aio import AsyncSubscription
+    from clients.client import Subscription
+
+    with Client(herald.endpoint, timeout=10) as client:
+        client.create_topic("stale")
+        senders = client.info()["endpoints"]["senders"]
+        assert len(senders) == 2, "the fixture runs two senders"
+        infos = {flavour: client.create_subscription("stale", f"stale.{flavour}") for flavour in ("sync", "async")}
+        stale = {flavour: {**info, "endpoints": next(endpoints for endpoints in senders if endpoints != info["endpoints"])} for flavour, info in infos.items()}
+        with Subscription(client, stale["sync"]) as subscription:
+            assert subscription.info["endpoints"] == infos["sync"]["endpoints"]
+            client.publish("stale", b"found")
+            message = subscription.receive(timeout=10)
+            assert message is not None and message.data == b"found"
+            assert message.ack()
+
+    async def attach_async() -> bytes:
+        async with AsyncClient(herald.endpoint, timeout=10) as aclient:
+            subscription = AsyncSubscription(aclient, stale["async"])
+            try:
+                await subscription._attach()
+                assert subscription.info["endpoints"] == infos["async"]["endpoints"]
+                message = await subscription.receive(timeout=10)
+                assert message is not None
+                assert await message.ack()
+                return message.data
+            finally:
+                await subscription.close()
+
+    assert asyncio.run(attach_async()) == b"found"
