@@ -8,13 +8,15 @@ process needs no extra port and a snapshot outlives a crash for inspection).
 - ``/metrics``: the Prometheus text format (prometheus-client), one family per
   counter, labelled by role;
 - ``/health``: 200 and a JSON body when every role runs and answered within
-  its snapshot interval, else 503 naming what is wrong.
+  its snapshot interval and the data volume has room, else 503 naming what is
+  wrong.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +34,9 @@ log = logging.getLogger("herald.metrics")
 METRICS_DIR_NAME: Final = "metrics"
 SNAPSHOT_INTERVAL_S: Final = 1.0
 STALE_AFTER_S: Final = 5.0  # a snapshot older than this marks its role unhealthy
+# RocksDB refuses every write once the volume is full, and resumes only when this
+# much is free again (a shard's write buffer: WRITE_BUFFER_BYTES in frontend/store.py).
+LOW_SPACE_BYTES: Final = 64 * 2**20
 COMMIT_BUCKETS_S: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 # Snapshot keys that are gauges (a level), not counters (a running total).
@@ -136,6 +141,10 @@ class SnapshotCollector(Collector):
             restarts.add_metric([child["name"]], float(child["restarts"]))
             uptime.add_metric([child["name"]], float(child["uptime_s"]))
         yield from (up, restarts, uptime)
+        volume = data_volume(self.data_dir)
+        if volume is not None:
+            yield GaugeMetricFamily("herald_data_volume_free_bytes", "free bytes on the data folder's volume", value=float(volume["free_bytes"]))
+            yield GaugeMetricFamily("herald_data_volume_size_bytes", "size of the data folder's volume", value=float(volume["total_bytes"]))
         families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
         for role, snapshot in read_snapshots(self.data_dir).items():
             for key, value in snapshot.items():
@@ -201,8 +210,17 @@ class CommitHistogram:
         return {"buckets": list(self.buckets), "count": self.count, "sum": round(self.sum, 6)}
 
 
+def data_volume(data_dir: str) -> dict[str, int] | None:
+    """Free and total bytes of the data folder's volume (None when it cannot be read)."""
+    try:
+        usage = shutil.disk_usage(data_dir)
+    except OSError:
+        return None
+    return {"free_bytes": usage.free, "total_bytes": usage.total}
+
+
 def health(data_dir: str, processes: list[dict[str, Any]]) -> tuple[bool, dict[str, Any]]:
-    """Whether every role runs and wrote a fresh snapshot (the proxy writes none)."""
+    """Whether every role runs and wrote a fresh snapshot (the proxy writes none), and the data volume has room."""
     snapshots = read_snapshots(data_dir)
     now = time.time()
     roles: dict[str, str] = {}
@@ -219,7 +237,18 @@ def health(data_dir: str, processes: list[dict[str, Any]]) -> tuple[bool, dict[s
         else:
             roles[name] = "ok"
     healthy = bool(roles) and all(state == "ok" for state in roles.values())
-    return healthy, {"healthy": healthy, "roles": roles}
+    body: dict[str, Any] = {"healthy": healthy, "roles": roles}
+    volume = data_volume(data_dir)
+    if volume is not None:
+        # A full volume refuses every publish while each process runs; it also stops the
+        # snapshots, so the roles read "stuck": this says why.
+        low = volume["free_bytes"] < LOW_SPACE_BYTES
+        body["data_volume"] = {
+            **volume,
+            "state": f"low: {volume['free_bytes'] // 2**20} MiB free, under the {LOW_SPACE_BYTES // 2**20} MiB a shard needs to write" if low else "ok",
+        }
+        body["healthy"] = healthy = healthy and not low
+    return healthy, body
 
 
 class MetricsServer:

@@ -84,6 +84,7 @@ def test_metrics_count_a_known_workload(observed: HeraldSystem) -> None:
     assert samples['herald_process_restarts_total{role="sender-0"}'] == 0.0
     assert samples['herald_topics{role="metadata"}'] == 1.0
     assert total(samples, "herald_rocksdb_memtable_bytes") > 0
+    assert 0 < samples["herald_data_volume_free_bytes"] <= samples["herald_data_volume_size_bytes"]
     # counted-a acknowledged all 100; counted-b never read any.
     assert (
         samples.get('herald_backlog{role="frontend-0",subscription="counted-b"}', 0)
@@ -115,6 +116,7 @@ def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
     health_url = observed.status()["metrics"].replace("/metrics", "/health")
     _, body = wait_for(lambda: (result := health(health_url))[0] == 200 and result, timeout=15, interval=0.5, message="healthy")
     assert body["healthy"] is True
+    assert body["data_volume"]["state"] == "ok" and body["data_volume"]["free_bytes"] > 0  # type: ignore[index]
     pid = observed.kill_child("sender-1", signal.SIGSTOP)
     try:
         _, body = wait_for(lambda: (result := health(health_url))[0] == 503 and result, timeout=20, interval=0.5, message="unhealthy")
