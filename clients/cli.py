@@ -422,7 +422,20 @@ def _local_processes(data_dir: Path, endpoint: str, out: TextIO, *, data_dir_giv
             out.write(
                 f"  {child.get('name', '?'):<12} {state:<8} pid {child.get('pid')}  up {child.get('uptime_s', 0)} s  restarts {child.get('restarts', 0)}\n"
             )
+    _local_volume(data_dir, out)
     _local_backlog(data_dir, out)
+
+
+def _local_volume(data_dir: Path, out: TextIO) -> None:
+    """Print the data folder's free space, as /health judges it."""
+    from broker.metrics import LOW_SPACE_BYTES, data_volume
+
+    volume = data_volume(str(data_dir))
+    if volume is None:
+        return
+    free_mib, total_mib = volume["free_bytes"] // 2**20, volume["total_bytes"] // 2**20
+    low = f"  LOW: a shard needs {LOW_SPACE_BYTES // 2**20} MiB free to write" if volume["free_bytes"] < LOW_SPACE_BYTES else ""
+    out.write(f"data volume of {data_dir}: {free_mib} MiB free of {total_mib} MiB{low}\n")
 
 
 def _server_key(endpoint: str) -> tuple[str, str]:

@@ -572,6 +572,7 @@ def test_cli(herald: HeraldSystem) -> None:
     status = herald_cli(herald, "status", "--data-dir", str(herald.data_dir))
     assert status.returncode == 0, status.stderr
     assert "frontend-1" in status.stdout and "restarts 0" in status.stdout
+    assert f"data volume of {herald.data_dir}: " in status.stdout and " MiB free of " in status.stdout
     dead = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status")
     assert dead.returncode == 1
     dead_after = run_cli("--endpoint", free_tcp_endpoint(), "status", "--timeout", "1")  # the flag after the command too
