@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import urllib.error
 import urllib.request
 from collections.abc import Callable
 
@@ -12,7 +11,7 @@ import orjson
 import pytest
 
 from clients import Client, HeraldError
-from tests.conftest import HeraldSystem, run_cli, wait_for
+from tests.conftest import HeraldSystem, health, run_cli, wait_for
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -29,14 +28,6 @@ def scrape(url: str) -> dict[str, float]:
 
 def total(samples: dict[str, float], name: str) -> float:
     return sum(value for key, value in samples.items() if key == name or key.startswith(name + "{"))
-
-
-def health(url: str) -> tuple[int, dict[str, object]]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, orjson.loads(error.read())
 
 
 @pytest.fixture
@@ -116,7 +107,7 @@ def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
     health_url = observed.status()["metrics"].replace("/metrics", "/health")
     _, body = wait_for(lambda: (result := health(health_url))[0] == 200 and result, timeout=15, interval=0.5, message="healthy")
     assert body["healthy"] is True
-    assert body["data_volume"]["state"] == "ok" and body["data_volume"]["free_bytes"] > 0  # type: ignore[index]
+    assert body["data_volume"]["state"] == "ok" and body["data_volume"]["free_bytes"] > 0
     pid = observed.kill_child("sender-1", signal.SIGSTOP)
     try:
         _, body = wait_for(lambda: (result := health(health_url))[0] == 503 and result, timeout=20, interval=0.5, message="unhealthy")
@@ -130,7 +121,7 @@ def test_health_reports_a_stuck_role(observed: HeraldSystem) -> None:
     new_pid = observed.wait_restarted("sender-0", observed.kill_child("sender-0"))
 
     def ok_on_its_own_snapshot() -> bool:
-        if health(health_url)[1]["roles"]["sender-0"] != "ok":  # type: ignore[index]
+        if health(health_url)[1]["roles"]["sender-0"] != "ok":
             return False
         snapshot = orjson.loads((observed.data_dir / "metrics" / "sender-0.json").read_bytes())
         assert snapshot["pid"] == new_pid, f"/health said ok on the snapshot of pid {snapshot['pid']}, not of the new sender {new_pid}"

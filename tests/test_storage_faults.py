@@ -17,19 +17,16 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import orjson
 import pytest
 
 from clients import Client, HeraldError, Message, PublishId, Subscription
 from clients.protocol import shard_of
 from frontend.store import ShardStore, StorageError, StoredMessage
-from tests.conftest import PROJECT_ROOT, HeraldSystem, preload_fsync_shim, stored_messages, wait_for
+from tests.conftest import PROJECT_ROOT, HeraldSystem, health, preload_fsync_shim, stored_messages, wait_for
 
 PAYLOAD_BYTES = 256 * 1024
 
@@ -91,7 +88,7 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
         assert "No space left" in refusal.message
         assert acked, "something was stored before the disk filled"
         # Every process runs, but /health says the volume is why nothing is stored.
-        status, body = _health(health_url)
+        status, body = health(health_url)
         assert status == 503 and body["data_volume"]["state"].startswith("low: 0 MiB free"), body
         # Every process still runs; reads keep working on a full disk.
         assert client.describe_topic("big")["name"] == "big"
@@ -121,7 +118,7 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
             return True
 
         wait_for(publishes, timeout=60, interval=0.5, message="publishing works again once space is back")
-        wait_for(lambda: _health(health_url)[0] == 200, timeout=15, interval=0.5, message="healthy again once space is back")
+        wait_for(lambda: health(health_url)[0] == 200, timeout=15, interval=0.5, message="healthy again once space is back")
         wait_for(
             lambda: (stats := owner_statistics())["purging"] == 0 and stats["purged"] > 0,
             timeout=30,
@@ -134,14 +131,6 @@ def test_full_disk_refuses_publishes_then_recovers_without_restart(herald_factor
     assert all(child["restarts"] == 0 for child in herald.status()["children"]), herald.status()
     assert herald.stop() == 0
     assert set(acked) <= {m.message_id for m in stored_messages(herald.data_dir)} | received
-
-
-def _health(url: str) -> tuple[int, dict[str, Any]]:
-    try:
-        with urllib.request.urlopen(url, timeout=10) as response:
-            return response.status, orjson.loads(response.read())
-    except urllib.error.HTTPError as error:
-        return error.code, orjson.loads(error.read())
 
 
 @pytest.mark.parametrize("kind", ["under_a_file", "read_only"])
