@@ -81,6 +81,7 @@ HELP: Final = {
     "storage_failures": "writes the store refused (group commits, acknowledgements, attempt numbers, retention sweeps, purges)",
     "bad_control_messages": "malformed internal messages dropped by a frontend",
     "bad_dispatches": "malformed DISPATCH messages dropped by a sender",
+    "stale_dispatches": "DISPATCH messages a restarted sender dropped because they were queued for its predecessor",
     "bad_unseen": "DETACH messages whose malformed unseen list was ignored",
     "shed": "publishes refused as overload",
     "purged": "pending entries of deleted subscriptions removed",

@@ -1225,7 +1225,16 @@ class FrontendServer:
         return sent
 
     def _send_dispatch(self, sender_index: int, chunk: DispatchChunk, sent: list[tuple[int, int, int]], fresh: bool) -> None:
-        dispatch = {"shard": self.index, "epoch": self.epoch, "meta_version": self.meta_version, "messages": chunk.messages, "entries": chunk.entries}
+        # sender_epoch: a DISPATCH queued for a sender that then restarted reaches its successor, which
+        # drops it; the new epoch's CREDIT makes this frontend hand those entries out again anyway.
+        dispatch = {
+            "shard": self.index,
+            "epoch": self.epoch,
+            "sender_epoch": self.sender_peers[sender_index].epoch,
+            "meta_version": self.meta_version,
+            "messages": chunk.messages,
+            "entries": chunk.entries,
+        }
         messages = chunk.messages
         try:
             send_frames(self.senders[sender_index], encode(Command.DISPATCH, b"", dispatch, chunk.payloads, packed=True), NOBLOCK)

@@ -220,6 +220,7 @@ class SenderServer:
             "dead_lettered": 0,
             "filtered": 0,
             "bad_dispatches": 0,
+            "stale_dispatches": 0,  # DISPATCHes addressed to this sender's predecessor (see _accept_dispatch)
             "bad_unseen": 0,
             "attempted_dropped": 0,  # ATTEMPTED entries a stalled frontend's full socket refused
         }
@@ -376,6 +377,13 @@ class SenderServer:
         if not 0 <= shard < len(self.frontends):
             raise ProtocolError("invalid_header", f"dispatch from shard {shard}, but there are {len(self.frontends)} frontends")
         dispatched_at_version = get_field(frames.header, "meta_version", int, required=False, default=0)
+        addressed_to = get_field(frames.header, "sender_epoch", int, required=False, default=0)
+        if addressed_to and addressed_to != self.epoch:
+            # Queued in the frontend's PUSH for the sender before this one: the frontend
+            # hands those entries out again once it has this epoch's CREDIT, so delivering
+            # these as well would send each twice, the first copy's ack then settling nothing.
+            self.counters["stale_dispatches"] += 1
+            return
         payloads = frames.payloads
         messages, entries = decode_dispatch(frames.header, payloads)  # whole, before any is applied
         header_bytes_of: list[int] = []  # per message, shared by its deliveries

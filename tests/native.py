@@ -76,15 +76,20 @@ class NativeConsumer:
         request_id = str(time.monotonic_ns()).encode()
         self.push.send_multipart(encode_acks(command, self.name, self.consumer_id, pairs, request_id))
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            frames = self.next_frames(deadline - time.monotonic())
-            if frames is None:
-                break
-            if frames.request_id == request_id and frames.command in (Command.ACK_REPLY, Command.ERROR):
-                if frames.command is Command.ERROR:
-                    raise AssertionError(frames.header)
-                return list(frames.header["results"])
-            self.inbox.append(frames)
+        # What comes meanwhile is kept for later, in order, and not read again while waiting here.
+        held, self.inbox = self.inbox, []
+        try:
+            while time.monotonic() < deadline:
+                frames = self.next_frames(deadline - time.monotonic())
+                if frames is None:
+                    break
+                if frames.request_id == request_id and frames.command in (Command.ACK_REPLY, Command.ERROR):
+                    if frames.command is Command.ERROR:
+                        raise AssertionError(frames.header)
+                    return list(frames.header["results"])
+                held.append(frames)
+        finally:
+            self.inbox = held + self.inbox
         raise AssertionError("no ACK_REPLY")
 
     def send_raw(self, frames: list[bytes]) -> None:

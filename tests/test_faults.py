@@ -10,6 +10,7 @@ order on one system. tests/test_soak.py runs the same harness for minutes.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import threading
@@ -19,11 +20,14 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 
 from clients import Client, Subscription
+from clients.protocol import Command, shard_of
 from tests.chaos import FAULT_KINDS, FaultHarness, Report
 from tests.conftest import HeraldSystem, stored_messages, wait_for
+from tests.native import NativeConsumer
 
 SEED = int(os.environ.get("HERALD_FAULT_SEED", "20261128"))
 
@@ -393,3 +397,54 @@ def test_a_refused_dispatch_loses_nothing_and_is_not_an_attempt(herald_factory: 
     assert sum(attempt - 1 for attempt in attempts.values()) == taken - warms, (
         f"a refused DISPATCH counted as an attempt: {by_attempt}, {taken} taken, {refused} refused"
     )
+
+
+def test_a_dispatch_queued_for_a_killed_sender_is_delivered_once(herald: HeraldSystem) -> None:
+    """Messages published while a sender restarts wait in the frontends' queues for it, and reach its successor,
+    which must drop them: the frontends hand them out again on its first CREDIT. Delivered as well, a consumer
+    quick to attach got each twice: the first copy's ACK answered ``ok``, then the second came (found with a C
+    consumer). This consumer beats every 50 ms, so it is attached to the new sender before that CREDIT."""
+    name = "requeued.reader"
+    with Client(herald.endpoint, timeout=10) as client:
+        client.create_topic("requeued")
+        info = client.create_subscription("requeued", name, ack_deadline=30)
+        consumer = NativeConsumer(info, "quick")
+        try:
+            consumer.attach()
+            client.publish("requeued", b"warm-up")
+            [(warm_up, _)] = consumer.deliveries(1)
+            assert consumer.ack([(warm_up["ref"], warm_up["attempt"])]) == ["ok"]
+            time.sleep(1)  # its COMPLETE reaches the frontend: an ack the killed sender had not passed on comes again
+            sender = f"sender-{shard_of(name, 2)}"
+            old = herald.kill_child(sender)
+            ids = {str(client.publish("requeued", f"during-{i}".encode())) for i in range(20)}
+            acked_ok: set[str] = set()
+            again: list[tuple[str, int]] = []
+            deadline = time.monotonic() + 30
+            quiet_until = math.inf
+            while time.monotonic() < min(deadline, quiet_until):
+                consumer.beat()
+                frames = consumer.next_frames(0.05)
+                if frames is None or frames.command is not Command.DELIVER:
+                    continue
+                for header in frames.header["messages"]:
+                    if header["id"] in acked_ok:
+                        again.append((header["id"], header["attempt"]))
+                    if consumer.ack([(header["ref"], header["attempt"])]) == ["ok"]:
+                        acked_ok.add(header["id"])
+                if ids <= acked_ok and quiet_until == math.inf:
+                    quiet_until = time.monotonic() + 3  # long enough for a second copy to follow
+            herald.wait_restarted(sender, old)
+        finally:
+            consumer.close()
+    assert ids <= acked_ok, f"not delivered: {ids - acked_ok}"
+    assert not again, f"delivered again after an ok ack: {again}"
+    stale = wait_for(lambda: _snapshot(herald, sender).get("stale_dispatches"), timeout=10, message="the stale DISPATCH counted")
+    assert stale >= 1
+
+
+def _snapshot(herald: HeraldSystem, role: str) -> dict[str, Any]:
+    try:
+        return dict(orjson.loads((herald.data_dir / "metrics" / f"{role}.json").read_bytes()))
+    except (OSError, orjson.JSONDecodeError):
+        return {}
