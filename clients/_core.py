@@ -646,6 +646,8 @@ class SubscriptionStatistics:
         expired_dropped: buffered copies dropped unprocessed because they were
             received more than the subscription's ``ack_deadline`` ago: the
             sender has taken them back and delivers them again.
+        foreign: messages for another subscription that reached this consumer's
+            id (another client attached under it), dropped.
     """
 
     delivered: int
@@ -656,6 +658,7 @@ class SubscriptionStatistics:
     malformed: int
     buffered: int
     expired_dropped: int
+    foreign: int = 0
 
 
 # --------------------------------------------------------------------------- messages
@@ -992,6 +995,7 @@ class ConsumerCore(Generic[M]):
         self.nacked = 0
         self.malformed = 0
         self.expired_dropped = 0
+        self.foreign = 0
 
     def connect(self, sub: Any, push: Any, curve: CurveKeys | None) -> None:
         """Set up and connect fresh SUB (deliveries) and PUSH (attach, acks) sockets, for either client flavour."""
@@ -1267,7 +1271,15 @@ class ConsumerCore(Generic[M]):
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this consumer's counters."""
         return SubscriptionStatistics(
-            self.delivered, self.duplicates_dropped, self.acked_count, self.stale_acks, self.nacked, self.malformed, len(self.buffer), self.expired_dropped
+            self.delivered,
+            self.duplicates_dropped,
+            self.acked_count,
+            self.stale_acks,
+            self.nacked,
+            self.malformed,
+            len(self.buffer),
+            self.expired_dropped,
+            self.foreign,
         )
 
     # -- what arrives
@@ -1288,6 +1300,14 @@ class ConsumerCore(Generic[M]):
         except ProtocolError as error:
             self.malformed += 1
             log.warning("dropped a malformed message from sender %s: %s", self.deliver_endpoint, error)
+            return events
+        subject = frames.header.get("subscription", self.name)
+        if subject != self.name:
+            # Addressed by consumer id alone: another client naming our id in its own ATTACH
+            # (ids can be read off the PUB socket) must not reach or fail this subscription.
+            self.foreign += 1
+            if self.foreign == 1 or self.foreign % 1000 == 0:  # another client can send these at will: not one log line each
+                log.warning("dropped a %s for subscription %r sent to this consumer of %r (%d so far)", frames.command.name, subject, self.name, self.foreign)
             return events
         match frames.command:
             case Command.DELIVER:

@@ -171,6 +171,7 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("subscription_exists", 413, False, "a subscription with this name already exists (and exist_ok is not set), or exists on another topic"),
     ErrorSpec("unknown_delivery", 414, False, "an ack or nack names a delivery this sender does not know"),
     ErrorSpec("wrong_sender", 415, False, "the subscription is served by another sender; use the endpoints SUB_DESCRIBE returns"),
+    ErrorSpec("consumer_in_use", 416, False, "the consumer id is attached to another subscription of this sender; use a fresh id per subscription"),
     ErrorSpec("unauthenticated", 420, False, "the request carries no valid credential"),
     ErrorSpec("forbidden", 421, False, "the credential may not do this"),
     ErrorSpec("rate_limited", 429, True, "the client sends faster than its limit allows"),
@@ -283,9 +284,12 @@ def encode_ok(request_id: bytes, header: dict[str, Any] | None = None, payloads:
     return encode(Command.OK, request_id, header, payloads)
 
 
-def encode_error(request_id: bytes, error: HeraldError) -> list[bytes]:
-    """An ERROR reply carrying ``error``."""
-    return encode(Command.ERROR, request_id, error.to_header())
+def encode_error(request_id: bytes, error: HeraldError, *, subscription: str | None = None) -> list[bytes]:
+    """An ERROR reply carrying ``error``; a sender names the ``subscription`` the command it answers named."""
+    header = error.to_header()
+    if subscription is not None:
+        header["subscription"] = subscription
+    return encode(Command.ERROR, request_id, header)
 
 
 def decode(frames: list[bytes], *, max_header_bytes: int = MAX_HEADER_BYTES, accept: frozenset[Command] | None = None, unpack_payloads: bool = True) -> Frames:

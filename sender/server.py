@@ -567,6 +567,7 @@ class SenderServer:
         _envelope, body = split_envelope(raw) if raw and raw[0] == b"" else ([], raw)
         consumer_id = ""
         request_id = b""
+        name: str | None = None
         try:
             # Consumer commands carry no payload: a stray payload_sizes is ignored like
             # any unknown field, so the consumer field can still address an error.
@@ -599,7 +600,7 @@ class SenderServer:
                 log.exception("consumer message failed")
             self.counters["bad_consumer_messages"] = self.counters.get("bad_consumer_messages", 0) + 1
             if consumer_id:
-                self._reply_to_consumer(consumer_id, encode_error(request_id, error))
+                self._reply_to_consumer(consumer_id, encode_error(request_id, error, subscription=name))
 
     def _on_attach(self, name: str, consumer_id: str, frames: Frames) -> None:
         # Every field is checked before the ATTACH is parked for a subscription lookup.
@@ -625,6 +626,13 @@ class SenderServer:
         consumer = state.consumers.get(consumer_id)
         first_contact = consumer is None
         if consumer is None:
+            # Deliveries go out under the consumer id alone: a second subscription
+            # attached under one id would send its messages to the first one's SUB.
+            for other in self.subs.values():
+                if consumer_id in other.consumers and other is not state:
+                    raise HeraldError(
+                        "consumer_in_use", f"consumer {consumer_id!r} is attached to another subscription of this sender; use a fresh id per subscription"
+                    )
             consumer = state.consumers[consumer_id] = Consumer(consumer_id, max_unacked)
             log.info("consumer %s attached to %s", consumer_id, name)
         consumer.last_seen = time.monotonic()
@@ -765,7 +773,7 @@ class SenderServer:
             for attach in parked:
                 consumer_id = attach.header.get("consumer")
                 if isinstance(consumer_id, str) and consumer_id:
-                    self._reply_to_consumer(consumer_id, encode_error(attach.request_id, refusal))
+                    self._reply_to_consumer(consumer_id, encode_error(attach.request_id, refusal, subscription=name))
             return
         info = frames.header["subscription"]
         state = self.subs.get(name)
@@ -782,14 +790,16 @@ class SenderServer:
             try:
                 self._on_attach(name, consumer_id, attach)
             except HeraldError as error:
-                self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error))
+                self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error, subscription=name))
 
     def _forget_subscription(self, name: str) -> None:
         state = self.subs.pop(name, None)
         if state is not None:
             self.subs_by_id.pop(state.sub_id, None)
             for consumer_id in state.consumers:
-                self._reply_to_consumer(consumer_id, encode_error(b"", HeraldError("subscription_not_found", f"subscription {name!r} was deleted")))
+                self._reply_to_consumer(
+                    consumer_id, encode_error(b"", HeraldError("subscription_not_found", f"subscription {name!r} was deleted"), subscription=name)
+                )
             self.credit_dirty = True
 
     def _on_metadata_event(self, event: dict[str, Any]) -> None:

@@ -8,6 +8,7 @@ each mistake.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -18,7 +19,7 @@ import pytest
 import zmq
 
 from clients import Client, HeraldError
-from clients.protocol import Command, consumer_topic_frame, decode, encode_acks, encode_attach
+from clients.protocol import Command, consumer_topic_frame, decode, encode_acks, encode_attach, shard_of
 from tests.conftest import HeraldSystem, RawClient, run_cli
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
@@ -265,3 +266,44 @@ def test_config_check_accepts_a_valid_file_and_herald_up_refuses_a_bad_one(tmp_p
     result = run_cli("up", "--data-dir", str(tmp_path / "data"), "--port", "0", "--config", str(bad))
     assert result.returncode == 2, result
     assert f"{bad}:3: credential 'a': admin must be true or false" in result.stderr
+
+
+def test_a_client_naming_another_consumers_id_neither_reaches_nor_fails_it(secured: HeraldSystem) -> None:
+    """Deliveries and errors are addressed by consumer id, which anyone who can reach a sender's PUB socket can read.
+    Another credential attaching under that id to an unknown subscription (whose subscription_not_found had failed
+    the victim for good), or to a subscription of its own (whose messages had then reached the victim), is refused
+    with ``consumer_in_use`` and reaches nothing: the victim drops what names another subscription."""
+    with Client(secured.endpoint, token=ADMIN_TOKEN) as admin, admin.subscribe("billing", "billing-audit") as victim:
+        sender = shard_of("billing-audit", 2)
+        own = next(f"orders-tap-{i}" for i in itertools.count() if shard_of(f"orders-tap-{i}", 2) == sender)
+        unknown = next(f"orders-none-{i}" for i in itertools.count() if shard_of(f"orders-none-{i}", 2) == sender)
+        admin.create_subscription("orders.eu", own)
+        endpoints = victim.info["endpoints"]
+        context: zmq.Context[Any] = zmq.Context()
+        watch, push = context.socket(zmq.SUB), context.socket(zmq.PUSH)
+        try:
+            watch.setsockopt(zmq.SUBSCRIBE, consumer_topic_frame(victim.consumer_id))  # what the victim is sent
+            watch.connect(endpoints["deliver"])
+            push.connect(endpoints["ack"])
+            seen: dict[str, str] = {}
+            deadline = time.monotonic() + 15
+            while len(seen) < 2 and time.monotonic() < deadline:
+                for name in (unknown, own):
+                    for ready in (False, True):
+                        push.send_multipart(encode_attach(name, victim.consumer_id, ready=ready, token=READER_TOKEN))
+                while watch.poll(100):
+                    frames = decode(watch.recv_multipart()[1:])
+                    if frames.command is Command.ERROR and frames.header.get("subscription") in (unknown, own):
+                        seen[frames.header["subscription"]] = frames.header["code"]
+            assert seen == {unknown: "subscription_not_found", own: "consumer_in_use"}
+            admin.publish("orders.eu", b"for the tap only")
+            admin.publish("billing", b"for the victim")
+            message = victim.receive(timeout=10)
+            assert message is not None and message.data == b"for the victim" and message.subscription == "billing-audit"
+            assert message.ack()
+            assert victim.receive(timeout=1) is None, "nothing of the other subscription arrives"
+            assert victim.statistics().foreign >= 2
+        finally:
+            watch.close(0)
+            push.close(0)
+            context.term()
