@@ -146,7 +146,15 @@ class HeraldConfig:
     # certificate file, and a folder of allowed clients' public certificates.
     curve_secret_key_file: str | None = None
     curve_clients_dir: str | None = None
+    # The live feed checks no token (a SUB socket cannot send one): None serves it
+    # only while no credentials are configured (see live_feed_served).
+    live_feed: bool | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def live_feed_served(self) -> bool:
+        """Whether the proxy serves the live feed: as ``live_feed`` says, else only on an open server."""
+        return self.live_feed if self.live_feed is not None else not self.credentials
 
     @property
     def frontends(self) -> int:
@@ -212,6 +220,7 @@ def _credential_from_json(raw: Any) -> Credential:
 # Keys of the file `herald up --config` reads; endpoints always come from flags.
 TUNABLE_KEYS: Final = frozenset({"max_payload_bytes", "drain_burst_requests", "sndhwm", "rcvhwm", "request_hwm", "max_topics", "max_subscriptions"})
 PATH_KEYS: Final = frozenset({"curve_secret_key_file", "curve_clients_dir"})
+SWITCH_KEYS: Final = frozenset({"live_feed"})
 TUNABLE_MAXIMUM: Final = 2**31 - 1  # a ZeroMQ high-water mark is a C int
 CREDENTIAL_KEYS: Final = frozenset({"name", "token", "token_sha256", "publish", "subscribe", "admin", "publish_rate", "publish_bytes_rate"})
 _SHA256_HEX = re.compile(r"^[0-9a-f]{64}$")
@@ -249,8 +258,13 @@ def load_up_file(path: str | os.PathLike[str]) -> dict[str, Any]:
         if key in PATH_KEYS:
             overrides[key] = _checked_path(key, value, Path(name).parent, fail)
             continue
+        if key in SWITCH_KEYS:
+            if not isinstance(value, bool):
+                raise fail(key, f"{key} = {value!r} must be true or false")
+            overrides[key] = value
+            continue
         if key not in TUNABLE_KEYS:
-            return_keys = ", ".join(sorted(TUNABLE_KEYS | PATH_KEYS | {"credentials"}))
+            return_keys = ", ".join(sorted(TUNABLE_KEYS | PATH_KEYS | SWITCH_KEYS | {"credentials"}))
             raise fail(key, f"unknown key {key!r}; the file may set {return_keys}")
         if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
             raise fail(key, f"{key} = {value!r} must be a positive integer")

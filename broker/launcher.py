@@ -313,6 +313,10 @@ class Launcher:
                 )
             if self.config.credentials:
                 log.info("%d credentials configured; every request but PING needs a token", len(self.config.credentials))
+                if self.config.live_feed_served:
+                    log.warning("live_feed = true: anyone who can reach %s reads every topic's messages, tokens or not", self.config.live_endpoint)
+                else:
+                    log.info("the live feed is off: it checks no token (set live_feed = true in the config file to serve it)")
             elif is_loopback(self.config.host):
                 log.warning("no credentials configured: anyone on this machine may use Herald (fine for development)")
             else:

@@ -59,9 +59,13 @@ class ProxyDevice:
             max_frame_bytes=MAX_REQUEST_FRAME_BYTES,
         )
         self.frontends = make_socket(self.context, zmq.DEALER, bind=config.proxy_backend_endpoint, sndhwm=config.request_hwm, rcvhwm=config.rcvhwm)
-        self.live_in = make_socket(self.context, zmq.XSUB, bind=config.live_intake_endpoint, **hwm)
-        # Live-feed subscribers send only (un)subscribe frames: a topic prefix each.
-        self.live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, prepare=secure, max_frame_bytes=MAX_CONTROL_FRAME_BYTES, **hwm)
+        # Off, nothing binds the live ports: the frontends' XPUBs hear no reader, so they publish nothing.
+        self.live: tuple[zmq.Socket[Any], zmq.Socket[Any]] | None = None
+        if config.live_feed_served:
+            live_in = make_socket(self.context, zmq.XSUB, bind=config.live_intake_endpoint, **hwm)
+            # Live-feed subscribers send only (un)subscribe frames: a topic prefix each.
+            live_out = make_socket(self.context, zmq.XPUB, bind=config.live_endpoint, prepare=secure, max_frame_bytes=MAX_CONTROL_FRAME_BYTES, **hwm)
+            self.live = (live_in, live_out)
         self._controls: list[zmq.Socket[Any]] = []
         self._threads: list[threading.Thread] = []
 
@@ -88,15 +92,16 @@ class ProxyDevice:
     def run(self) -> None:
         stop = StopFlag()
         self._start("requests", self.clients, self.frontends)
-        self._start("live", self.live_in, self.live_out)
-        announce_ready("proxy", clients=self.config.client_endpoint, live=self.config.live_endpoint)
+        if self.live is not None:
+            self._start("live", *self.live)
+        announce_ready("proxy", clients=self.config.client_endpoint, live=self.config.live_endpoint if self.live is not None else "off")
         while not stop.stopping and all(t.is_alive() for t in self._threads):
             time.sleep(0.1)
         for control in self._controls:
             control.send(b"TERMINATE")
         for thread in self._threads:
             thread.join(timeout=2)
-        for sock in (self.clients, self.frontends, self.live_in, self.live_out, *self._controls):
+        for sock in (self.clients, self.frontends, *(self.live or ()), *self._controls):
             sock.close(0)
         if self.authenticator is not None:
             self.authenticator.stop()

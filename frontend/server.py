@@ -715,6 +715,7 @@ class FrontendServer:
 
     def _info(self) -> dict[str, Any]:
         config = self.config
+        live = config.live_endpoint if config.live_feed_served else ""  # "": not served (see HeraldConfig.live_feed)
         return {
             "version": SERVER_VERSION,
             "protocol": PROTOCOL_VERSION,
@@ -724,10 +725,10 @@ class FrontendServer:
             "max_payload": config.max_payload_bytes,
             "endpoints": {
                 "requests": config.client_endpoint,
-                "live": config.live_endpoint,
+                "live": live,
                 "senders": [{"deliver": d, "ack": a} for d, a in zip(config.sender_deliver_endpoints, config.sender_ack_endpoints, strict=True)],
             },
-            "live": config.live_endpoint,
+            "live": live,
         }
 
     def statistics(self) -> dict[str, Any]:

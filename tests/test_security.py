@@ -9,6 +9,7 @@ each mistake.
 from __future__ import annotations
 
 import itertools
+import socket
 import threading
 import time
 from collections.abc import Callable
@@ -20,7 +21,7 @@ import zmq
 
 from clients import Client, HeraldError
 from clients.protocol import Command, consumer_topic_frame, decode, encode_acks, encode_attach, shard_of
-from tests.conftest import HeraldSystem, RawClient, run_cli
+from tests.conftest import HeraldSystem, RawClient, run_cli, wait_for
 
 ADMIN_TOKEN = "admin-token-0123456789abcdef"
 ORDERS_TOKEN = "orders-token-0123456789abcdef"
@@ -245,6 +246,7 @@ def test_an_open_server_says_so(herald: HeraldSystem) -> None:
         ('[[credentials]]\nname = "a"\ntoken = "0123456789abcdef0"\npublish = "orders."\n', ":4: credential 'a': publish must be a list"),
         ('[[credentials]]\nname = "a"\ntoken = "0123456789abcdef0"\nsecret = 1\n', ":4: unknown credential key 'secret'"),
         ('max_topics = 10\ncurve_secret_key_file = "keys/server.key_secret"\n', ":2: curve_secret_key_file = 'keys/server.key_secret' does not exist"),
+        ("live_feed = 1\n", ":1: live_feed = 1 must be true or false"),
     ],
 )
 def test_config_check_names_the_line(tmp_path: Path, text: str, expected: str) -> None:
@@ -307,3 +309,39 @@ def test_a_client_naming_another_consumers_id_neither_reaches_nor_fails_it(secur
             watch.close(0)
             push.close(0)
             context.term()
+
+
+@pytest.mark.parametrize("served", [False, True])
+def test_the_live_feed_is_off_with_credentials_unless_the_config_turns_it_on(herald_factory: Callable[..., HeraldSystem], tmp_path: Path, served: bool) -> None:
+    """A SUB socket sends no token, so the live feed would hand every topic to anyone who can reach its port (found in
+    a security review): with credentials it is off, its port unbound and INFO's ``live`` empty, unless
+    ``live_feed = true`` turns it on knowingly."""
+    config = tmp_path / "herald.toml"
+    config.write_text(("live_feed = true\n" if served else "") + CONFIG)
+    herald = herald_factory("--config", str(config))
+    live_endpoint = herald.config["live_endpoint"]
+    context: zmq.Context[Any] = zmq.Context()
+    reader = context.socket(zmq.SUB)
+    try:
+        reader.setsockopt(zmq.SUBSCRIBE, b"")
+        reader.connect(live_endpoint)
+        with Client(herald.endpoint, token=ADMIN_TOKEN) as admin:
+            admin.create_topic("orders.eu")
+            assert admin.info()["live"] == (live_endpoint if served else "")
+
+            def heard() -> bool:
+                admin.publish("orders.eu", b"secret")
+                return bool(reader.poll(100))
+
+            if served:
+                wait_for(heard, timeout=10, message="the live feed reached the reader")
+            else:
+                deadline = time.monotonic() + 2
+                while time.monotonic() < deadline:
+                    assert not heard(), "the live feed reached a reader without a token"
+                host, _, port = live_endpoint.removeprefix("tcp://").rpartition(":")
+                with pytest.raises(ConnectionRefusedError):
+                    socket.create_connection((host, int(port)), timeout=1).close()
+    finally:
+        reader.close(0)
+        context.term()
