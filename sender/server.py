@@ -545,18 +545,21 @@ class SenderServer:
         if backoff:
             base = min(float(settings["backoff_max"]), float(settings["backoff_min"]) * 2 ** (delivery.attempt - 2))
             delay = max(float(settings["backoff_min"]), random.uniform(base / 2, base)) if base > 0 else 0.0
-        if delay <= 0:
-            state.ready.appendleft(delivery.key)
-        else:
-            heapq.heappush(self.redeliveries, (now + delay, delivery.key, delivery.attempt))
+        # Through the heap even without a delay: _release_redeliveries puts what is due
+        # at the front of the queue in seq order (one appendleft each had reversed it).
+        heapq.heappush(self.redeliveries, (now + delay, delivery.key, delivery.attempt))
 
     def _release_redeliveries(self, now: float) -> None:
+        due: dict[int, list[DeliveryKey]] = {}
         while self.redeliveries and self.redeliveries[0][0] <= now:
             _, key, attempt = heapq.heappop(self.redeliveries)
             state = self.subs_by_id.get(key[0])
             delivery = state.deliveries.get(key) if state else None
             if state is not None and delivery is not None and delivery.attempt == attempt and delivery.consumer is None:
-                state.ready.appendleft(key)
+                due.setdefault(key[0], []).append(key)
+        for sub_id, keys in due.items():
+            keys.sort()  # due at different times, they go out oldest message first all the same
+            self.subs_by_id[sub_id].ready.extendleft(reversed(keys))
 
     # ------------------------------------------------------------------ consumers
 

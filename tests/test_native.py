@@ -439,3 +439,23 @@ def test_attach_to_an_unknown_subscription_is_answered_by_name_hash_first(herald
     for index, (code, message) in answers.items():
         if index != owner:
             assert code == "wrong_sender" and f"served by sender {owner}" in message, answers
+
+
+@pytest.mark.parametrize("how", ["nack", "deadline"])
+def test_messages_taken_back_together_come_again_in_order(herald: HeraldSystem, raw: RawClient, how: str) -> None:
+    """A NACK of several messages, or their ack deadline passing, redelivers them oldest first (a C consumer saw
+    them come back in reverse: each went to the front of the queue on its own)."""
+    make_topic(raw, f"ordered-{how}")
+    sub = make_subscription(raw, f"ordered-{how}", f"ordered-{how}.reader", ack_deadline=0.5 if how == "deadline" else 30, backoff_min=0.0, backoff_max=0.0)
+    ids = publish(raw, f"ordered-{how}", [f"m{i}".encode() for i in range(5)])
+    consumer = NativeConsumer(sub, f"orderly-{how}")
+    try:
+        consumer.attach()
+        first = consumer.deliveries(5)
+        assert [header["id"] for header, _ in first] == ids
+        if how == "nack":
+            assert consumer.ack([(header["ref"], 1) for header, _ in first], command=Command.NACK) == ["ok"] * 5
+        again = consumer.deliveries(5)
+        assert [(header["id"], header["attempt"]) for header, _ in again] == [(message_id, 2) for message_id in ids]
+    finally:
+        consumer.close()
