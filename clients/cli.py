@@ -394,7 +394,33 @@ def _status(client: Client, out: TextIO, err: TextIO) -> int:
         value = stats[key]
         shown = (" ".join(f"{k}={v}" for k, v in value.items()) or "none") if isinstance(value, dict) else str(value)
         out.write(f"  {key:<26} {shown}\n")
+    frontends = info.get("frontends")
+    if isinstance(frontends, int) and frontends > 1:
+        _all_backlogs(client, stats, frontends, out)
     return EXIT_OK
+
+
+def _all_backlogs(client: Client, first: dict[str, Any], frontends: int, out: TextIO) -> None:
+    """Each frontend counts only its own shard's backlog: ask again until every one has answered, and sum them."""
+    answered = {first.get("frontend"): first}
+    for _ in range(4 * frontends):  # the proxy hands requests to the frontends in turn
+        if len(answered) >= frontends:
+            break
+        try:
+            stats = client.status()
+        except HeraldError:
+            break
+        answered.setdefault(stats.get("frontend"), stats)
+    totals: dict[str, int] = {}
+    for stats in answered.values():
+        backlog = stats.get("backlog")
+        if isinstance(backlog, dict):
+            for name, count in backlog.items():
+                if isinstance(count, int):
+                    totals[name] = totals.get(name, 0) + count
+    shown = " ".join(f"{name}={count}" for name, count in sorted(totals.items())) or "none"
+    missing = "" if len(answered) >= frontends else f" (only {len(answered)} of {frontends} frontends answered)"
+    out.write(f"backlog of every frontend{missing}: {shown}\n")
 
 
 def _local_processes(data_dir: Path, endpoint: str, out: TextIO, *, data_dir_given: bool = False) -> None:

@@ -560,6 +560,7 @@ def test_cli(herald: HeraldSystem) -> None:
     assert herald_cli(herald, "topic", "create", "cli.topic").returncode == 0
     assert "cli.topic" in herald_cli(herald, "topic", "list").stdout
     assert herald_cli(herald, "subscription", "create", "cli.topic", "cli.sub").returncode == 0
+    assert herald_cli(herald, "subscription", "create", "cli.topic", "cli.idle").returncode == 0  # never read
     one = herald_cli(herald, "publish", "cli.topic", "hello", "--attr", "k=v")
     assert one.returncode == 0 and one.stdout.strip()
     lines = herald_cli(herald, "publish", "cli.topic", stdin="a\nb\nc\n")
@@ -573,6 +574,8 @@ def test_cli(herald: HeraldSystem) -> None:
     assert status.returncode == 0, status.stderr
     assert "frontend-1" in status.stdout and "restarts 0" in status.stdout
     assert f"data volume of {herald.data_dir}: " in status.stdout and " MiB free of " in status.stdout
+    # Each frontend counts its own shard; the command asks every one of them (two here).
+    assert "backlog of every frontend: cli.idle=4\n" in status.stdout, status.stdout
     dead = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status")
     assert dead.returncode == 1
     dead_after = run_cli("--endpoint", free_tcp_endpoint(), "status", "--timeout", "1")  # the flag after the command too
