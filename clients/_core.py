@@ -418,6 +418,44 @@ def status_call() -> Call[dict[str, Any]]:
     return simple_call(Command.STATUS, {}, _same, repeatable=True)
 
 
+# STATUS requests per frontend, at most, to hear from each one: the proxy hands
+# requests to the frontends in turn, so one round mostly reaches every one.
+BACKLOG_STATUS_ROUNDS: Final = 4
+
+
+class BacklogTally:
+    """Sums the ``backlog`` of every frontend's STATUS: each counts only the messages of its own shard."""
+
+    def __init__(self, frontends: int) -> None:
+        self.frontends = frontends
+        self.requests = BACKLOG_STATUS_ROUNDS * frontends
+        self._backlogs: dict[int, dict[str, int]] = {}
+
+    def add(self, status: dict[str, Any]) -> None:
+        frontend, backlog = status.get("frontend"), status.get("backlog")
+        if type(frontend) is int and isinstance(backlog, dict):
+            self._backlogs[frontend] = {name: count for name, count in backlog.items() if type(count) is int}
+
+    @property
+    def answered(self) -> int:
+        return len(self._backlogs)
+
+    @property
+    def complete(self) -> bool:
+        return self.answered >= self.frontends
+
+    def totals(self) -> dict[str, int]:
+        """Messages stored and not yet settled per subscription, over the frontends heard from."""
+        totals: dict[str, int] = {}
+        for backlog in self._backlogs.values():
+            for name, count in backlog.items():
+                totals[name] = totals.get(name, 0) + count
+        return dict(sorted(totals.items()))
+
+    def incomplete(self) -> HeraldError:
+        return HeraldError("unavailable", f"only {self.answered} of {self.frontends} frontends answered STATUS in {self.requests} requests")
+
+
 # --------------------------------------------------------------------------- publish
 
 

@@ -35,6 +35,7 @@ from clients._core import (
     PUBLISH_HOLD_MAX_S,
     PUBLISHES_IN_FLIGHT,
     AsyncMessage,
+    BacklogTally,
     Call,
     ClientCounters,
     ClientStatistics,
@@ -521,6 +522,20 @@ class AsyncClient:
             HeraldError: ``timeout``...
         """
         return await self._request(status_call())
+
+    async def backlogs(self) -> dict[str, int]:
+        """Messages stored and not yet settled (acknowledged, expired or dead-lettered), per subscription, over
+        every frontend. A subscription with none is left out.
+
+        Raises:
+            HeraldError: ``unavailable`` when some frontend did not answer STATUS; ``timeout``...
+        """
+        tally = BacklogTally(int((await self.info())["frontends"]))
+        for _ in range(tally.requests):
+            tally.add(await self.status())
+            if tally.complete:
+                return tally.totals()
+        raise tally.incomplete()
 
     # ------------------------------------------------------------------ subscriptions
 

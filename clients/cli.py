@@ -28,7 +28,7 @@ from typing import Any, BinaryIO, Final, TextIO
 
 import orjson
 
-from clients._core import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT_S, CurveKeys
+from clients._core import DEFAULT_ENDPOINT, DEFAULT_TIMEOUT_S, BacklogTally, CurveKeys
 from clients.client import Client
 from clients.protocol import HeraldError
 
@@ -402,24 +402,17 @@ def _status(client: Client, out: TextIO, err: TextIO) -> int:
 
 def _all_backlogs(client: Client, first: dict[str, Any], frontends: int, out: TextIO) -> None:
     """Each frontend counts only its own shard's backlog: ask again until every one has answered, and sum them."""
-    answered = {first.get("frontend"): first}
-    for _ in range(4 * frontends):  # the proxy hands requests to the frontends in turn
-        if len(answered) >= frontends:
+    tally = BacklogTally(frontends)
+    tally.add(first)
+    for _ in range(tally.requests):
+        if tally.complete:
             break
         try:
-            stats = client.status()
+            tally.add(client.status())
         except HeraldError:
             break
-        answered.setdefault(stats.get("frontend"), stats)
-    totals: dict[str, int] = {}
-    for stats in answered.values():
-        backlog = stats.get("backlog")
-        if isinstance(backlog, dict):
-            for name, count in backlog.items():
-                if isinstance(count, int):
-                    totals[name] = totals.get(name, 0) + count
-    shown = " ".join(f"{name}={count}" for name, count in sorted(totals.items())) or "none"
-    missing = "" if len(answered) >= frontends else f" (only {len(answered)} of {frontends} frontends answered)"
+    shown = " ".join(f"{name}={count}" for name, count in tally.totals().items()) or "none"
+    missing = "" if tally.complete else f" (only {tally.answered} of {frontends} frontends answered)"
     out.write(f"backlog of every frontend{missing}: {shown}\n")
 
 
@@ -552,7 +545,14 @@ def _subscription(client: Client, args: argparse.Namespace, out: TextIO, err: Te
         case "list":
             _print_subscriptions(client.list_subscriptions(args.topic), out)
         case "describe":
-            out.write(_json(client.describe_subscription(args.name)) + "\n")
+            described = client.describe_subscription(args.name)
+            # Not part of the record: each frontend counts its own shard, so every one is asked.
+            try:
+                described["backlog"] = client.backlogs().get(args.name, 0)
+            except HeraldError as error:
+                described["backlog"] = None
+                err.write(f"warning: backlog unknown: {error.code}: {error.message}\n")
+            out.write(_json(described) + "\n")
         case _:
             raise _UsageError(f"unknown subscription action {args.action!r}")
     return EXIT_OK

@@ -27,6 +27,7 @@ from clients._core import (
     CLIENT_SNDHWM,
     DEFAULT_ENDPOINT,
     DEFAULT_TIMEOUT_S,
+    BacklogTally,
     Call,
     ClientCounters,
     ClientStatistics,
@@ -274,6 +275,20 @@ class Client:
             HeraldError: ``timeout``...
         """
         return self._request(status_call())
+
+    def backlogs(self) -> dict[str, int]:
+        """Messages stored and not yet settled (acknowledged, expired or dead-lettered), per subscription, over
+        every frontend. A subscription with none is left out.
+
+        Raises:
+            HeraldError: ``unavailable`` when some frontend did not answer STATUS; ``timeout``...
+        """
+        tally = BacklogTally(int(self.info()["frontends"]))
+        for _ in range(tally.requests):
+            tally.add(self.status())
+            if tally.complete:
+                return tally.totals()
+        raise tally.incomplete()
 
     # ------------------------------------------------------------------ subscriptions
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
 from clients._core import PUBLISH_HOLD_MAX_S, PUBLISHES_IN_FLIGHT, AckedWindow, ConsumerCore, Message, slot_constructor
-from clients.protocol import Command, DeliveredMessage, Frames, ProtocolError, decode_deliver, decode_deliver_rows, parse_acked_refs
+from clients.protocol import Command, DeliveredMessage, Frames, ProtocolError, decode_deliver, decode_deliver_rows, parse_acked_refs, shard_of
 from tests.conftest import PROJECT_ROOT, HeraldSystem, run_cli, stored_messages
 
 
@@ -576,6 +577,8 @@ def test_cli(herald: HeraldSystem) -> None:
     assert f"data volume of {herald.data_dir}: " in status.stdout and " MiB free of " in status.stdout
     # Each frontend counts its own shard; the command asks every one of them (two here).
     assert "backlog of every frontend: cli.idle=4\n" in status.stdout, status.stdout
+    described = herald_cli(herald, "subscription", "describe", "cli.idle")
+    assert described.returncode == 0 and orjson.loads(described.stdout)["backlog"] == 4, described
     dead = run_cli("--endpoint", free_tcp_endpoint(), "--timeout", "1", "status")
     assert dead.returncode == 1
     dead_after = run_cli("--endpoint", free_tcp_endpoint(), "status", "--timeout", "1")  # the flag after the command too
@@ -807,3 +810,21 @@ def test_a_batch_is_split_so_that_every_header_fits_even_with_escaped_attributes
         assert sum(map(len, chunks)) == len(items)
         assert all(len(encode_publish("t", list(chunk), b"r")[3]) <= MAX_HEADER_BYTES for chunk in chunks)
     assert len(split_batch(plain)) == 1
+
+
+def test_backlogs_sum_every_frontends_shard(herald: HeraldSystem) -> None:
+    """Each frontend's STATUS counts its own shard only; ``backlogs()`` asks until every one has answered."""
+    topics = [next(f"tally-{owner}-{i}" for i in itertools.count() if shard_of(f"tally-{owner}-{i}", 2) == owner) for owner in (0, 1)]
+    with Client(herald.endpoint) as client:
+        for count, topic in enumerate(topics, start=2):
+            client.create_topic(topic)
+            client.create_subscription(topic, f"{topic}.reader")
+            client.publish_batch(topic, [b"x"] * count)
+        expected = {f"{topics[0]}.reader": 2, f"{topics[1]}.reader": 3}
+        assert {name: n for name, n in client.backlogs().items() if name in expected} == expected
+
+    async def from_async() -> dict[str, int]:
+        async with AsyncClient(herald.endpoint) as aclient:
+            return await aclient.backlogs()
+
+    assert {name: n for name, n in asyncio.run(from_async()).items() if name in expected} == expected
