@@ -574,9 +574,11 @@ def _config_check(path: str, out: TextIO, err: TextIO) -> int:
         err.write(f"{exc}\n")
         return EXIT_ERROR
     credentials = settings.pop("credentials", ())
+    live = settings.pop("live_feed", None)
     limits = ", ".join(f"{key} = {value}" for key, value in sorted(settings.items())) or "defaults"
     names = ", ".join(credential.name for credential in credentials) or "none: the server is open"
-    out.write(f"{path}: valid; limits: {limits}; credentials: {names}\n")
+    served = live if live is not None else not credentials
+    out.write(f"{path}: valid; limits: {limits}; credentials: {names}; live feed: {'served, to anyone who can reach it' if served else 'off'}\n")
     return EXIT_OK
 
 

@@ -263,6 +263,7 @@ def test_config_check_accepts_a_valid_file_and_herald_up_refuses_a_bad_one(tmp_p
     result = run_cli("config", "check", str(good))
     assert result.returncode == 0, result.stderr
     assert "valid" in result.stdout and "orders-service" in result.stdout and ORDERS_TOKEN not in result.stdout
+    assert result.stdout.rstrip().endswith("live feed: off"), result.stdout  # credentials, and no live_feed = true
     bad = tmp_path / "bad.toml"
     bad.write_text('[[credentials]]\nname = "a"\nadmin = "yes"\ntoken = "0123456789abcdef0"\n')
     result = run_cli("up", "--data-dir", str(tmp_path / "data"), "--port", "0", "--config", str(bad))
