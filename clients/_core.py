@@ -214,7 +214,7 @@ def timeout_error(what: str, endpoint: str, timeout: float) -> HeraldError:
 
 def closed_error(what: str) -> HeraldError:
     """The error raised when a closed client or subscription is used."""
-    return HeraldError("unavailable", f"{what} is closed; create a new one")
+    return HeraldError("closed", f"{what} is closed; create a new one")
 
 
 # --------------------------------------------------------------------------- replies

@@ -292,6 +292,14 @@ async def _wait_until(future: asyncio.Future[Any], until: float) -> None:
         future.remove_done_callback(wake)
 
 
+def _fail_future(future: asyncio.Future[Any], error: BaseException) -> None:
+    """Fail ``future`` if it is still pending, and mark its exception as seen: a caller that gave up on it
+    (cancelled, or closing) must not have asyncio log "Future exception was never retrieved" at collection."""
+    if not future.done():
+        future.set_exception(error)
+        future.exception()
+
+
 def _watch(task: asyncio.Task[None], on_failure: Callable[[BaseException], None]) -> None:
     """Make a long-lived task's death loud: log it and fail the work that waits on it."""
 
@@ -450,6 +458,8 @@ class AsyncClient:
 
         Raises:
             HeraldError: ``topic_not_found``, ``payload_too_large``, ``timeout``...
+                A publish that raised ``timeout``, or was cancelled, after its request
+                left may still be stored: publish it again with the same ``message_id``.
         """
         item = publish_item(data, attributes, message_id)
         check_name(topic, "topic")
@@ -583,7 +593,9 @@ class AsyncClient:
         Args:
             topic: the topic; it must exist.
             name: the subscription; consumers of one name share its messages.
-            **settings: as :meth:`create_subscription`.
+            **settings: as :meth:`create_subscription`; when given they replace all the
+                settings of an existing subscription (those left out return to their
+                defaults: its dead-letter topic and filter too).
 
         Returns:
             An awaitable that attaches and yields an :class:`AsyncSubscription`.
@@ -743,8 +755,7 @@ class AsyncClient:
 
     def _fail_pending(self, error: HeraldError) -> None:
         for future in self._pending.values():
-            if not future.done():
-                future.set_exception(error)
+            _fail_future(future, error)
         self._pending.clear()
 
     def _on_reply(self, raw: list[bytes]) -> None:
@@ -799,13 +810,13 @@ class _Coalesced:
 
     def fail(self, error: HeraldError) -> None:
         for future in self.futures:
-            if not future.done():
-                # A copy each: one exception object raised in many tasks would share a traceback.
-                future.set_exception(type(error)(error.code, error.message, dict(error.details)))
+            # A copy each: one exception object raised in many tasks would share a traceback.
+            _fail_future(future, type(error)(error.code, error.message, dict(error.details)))
 
 
-class Subscribing:
-    """The pending result of :meth:`AsyncClient.subscribe`: await it, or ``async with`` it."""
+class Subscribing(Coroutine[Any, Any, "AsyncSubscription"]):
+    """The pending result of :meth:`AsyncClient.subscribe`: await it, ``async with`` it, or hand it to
+    ``asyncio.create_task`` / ``asyncio.wait_for`` like any coroutine."""
 
     def __init__(self, coroutine: Coroutine[Any, Any, AsyncSubscription]) -> None:
         self._coroutine = coroutine
@@ -813,6 +824,15 @@ class Subscribing:
 
     def __await__(self) -> Generator[Any, None, AsyncSubscription]:
         return self._coroutine.__await__()
+
+    def send(self, value: Any) -> Any:
+        return self._coroutine.send(value)
+
+    def throw(self, typ: Any, val: Any = None, tb: Any = None) -> Any:
+        return self._coroutine.throw(typ, val, tb) if val is not None or tb is not None else self._coroutine.throw(typ)
+
+    def close(self) -> None:
+        self._coroutine.close()
 
     async def __aenter__(self) -> AsyncSubscription:
         self._subscription = await self._coroutine
@@ -970,8 +990,7 @@ class AsyncSubscription(SubscriptionView):
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
         for future in self._awaiting.values():
-            if not future.done():
-                future.set_exception(closed_error(repr(self)))
+            _fail_future(future, closed_error(repr(self)))
         linger_ms = 0
         if self._welcomed.is_set():
             self._sub.read_now()  # what already arrived is named in DETACH as never seen, so it keeps its attempt
@@ -1189,8 +1208,7 @@ class AsyncSubscription(SubscriptionView):
         """Fail the subscription with ``error``: receive() raises it, waiting acks get it."""
         self._core.failure = self._core.failure or error
         for future in self._awaiting.values():
-            if not future.done():
-                future.set_exception(error)
+            _fail_future(future, error)
         self._arrived.set()
 
 

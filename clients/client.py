@@ -71,17 +71,20 @@ log = logging.getLogger("herald.client")
 
 T = TypeVar("T")
 
-# Waits with no deadline still wake this often, so Ctrl-C is seen promptly.
-IDLE_POLL_MS: Final = 500
 # DETACH is the one message worth flushing on close: it lets the sender hand
 # this consumer's unacknowledged messages to others at once instead of after
 # CONSUMER_EXPIRY_S. Close waits at most this long for it.
 DETACH_LINGER_MS: Final = 500
 # A few heartbeats may wait for a reconnecting sender; older ones are worthless.
 CONSUMER_HEARTBEAT_QUEUE: Final = 4
-ATTACH_RETRY_MS: Final = math.ceil(ATTACH_RETRY_S * 1000)
 REDISCOVER_WAIT_S: Final = 2.0  # the longest a re-read of SUB_DESCRIBE holds receive() (see Subscription._rediscover)
 DRAIN_BURST: Final = 10_000  # SUB messages handled per wake-up before checking the caller's deadline
+# A subscription's SUB and PUSH sockets are shared by every thread that uses it (one
+# receiving, others acking or closing) through one lock: ZeroMQ sockets are not
+# thread-safe, and an ack() from a worker thread polling the SUB socket while receive()
+# polled it too had aborted the process inside libzmq. receive() holds the lock for at
+# most this long while it waits, then lets a waiting thread in.
+SHARED_POLL_MS: Final = 20
 
 
 def _poll_ms(deadline: float) -> int:
@@ -218,6 +221,8 @@ class Client:
 
         Raises:
             HeraldError: ``topic_not_found``, ``payload_too_large``, ``timeout``...
+                A publish that raised ``timeout`` may still be stored: publish it
+                again with the same ``message_id``.
         """
         return self._request(publish_call(topic, [publish_item(data, attributes, message_id)]))[0]
 
@@ -341,8 +346,9 @@ class Client:
         Args:
             topic: the topic; it must exist.
             name: the subscription; consumers of one name share its messages.
-            **settings: as :meth:`create_subscription`; when given they replace the
-                settings of an existing subscription.
+            **settings: as :meth:`create_subscription`; when given they replace all the
+                settings of an existing subscription (those left out return to their
+                defaults: its dead-letter topic and filter too).
 
         Returns:
             An attached :class:`Subscription`; iterate it and ``ack()`` each message.
@@ -360,43 +366,54 @@ class Client:
         """Send ``call`` and wait for its reply, resending on the attempt schedule, for at most
         ``timeout`` seconds (default: the client's)."""
         timeout = self.timeout if timeout is None else timeout
-        with self._lock:
-            if self._closed:
-                raise closed_error(repr(self))
-            deadline = time.monotonic() + timeout
-            # Replies to every attempt count: a late answer to the first is as good as any.
-            waiting: set[bytes] = set()
-            attempt = 0
-            while True:
-                now = time.monotonic()
-                if now >= deadline:
-                    break
-                if attempt:
-                    self._counters.retries += 1
-                request_id = self._ids.next()
-                waiting.add(request_id)
-                self._counters.requests += 1
-                until = attempt_deadline(now, deadline, attempt, call.repeatable)
-                attempt += 1
-                if not self._send(call.frames(request_id, self.token), until):
-                    continue
-                frames = self._wait_reply(waiting, until)
-                if frames is None:
-                    if not call.repeatable:
-                        break
-                    log.info("no reply to %s yet; sending it again", call.command.name)
-                    continue
-                try:
-                    return call.parse(reply_header(frames))
-                except HeraldError as error:
-                    self._counters.errors += 1
-                    pause = retry_pause(error, call, attempt - 1, time.monotonic(), deadline)
-                    if pause is None:
-                        raise
-                    log.info("retrying %s after %s", call.command.name, error)
-                    time.sleep(pause)
+        # From the call, not from getting the lock: a thread queued behind others sharing this
+        # client must still give up after ``timeout`` (it had waited their time as well).
+        deadline = time.monotonic() + timeout
+        if not self._lock.acquire(timeout=timeout):
             self._counters.timeouts += 1
             raise timeout_error(call.command.name, self.endpoint, timeout)
+        try:
+            return self._request_locked(call, deadline, timeout)
+        finally:
+            self._lock.release()
+
+    def _request_locked(self, call: Call[T], deadline: float, timeout: float) -> T:
+        """:meth:`_request`, holding the client's lock."""
+        if self._closed:
+            raise closed_error(repr(self))
+        # Replies to every attempt count: a late answer to the first is as good as any.
+        waiting: set[bytes] = set()
+        attempt = 0
+        while True:
+            now = time.monotonic()
+            if now >= deadline:
+                break
+            if attempt:
+                self._counters.retries += 1
+            request_id = self._ids.next()
+            waiting.add(request_id)
+            self._counters.requests += 1
+            until = attempt_deadline(now, deadline, attempt, call.repeatable)
+            attempt += 1
+            if not self._send(call.frames(request_id, self.token), until):
+                continue
+            frames = self._wait_reply(waiting, until)
+            if frames is None:
+                if not call.repeatable:
+                    break
+                log.info("no reply to %s yet; sending it again", call.command.name)
+                continue
+            try:
+                return call.parse(reply_header(frames))
+            except HeraldError as error:
+                self._counters.errors += 1
+                pause = retry_pause(error, call, attempt - 1, time.monotonic(), deadline)
+                if pause is None:
+                    raise
+                log.info("retrying %s after %s", call.command.name, error)
+                time.sleep(pause)
+        self._counters.timeouts += 1
+        raise timeout_error(call.command.name, self.endpoint, timeout)
 
     def _send(self, frames: list[bytes], until: float) -> bool:
         """Send without blocking past ``until``; False when the deadline passed."""
@@ -439,6 +456,35 @@ class Client:
                     log.debug("<- %s dropped a stray reply to request %s", self.endpoint, frames.request_id.hex())
 
 
+class _SocketLock:
+    """The lock of a subscription's sockets and consumer state, counting the threads waiting for it.
+
+    Reentrant (close() from the receiving thread, acks inside receive()). Taking it
+    when free costs one non-blocking acquire: it is taken for every message.
+    """
+
+    __slots__ = ("_guard", "_lock", "waiting")
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._guard = threading.Lock()
+        self.waiting = 0  # threads blocked in __enter__: receive() steps aside for them between polls
+
+    def __enter__(self) -> None:
+        if self._lock.acquire(blocking=False):
+            return
+        with self._guard:
+            self.waiting += 1
+        try:
+            self._lock.acquire()
+        finally:
+            with self._guard:
+                self.waiting -= 1
+
+    def __exit__(self, *_exc: object) -> None:
+        self._lock.release()
+
+
 class Subscription(SubscriptionView):
     """A consumer of one subscription: iterate it, ``ack()`` each message.
 
@@ -452,7 +498,11 @@ class Subscription(SubscriptionView):
 
     A background thread with its own socket sends heartbeats, so the sender
     keeps this consumer even while the application is busy with a message.
-    Use one subscription from one thread.
+    Other threads may acknowledge the messages (``ack``, ``ack_nowait``,
+    ``nack``; a worker pool, say) and close the subscription while one thread
+    receives: the sockets are shared under a lock, and a receive() waiting
+    when another thread closes the subscription returns None. Receive from one
+    thread at a time.
 
     When no WELCOME (the sender's answer to every heartbeat) has come for
     ``REDISCOVER_AFTER_S`` (``CONSUMER_EXPIRY_S``), :meth:`receive` re-reads the
@@ -482,6 +532,7 @@ class Subscription(SubscriptionView):
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._closed = False
+        self._io = _SocketLock()  # the SUB and PUSH sockets and the consumer state (see SHARED_POLL_MS)
         # Attaching again after a move to another sender: receive() sends ATTACH
         # ready=false every ATTACH_RETRY_S until a WELCOME, then ready=true.
         self._reattaching = False
@@ -510,7 +561,7 @@ class Subscription(SubscriptionView):
         self.close()
 
     def __iter__(self) -> Iterator[Message]:
-        """Yield messages as they arrive, blocking, until the subscription is closed.
+        """Yield messages as they arrive, blocking, until the subscription is closed (by any thread).
 
         Raises:
             HeraldError: ``subscription_not_found`` when the subscription is deleted.
@@ -524,40 +575,51 @@ class Subscription(SubscriptionView):
         """The next message, waiting at most ``timeout`` seconds (None: forever).
 
         Returns:
-            A message, or None when the timeout passed first.
+            A message; None when the timeout passed first, or when another
+            thread closed the subscription meanwhile.
 
         Raises:
             HeraldError: ``subscription_not_found`` when the subscription was
-                deleted; ``unavailable`` when this subscription is closed.
+                deleted; ``closed`` when this subscription was closed before the call.
         """
         self._check_open()
         deadline = None if timeout is None else time.monotonic() + max(0.0, timeout)
         while True:
-            acks_due = self._core.acks_due
-            if acks_due is not None and time.monotonic() >= acks_due:
-                self._flush_acks()
-                acks_due = None
-            if (message := self._core.next_message()) is not None:
+            with self._io:
+                if self._closed:
+                    return None
+                done, message = self._receive_step(deadline)
+            if done:
                 return message
-            if self._core.failure is not None:
-                raise self._core.failure
-            wait_ms = IDLE_POLL_MS if deadline is None else min(IDLE_POLL_MS, _poll_ms(deadline))
-            if acks_due is not None:
-                wait_ms = min(wait_ms, _poll_ms(acks_due))
-            if self._reattaching:
-                wait_ms = min(wait_ms, ATTACH_RETRY_MS)
-            if self._sub.poll(wait_ms, zmq.POLLIN):
-                self._drain()
-                continue
-            # Nothing arrived: the one place that checks on the sender, so the
-            # path with messages flowing pays nothing for it.
-            now = time.monotonic()
-            if now >= self._maintain_at:
-                self._maintain(now, deadline)
-                continue
-            if deadline is not None and now >= deadline:
-                self._flush_acks()  # nothing here sends them before the next receive()
-                return None
+            if self._io.waiting:
+                time.sleep(0.0001)  # hand the sockets to the thread waiting for them: an ack, a close
+
+    def _receive_step(self, deadline: float | None) -> tuple[bool, Message | None]:
+        """One wait of :meth:`receive`, holding ``_io``: (True, the result) or (False, None) to go on."""
+        acks_due = self._core.acks_due
+        if acks_due is not None and time.monotonic() >= acks_due:
+            self._flush_acks()
+            acks_due = None
+        if (message := self._core.next_message()) is not None:
+            return True, message
+        if self._core.failure is not None:
+            raise self._core.failure
+        wait_ms = SHARED_POLL_MS if deadline is None else min(SHARED_POLL_MS, _poll_ms(deadline))
+        if acks_due is not None:
+            wait_ms = min(wait_ms, _poll_ms(acks_due))
+        if self._sub.poll(wait_ms, zmq.POLLIN):
+            self._drain()
+            return False, None
+        # Nothing arrived: the one place that checks on the sender, so the
+        # path with messages flowing pays nothing for it.
+        now = time.monotonic()
+        if now >= self._maintain_at:
+            self._maintain(now, deadline)
+            return False, None
+        if deadline is not None and now >= deadline:
+            self._flush_acks()  # nothing here sends them before the next receive()
+            return True, None
+        return False, None
 
     def receive_batch(self, max_messages: int = 100, timeout: float | None = None) -> list[Message]:
         """Up to ``max_messages`` messages: waits at most ``timeout`` seconds (None: forever) for the
@@ -576,9 +638,10 @@ class Subscription(SubscriptionView):
         first = self.receive(timeout)
         if first is None:
             return []
-        if len(self._core.buffer) < max_messages - 1:
-            self._drain()  # what the socket already holds, without waiting
-        return self._core.batch_behind(first, max_messages)
+        with self._io:
+            if len(self._core.buffer) < max_messages - 1 and not self._closed:
+                self._drain()  # what the socket already holds, without waiting
+            return self._core.batch_behind(first, max_messages)
 
     def statistics(self) -> SubscriptionStatistics:
         """A snapshot of this consumer's counters."""
@@ -593,10 +656,14 @@ class Subscription(SubscriptionView):
         """
         if self._closed:
             return
-        self._closed = True
+        self._closed = True  # a receive() in another thread returns None at its next step
         self._stop.set()
-        if self._heartbeat is not None:
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
+        with self._io:
+            self._close_sockets()
+
+    def _close_sockets(self) -> None:
         # What already arrived is named in DETACH as never seen, so it keeps its attempt.
         while self._sub.poll(0, zmq.POLLIN):
             self._drain()
@@ -614,6 +681,10 @@ class Subscription(SubscriptionView):
     # ------------------------------------------------------------------ acknowledgements
 
     def _ack(self, message: Message) -> bool:
+        with self._io:
+            return self._ack_holding_io(message)
+
+    def _ack_holding_io(self, message: Message) -> bool:
         self._check_open()
         request_id = self._ids.next()
         self._awaiting[request_id] = None
@@ -640,9 +711,10 @@ class Subscription(SubscriptionView):
         return ack_result(reply[0], message)
 
     def _ack_nowait(self, message: MessageFields) -> None:
-        self._check_open()
-        if self._core.queue_ack(message):
-            self._flush_acks()
+        with self._io:
+            self._check_open()
+            if self._core.queue_ack(message):
+                self._flush_acks()
 
     def _flush_acks(self) -> None:
         frames = self._core.take_pending_acks()
@@ -650,10 +722,11 @@ class Subscription(SubscriptionView):
             log.warning("could not send %d queued acks; those messages will be redelivered and acknowledged again", len(frames))
 
     def _nack(self, message: Message) -> None:
-        self._check_open()
-        if not self._send(self._core.nack_frames([(message.ref, message.attempt)]), time.monotonic() + self._timeout):
-            raise timeout_error("NACK", self._core.ack_endpoint, self._timeout)
-        self._core.nacked += 1
+        with self._io:
+            self._check_open()
+            if not self._send(self._core.nack_frames([(message.ref, message.attempt)]), time.monotonic() + self._timeout):
+                raise timeout_error("NACK", self._core.ack_endpoint, self._timeout)
+            self._core.nacked += 1
 
     # ------------------------------------------------------------------ plumbing
 

@@ -180,6 +180,7 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("unavailable", 503, True, "a process the request needs is not answering; retry later"),
     ErrorSpec("storage_failed", 507, True, "the store refused the write (disk full or not writable); nothing was acknowledged"),
     ErrorSpec("timeout", 504, True, "no reply arrived before the deadline (raised by clients, never sent)"),
+    ErrorSpec("closed", 499, False, "the client or subscription was closed (raised by clients, never sent)"),
 )
 
 ERRORS_BY_NAME: Final = {spec.name: spec for spec in ERROR_CATALOG}
