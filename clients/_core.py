@@ -760,7 +760,8 @@ class Message(MessageFields):
         """Acknowledge the message and wait for the sender to confirm.
 
         Returns:
-            True when the acknowledgement settled the message; False when it was
+            True when the acknowledgement settled the message, or this consumer
+            had acknowledged it already (no second ACK is sent); False when it was
             stale (the message was already redelivered as a newer attempt, which
             will arrive again and must be acknowledged then).
 

@@ -1036,6 +1036,9 @@ class AsyncSubscription(SubscriptionView):
             _watch(flush, lambda error: log.warning("queued acks not sent (%r); those messages will be redelivered and acknowledged again", error))
 
     async def _ack(self, message: AsyncMessage) -> bool:
+        if message.ref in self._core.acked:
+            return True  # acknowledged already (ack, ack_nowait): a second ACK would only be answered unknown
+
         def build(request_id: bytes) -> list[bytes]:
             self._core.expect_ack(request_id, message)
             return self._core.ack_frames([(message.ref, message.attempt)], request_id)

@@ -686,6 +686,8 @@ class Subscription(SubscriptionView):
 
     def _ack_holding_io(self, message: Message) -> bool:
         self._check_open()
+        if message.ref in self._core.acked:
+            return True  # acknowledged already (ack, ack_nowait): a second ACK would only be answered unknown
         request_id = self._ids.next()
         self._awaiting[request_id] = None
         self._core.expect_ack(request_id, message)

@@ -161,3 +161,16 @@ def test_closing_with_a_publish_in_flight_logs_no_unretrieved_exception(herald: 
     asyncio.run(main())
     gc.collect()
     assert not [context for context in reported if "never retrieved" in str(context.get("message"))], reported
+
+
+def test_acknowledging_twice_is_true_without_a_second_ack(herald: HeraldSystem) -> None:
+    with Client(herald.endpoint) as client:
+        client.create_topic("twice")
+        with client.subscribe("twice", "twice.reader") as subscription:
+            client.publish_batch("twice", [b"a", b"b"])
+            first, second = subscription.receive(timeout=10), subscription.receive(timeout=10)
+            assert first is not None and second is not None
+            assert first.ack() and first.ack()
+            second.ack_nowait()
+            assert second.ack()  # queued already: nothing more to send
+            assert subscription.statistics().acked == 2
