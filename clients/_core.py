@@ -491,7 +491,7 @@ def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message
     """Check one message locally (an id of None is made when its request is built).
 
     Raises:
-        TypeError: when ``data`` is not bytes-like.
+        TypeError: when ``data`` is not bytes-like, or ``attributes`` not a mapping.
         HeraldError: ``invalid_header`` for bad attributes or message id,
             ``payload_too_large`` above MAX_PAYLOAD_CEILING (64 MiB).
     """
@@ -502,6 +502,8 @@ def publish_item(data: Any, attributes: Mapping[str, str] | None = None, message
     if len(data) > MAX_PAYLOAD_CEILING:
         # No server takes it, and one frame of it would be cut off by the server's frame limit without a reply.
         raise HeraldError("payload_too_large", f"a payload of {len(data)} bytes exceeds {MAX_PAYLOAD_CEILING} bytes, the most any Herald server accepts")
+    if attributes is not None and not isinstance(attributes, Mapping):
+        raise TypeError(f"attributes must be a mapping of strings to strings (a dict), got {type(attributes).__name__}")
     if attributes and not all(isinstance(key, str) for key in attributes):
         raise HeraldError("invalid_header", f"attribute names must be strings, got {sorted(map(repr, attributes))[:3]}")
     attrs = check_attributes(dict(attributes)) if attributes else None
