@@ -176,16 +176,17 @@ def new_message_id() -> str:
 
 
 class RequestIds:
-    """Request ids for one socket: an 8-byte big-endian counter.
+    """Request ids for one socket: an 8-byte big-endian counter from a random start.
 
     Ids never repeat on a socket, so a reply that arrives after its request
-    timed out matches nothing and is dropped.
+    timed out matches nothing and is dropped. The random start keeps another
+    client from guessing the id of a consumer's next ACK (see docs/protocol.md §9).
     """
 
     __slots__ = ("_counter",)
 
     def __init__(self) -> None:
-        self._counter = itertools.count(1)
+        self._counter = itertools.count(secrets.randbits(62) + 1)
 
     def next(self) -> bytes:
         """The next unused request id."""

@@ -369,7 +369,7 @@ class Client:
         # From the call, not from getting the lock: a thread queued behind others sharing this
         # client must still give up after ``timeout`` (it had waited their time as well).
         deadline = time.monotonic() + timeout
-        if not self._lock.acquire(timeout=timeout):
+        if not self._lock.acquire(timeout=min(timeout, threading.TIMEOUT_MAX)):
             self._counters.timeouts += 1
             raise timeout_error(call.command.name, self.endpoint, timeout)
         try:
@@ -654,29 +654,30 @@ class Subscription(SubscriptionView):
         (or to the next one to attach); those still buffered here, never
         returned by :meth:`receive`, keep their attempt number. Safe to call twice.
         """
-        if self._closed:
-            return
         self._closed = True  # a receive() in another thread returns None at its next step
         self._stop.set()
         if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
             self._heartbeat.join()
+        # Every caller waits for the sockets to be closed, a second one too: Client.close()
+        # terminates the context next, which would hang on a socket still open.
         with self._io:
-            self._close_sockets()
-
-    def _close_sockets(self) -> None:
-        # What already arrived is named in DETACH as never seen, so it keeps its attempt.
-        while self._sub.poll(0, zmq.POLLIN):
-            self._drain()
-        self._core.settle_buffered_copies()
-        self._flush_acks()
-        try:
-            self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
-            linger_ms = DETACH_LINGER_MS
-        except zmq.Again:
+            if self._sub.closed:
+                return
             linger_ms = 0
-        self._push.close(linger=linger_ms)
-        self._sub.close(linger=0)
-        self._client._subscriptions.discard(self)
+            try:
+                # What already arrived is named in DETACH as never seen, so it keeps its attempt.
+                while self._sub.poll(0, zmq.POLLIN):
+                    self._drain()
+                self._core.settle_buffered_copies()
+                self._flush_acks()
+                self._push.send_multipart(self._core.detach_frames(), zmq.NOBLOCK)
+                linger_ms = DETACH_LINGER_MS
+            except zmq.ZMQError as error:  # full (Again), or the context is going away: close all the same
+                log.debug("closing subscription %s without DETACH: %s", self.name, error)
+            finally:
+                self._push.close(linger=linger_ms)
+                self._sub.close(linger=0)
+                self._client._subscriptions.discard(self)
 
     # ------------------------------------------------------------------ acknowledgements
 

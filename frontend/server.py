@@ -408,7 +408,9 @@ class FrontendServer:
         self.senders = [make_socket(self.context, zmq.PUSH, connect=endpoint, **hwm) for endpoint in config.sender_intake_endpoints]
         self.metadata = MetadataLink(self.context, config, hwm)
         # XPUB rather than PUB: it hears the live feed's subscriptions, see _on_live_subscription.
-        self.live = make_socket(self.context, zmq.XPUB, connect=config.live_intake_endpoint, **hwm)
+        # Not connected when the proxy does not serve the live feed: nothing binds its intake
+        # port then, and whatever else bound it would hear every message.
+        self.live = make_socket(self.context, zmq.XPUB, connect=config.live_intake_endpoint if config.live_feed_served else None, **hwm)
         self.live_prefixes: dict[bytes, int] = {}
         self.stop = StopFlag()
         self.exit_code = 0

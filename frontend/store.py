@@ -116,10 +116,12 @@ BODY_CACHE_BYTES: Final = 16 * 2**20  # decoded messages kept for backlog reads 
 BODY_OVERHEAD_BYTES: Final = 400  # a decoded message's objects, beyond its encoded bytes
 SUBSCRIPTION_ID_BYTES: Final = 40  # one id in a decoded message's subscription list, not shared
 # Cached bodies share one list per distinct subscription list (the messages of a
-# topic mostly have the same one). The shared lists hold at most this many ids in
-# all (4 MiB at SUBSCRIPTION_ID_BYTES), outside BODY_CACHE_BYTES; past it, a new
-# list is not shared and its body pays for it.
-SHARED_SUBSCRIPTION_IDS: Final = 100_000
+# topic mostly have the same one). The shared lists take at most this much in all,
+# outside BODY_CACHE_BYTES, counted at SUBSCRIPTION_ID_BYTES an id (list slot, key
+# tuple slot, int object) plus SHARED_LIST_BYTES a list; past it, a new list is not
+# shared and its body pays for it. A deleted subscription's lists are dropped.
+SHARED_SUBSCRIPTION_BYTES: Final = 4 * 2**20
+SHARED_LIST_BYTES: Final = 200
 # The in-memory fan-out map (see ShardStore.complete) is bounded by an estimate of
 # its memory: about 200 bytes per message and 8 per subscription still holding it
 # (measured with tracemalloc). A message settled after it left the map costs a
@@ -241,6 +243,11 @@ def _prefix_end(prefix: bytes) -> bytes:
     return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
+def _shared_list_bytes(key: tuple[int, ...]) -> int:
+    """What one shared subscription list is counted at (see SHARED_SUBSCRIPTION_BYTES)."""
+    return SHARED_LIST_BYTES + SUBSCRIPTION_ID_BYTES * len(key)
+
+
 def encode_message(message: StoredMessage) -> bytes:
     # A dict literal, not a method building it: this runs for every message stored.
     header = orjson.dumps(
@@ -313,7 +320,7 @@ class ShardStore:
         self._body_bytes = 0
         # tuple of a subscription list -> the one list cached bodies share (see _remember_body)
         self._shared_subscription_lists: dict[tuple[int, ...], list[int]] = {}
-        self._shared_subscription_ids = 0  # the ids in those lists (see SHARED_SUBSCRIPTION_IDS)
+        self._shared_subscription_bytes = 0  # what those lists take (see SHARED_SUBSCRIPTION_BYTES)
         # (subscription id, seq) of each implicit entry (see the module docstring) ->
         # the first seq of its write, which names its I key; and per I key how many are left.
         self._implicit: dict[tuple[int, int], int] = {}
@@ -1006,6 +1013,10 @@ class ShardStore:
         """
         self.apply_settles()
         self.deleted_subscriptions.add(sub_id)
+        # Its lists are no message's to come: make room for the lists of the subscriptions that are left.
+        for key in [key for key in self._shared_subscription_lists if sub_id in key]:
+            del self._shared_subscription_lists[key]
+            self._shared_subscription_bytes -= _shared_list_bytes(key)
         if self.backlog is not None:
             self.backlog.pop(sub_id, None)
         # Messages accepted before the deletion was known have seqs up to last_seq:
@@ -1227,9 +1238,9 @@ class ShardStore:
                 shared = self._shared_subscription_lists.get(key)
                 if shared is not None:
                     message.subscriptions = shared  # nothing changes a stored message's list
-                elif self._shared_subscription_ids + len(key) <= SHARED_SUBSCRIPTION_IDS:
+                elif self._shared_subscription_bytes + (cost := _shared_list_bytes(key)) <= SHARED_SUBSCRIPTION_BYTES:
                     self._shared_subscription_lists[key] = subscriptions
-                    self._shared_subscription_ids += len(key)
+                    self._shared_subscription_bytes += cost
                 else:
                     size += SUBSCRIPTION_ID_BYTES * len(subscriptions)
             else:

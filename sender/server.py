@@ -221,6 +221,7 @@ class SenderServer:
             "filtered": 0,
             "bad_dispatches": 0,
             "stale_dispatches": 0,  # DISPATCHes addressed to this sender's predecessor (see _accept_dispatch)
+            "unanswered_consumer_errors": 0,  # errors not sent to a consumer id another client used (see _answer_consumer)
             "bad_unseen": 0,
             "attempted_dropped": 0,  # ATTEMPTED entries a stalled frontend's full socket refused
         }
@@ -603,7 +604,24 @@ class SenderServer:
                 log.exception("consumer message failed")
             self.counters["bad_consumer_messages"] = self.counters.get("bad_consumer_messages", 0) + 1
             if consumer_id:
-                self._reply_to_consumer(consumer_id, encode_error(request_id, error, subscription=name))
+                self._answer_consumer(consumer_id, request_id, error, name)
+
+    def _answer_consumer(self, consumer_id: str, request_id: bytes, error: HeraldError, name: str | None) -> None:
+        """Send ``error`` to ``consumer_id``, unless it can only be someone else using that id.
+
+        Anyone who can reach the PUB socket reads the consumer ids it sends to, and
+        anyone may put one in a message. A consumer attached here authenticated
+        already, so a credential error under its id, or an error whose
+        subscription could not be read, comes from another client: answered, it
+        would reach that consumer's SUB socket (and fail a call of it whose
+        request id matched). An error naming another subscription goes out: a
+        consumer drops what names a subscription not its own.
+        """
+        attached_here = any(consumer_id in state.consumers for state in self.subs.values())
+        if attached_here and (name is None or error.code in ("unauthenticated", "forbidden")):
+            self.counters["unanswered_consumer_errors"] += 1
+            return
+        self._reply_to_consumer(consumer_id, encode_error(request_id, error, subscription=name))
 
     def _on_attach(self, name: str, consumer_id: str, frames: Frames) -> None:
         # Every field is checked before the ATTACH is parked for a subscription lookup.
@@ -776,7 +794,7 @@ class SenderServer:
             for attach in parked:
                 consumer_id = attach.header.get("consumer")
                 if isinstance(consumer_id, str) and consumer_id:
-                    self._reply_to_consumer(consumer_id, encode_error(attach.request_id, refusal, subscription=name))
+                    self._answer_consumer(consumer_id, attach.request_id, refusal, name)
             return
         info = frames.header["subscription"]
         state = self.subs.get(name)
@@ -793,7 +811,7 @@ class SenderServer:
             try:
                 self._on_attach(name, consumer_id, attach)
             except HeraldError as error:
-                self._reply_to_consumer(consumer_id, encode_error(attach.request_id, error, subscription=name))
+                self._answer_consumer(consumer_id, attach.request_id, error, name)
 
     def _forget_subscription(self, name: str) -> None:
         state = self.subs.pop(name, None)

@@ -174,3 +174,17 @@ def test_acknowledging_twice_is_true_without_a_second_ack(herald: HeraldSystem) 
             second.ack_nowait()
             assert second.ack()  # queued already: nothing more to send
             assert subscription.statistics().acked == 2
+
+
+def test_closing_a_subscription_and_its_client_at_once_from_two_threads_returns(herald: HeraldSystem) -> None:
+    """The second closer used to return while the first still held the sockets open; Client.close() then
+    terminated the context under them and could wait for ever."""
+    for round_ in range(5):
+        client = Client(herald.endpoint)
+        client.create_topic(f"both-{round_}")
+        subscription = client.subscribe(f"both-{round_}", f"both-{round_}.reader")
+        closer = threading.Thread(target=subscription.close)
+        closer.start()
+        client.close()
+        closer.join(10)
+        assert not closer.is_alive()

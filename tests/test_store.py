@@ -154,7 +154,9 @@ def test_cached_bodies_of_a_fan_out_backlog_share_their_subscription_list(store:
     messages and read the rest again: bodies with the same list share one, paid for once, and settling through the
     cache (the map holds nothing) still keeps a message until its last subscription settles it."""
     monkeypatch.setattr(store_module, "FANOUT_CACHE_BYTES", 1)  # every settle reads what is left, through the cache
-    monkeypatch.setattr(store_module, "SHARED_SUBSCRIPTION_IDS", 150)  # room for one list of 100, not two
+    monkeypatch.setattr(
+        store_module, "SHARED_SUBSCRIPTION_BYTES", store_module.SHARED_LIST_BYTES + 150 * store_module.SUBSCRIPTION_ID_BYTES
+    )  # one list of 100, not two
     hundred = list(range(1, 101))
     seqs = _append(store, 200, hundred)
     others = _append(store, 3, list(range(200, 300)), ids="other")
@@ -170,6 +172,11 @@ def test_cached_bodies_of_a_fan_out_backlog_share_their_subscription_list(store:
     assert [m.seq for m in store.messages()] == seqs[100:] + others
     assert all(seq not in store._bodies for seq in seqs[:100]), "the cache never outlives a message"
     assert store.backlog == dict.fromkeys(hundred, 100) | dict.fromkeys(range(200, 300), 3)
+    store.delete_subscription(100)  # its list goes, and makes room for another
+    assert not store._shared_subscription_lists and store._shared_subscription_bytes == 0
+    for seq in others:
+        store._forget_body(seq)  # read again, as after an eviction
+    assert len({id(message.subscriptions) for message in store.read_messages(others) if message is not None}) == 1
 
 
 def test_implicit_entries_become_pending_entries_when_taken_back_or_counted(store: ShardStore) -> None:
