@@ -82,7 +82,7 @@ HELP: Final = {
     "bad_control_messages": "malformed internal messages dropped by a frontend",
     "bad_dispatches": "malformed DISPATCH messages dropped by a sender",
     "stale_dispatches": "DISPATCH messages a restarted sender dropped because they were queued for its predecessor",
-    "unanswered_consumer_errors": "errors a sender did not send to a consumer id attached to it: credential errors, or an unreadable subscription, under its id can only come from another client",
+    "unanswered_consumer_errors": "credential errors a sender did not send to a consumer id attached to it (they can only come from another client)",
     "bad_unseen": "DETACH messages whose malformed unseen list was ignored",
     "shed": "publishes refused as overload",
     "purged": "pending entries of deleted subscriptions removed",

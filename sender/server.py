@@ -611,14 +611,12 @@ class SenderServer:
 
         Anyone who can reach the PUB socket reads the consumer ids it sends to, and
         anyone may put one in a message. A consumer attached here authenticated
-        already, so a credential error under its id, or an error whose
-        subscription could not be read, comes from another client: answered, it
-        would reach that consumer's SUB socket (and fail a call of it whose
-        request id matched). An error naming another subscription goes out: a
-        consumer drops what names a subscription not its own.
+        already, so a credential error under its id comes from another client:
+        answered, it would reach that consumer's SUB socket (and fail a call of it
+        whose request id matched). An error naming another subscription goes out:
+        a consumer drops what names a subscription not its own.
         """
-        attached_here = any(consumer_id in state.consumers for state in self.subs.values())
-        if attached_here and (name is None or error.code in ("unauthenticated", "forbidden")):
+        if error.code in ("unauthenticated", "forbidden") and any(consumer_id in state.consumers for state in self.subs.values()):
             self.counters["unanswered_consumer_errors"] += 1
             return
         self._reply_to_consumer(consumer_id, encode_error(request_id, error, subscription=name))
