@@ -356,6 +356,17 @@ def test_the_live_feed_is_off_with_credentials_unless_the_config_turns_it_on(her
                 host, _, port = live_endpoint.removeprefix("tcp://").rpartition(":")
                 with pytest.raises(ConnectionRefusedError):
                     socket.create_connection((host, int(port)), timeout=1).close()
+                # Nor do the frontends connect to the unbound intake port: whatever bound it would hear everything.
+                intake = context.socket(zmq.XSUB)
+                try:
+                    intake.bind(herald.config["live_intake_endpoint"])
+                    intake.send(b"\x01")  # subscribe to every topic
+                    deadline = time.monotonic() + 2
+                    while time.monotonic() < deadline:
+                        admin.publish("orders.eu", b"secret")
+                        assert not intake.poll(100), "a frontend published the live feed to whoever bound its intake"
+                finally:
+                    intake.close(0)
     finally:
         reader.close(0)
         context.term()
