@@ -766,6 +766,10 @@ class Subscription(SubscriptionView):
                 # Best effort: if this ack is lost the sender redelivers and we ack again.
                 with contextlib.suppress(zmq.Again):
                     self._push.send_multipart(self._core.ack_frames(events.reacks), zmq.NOBLOCK)
+            if events.sender_changed and not self._reattaching:
+                # The sender restarted: it delivers once an ATTACH names its epoch. The heartbeat thread would, within a second.
+                with contextlib.suppress(zmq.Again):
+                    self._push.send_multipart(self._core.attach_frames(ready=True), zmq.NOBLOCK)
 
     def _attach(self) -> None:
         """Send ATTACH until the sender's WELCOME shows our SUB filter reached it (slow joiner)."""
@@ -880,7 +884,6 @@ class Subscription(SubscriptionView):
         try:
             endpoint = core.ack_endpoint
             sock = self._heartbeat_socket(endpoint)
-            frames = core.attach_frames(ready=True)
             while not self._stop.wait(CONSUMER_HEARTBEAT_S):
                 if core.ack_endpoint != endpoint:
                     # receive() moved this consumer to another sender: this thread reconnects its own socket.
@@ -891,7 +894,7 @@ class Subscription(SubscriptionView):
                 if not core.welcomed:
                     continue  # receive() is attaching again: ready=true only after the WELCOME
                 with contextlib.suppress(zmq.Again):  # sender unreachable: heartbeats are idempotent, the next one counts
-                    sock.send_multipart(frames, zmq.NOBLOCK)
+                    sock.send_multipart(core.attach_frames(ready=True), zmq.NOBLOCK)  # built each time: it names the sender's epoch
         except Exception:
             log.exception("heartbeat thread of %s failed; the sender will expire this consumer", self.name)
         finally:

@@ -222,6 +222,7 @@ class SenderServer:
             "bad_dispatches": 0,
             "stale_dispatches": 0,  # DISPATCHes addressed to this sender's predecessor (see _accept_dispatch)
             "unanswered_consumer_errors": 0,  # errors not sent to a consumer id another client used (see _answer_consumer)
+            "unproven_attaches": 0,  # ready ATTACHes that started no deliveries: the SUB socket not yet proven (see _on_attach)
             "bad_unseen": 0,
             "attempted_dropped": 0,  # ATTEMPTED entries a stalled frontend's full socket refused
         }
@@ -628,6 +629,7 @@ class SenderServer:
             raise ProtocolError("invalid_header", f"max_unacked must be at least 1, got {requested}")
         packed = get_field(frames.header, "packed_payloads", bool, required=False, default=False)
         wants_ready = get_field(frames.header, "ready", bool, required=False, default=False)
+        welcomed_by = get_field(frames.header, "sender_epoch", int, required=False)
         state = self.subs.get(name)
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
@@ -656,10 +658,17 @@ class SenderServer:
             log.info("consumer %s attached to %s", consumer_id, name)
         consumer.last_seen = time.monotonic()
         consumer.packed = packed
-        # A consumer first heard from (say, heartbeating into a restarted
-        # sender) may not have its SUB subscription in place yet: deliveries
-        # start with its next ready ATTACH, never on first contact.
-        ready = wants_ready and not first_contact
+        # Deliveries start only once the consumer's SUB socket hears this
+        # process: PUB drops what is sent before the SUB has (re)connected, and
+        # only the ack deadline would bring it back. After a restart, a
+        # consumer's PUSH may reconnect seconds before its SUB does. An ATTACH
+        # naming this process's epoch (from a WELCOME it received) proves it;
+        # one naming another epoch proves nothing. Without the field (older
+        # consumers), the guess is the second contact.
+        sub_proven = welcomed_by == self.epoch if welcomed_by is not None else not first_contact
+        ready = wants_ready and sub_proven
+        if wants_ready and not sub_proven:
+            self.counters["unproven_attaches"] += 1
         if ready and not consumer.ready:
             consumer.ready = True
             self.credit_dirty = True
@@ -671,7 +680,7 @@ class SenderServer:
             encode(
                 Command.WELCOME,
                 frames.request_id,
-                {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S},
+                {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S, "sender_epoch": self.epoch},
             ),
         )
 

@@ -12,14 +12,14 @@ from clients.protocol import ATTACH_RETRY_S, Command, Frames, consumer_topic_fra
 
 
 class NativeConsumer:
-    def __init__(self, subscription: dict[str, Any], consumer_id: str, max_unacked: int | None = None, *, packed: bool = False) -> None:
+    def __init__(
+        self, subscription: dict[str, Any], consumer_id: str, max_unacked: int | None = None, *, packed: bool = False, names_epoch: bool = True
+    ) -> None:
         self.name = subscription["name"]
         self.consumer_id = consumer_id
+        self.deliver_endpoint = subscription["endpoints"]["deliver"]
         self.context: zmq.Context[Any] = zmq.Context()
-        self.sub = self.context.socket(zmq.SUB)
-        self.sub.setsockopt(zmq.LINGER, 0)
-        self.sub.setsockopt(zmq.SUBSCRIBE, consumer_topic_frame(consumer_id))
-        self.sub.connect(subscription["endpoints"]["deliver"])
+        self.sub = self.connect_sub()
         self.push = self.context.socket(zmq.PUSH)
         self.push.setsockopt(zmq.LINGER, 0)
         self.push.connect(subscription["endpoints"]["ack"])
@@ -28,21 +28,48 @@ class NativeConsumer:
         self.raw_delivers: list[list[bytes]] = []  # every DELIVER as it came off the wire
         self.inbox: list[Frames] = []
         self.last_beat = 0.0
+        # ATTACH names the sender_epoch of the last WELCOME (protocol.md §9); False: a consumer
+        # written before that field, which the sender starts delivering to on its second contact.
+        self.names_epoch = names_epoch
+        self.sender_epoch: int | None = None
+
+    def connect_sub(self) -> zmq.Socket[Any]:
+        sub: zmq.Socket[Any] = self.context.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, consumer_topic_frame(self.consumer_id))
+        sub.connect(self.deliver_endpoint)
+        return sub
+
+    def _attach_frames(self, ready: bool) -> list[bytes]:
+        epoch = self.sender_epoch if self.names_epoch else None
+        return encode_attach(self.name, self.consumer_id, ready=ready, max_unacked=self.max_unacked, packed_payloads=self.packed, sender_epoch=epoch)
+
+    def _heard(self, frames: Frames) -> None:
+        """Note a WELCOME's sender_epoch; a new one (the sender restarted) is answered with a ready ATTACH at once."""
+        if frames.command is not Command.WELCOME:
+            return
+        epoch = frames.header.get("sender_epoch")
+        if epoch != self.sender_epoch:
+            changed = self.sender_epoch is not None
+            self.sender_epoch = epoch
+            if changed and self.names_epoch:
+                self.beat()
 
     def attach(self, timeout: float = 10.0) -> Frames:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            self.push.send_multipart(encode_attach(self.name, self.consumer_id, ready=False, max_unacked=self.max_unacked, packed_payloads=self.packed))
+            self.push.send_multipart(self._attach_frames(ready=False))
             if self.sub.poll(int(ATTACH_RETRY_S * 1000)):
                 frames = decode(self.sub.recv_multipart()[1:])
                 if frames.command is Command.WELCOME:
+                    self.sender_epoch = frames.header.get("sender_epoch")
                     self.beat()
                     return frames
                 self.inbox.append(frames)
         raise AssertionError("no WELCOME")
 
     def beat(self) -> None:
-        self.push.send_multipart(encode_attach(self.name, self.consumer_id, ready=True, max_unacked=self.max_unacked, packed_payloads=self.packed))
+        self.push.send_multipart(self._attach_frames(ready=True))
         self.last_beat = time.monotonic()
 
     def next_frames(self, timeout: float) -> Frames | None:
@@ -58,6 +85,7 @@ class NativeConsumer:
             if self.sub.poll(int(min(remaining, 0.2) * 1000) + 1):
                 raw = self.sub.recv_multipart()
                 frames = decode(raw[1:])
+                self._heard(frames)
                 if frames.command is Command.DELIVER:
                     self.raw_delivers.append(raw)
                 return frames

@@ -445,6 +445,49 @@ def test_a_dispatch_queued_for_a_killed_sender_is_delivered_once(herald: HeraldS
     assert stale >= 1
 
 
+@pytest.mark.parametrize("names_epoch", [True, False], ids=["naming-the-epoch", "without-the-epoch"])
+def test_a_restarted_sender_delivers_only_once_the_consumers_sub_socket_hears_it(herald: HeraldSystem, names_epoch: bool) -> None:
+    """After a restart, a consumer's PUSH socket (its heartbeats) may reconnect seconds before its SUB socket: their
+    reconnect timers back off apart. PUB drops what it sends to a SUB not yet connected, and only the ack deadline
+    (120 s here) brings it back. So the sender delivers only once an ATTACH names the epoch of a WELCOME the consumer
+    heard from this process. The consumer without that field is the control: the sender can only guess (the second
+    contact), delivers into the unconnected SUB, and the messages are not there when it reconnects."""
+    name = f"lagging.reader.{int(names_epoch)}"
+    with Client(herald.endpoint, timeout=10) as client:
+        client.create_topic("lagging", exist_ok=True)
+        info = client.create_subscription("lagging", name, ack_deadline=120)
+        consumer = NativeConsumer(info, f"lagging-{int(names_epoch)}", names_epoch=names_epoch)
+        try:
+            welcome = consumer.attach()
+            assert welcome.header["sender_epoch"] == consumer.sender_epoch
+            client.publish("lagging", b"warm-up")
+            [(warm_up, _)] = consumer.deliveries(1)
+            assert consumer.ack([(warm_up["ref"], warm_up["attempt"])]) == ["ok"]
+            sender = f"sender-{shard_of(name, 2)}"
+            old = herald.kill_child(sender)
+            consumer.sub.close(0)  # its SUB reconnect lags far behind its PUSH
+            herald.wait_restarted(sender, old)
+            ids = {str(client.publish("lagging", f"lagging-{i}".encode())) for i in range(10)}
+            beats_until = time.monotonic() + 3
+            while time.monotonic() < beats_until:  # ready heartbeats into the new sender, naming the old epoch
+                consumer.beat()
+                time.sleep(0.2)
+            consumer.sub = consumer.connect_sub()
+            got: list[tuple[dict[str, Any], bytes]] = []
+            deadline = time.monotonic() + (30 if names_epoch else 8)
+            while not ids <= {header["id"] for header, _ in got} and time.monotonic() < deadline:
+                got += consumer.deliveries(1, timeout=deadline - time.monotonic())
+        finally:
+            consumer.close()
+    if names_epoch:
+        assert ids <= {header["id"] for header, _ in got}
+        assert _snapshot(herald, sender).get("unproven_attaches", 0) >= 1
+    else:
+        # Without the field the sender cannot tell, and delivered from the second heartbeat into a SUB not connected:
+        # those copies come back only after the 120 s ack deadline.
+        assert not ids <= {header["id"] for header, _ in got}
+
+
 def _snapshot(herald: HeraldSystem, role: str) -> dict[str, Any]:
     try:
         return dict(orjson.loads((herald.data_dir / "metrics" / f"{role}.json").read_bytes()))
