@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import secrets
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -82,9 +83,12 @@ DRAIN_BURST: Final = 10_000  # SUB messages handled per wake-up before checking 
 # A subscription's SUB and PUSH sockets are shared by every thread that uses it (one
 # receiving, others acking or closing) through one lock: ZeroMQ sockets are not
 # thread-safe, and an ack() from a worker thread polling the SUB socket while receive()
-# polled it too had aborted the process inside libzmq. receive() holds the lock for at
-# most this long while it waits, then lets a waiting thread in.
-SHARED_POLL_MS: Final = 20
+# polled it too had aborted the process inside libzmq. receive() waits holding the lock,
+# polling a wake-up socket beside the SUB one: a thread that finds the lock taken writes
+# a byte to it, and receive() steps aside. So an idle receive() wakes only when something
+# is due (the caller's deadline, queued acks, the check on the sender), and at least
+# this often as a safety net.
+IDLE_WAIT_MAX_MS: Final = 1_000
 
 
 def _poll_ms(deadline: float) -> int:
@@ -460,15 +464,25 @@ class _SocketLock:
     """The lock of a subscription's sockets and consumer state, counting the threads waiting for it.
 
     Reentrant (close() from the receiving thread, acks inside receive()). Taking it
-    when free costs one non-blocking acquire: it is taken for every message.
+    when free costs one non-blocking acquire: it is taken for every message. A thread
+    that finds it taken wakes the holder through :attr:`wake_fd` (see IDLE_WAIT_MAX_MS).
     """
 
-    __slots__ = ("_guard", "_lock", "waiting")
+    __slots__ = ("_guard", "_lock", "_wake_reader", "_wake_writer", "waiting")
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
         self._guard = threading.Lock()
         self.waiting = 0  # threads blocked in __enter__: receive() steps aside for them between polls
+        # A socket pair rather than a pipe: zmq_poll takes any file descriptor on POSIX, only sockets on Windows.
+        self._wake_reader, self._wake_writer = socket.socketpair()
+        self._wake_reader.setblocking(False)
+        self._wake_writer.setblocking(False)
+
+    @property
+    def wake_fd(self) -> int:
+        """Readable while a thread waits for the lock (or once after one did): poll it beside the SUB socket."""
+        return self._wake_reader.fileno()
 
     def __enter__(self) -> None:
         if self._lock.acquire(blocking=False):
@@ -476,6 +490,8 @@ class _SocketLock:
         with self._guard:
             self.waiting += 1
         try:
+            with contextlib.suppress(OSError):  # full or closed: the holder is woken already, or gone
+                self._wake_writer.send(b"\0")
             self._lock.acquire()
         finally:
             with self._guard:
@@ -483,6 +499,16 @@ class _SocketLock:
 
     def __exit__(self, *_exc: object) -> None:
         self._lock.release()
+
+    def clear_wake_ups(self) -> None:
+        """Read what waiting threads wrote (the holder, after waking on :attr:`wake_fd`)."""
+        with contextlib.suppress(OSError):
+            while self._wake_reader.recv(4096):
+                pass
+
+    def close(self) -> None:
+        self._wake_reader.close()
+        self._wake_writer.close()
 
 
 class Subscription(SubscriptionView):
@@ -532,7 +558,7 @@ class Subscription(SubscriptionView):
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._closed = False
-        self._io = _SocketLock()  # the SUB and PUSH sockets and the consumer state (see SHARED_POLL_MS)
+        self._io = _SocketLock()  # the SUB and PUSH sockets and the consumer state (see IDLE_WAIT_MAX_MS)
         # Attaching again after a move to another sender: receive() sends ATTACH
         # ready=false every ATTACH_RETRY_S until a WELCOME, then ready=true.
         self._reattaching = False
@@ -540,12 +566,16 @@ class Subscription(SubscriptionView):
         context = client._context
         self._sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
         self._push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
+        self._poller = zmq.Poller()  # receive()'s wait: self._sub (re-registered when _move swaps it) and the lock's wake-up socket
+        self._poller.register(self._sub, zmq.POLLIN)
+        self._poller.register(self._io.wake_fd, zmq.POLLIN)
         try:
             self._core.connect(self._sub, self._push, client.curve)
             self._attach()
         except BaseException:
             self._sub.close(0)
             self._push.close(0)
+            self._io.close()
             raise
         self._maintain_at = self._core.rediscover_at()
         self._heartbeat = threading.Thread(target=self._heartbeat_loop, name=f"herald-heartbeat-{self.name}", daemon=True)
@@ -604,11 +634,15 @@ class Subscription(SubscriptionView):
             return True, message
         if self._core.failure is not None:
             raise self._core.failure
-        wait_ms = SHARED_POLL_MS if deadline is None else min(SHARED_POLL_MS, _poll_ms(deadline))
-        if acks_due is not None:
-            wait_ms = min(wait_ms, _poll_ms(acks_due))
-        if self._sub.poll(wait_ms, zmq.POLLIN):
+        wake_at = min(self._maintain_at, math.inf if deadline is None else deadline, math.inf if acks_due is None else acks_due)
+        wait_ms = min(IDLE_WAIT_MAX_MS, _poll_ms(wake_at)) if wake_at < math.inf else IDLE_WAIT_MAX_MS
+        ready = dict(self._poller.poll(wait_ms))
+        if self._io.wake_fd in ready:
+            self._io.clear_wake_ups()  # another thread wants the sockets: receive() lets it in before its next step
+        if self._sub in ready:
             self._drain()
+            return False, None
+        if ready:
             return False, None
         # Nothing arrived: the one place that checks on the sender, so the
         # path with messages flowing pays nothing for it.
@@ -678,6 +712,7 @@ class Subscription(SubscriptionView):
                 self._push.close(linger=linger_ms)
                 self._sub.close(linger=0)
                 self._client._subscriptions.discard(self)
+                self._io.close()
 
     # ------------------------------------------------------------------ acknowledgements
 
@@ -865,7 +900,9 @@ class Subscription(SubscriptionView):
         if sockets is None:
             return False
         old_sub, old_push = self._sub, self._push
+        self._poller.unregister(old_sub)
         self._sub, self._push = sockets
+        self._poller.register(self._sub, zmq.POLLIN)
         old_sub.close(linger=0)
         old_push.close(linger=0)  # queued ATTACHes and acks for the old sender are worthless
         self._reattaching = True
