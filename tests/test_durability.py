@@ -268,6 +268,20 @@ def test_out_of_range_flags_get_a_usage_error_not_a_traceback(tmp_path, flags: l
     assert not (tmp_path / "data").exists()  # refused before anything was created
 
 
+def test_a_new_data_folder_is_its_owners_alone_and_an_open_one_is_warned_of(herald_factory) -> None:  # type: ignore[no-untyped-def]
+    """Messages are stored in the clear (docs/operations.md, security): the launcher makes a new data folder
+    0700 whatever the umask, and says so when it finds an existing one open to other users."""
+    fresh = herald_factory()
+    assert fresh.data_dir.stat().st_mode & 0o777 == 0o700
+    fresh.stop()
+    assert "open to other users" not in fresh.log_path.read_text()
+    fresh.data_dir.chmod(0o755)
+    reopened = herald_factory(data_dir=fresh.data_dir)
+    assert f"data folder {fresh.data_dir} is open to other users (mode 755)" in reopened.log_path.read_text()
+    assert fresh.data_dir.stat().st_mode & 0o777 == 0o755  # the operator's choice: warned of, not changed
+    reopened.stop()
+
+
 def test_the_frontend_count_defaults_to_the_machine_then_stays_the_folders(herald_factory, tmp_path) -> None:  # type: ignore[no-untyped-def]
     """Without --frontends, a new folder gets half the CPUs (at least one) and an existing folder
     keeps the count it was created with, even where the machine's default differs, and even with
