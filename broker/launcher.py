@@ -87,7 +87,7 @@ class DataDirInUse(Exception):
 class Launcher:
     """Starts, watches and stops the children of one Herald installation."""
 
-    def __init__(self, config: HeraldConfig, metrics_port: int | None = None) -> None:
+    def __init__(self, config: HeraldConfig, metrics_port: int | None = None, metrics_host: str | None = None) -> None:
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.config_path = self.data_dir / RUNTIME_CONFIG_NAME
@@ -96,9 +96,17 @@ class Launcher:
         self.gave_up: str | None = None
         self.status_write_failed = False
         self.metrics_port = metrics_port
+        self.metrics_host = metrics_host or config.host  # /metrics and /health may listen apart from the clients' address
         self.metrics: MetricsServer | None = None
         self.started_at = time.time()
         self._lock_file: IO[bytes] | None = None
+
+    def metrics_url(self) -> str | None:
+        """Where /metrics answers, as this machine reaches it; None when not served."""
+        if self.metrics is None:
+            return None
+        host = "127.0.0.1" if self.metrics_host in WILDCARD_HOSTS else self.metrics_host
+        return f"http://{host}:{self.metrics.port}/metrics"
 
     def lock_data_dir(self) -> None:
         """Take an exclusive lock so a second launcher cannot share the folder."""
@@ -246,7 +254,7 @@ class Launcher:
             "pid": os.getpid(),
             "started_at": self.started_at,
             "client_endpoint": self.config.client_endpoint,
-            "metrics": f"http://{self.config.host}:{self.metrics.port}/metrics" if self.metrics else None,
+            "metrics": self.metrics_url(),
             "children": self.processes(),
         }
         tmp = self.data_dir / (STATUS_FILE_NAME + ".tmp")
@@ -289,10 +297,10 @@ class Launcher:
             # Bound before anything is written to the folder or started, so a taken
             # port fails fast like the client port and leaves the folder as it was.
             try:
-                self.metrics = MetricsServer(self.config.host, self.metrics_port, str(self.data_dir), self.processes)
+                self.metrics = MetricsServer(self.metrics_host, self.metrics_port, str(self.data_dir), self.processes)
             except OSError as exc:
                 raise MetricsPortTaken(
-                    f"cannot serve metrics on {self.config.host}:{self.metrics_port}: {exc.strerror or exc}; pick another --metrics-port"
+                    f"cannot serve metrics on {self.metrics_host}:{self.metrics_port}: {exc.strerror or exc}; pick another --metrics-port or --metrics-host"
                 ) from None
         self.lock_data_dir()
         self.plan()
@@ -302,7 +310,7 @@ class Launcher:
                 return 0  # stopped while starting: no ready line for a system that is going away (finally stops what started)
             if self.metrics is not None:
                 self.metrics.start()
-                log.info("metrics on http://%s:%d/metrics, health on /health", self.config.host, self.metrics.port)
+                log.info("metrics on %s, health on /health", self.metrics_url())
             self.write_status()  # before the ready line, so whoever waits for it can read the pids
             if self.config.host in WILDCARD_HOSTS:
                 log.warning(
@@ -417,7 +425,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metrics-port",
         type=whole_number(0, 65535, "METRICS_PORT"),
         default=env("METRICS_PORT", None),
-        help="serve Prometheus /metrics and /health on this port of --host (0 picks a free one; default off; $HERALD_METRICS_PORT)",
+        help="serve Prometheus /metrics and /health on this port of --metrics-host (0 picks a free one; default off; $HERALD_METRICS_PORT)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default=env("METRICS_HOST", None),
+        help="address /metrics and /health listen on (default: --host; $HERALD_METRICS_HOST). Set 127.0.0.1 to keep them off a public --host",
     )
     return parser.parse_args(argv)
 
@@ -542,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(str(exc))
     if not port_is_free(config.client_endpoint):
         return refuse(f"{config.client_endpoint} is already in use (another herald, or another server); pick another --port")
-    launcher = Launcher(config, args.metrics_port)
+    launcher = Launcher(config, args.metrics_port, args.metrics_host)
     try:
         code = launcher.run()
     except DataDirInUse as exc:

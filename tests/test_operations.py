@@ -147,3 +147,17 @@ def test_json_logs(observed: HeraldSystem) -> None:
     entries = parsed()
     assert {entry["role"] for entry in entries} >= {"launcher", "metadata", sender}
     assert all({"ts", "role", "pid", "level", "logger", "msg"} <= entry.keys() for entry in entries)
+
+
+def test_metrics_can_listen_apart_from_the_client_address(herald_factory: Callable[..., HeraldSystem]) -> None:
+    """`--metrics-host`: /metrics and /health need no credentials, so they may be kept off the clients' address.
+    127.0.0.2 is loopback too (Linux routes 127/8 to lo), so both listen on this machine apart."""
+    system = herald_factory("--metrics-port", "0", "--metrics-host", "127.0.0.2")
+    url = system.status()["metrics"]
+    assert url.startswith("http://127.0.0.2:"), url
+    assert health(url.replace("/metrics", "/health"))[0] == 200
+    assert total(scrape(url), "herald_process_up") >= 1
+    with pytest.raises(OSError):
+        urllib.request.urlopen(url.replace("127.0.0.2", "127.0.0.1"), timeout=5)
+    with Client(system.endpoint, timeout=10) as client:
+        assert client.ping() >= 0  # the clients' address is --host's, as before
