@@ -148,7 +148,10 @@ def build_parser() -> argparse.ArgumentParser:
     subscribe.add_argument("topic")
     subscribe.add_argument("name", help="subscription name (created when absent)")
     subscribe.add_argument("--count", type=int, metavar="N", help="stop after N messages")
-    subscribe.add_argument("--timeout", dest="idle_s", type=_positive_float, metavar="S", help="stop when no message came for S seconds")
+    # --idle, not --timeout: `herald --timeout` is the reply timeout. --timeout here still works (the older name).
+    subscribe.add_argument(
+        "--idle", "--timeout", dest="idle_s", type=_positive_float, metavar="S", help="stop when no message came for S seconds (--timeout: an older name)"
+    )
 
     keys = commands.add_parser("keys", help="make CURVE key pairs (ZeroMQ certificate files)")
     keys_commands = keys.add_subparsers(dest="action", required=True, metavar="ACTION")

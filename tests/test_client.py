@@ -568,7 +568,7 @@ def test_cli(herald: HeraldSystem) -> None:
     assert one.returncode == 0 and one.stdout.strip()
     lines = herald_cli(herald, "publish", "cli.topic", stdin="a\nb\nc\n")
     assert lines.returncode == 0 and len(lines.stdout.split()) == 3
-    received = herald_cli(herald, "subscribe", "cli.topic", "cli.sub", "--count", "4", "--timeout", "20")
+    received = herald_cli(herald, "subscribe", "cli.topic", "cli.sub", "--count", "4", "--idle", "20")
     assert received.returncode == 0, received.stderr
     assert [line.count('"data"') for line in received.stdout.splitlines()] == [1, 1, 1, 1]
     missing = herald_cli(herald, "publish", "nope", "x")
