@@ -923,10 +923,10 @@ class ConsumerEvents:
     """What one SUB message meant, for the flavour that read it to act on."""
 
     welcomed: bool = False
-    # A WELCOME from another sender process than the last one (it restarted):
-    # answer with a ready ATTACH naming its epoch now, rather than at the next
-    # heartbeat, since deliveries wait for it (protocol.md §9).
-    sender_changed: bool = False
+    # A WELCOME naming a new session (the sender restarted, or registered this
+    # consumer again after an expiry): answer with a ready ATTACH naming it now,
+    # rather than at the next heartbeat, since deliveries wait for it (protocol.md §9).
+    session_changed: bool = False
     replies: dict[bytes, list[str]] = field(default_factory=dict)
     errors: dict[bytes, HeraldError] = field(default_factory=dict)
     fatal: HeraldError | None = None
@@ -1025,8 +1025,8 @@ class ConsumerCore(Generic[M]):
         self._expires_at = math.inf  # when the oldest arrival's copies are older than ack_deadline
         self.acked = AckedWindow(window)
         self.welcomed = False
-        # The sender_epoch of the last WELCOME: which sender process this SUB socket is known to hear.
-        self.sender_epoch: int | None = None
+        # The session of the last WELCOME: named in every ATTACH, it proves to the sender that our SUB socket hears it.
+        self.session: int | None = None
         # time.monotonic() of the last WELCOME, and of the last SUB_DESCRIBE
         # re-read: see rediscover_at(). Counted from creation until the first WELCOME.
         self.last_welcome = time.monotonic()
@@ -1121,9 +1121,7 @@ class ConsumerCore(Generic[M]):
 
         A request id lets an ERROR answering this ATTACH be told apart.
         """
-        return encode_attach(
-            self.name, self.consumer_id, ready=ready, request_id=request_id, token=self.token, packed_payloads=True, sender_epoch=self.sender_epoch
-        )
+        return encode_attach(self.name, self.consumer_id, ready=ready, request_id=request_id, token=self.token, packed_payloads=True, session=self.session)
 
     def ack_frames(self, refs: list[tuple[str, int]], request_id: bytes = b"") -> list[bytes]:
         """ACK of (ref, attempt) pairs; a request id asks for an ACK_REPLY."""
@@ -1370,10 +1368,10 @@ class ConsumerCore(Generic[M]):
                 else:
                     self.malformed += 1
             case Command.WELCOME:
-                epoch = frames.header.get("sender_epoch")
-                if isinstance(epoch, int) and not isinstance(epoch, bool) and epoch != self.sender_epoch:
-                    events.sender_changed = self.sender_epoch is not None and self.welcomed
-                    self.sender_epoch = epoch
+                session = frames.header.get("session")
+                if isinstance(session, int) and not isinstance(session, bool) and session != self.session:
+                    events.session_changed = self.session is not None and self.welcomed
+                    self.session = session
                 self.welcomed = events.welcomed = True
                 self.last_welcome = time.monotonic()
             case Command.ERROR:

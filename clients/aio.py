@@ -1151,8 +1151,8 @@ class AsyncSubscription(SubscriptionView):
         if events.reacks:
             # Best effort: if this ack is lost the sender redelivers and we ack again.
             self._push.send(self._core.ack_frames(events.reacks))
-        if events.sender_changed and not self._reattaching:
-            # The sender restarted: it delivers once an ATTACH names its epoch. The heartbeat would, within a second.
+        if events.session_changed and not self._reattaching:
+            # A new session (sender restart, expiry): deliveries start with an ATTACH naming it. The heartbeat would, within a second.
             self._push.send(self._core.attach_frames(ready=True))
         if self._core.buffer or events.fatal is not None:
             self._arrived.set()
@@ -1165,7 +1165,7 @@ class AsyncSubscription(SubscriptionView):
             if self._reattaching:
                 self._send_attach()
             else:
-                self._push.send(core.attach_frames(ready=True))  # built each time: it names the sender's epoch. Unreachable sender: the next one counts
+                self._push.send(core.attach_frames(ready=True))  # built each time: it names the latest session. Unreachable sender: the next one counts
             # protocol.md §9, step 5; the re-read runs in a task of its own, so heartbeats go on meanwhile.
             if time.monotonic() >= core.rediscover_at() and (self._rediscovery is None or self._rediscovery.done()):
                 self._rediscovery = loop.create_task(self._rediscover(), name=f"herald-rediscover-{self.name}")

@@ -468,7 +468,7 @@ class _SocketLock:
     that finds it taken wakes the holder through :attr:`wake_fd` (see IDLE_WAIT_MAX_MS).
     """
 
-    __slots__ = ("_guard", "_lock", "_wake_reader", "_wake_writer", "waiting")
+    __slots__ = ("_closed", "_guard", "_lock", "_wake_reader", "_wake_writer", "waiting")
 
     def __init__(self) -> None:
         self._lock = threading.RLock()
@@ -478,6 +478,7 @@ class _SocketLock:
         self._wake_reader, self._wake_writer = socket.socketpair()
         self._wake_reader.setblocking(False)
         self._wake_writer.setblocking(False)
+        self._closed = False
 
     @property
     def wake_fd(self) -> int:
@@ -489,9 +490,10 @@ class _SocketLock:
             return
         with self._guard:
             self.waiting += 1
+            if not self._closed:  # under the guard: close() cannot free the descriptor mid-send
+                with contextlib.suppress(OSError):  # full: the holder is woken already
+                    self._wake_writer.send(b"\0")
         try:
-            with contextlib.suppress(OSError):  # full or closed: the holder is woken already, or gone
-                self._wake_writer.send(b"\0")
             self._lock.acquire()
         finally:
             with self._guard:
@@ -507,8 +509,10 @@ class _SocketLock:
                 pass
 
     def close(self) -> None:
-        self._wake_reader.close()
-        self._wake_writer.close()
+        with self._guard:
+            self._closed = True
+            self._wake_reader.close()
+            self._wake_writer.close()
 
 
 class Subscription(SubscriptionView):
@@ -558,14 +562,18 @@ class Subscription(SubscriptionView):
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._closed = False
-        self._io = _SocketLock()  # the SUB and PUSH sockets and the consumer state (see IDLE_WAIT_MAX_MS)
         # Attaching again after a move to another sender: receive() sends ATTACH
         # ready=false every ATTACH_RETRY_S until a WELCOME, then ready=true.
         self._reattaching = False
         self._maintain_at = math.inf  # when receive() next runs _maintain (time.monotonic())
         context = client._context
         self._sub: zmq.Socket[bytes] = context.socket(zmq.SUB)
-        self._push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
+        try:
+            self._push: zmq.Socket[bytes] = context.socket(zmq.PUSH)
+        except BaseException:
+            self._sub.close(0)
+            raise
+        self._io = _SocketLock()  # the SUB and PUSH sockets and the consumer state (see IDLE_WAIT_MAX_MS)
         self._poller = zmq.Poller()  # receive()'s wait: self._sub (re-registered when _move swaps it) and the lock's wake-up socket
         self._poller.register(self._sub, zmq.POLLIN)
         self._poller.register(self._io.wake_fd, zmq.POLLIN)
@@ -636,6 +644,10 @@ class Subscription(SubscriptionView):
             raise self._core.failure
         wake_at = min(self._maintain_at, math.inf if deadline is None else deadline, math.inf if acks_due is None else acks_due)
         wait_ms = min(IDLE_WAIT_MAX_MS, _poll_ms(wake_at)) if wake_at < math.inf else IDLE_WAIT_MAX_MS
+        if self._io.waiting:
+            # Counted before its byte is written: a waiter whose byte was read by an earlier wake-up,
+            # but which has not taken the lock yet, would otherwise wait out this poll.
+            return False, None
         ready = dict(self._poller.poll(wait_ms))
         if self._io.wake_fd in ready:
             self._io.clear_wake_ups()  # another thread wants the sockets: receive() lets it in before its next step
@@ -801,8 +813,8 @@ class Subscription(SubscriptionView):
                 # Best effort: if this ack is lost the sender redelivers and we ack again.
                 with contextlib.suppress(zmq.Again):
                     self._push.send_multipart(self._core.ack_frames(events.reacks), zmq.NOBLOCK)
-            if events.sender_changed and not self._reattaching:
-                # The sender restarted: it delivers once an ATTACH names its epoch. The heartbeat thread would, within a second.
+            if events.session_changed and not self._reattaching:
+                # A new session (sender restart, expiry): deliveries start with an ATTACH naming it. The heartbeat thread would, within a second.
                 with contextlib.suppress(zmq.Again):
                     self._push.send_multipart(self._core.attach_frames(ready=True), zmq.NOBLOCK)
 
@@ -931,7 +943,7 @@ class Subscription(SubscriptionView):
                 if not core.welcomed:
                     continue  # receive() is attaching again: ready=true only after the WELCOME
                 with contextlib.suppress(zmq.Again):  # sender unreachable: heartbeats are idempotent, the next one counts
-                    sock.send_multipart(core.attach_frames(ready=True), zmq.NOBLOCK)  # built each time: it names the sender's epoch
+                    sock.send_multipart(core.attach_frames(ready=True), zmq.NOBLOCK)  # built each time: it names the latest session
         except Exception:
             log.exception("heartbeat thread of %s failed; the sender will expire this consumer", self.name)
         finally:

@@ -846,7 +846,7 @@ def encode_attach(
     max_unacked: int | None = None,
     token: str | None = None,
     packed_payloads: bool = False,
-    sender_epoch: int | None = None,
+    session: int | None = None,
 ) -> list[bytes]:
     """ATTACH (also the consumer heartbeat), sent on the consumer's PUSH socket.
 
@@ -854,17 +854,16 @@ def encode_attach(
     (:func:`decode` unpacks them), which costs the sender and the consumer
     far less per message than a frame each.
 
-    ``sender_epoch``: the ``sender_epoch`` of the last WELCOME this consumer
-    received. It proves to that sender process that the consumer's SUB socket
-    hears it, so a ready ATTACH carrying it starts deliveries at once; one
-    naming another process's epoch (sent before a restart was noticed) starts
-    none.
+    ``session``: the ``session`` of the last WELCOME this consumer received.
+    It proves to the sender that the consumer's SUB socket hears it, so a ready
+    ATTACH carrying it starts deliveries; one naming another session (sent
+    before a sender restart or a consumer expiry was noticed) starts none.
     """
     header: dict[str, Any] = {"subscription": subscription, "consumer": consumer, "ready": ready}
     if packed_payloads:
         header["packed_payloads"] = True
-    if sender_epoch is not None:
-        header["sender_epoch"] = sender_epoch
+    if session is not None:
+        header["session"] = session
     if max_unacked is not None:
         header["max_unacked"] = max_unacked
     if token:

@@ -124,6 +124,10 @@ class Consumer:
     last_seen: float = field(default_factory=time.monotonic)
     unacked: set[DeliveryKey] = field(default_factory=set)
     packed: bool = False  # it asked for DELIVERs with packed payloads (ATTACH packed_payloads)
+    # Sent in every WELCOME to this registration of the consumer; an ATTACH naming it proves the
+    # consumer's SUB socket heard this sender since it registered (see _on_attach). New after an
+    # expiry or a sender restart, so neither can be mistaken for a proof.
+    session: int = field(default_factory=lambda: secrets.randbits(62) + 1)
 
     @property
     def free(self) -> int:
@@ -629,7 +633,7 @@ class SenderServer:
             raise ProtocolError("invalid_header", f"max_unacked must be at least 1, got {requested}")
         packed = get_field(frames.header, "packed_payloads", bool, required=False, default=False)
         wants_ready = get_field(frames.header, "ready", bool, required=False, default=False)
-        welcomed_by = get_field(frames.header, "sender_epoch", int, required=False)
+        session = get_field(frames.header, "session", int, required=False)
         state = self.subs.get(name)
         if state is None:
             if shard_of(name, self.config.senders) != self.index:
@@ -659,13 +663,13 @@ class SenderServer:
         consumer.last_seen = time.monotonic()
         consumer.packed = packed
         # Deliveries start only once the consumer's SUB socket hears this
-        # process: PUB drops what is sent before the SUB has (re)connected, and
-        # only the ack deadline would bring it back. After a restart, a
-        # consumer's PUSH may reconnect seconds before its SUB does. An ATTACH
-        # naming this process's epoch (from a WELCOME it received) proves it;
-        # one naming another epoch proves nothing. Without the field (older
-        # consumers), the guess is the second contact.
-        sub_proven = welcomed_by == self.epoch if welcomed_by is not None else not first_contact
+        # sender: PUB drops what is sent before the SUB has (re)connected, and
+        # only the ack deadline would bring it back. After a restart or an
+        # expiry, a consumer's PUSH may reconnect seconds before its SUB does.
+        # An ATTACH naming this registration's session (which only a WELCOME
+        # carries) proves it; one naming another session proves nothing.
+        # Without the field (older consumers), the guess is the second contact.
+        sub_proven = session == consumer.session if session is not None else not first_contact
         ready = wants_ready and sub_proven
         if wants_ready and not sub_proven:
             self.counters["unproven_attaches"] += 1
@@ -680,7 +684,7 @@ class SenderServer:
             encode(
                 Command.WELCOME,
                 frames.request_id,
-                {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S, "sender_epoch": self.epoch},
+                {"subscription": name, "consumer": consumer_id, "max_unacked": max_unacked, "heartbeat_s": CONSUMER_HEARTBEAT_S, "session": consumer.session},
             ),
         )
 

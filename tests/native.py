@@ -13,7 +13,7 @@ from clients.protocol import ATTACH_RETRY_S, Command, Frames, consumer_topic_fra
 
 class NativeConsumer:
     def __init__(
-        self, subscription: dict[str, Any], consumer_id: str, max_unacked: int | None = None, *, packed: bool = False, names_epoch: bool = True
+        self, subscription: dict[str, Any], consumer_id: str, max_unacked: int | None = None, *, packed: bool = False, names_session: bool = True
     ) -> None:
         self.name = subscription["name"]
         self.consumer_id = consumer_id
@@ -28,10 +28,10 @@ class NativeConsumer:
         self.raw_delivers: list[list[bytes]] = []  # every DELIVER as it came off the wire
         self.inbox: list[Frames] = []
         self.last_beat = 0.0
-        # ATTACH names the sender_epoch of the last WELCOME (protocol.md §9); False: a consumer
+        # ATTACH names the session of the last WELCOME (protocol.md §9); False: a consumer
         # written before that field, which the sender starts delivering to on its second contact.
-        self.names_epoch = names_epoch
-        self.sender_epoch: int | None = None
+        self.names_session = names_session
+        self.session: int | None = None
 
     def connect_sub(self) -> zmq.Socket[Any]:
         sub: zmq.Socket[Any] = self.context.socket(zmq.SUB)
@@ -41,18 +41,18 @@ class NativeConsumer:
         return sub
 
     def _attach_frames(self, ready: bool) -> list[bytes]:
-        epoch = self.sender_epoch if self.names_epoch else None
-        return encode_attach(self.name, self.consumer_id, ready=ready, max_unacked=self.max_unacked, packed_payloads=self.packed, sender_epoch=epoch)
+        session = self.session if self.names_session else None
+        return encode_attach(self.name, self.consumer_id, ready=ready, max_unacked=self.max_unacked, packed_payloads=self.packed, session=session)
 
     def _heard(self, frames: Frames) -> None:
-        """Note a WELCOME's sender_epoch; a new one (the sender restarted) is answered with a ready ATTACH at once."""
+        """Note a WELCOME's session; a new one (sender restart, expiry) is answered with a ready ATTACH at once."""
         if frames.command is not Command.WELCOME:
             return
-        epoch = frames.header.get("sender_epoch")
-        if epoch != self.sender_epoch:
-            changed = self.sender_epoch is not None
-            self.sender_epoch = epoch
-            if changed and self.names_epoch:
+        session = frames.header.get("session")
+        if session != self.session:
+            changed = self.session is not None
+            self.session = session
+            if changed and self.names_session:
                 self.beat()
 
     def attach(self, timeout: float = 10.0) -> Frames:
@@ -62,7 +62,7 @@ class NativeConsumer:
             if self.sub.poll(int(ATTACH_RETRY_S * 1000)):
                 frames = decode(self.sub.recv_multipart()[1:])
                 if frames.command is Command.WELCOME:
-                    self.sender_epoch = frames.header.get("sender_epoch")
+                    self.session = frames.header.get("session")
                     self.beat()
                     return frames
                 self.inbox.append(frames)

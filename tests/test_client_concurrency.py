@@ -45,6 +45,34 @@ def test_worker_threads_acknowledge_what_one_thread_receives(herald: HeraldSyste
         assert client.backlogs().get("pooled.workers", 0) == 0, "every ack reached the sender"
 
 
+def test_an_ack_from_another_thread_is_not_held_by_an_idle_receive(herald: HeraldSystem) -> None:
+    """receive() waits holding the subscription's sockets; a thread that wants them wakes it. A lost wake-up
+    (found in review: the waiter's byte read, then the lock taken back before the waiter ran) held an ack
+    for the idle poll's 1 s safety net, or several; an ack takes about half a millisecond here. The review
+    made that race happen only by removing receive()'s short hand-over sleep; this test guards against any
+    ack held for the idle wait."""
+    import queue
+
+    with Client(herald.endpoint, timeout=10) as client:
+        client.create_topic("idle.acks")
+        with client.subscribe("idle.acks", "idle.acks.reader") as subscription:
+            arrived: queue.Queue[Any] = queue.Queue()
+            receiver = threading.Thread(target=lambda: [arrived.put(m) for m in subscription], daemon=True)
+            receiver.start()
+            slowest = 0.0
+            for i in range(30):
+                client.publish("idle.acks", f"m{i}".encode())
+                message = arrived.get(timeout=10)
+                time.sleep(0.02)  # the receiving thread is back in its idle wait
+                started = time.monotonic()
+                assert message.ack() is True
+                slowest = max(slowest, time.monotonic() - started)
+            subscription.close()
+            receiver.join(timeout=10)
+            assert not receiver.is_alive()
+    assert slowest < 0.9, f"an ack waited {slowest:.3f} s for the idle receive() to step aside"
+
+
 def test_closing_from_another_thread_ends_the_receiving_loop(herald: HeraldSystem) -> None:
     with Client(herald.endpoint) as client:
         client.create_topic("closing")
