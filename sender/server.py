@@ -127,7 +127,8 @@ class Consumer:
     # Sent in every WELCOME to this registration of the consumer; an ATTACH naming it proves the
     # consumer's SUB socket heard this sender since it registered (see _on_attach). New after an
     # expiry or a sender restart, so neither can be mistaken for a proof.
-    session: int = field(default_factory=lambda: secrets.randbits(62) + 1)
+    # Below 2**53: a JSON parser that reads numbers as doubles (JavaScript's) must echo it exactly.
+    session: int = field(default_factory=lambda: secrets.randbits(52) + 1)
 
     @property
     def free(self) -> int:

@@ -459,6 +459,7 @@ def test_a_restarted_sender_delivers_only_once_the_consumers_sub_socket_hears_it
         try:
             welcome = consumer.attach()
             assert welcome.header["session"] == consumer.session
+            assert 1 <= consumer.session < 2**53  # exact in a double: a JavaScript consumer echoes it unchanged
             client.publish("lagging", b"warm-up")
             [(warm_up, _)] = consumer.deliveries(1)
             assert consumer.ack([(warm_up["ref"], warm_up["attempt"])]) == ["ok"]
