@@ -460,8 +460,7 @@ def check_data_dir(path: Path) -> None:
     try:
         # Messages are stored in the clear: a folder made here is its owner's alone.
         # (mkdir's mode only takes bits away from the umask's, never adds any.)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir(mode=0o700, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)  # the mode applies to the folder itself, not its parents
         mode = path.stat().st_mode & 0o777
         if mode & 0o077:
             log.warning("data folder %s is open to other users (mode %o); it holds messages in the clear: chmod 700 it", path, mode)

@@ -175,7 +175,9 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("unauthenticated", 420, False, "the request carries no valid credential"),
     ErrorSpec("forbidden", 421, False, "the credential may not do this"),
     ErrorSpec("rate_limited", 429, True, "the client sends faster than its limit allows"),
-    ErrorSpec("quota_exceeded", 430, False, "a server-wide limit (max_topics, max_subscriptions) is reached"),
+    ErrorSpec(
+        "quota_exceeded", 430, False, "a server-wide limit (max_topics, max_subscriptions) is reached, or a topic's subscription records would pass 2 MiB"
+    ),
     ErrorSpec("internal", 500, True, "the server failed while handling the request"),
     ErrorSpec("unavailable", 503, True, "a process the request needs is not answering; retry later"),
     ErrorSpec("storage_failed", 507, True, "the store refused the write (disk full or not writable); nothing was acknowledged"),
@@ -617,9 +619,15 @@ def check_subscription_settings(raw: Any) -> dict[str, Any]:
     if settings["dead_letter_topic"] is not None:
         check_name(settings["dead_letter_topic"], "dead_letter_topic")
     if settings["filter"] is not None:
+        # A filter no message can pass (more entries than a message has attributes, or an entry
+        # longer than an attribute may be) is refused: every lookup of the topic carries it.
+        if len(settings["filter"]) > MAX_ATTRIBUTES:
+            raise ProtocolError("invalid_setting", f"a filter of {len(settings['filter'])} attributes can never match: messages carry at most {MAX_ATTRIBUTES}")
         for key, item in settings["filter"].items():
             if not isinstance(item, str):
                 raise ProtocolError("invalid_setting", f"filter value for {key!r} must be a string, got {item!r}")
+            if len(key.encode()) + len(item.encode()) > MAX_ATTRIBUTE_BYTES:
+                raise ProtocolError("invalid_setting", f"filter entry {key[:64]!r} can never match: an attribute is at most {MAX_ATTRIBUTE_BYTES} bytes")
     return settings
 
 

@@ -53,6 +53,12 @@ from metadata.link import EVENTS_TOPIC
 log = logging.getLogger("herald.metadata")
 
 LOOKUP_CACHE_ENTRIES: Final = 100_000  # topic lookups; ~1 KiB each at most
+# A topic's lookup (and SUB_LIST of it) carries every subscription record of the topic in one
+# header, which may not pass MAX_HEADER_BYTES (4 MiB): past this, SUB_CREATE is refused. About
+# 8,000 subscriptions without filters; fewer with large ones. Half the limit leaves room for
+# what SUB_LIST adds to each record (endpoints, dead-letter topic).
+TOPIC_SUBSCRIPTION_BYTES: Final = 2 * 2**20
+CHANGE_COMMANDS: Final = frozenset({Command.TOPIC_CREATE, Command.TOPIC_DELETE, Command.SUB_CREATE, Command.SUB_DELETE})
 
 _TOPIC_PREFIX: Final = b"t/"
 _SUB_PREFIX: Final = b"s/"
@@ -201,6 +207,9 @@ class MetadataServer:
         self.rpc = make_socket(self.context, zmq.ROUTER, bind=config.metadata_rpc_endpoint)
         self.events = make_socket(self.context, zmq.PUB, bind=config.metadata_events_endpoint)
         self.frontends: dict[bytes, FrontendPeer] = {}
+        # A restarted metadata knows no frontend yet: those the config names are waited for (see _synced)
+        # until they register, or until PEER_EXPIRY_S after the start shows they are down.
+        self.started_at = time.monotonic()
         self.pending_changes: list[PendingChange] = []
         self.stop = StopFlag()
         self.requests_handled = 0
@@ -255,7 +264,7 @@ class MetadataServer:
             return
         waiting: list[PendingChange] = []
         for change in self.pending_changes:
-            synced = all(peer.applied_version >= change.version for peer in self.frontends.values())
+            synced = self._synced(change.version, now)
             if synced or now >= change.deadline:
                 if not synced:
                     log.warning("change %d replied before every frontend confirmed it", change.version)
@@ -263,6 +272,22 @@ class MetadataServer:
             else:
                 waiting.append(change)
         self.pending_changes = waiting
+
+    def _synced(self, version: int, now: float) -> bool:
+        """Whether every live frontend has applied ``version``.
+
+        Right after a restart, a frontend not heard from yet counts as behind: its
+        SUB socket may not have reconnected, so it would miss this change's event
+        and publish from its stale cache (an acknowledged publish missing from a
+        subscription just created). Found by fault experiments: SIGKILL metadata,
+        create a subscription as soon as it answers, publish.
+        """
+        if any(peer.applied_version < version for peer in self.frontends.values()):
+            return False
+        if now - self.started_at < PEER_EXPIRY_S:
+            heard = {peer.index for peer in self.frontends.values()}
+            return all(index in heard for index in range(self.config.frontends))
+        return True
 
     # ------------------------------------------------------------------ requests
 
@@ -281,6 +306,10 @@ class MetadataServer:
         self.requests_handled += 1
         if reply is None:
             return
+        if not version and self.pending_changes and frames.command in CHANGE_COMMANDS:
+            # A change that changed nothing (exist_ok on what exists) may be a client's resend of one
+            # still waiting for the frontends: answered at once, it would let a publish overtake it.
+            version = max(change.version for change in self.pending_changes)
         if version:
             self.pending_changes.append(PendingChange(envelope, reply, version, time.monotonic() + METADATA_SYNC_TIMEOUT_S))
             self._release_synced_changes(time.monotonic())
@@ -421,6 +450,7 @@ class MetadataServer:
                 return encode_ok(rid, {"subscription": self._reply_record(existing), "created": False}), 0
             self._refuse_dead_letter_cycle(topic_name, name, dead_letter_topic)
             # Changed settings (e.g. a new filter) apply at once: same id, new settings.
+            self._refuse_crowded_topic(topic_name, name, settings)
             existing = {**existing, "settings": settings}
             version = self.store.update_subscription(existing)
             self._announce(version, "subscription", name, topic_name)
@@ -431,11 +461,28 @@ class MetadataServer:
         if limit is not None and header.get(RELAY_QUOTA_FIELD) and self.subscription_count >= limit:
             raise HeraldError("quota_exceeded", f"this server holds at most {limit} subscriptions (max_subscriptions); delete one first")
         self._refuse_dead_letter_cycle(topic_name, name, dead_letter_topic)
+        self._refuse_crowded_topic(topic_name, name, settings)
         sub, version = self.store.create_subscription(topic, name, settings)
         self.subscription_count += 1
         self._announce(version, "subscription", name, topic_name)
         log.info("created subscription %r on %r", name, topic_name)
         return encode_ok(rid, {"subscription": self._reply_record(sub), "created": True}), version
+
+    def _refuse_crowded_topic(self, topic_name: str, name: str, settings: dict[str, Any]) -> None:
+        """Refuse a subscription that would make the topic's records pass TOPIC_SUBSCRIPTION_BYTES.
+
+        Raises:
+            HeraldError: ``quota_exceeded``, with the sizes.
+        """
+        others = [sub for sub in self._lookup(topic_name)["subscriptions"] if sub["name"] != name]
+        # The new record's other fields (id, topic_id, created_at) are about as long as a stored one's.
+        size = len(orjson.dumps(others)) + len(orjson.dumps({"name": name, "topic": topic_name, "settings": settings})) + 100
+        if size > TOPIC_SUBSCRIPTION_BYTES:
+            raise HeraldError(
+                "quota_exceeded",
+                f"topic {topic_name!r} cannot take subscription {name!r}: its {len(others) + 1} subscription records would take {size} bytes, "
+                f"more than {TOPIC_SUBSCRIPTION_BYTES} (every lookup of the topic carries them all); use smaller filters, or another topic",
+            )
 
     def _refuse_dead_letter_cycle(self, topic_name: str, name: str, dead_letter_topic: str) -> None:
         """Refuse a subscription whose dead-letter copies would come back to its own topic.

@@ -992,6 +992,9 @@ def documented_consumer_reply(frames: list[bytes], sender: int, world: ConsumerW
             return error("invalid_header")
         if any(header.get(flag) is not None and not isinstance(header.get(flag), bool) for flag in ("ready", "packed_payloads")):
             return error("invalid_header")
+        session = header.get("session")  # "the session of the last WELCOME": an integer
+        if session is not None and (isinstance(session, bool) or not isinstance(session, int)):
+            return error("invalid_header")
         if world.known.get(subscription) == sender:
             effective = min(DEFAULT_MAX_UNACKED, requested) if requested is not None else DEFAULT_MAX_UNACKED
             welcome = {"subscription": subscription, "consumer": consumer, "max_unacked": effective, "heartbeat_s": CONSUMER_HEARTBEAT_S}

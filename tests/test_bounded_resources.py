@@ -75,15 +75,18 @@ class MemoryWatch:
         assert not over, f"processes grew past {RSS_LIMIT_MIB} MiB: {over}"
 
 
-def served_while(herald: HeraldSystem, misbehaving: Callable[[threading.Event], Any], seconds: float, well_behaved: Callable[[Client], None]) -> list[float]:
-    """Run ``misbehaving`` in a thread for ``seconds`` while ``well_behaved`` is called in a loop; returns its latencies."""
+def served_while(
+    herald: HeraldSystem, misbehaving: Callable[[threading.Event], Any], seconds: float, well_behaved: Callable[[Client], None], timeout: float = 30.0
+) -> list[float]:
+    """Run ``misbehaving`` in a thread for ``seconds`` while ``well_behaved`` is called in a loop (each call
+    failing after ``timeout`` seconds); returns its latencies."""
     stop = threading.Event()
     thread = threading.Thread(target=misbehaving, args=(stop,), daemon=True)
     latencies: list[float] = []
     with MemoryWatch(herald) as watch:
         thread.start()
         try:
-            with Client(herald.endpoint, timeout=30.0) as client:
+            with Client(herald.endpoint, timeout=timeout) as client:
                 deadline = time.monotonic() + seconds
                 while time.monotonic() < deadline:
                     started = time.monotonic()
@@ -153,7 +156,12 @@ def test_flooding_publisher_that_never_reads_replies(herald: HeraldSystem, paylo
     if payload_bytes:
         served_while(herald, flood, 8.0, lambda client: client.publish("polite", b"hello") and None)
     else:
-        served_while(herald, flood, 8.0, lambda client: client.ping() and None)
+        # Nothing sheds a flood of empty messages to a cached topic: its owner writes them all, and a
+        # PING queued behind them waits its turn. On a 2-vCPU VM with about twice the last one's CPU
+        # per message, one waited 16 s in a passing run and more than 30 s in 3 of 5 runs (at 902a301
+        # too), so the bound here is what the test is about (served, eventually, with memory bounded
+        # and nothing restarted), not a latency.
+        served_while(herald, flood, 8.0, lambda client: client.ping() and None, timeout=120.0)
     with Client(herald.endpoint) as client:
         shed = sum(client.status()["shed"] for _ in range(4))
     print(f"publishes refused as overload (sampled from the answering frontends): {shed}")

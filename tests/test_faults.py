@@ -488,3 +488,56 @@ def _snapshot(herald: HeraldSystem, role: str) -> dict[str, Any]:
         return dict(orjson.loads((herald.data_dir / "metrics" / f"{role}.json").read_bytes()))
     except (OSError, orjson.JSONDecodeError):
         return {}
+
+
+def test_changes_made_as_metadata_restarts_reach_every_frontend_and_sender_before_their_ok(
+    herald_factory: Callable[..., HeraldSystem],
+) -> None:
+    """Right after a metadata restart the frontends' and senders' SUB sockets may not have reconnected, so
+    a change event can be lost. Found by fault experiments (SIGKILL metadata, then at once):
+    - a subscription created then missed the publishes that followed its OK (the restarted metadata knew no
+      frontend to wait for, and a client's resend of an exist_ok create was answered before the first);
+    - a subscription deleted and created again was served by its sender under its old id for ever (senders
+      ignored the heartbeats that show a missed event): the deleted backlog delivered, the new messages never.
+    Six rounds, the metadata's restart delay doubling from 0.2 to 6.4 s (a client's resend needs a long one).
+    Against the code before the fix this lost messages in some runs, not all: the race is the SUB reconnect."""
+    herald = herald_factory()
+    lost: dict[str, set[str]] = {}
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic("meta.t")
+        client.create_subscription("meta.t", "again")
+        for i in range(20):  # a backlog the deletes below must take away
+            client.publish("meta.t", f"old-{i}".encode())
+        fresh: dict[str, set[str]] = {"again": set()}
+        for round_index in range(6):
+            client.publish("meta.t", b"warm")  # the owner's cached lookup of the topic, which the change must replace
+            old = herald.kill_child("metadata")
+            name = f"new-{round_index}"
+            client.create_subscription("meta.t", name, exist_ok=True)  # resent by the client until metadata is back
+            published = {str(client.publish("meta.t", f"r{round_index}-{i}".encode())) for i in range(5)}
+            client.delete_subscription("again")
+            client.create_subscription("meta.t", "again")
+            published_again = {str(client.publish("meta.t", f"a{round_index}-{i}".encode())) for i in range(5)}
+            for subscription, wanted in fresh.items():
+                if subscription != "again":
+                    wanted |= published | published_again
+            fresh[name] = published | published_again
+            fresh["again"] = published_again  # the re-created one has only what came after it
+            herald.wait_restarted("metadata", old)
+            with client.subscribe("meta.t", "again") as reader:
+                got: set[str] = set()
+                while (message := reader.receive(timeout=5)) is not None:
+                    got.add(message.id)
+                    message.ack()
+            assert got == fresh["again"], f"round {round_index}: re-created 'again' got {sorted(got)}, wanted {sorted(fresh['again'])}"
+        for subscription, wanted in fresh.items():
+            if subscription == "again":
+                continue
+            with client.subscribe("meta.t", subscription) as reader:
+                got = set()
+                while not wanted <= got and (message := reader.receive(timeout=5)) is not None:
+                    got.add(message.id)
+                    message.ack()
+            if wanted - got:
+                lost[subscription] = wanted - got
+    assert not lost, f"acknowledged publishes missing from subscriptions created before them: {lost}"
