@@ -215,3 +215,28 @@ def test_zzz_nothing_was_stored(herald_module: HeraldSystem, client: RawClient) 
     messages = [m for m in stored_messages(herald_module.data_dir) if not m.topic.startswith("ok.")]
     assert [(m.topic, m.message_id, m.payload) for m in messages] == [(GOOD_TOPIC, "only", b"payload")]
     assert orjson.loads((herald_module.data_dir / "herald-runtime.json").read_bytes())["max_payload_bytes"] == 1024 * 1024
+
+
+def test_filters_no_message_can_pass_and_topics_too_full_to_look_up_are_refused(herald: HeraldSystem) -> None:
+    """Every lookup of a topic carries all its subscription records in one header (at most 4 MiB). Three
+    accepted filters of 1.7 MB had made every publish to their topic time out (found by fault experiments).
+    Now a filter is bounded as a message's attributes are (64 entries of 1,024 bytes), and a topic's records
+    by 2 MiB: both refused with a clear error, and the topic keeps working."""
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic("filtered.full")
+        with pytest.raises(HeraldError) as too_many:
+            client.create_subscription("filtered.full", "f.many", filter={f"k{i}": "v" for i in range(65)})
+        assert too_many.value.code == "invalid_setting" and "at most 64" in str(too_many.value)
+        with pytest.raises(HeraldError) as too_long:
+            client.create_subscription("filtered.full", "f.long", filter={"k": "v" * 1024})
+        assert too_long.value.code == "invalid_setting" and "1024 bytes" in str(too_long.value)
+        widest = {f"k{i:02d}": "v" * 1000 for i in range(64)}  # the largest filter that can match: ~64 KiB
+        created = 0
+        with pytest.raises(HeraldError) as full:
+            for index in range(100):
+                client.create_subscription("filtered.full", f"f.wide.{index}", filter=widest)
+                created += 1
+        assert full.value.code == "quota_exceeded" and "filtered.full" in str(full.value), full.value
+        assert 20 <= created < 40  # about 2 MiB of 64 KiB records
+        assert client.publish("filtered.full", b"still served", attributes={"k00": "v" * 1000})
+        assert len(client.list_subscriptions(topic="filtered.full")) == created
