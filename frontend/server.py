@@ -562,6 +562,19 @@ class FrontendServer:
         self.store.close()
         log.info("stopped")
 
+    def _missed_events(self) -> None:
+        """Events were missed (a SUB socket reconnecting to a restarted metadata): forget every cached
+        lookup, and list the subscriptions again, which purges the backlogs of any deleted meanwhile
+        (their deletion event, which names them, was among those missed).
+
+        The list is safe to purge by: an entry for a subscription is stored only after a lookup reply
+        that names it, and that reply travels on the same socket as the list's, behind it when the list
+        was made before the subscription was.
+        """
+        self.topics.clear()
+        if self.subscription_list == "done":
+            self._list_subscriptions()
+
     def _list_subscriptions(self) -> None:
         self.subscription_list = "asked"
         self.metadata.call(Command.SUB_LIST, {}, self._on_subscription_list, self._on_subscription_list_failed)
@@ -1539,11 +1552,11 @@ class FrontendServer:
                 self._list_subscriptions()
             if version != self.meta_version:
                 # Missed events (or metadata restarted): trust nothing cached.
-                self.topics.clear()
+                self._missed_events()
                 self.meta_version = version
             return
         if version != self.meta_version + 1:
-            self.topics.clear()
+            self._missed_events()
         else:
             self.topics.discard(str(event.get("topic")))
         for doomed in event.get("deleted_subscriptions", []):
