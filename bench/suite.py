@@ -415,8 +415,20 @@ def _median_round(results: list[Result]) -> int:
     median = order[len(order) // 2]
     if len(results) > 1:
         results[median].extra["rounds"] = [result.value for result in results]
+        # Each round's CPU per message (us) by process, so a slow round can be told from a busy one.
+        results[median].extra["rounds_cpu_us_per_message"] = [_cpu_per_message(result) for result in results]
         results[median].extra["figure"] = f"median of {len(results)} rounds, the systems in turn"
     return median
+
+
+def _cpu_per_message(result: Result) -> dict[str, float]:
+    """A fan-out round's CPU per message (us): each server process, the consumers and the publisher."""
+    extra = result.extra
+    messages = extra.get("messages") or 0
+    if not messages:
+        return {}
+    seconds = {**extra.get("server_cpu_s", {}), "consumers": extra.get("consumer_cpu_s", 0.0), "publisher": extra.get("publisher_cpu_s", 0.0)}
+    return {name: round(value / messages * 1e6, 2) for name, value in seconds.items()}
 
 
 def _fanout_round(suite: Suite, system: System, subscriptions: int, round_number: int, rounds: int) -> tuple[Result, int, int]:
