@@ -83,7 +83,7 @@ HELP: Final = {
     "bad_dispatches": "malformed DISPATCH messages dropped by a sender",
     "stale_dispatches": "DISPATCH messages a restarted sender dropped because they were queued for its predecessor",
     "unanswered_consumer_errors": "credential errors a sender did not send to a consumer id attached to it (they can only come from another client)",
-    "metadata_resyncs": "times a sender missed metadata change events (metadata restarted) and read its subscriptions again",
+    "metadata_resyncs": "times a frontend or sender missed metadata change events (metadata restarted): a frontend clears its topic cache and lists the subscriptions again, a sender reads its subscriptions again",
     "unproven_attaches": "ready ATTACHes that started no deliveries because the consumer had not yet shown that its SUB socket hears this sender process",
     "bad_unseen": "DETACH messages whose malformed unseen list was ignored",
     "shed": "publishes refused as overload",

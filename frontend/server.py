@@ -435,6 +435,7 @@ class FrontendServer:
         self.purge_retry_at = 0.0  # monotonic time before which a failed purge is not tried again
         self.refused_writes = 0  # batches refused since the last write that succeeded
         self.subscription_list: Literal["asked", "wanted", "done"] = "asked"  # the SUB_LIST at start (see _on_subscription_list)
+        self.list_again = False  # events were missed while a SUB_LIST was in flight: ask once more when it is answered
         self.closing = False
         self.writer = CommitWriter(self.store, self.context, f"shard-{index}")
         self.cursors: dict[int, SubscriptionCursor] = {}
@@ -458,6 +459,7 @@ class FrontendServer:
             "shed": 0,
             "purged": 0,
             "bad_control_messages": 0,
+            "metadata_resyncs": 0,  # times missed metadata events cleared the topic cache and re-listed the subscriptions
         }
 
     # ------------------------------------------------------------------ loop
@@ -571,9 +573,12 @@ class FrontendServer:
         that names it, and that reply travels on the same socket as the list's, behind it when the list
         was made before the subscription was.
         """
+        self.counters["metadata_resyncs"] += 1
         self.topics.clear()
         if self.subscription_list == "done":
             self._list_subscriptions()
+        elif self.subscription_list == "asked":
+            self.list_again = True  # the list in flight may have been made before the missed deletion
 
     def _list_subscriptions(self) -> None:
         self.subscription_list = "asked"
@@ -591,6 +596,9 @@ class FrontendServer:
     def _on_subscription_list(self, reply: Frames) -> None:
         """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening."""
         self.subscription_list = "done"
+        if self.list_again:
+            self.list_again = False
+            self._list_subscriptions()
         listed = reply.header.get("subscriptions")
         if reply.command is not Command.OK or not isinstance(listed, list):
             # Only a full list may decide that a backlog is an orphan: an error would make every backlog look like one.
@@ -603,7 +611,8 @@ class FrontendServer:
             if isinstance(sub, dict) and "id" in sub and "name" in sub:
                 known.add(int(sub["id"]))
                 self.sub_names[int(sub["id"])] = str(sub["name"])
-        orphans = self.store.purge_orphans(known)
+        # Messages accepted and not yet written hold entries too: their lookups were answered before this list.
+        orphans = self.store.purge_orphans(known, (sub_id for message in self.batch_messages for sub_id in message.subscriptions))
         for sub_id in orphans:
             self.cursors.pop(sub_id, None)  # one a sender's credit created before this list came
         if orphans:

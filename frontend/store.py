@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -366,10 +366,6 @@ class ShardStore:
         # Set by expire() when more was due than one call removes.
         self.expiring = False
         self.backlog: dict[int, int] | None = self._count_backlog()
-        # The subscriptions that had a backlog when the shard was opened (None:
-        # not counted). One that metadata no longer knows was deleted while this
-        # frontend was down or before its purge finished: see purge_orphans().
-        self.backlogged_at_open: frozenset[int] | None = frozenset(self.backlog) if self.backlog is not None else None
 
     def _count_backlog(self) -> dict[int, int] | None:
         counts: dict[int, int] = {}
@@ -794,7 +790,7 @@ class ShardStore:
         self.last_seq += 1
         return self.last_seq
 
-    def _scan(self, start: bytes, upper: bytes) -> Iterator[tuple[bytes, bytes]]:
+    def _scan(self, start: bytes, upper: bytes) -> Generator[tuple[bytes, bytes], None, None]:
         """(key, value) from ``start`` up to ``upper`` (exclusive), in key order, read lazily.
 
         The bound makes RocksDB stop at ``upper``. Without it, stepping past the
@@ -1077,21 +1073,46 @@ class ShardStore:
         finished = self.finished_seq
         return any(state.idle_at != finished for state in self._purges.values())
 
-    def purge_orphans(self, known: set[int]) -> list[int]:
-        """Queue the purge of every backlog found at open whose subscription is not in ``known``.
+    def purge_orphans(self, known: set[int], unwritten: Iterable[int] = ()) -> list[int]:
+        """Queue the purge of every backlog whose subscription is not in ``known``: deleted while this
+        frontend was down, before its purge finished, or while it missed the deletion event.
 
-        ``known`` must be metadata's list of subscriptions, taken after the
-        shard was opened: a subscription id is never reused, so one that had
-        entries at open and is missing from that list was deleted.
+        ``known`` must be metadata's list of subscriptions, answered after every
+        lookup whose subscriptions the shard now holds entries of (the caller's
+        socket order guarantees it): a subscription id is never reused, so one
+        that holds entries and is missing from that list was deleted.
+
+        Args:
+            known: the subscription ids metadata listed.
+            unwritten: subscriptions of messages accepted but not yet written.
 
         Returns:
             The orphaned subscription ids now being purged.
         """
         self.apply_settles()
-        orphans = sorted((self.backlogged_at_open or frozenset()) - known - self.deleted_subscriptions)
+        orphans = sorted((self.subscriptions_with_entries() | set(unwritten)) - known - self.deleted_subscriptions)
         for sub_id in orphans:
             self.delete_subscription(sub_id)
         return orphans
+
+    def subscriptions_with_entries(self) -> set[int]:
+        """The ids of subscriptions with a pending entry: implicit ones, and ``P`` keys found with one seek per subscription."""
+        self.apply_settles()
+        found = {sub_id for sub_id, _ in self._implicit}
+        start, end = _PENDING, _prefix_end(_PENDING)
+        while True:
+            scan = self._scan(start, end)
+            try:
+                first = next(scan, None)
+            finally:
+                scan.close()
+            if first is None:
+                return found
+            sub_id = _U64.unpack_from(first[0], 1)[0]
+            found.add(sub_id)
+            if sub_id == 2**64 - 1:
+                return found
+            start = _PENDING + _U64.pack(sub_id + 1)
 
     def expire(self, now_ms: int, limit: int = EXPIRE_CHUNK) -> int:
         """Remove messages and dedup ids whose time is up, oldest first: about ``limit`` of each per call.

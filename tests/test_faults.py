@@ -23,7 +23,7 @@ from typing import Any
 import orjson
 import pytest
 
-from clients import Client, Subscription
+from clients import Client, HeraldError, Subscription
 from clients.protocol import Command, shard_of
 from tests.chaos import FAULT_KINDS, FaultHarness, Report
 from tests.conftest import HeraldSystem, stored_messages, wait_for
@@ -481,6 +481,66 @@ def test_a_restarted_sender_delivers_only_once_the_consumers_sub_socket_hears_it
             consumer.close()
     assert ids <= {header["id"] for header, _ in got}
     assert _snapshot(herald, sender).get("unproven_attaches", 0) >= 1
+
+
+def test_a_subscription_deleted_while_a_frontend_misses_its_event_still_has_its_backlog_purged(
+    herald_factory: Callable[..., HeraldSystem],
+) -> None:
+    """A frontend whose SUB socket is still reconnecting to a restarted metadata misses the deletion event
+    that names the subscription whose backlog it stores. The version gap in the next heartbeat must make it
+    list the subscriptions again and purge the backlog of the one no longer listed, or that backlog stays
+    on disk for ever. The deletion is sent while metadata is down, so it reaches the restarted metadata
+    as soon as the frontend's request socket reconnects, racing the SUB socket. Rounds repeat until a
+    frontend has counted such a gap (herald_metadata_resyncs_total); every round must purge the backlog,
+    whichever way the frontend learnt of the deletion."""
+    herald = herald_factory()
+    frontends = ("frontend-0", "frontend-1")
+
+    def total(key: str) -> int:
+        return sum(int(_snapshot(herald, role).get(key, 0)) for role in frontends)
+
+    def backlog_of(name: str) -> int:
+        return sum(int(_snapshot(herald, role).get("backlog", {}).get(name, 0)) for role in frontends)
+
+    gaps = 0
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic("purge.t")
+        for round_index in range(8):
+            name = f"doomed-{round_index}"
+            client.create_subscription("purge.t", name)
+            client.publish_batch("purge.t", [f"{name}-{i}".encode() for i in range(20)])
+            wait_for(lambda name=name: backlog_of(name) == 20, timeout=15, message=f"{name}'s backlog of 20 in a snapshot")
+            resyncs, purged = total("metadata_resyncs"), total("purged")
+            old = herald.kill_child("metadata")
+            _delete_until_gone(client, name)  # waits in the frontend's socket until metadata is back
+            herald.wait_restarted("metadata", old)
+            try:
+                wait_for(lambda name=name, purged=purged: total("purged") >= purged + 20 and backlog_of(name) == 0, timeout=30)
+            except AssertionError:
+                state = {
+                    role: {key: _snapshot(herald, role).get(key) for key in ("backlog", "purged", "purging", "metadata_resyncs", "meta_version")}
+                    for role in frontends
+                }
+                raise AssertionError(f"round {round_index}: {name}'s backlog of 20 not purged (purged before: {purged}); frontends: {state}") from None
+            if total("metadata_resyncs") > resyncs:
+                gaps += 1
+                if gaps >= 2:
+                    break
+    assert gaps, "no round made a frontend miss the deletion event: the purge after a gap was not exercised"
+
+
+def _delete_until_gone(client: Client, name: str, timeout: float = 60.0) -> None:
+    """Delete ``name``, again after each ``unavailable`` (metadata still restarting), until it is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            client.delete_subscription(name)
+            return
+        except HeraldError as error:
+            if error.code == "subscription_not_found":
+                return  # an earlier attempt deleted it after its reply timed out
+            if error.code != "unavailable" or time.monotonic() > deadline:
+                raise
 
 
 def _snapshot(herald: HeraldSystem, role: str) -> dict[str, Any]:
