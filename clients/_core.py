@@ -37,6 +37,7 @@ from clients.protocol import (
     ACK_STALE,
     ACK_UNKNOWN,
     CONSUMER_EXPIRY_S,
+    LIST_LIMIT_MAX,
     MAX_BATCH_MESSAGES,
     MAX_HEADER_BYTES,
     MAX_MESSAGE_ID_BYTES,
@@ -366,10 +367,39 @@ def delete_topic_call(name: str) -> Call[list[str]]:
     return simple_call(Command.TOPIC_DELETE, {"name": check_name(name, "topic")}, lambda h: [str(sub) for sub in _field(h, "subscriptions", list)])
 
 
-def list_topics_call(prefix: str) -> Call[list[dict[str, Any]]]:
-    """TOPIC_LIST, optionally only names starting with ``prefix``."""
-    header = {"prefix": prefix} if prefix else {}
-    return simple_call(Command.TOPIC_LIST, header, lambda h: list(_field(h, "topics", list)), repeatable=True)
+@dataclass(frozen=True, slots=True)
+class ListPage:
+    """One page of a TOPIC_LIST or SUB_LIST reply."""
+
+    records: list[dict[str, Any]]
+    more: bool
+
+    @property
+    def next_after(self) -> str | None:
+        """The ``after`` that asks for the next page; None when this page was the last."""
+        if not (self.more and self.records):
+            return None
+        return str(self.records[-1].get("name", "")) or None
+
+
+def _page_of(header: dict[str, Any], key: str) -> ListPage:
+    return ListPage(list(_field(header, key, list)), header.get("more") is True)
+
+
+def _page_header(header: dict[str, Any], after: str | None, page_size: int | None) -> dict[str, Any]:
+    if after is not None:
+        header["after"] = after
+    if page_size is not None:
+        if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= LIST_LIMIT_MAX:
+            raise ValueError(f"page_size must be an integer from 1 to {LIST_LIMIT_MAX}, got {page_size!r}")
+        header["limit"] = page_size
+    return header
+
+
+def list_topics_call(prefix: str, after: str | None = None, page_size: int | None = None) -> Call[ListPage]:
+    """One page of TOPIC_LIST, optionally only names starting with ``prefix``, after the name ``after``."""
+    header = _page_header({"prefix": prefix} if prefix else {}, after, page_size)
+    return simple_call(Command.TOPIC_LIST, header, lambda h: _page_of(h, "topics"), repeatable=True)
 
 
 def describe_topic_call(name: str) -> Call[dict[str, Any]]:
@@ -393,10 +423,10 @@ def delete_subscription_call(name: str) -> Call[None]:
     return simple_call(Command.SUB_DELETE, {"name": check_name(name, "subscription")}, _none)
 
 
-def list_subscriptions_call(topic: str | None) -> Call[list[dict[str, Any]]]:
-    """SUB_LIST, optionally of one topic."""
-    header = {"topic": check_name(topic, "topic")} if topic is not None else {}
-    return simple_call(Command.SUB_LIST, header, lambda h: list(_field(h, "subscriptions", list)), repeatable=True)
+def list_subscriptions_call(topic: str | None, after: str | None = None, page_size: int | None = None) -> Call[ListPage]:
+    """One page of SUB_LIST, optionally of one topic, after the name ``after``."""
+    header = _page_header({"topic": check_name(topic, "topic")} if topic is not None else {}, after, page_size)
+    return simple_call(Command.SUB_LIST, header, lambda h: _page_of(h, "subscriptions"), repeatable=True)
 
 
 def describe_subscription_call(name: str) -> Call[dict[str, Any]]:

@@ -415,8 +415,11 @@ class AsyncClient:
         """
         return await self._request(delete_topic_call(name))
 
-    async def list_topics(self, prefix: str = "") -> list[dict[str, Any]]:
-        """List topics, optionally only those whose name starts with ``prefix``.
+    async def list_topics(self, prefix: str = "", *, page_size: int | None = None) -> list[dict[str, Any]]:
+        """List topics, optionally only those whose name starts with ``prefix``, sorted by name.
+
+        ``page_size``: topics per request (default: as many as one reply holds, up to 10,000); the list
+        is always complete.
 
         Returns:
             Topic records.
@@ -424,7 +427,13 @@ class AsyncClient:
         Raises:
             HeraldError: ``timeout``...
         """
-        return await self._request(list_topics_call(prefix))
+        topics: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:  # page by page: a long list does not fit one reply
+            page = await self._request(list_topics_call(prefix, after, page_size))
+            topics += page.records
+            if (after := page.next_after) is None:
+                return topics
 
     async def describe_topic(self, name: str) -> dict[str, Any]:
         """One topic's record with the names of its subscriptions.
@@ -568,13 +577,22 @@ class AsyncClient:
         """
         await self._request(delete_subscription_call(name))
 
-    async def list_subscriptions(self, topic: str | None = None) -> list[dict[str, Any]]:
-        """List subscriptions, optionally only those of ``topic``.
+    async def list_subscriptions(self, topic: str | None = None, *, page_size: int | None = None) -> list[dict[str, Any]]:
+        """List subscriptions, optionally only those of ``topic``, sorted by name.
+
+        ``page_size``: subscriptions per request (default: as many as one reply holds, up to 10,000);
+        the list is always complete.
 
         Raises:
             HeraldError: ``timeout``...
         """
-        return await self._request(list_subscriptions_call(topic))
+        subscriptions: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:  # page by page: a long list does not fit one reply
+            page = await self._request(list_subscriptions_call(topic, after, page_size))
+            subscriptions += page.records
+            if (after := page.next_after) is None:
+                return subscriptions
 
     async def describe_subscription(self, name: str) -> dict[str, Any]:
         """One subscription's record, including its endpoints.

@@ -189,8 +189,11 @@ class Client:
         """
         return self._request(delete_topic_call(name))
 
-    def list_topics(self, prefix: str = "") -> list[dict[str, Any]]:
-        """List topics, optionally only those whose name starts with ``prefix``.
+    def list_topics(self, prefix: str = "", *, page_size: int | None = None) -> list[dict[str, Any]]:
+        """List topics, optionally only those whose name starts with ``prefix``, sorted by name.
+
+        ``page_size``: topics per request (default: as many as one reply holds, up to 10,000); the list
+        is always complete.
 
         Returns:
             Topic records, as :meth:`create_topic` returns them.
@@ -198,7 +201,13 @@ class Client:
         Raises:
             HeraldError: ``timeout``...
         """
-        return self._request(list_topics_call(prefix))
+        topics: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:  # page by page: a long list does not fit one reply
+            page = self._request(list_topics_call(prefix, after, page_size))
+            topics += page.records
+            if (after := page.next_after) is None:
+                return topics
 
     def describe_topic(self, name: str) -> dict[str, Any]:
         """One topic's record with the names of its subscriptions (``subscriptions``).
@@ -328,13 +337,22 @@ class Client:
         """
         self._request(delete_subscription_call(name))
 
-    def list_subscriptions(self, topic: str | None = None) -> list[dict[str, Any]]:
-        """List subscriptions, optionally only those of ``topic``.
+    def list_subscriptions(self, topic: str | None = None, *, page_size: int | None = None) -> list[dict[str, Any]]:
+        """List subscriptions, optionally only those of ``topic``, sorted by name.
+
+        ``page_size``: subscriptions per request (default: as many as one reply holds, up to 10,000);
+        the list is always complete.
 
         Raises:
             HeraldError: ``timeout``...
         """
-        return self._request(list_subscriptions_call(topic))
+        subscriptions: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:  # page by page: a long list does not fit one reply
+            page = self._request(list_subscriptions_call(topic, after, page_size))
+            subscriptions += page.records
+            if (after := page.next_after) is None:
+                return subscriptions
 
     def describe_subscription(self, name: str) -> dict[str, Any]:
         """One subscription's record, including its endpoints.

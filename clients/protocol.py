@@ -535,17 +535,25 @@ SUBSCRIPTION_SETTINGS: Final[dict[str, SettingSpec]] = {
 }
 
 
+# TOPIC_LIST and SUB_LIST answer in pages: at most ``limit`` records (LIST_LIMIT_MAX at most, no
+# default) and about LIST_PAGE_BYTES of them, whichever comes first; ``more`` says whether to ask
+# again with ``after`` set to the last name. Without pages, a list of ~16,000 subscriptions or
+# ~40,000 topics passed MAX_HEADER_BYTES and could not be answered at all.
+LIST_PAGE_BYTES: Final = 1024 * 1024
+LIST_LIMIT_MAX: Final = 10_000
+
+
 # The header fields each admin command reads, besides a credential's ``token``.
 # Any other field is refused: a typo such as ``setting`` for ``settings`` would
 # otherwise create a topic with default settings without a word.
 ADMIN_FIELDS: Final[dict[Command, frozenset[str]]] = {
     Command.TOPIC_CREATE: frozenset({"name", "settings", "exist_ok"}),
     Command.TOPIC_DELETE: frozenset({"name"}),
-    Command.TOPIC_LIST: frozenset({"prefix"}),
+    Command.TOPIC_LIST: frozenset({"prefix", "after", "limit"}),
     Command.TOPIC_DESCRIBE: frozenset({"name"}),
     Command.SUB_CREATE: frozenset({"topic", "name", "settings", "exist_ok"}),
     Command.SUB_DELETE: frozenset({"name"}),
-    Command.SUB_LIST: frozenset({"topic"}),
+    Command.SUB_LIST: frozenset({"topic", "after", "limit"}),
     Command.SUB_DESCRIBE: frozenset({"name"}),
 }
 

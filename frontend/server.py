@@ -370,6 +370,16 @@ class DispatchChunk:
 
 
 @dataclass
+class SubscriptionListing:
+    """A SUB_LIST read page by page: the ids so far, the name the next page starts after, and the
+    first page's ``next_id`` (a subscription created while the pages come may be on none of them)."""
+
+    ids: set[int] = field(default_factory=set)
+    after: str | None = None
+    below: int | None = None
+
+
+@dataclass
 class SenderPeer:
     epoch: int = 0
     last_seen: float = 0.0
@@ -580,9 +590,12 @@ class FrontendServer:
         elif self.subscription_list == "asked":
             self.list_again = True  # the list in flight may have been made before the missed deletion
 
-    def _list_subscriptions(self) -> None:
+    def _list_subscriptions(self, listed: SubscriptionListing | None = None) -> None:
+        """Ask for the subscription list: its first page, or the page after those ``listed`` so far."""
         self.subscription_list = "asked"
-        self.metadata.call(Command.SUB_LIST, {}, self._on_subscription_list, self._on_subscription_list_failed)
+        listing = listed or SubscriptionListing()
+        header = {} if listing.after is None else {"after": listing.after}
+        self.metadata.call(Command.SUB_LIST, header, lambda reply: self._on_subscription_list(reply, listing), self._on_subscription_list_failed)
 
     def _on_subscription_list_failed(self, error: HeraldError) -> None:
         # A metadata that is down when this frontend starts must not leave the
@@ -593,30 +606,44 @@ class FrontendServer:
         if not self.closing:
             log.warning("metadata did not list the subscriptions (%s); asking again when it is back", error.message)
 
-    def _on_subscription_list(self, reply: Frames) -> None:
-        """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening."""
-        self.subscription_list = "done"
-        if self.list_again:
-            self.list_again = False
-            self._list_subscriptions()
+    def _on_subscription_list(self, reply: Frames, listing: SubscriptionListing) -> None:
+        """Label the backlog metrics, and purge the backlogs of subscriptions deleted while this shard was not listening.
+
+        A long list comes in pages. A subscription created while they come may be on none of them, but its
+        id is at least the ``next_id`` of the first page: only backlogs of older ids can be orphans.
+        """
         listed = reply.header.get("subscriptions")
         if reply.command is not Command.OK or not isinstance(listed, list):
+            self._subscription_list_done()
             # Only a full list may decide that a backlog is an orphan: an error would make every backlog look like one.
             log.warning(
                 "metadata did not list the subscriptions (%s); orphaned backlogs are not purged in this run", reply.header.get("message", reply.command.name)
             )
             return
-        known: set[int] = set()
+        if listing.below is None and isinstance(next_id := reply.header.get("next_id"), int):
+            listing.below = next_id
+        listing.after = None
         for sub in listed:
             if isinstance(sub, dict) and "id" in sub and "name" in sub:
-                known.add(int(sub["id"]))
-                self.sub_names[int(sub["id"])] = str(sub["name"])
+                listing.ids.add(int(sub["id"]))
+                listing.after = self.sub_names[int(sub["id"])] = str(sub["name"])
+        if reply.header.get("more") is True and listing.after is not None:
+            self._list_subscriptions(listing)
+            return
         # Messages accepted and not yet written hold entries too: their lookups were answered before this list.
-        orphans = self.store.purge_orphans(known, (sub_id for message in self.batch_messages for sub_id in message.subscriptions))
+        unwritten = (sub_id for message in self.batch_messages for sub_id in message.subscriptions)
+        orphans = self.store.purge_orphans(listing.ids, unwritten, below=listing.below)
+        self._subscription_list_done()
         for sub_id in orphans:
             self.cursors.pop(sub_id, None)  # one a sender's credit created before this list came
         if orphans:
             log.info("purging the backlogs of %d deleted subscriptions (ids %s)", len(orphans), ", ".join(map(str, orphans[:10])))
+
+    def _subscription_list_done(self) -> None:
+        self.subscription_list = "done"
+        if self.list_again:
+            self.list_again = False
+            self._list_subscriptions()
 
     @property
     def _purge_due(self) -> bool:

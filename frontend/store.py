@@ -1073,7 +1073,7 @@ class ShardStore:
         finished = self.finished_seq
         return any(state.idle_at != finished for state in self._purges.values())
 
-    def purge_orphans(self, known: set[int], unwritten: Iterable[int] = ()) -> list[int]:
+    def purge_orphans(self, known: set[int], unwritten: Iterable[int] = (), *, below: int | None = None) -> list[int]:
         """Queue the purge of every backlog whose subscription is not in ``known``: deleted while this
         frontend was down, before its purge finished, or while it missed the deletion event.
 
@@ -1085,12 +1085,15 @@ class ShardStore:
         Args:
             known: the subscription ids metadata listed.
             unwritten: subscriptions of messages accepted but not yet written.
+            below: only ids below this can be orphans (None: any), for a list
+                in pages, which a subscription created meanwhile may miss.
 
         Returns:
             The orphaned subscription ids now being purged.
         """
         self.apply_settles()
-        orphans = sorted((self.subscriptions_with_entries() | set(unwritten)) - known - self.deleted_subscriptions)
+        candidates = (self.subscriptions_with_entries() | set(unwritten)) - known - self.deleted_subscriptions
+        orphans = sorted(sub_id for sub_id in candidates if below is None or sub_id < below)
         for sub_id in orphans:
             self.delete_subscription(sub_id)
         return orphans

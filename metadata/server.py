@@ -14,6 +14,7 @@ import argparse
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
@@ -26,6 +27,8 @@ from broker.config import HEARTBEAT_INTERVAL_S, METADATA_SYNC_TIMEOUT_S, PEER_EX
 from broker.metrics import SNAPSHOT_INTERVAL_S, SnapshotWriter
 from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket
 from clients.protocol import (
+    LIST_LIMIT_MAX,
+    LIST_PAGE_BYTES,
     RELAY_ONLY_EXISTING_FIELD,
     RELAY_QUOTA_FIELD,
     SERVER_VERSION,
@@ -122,6 +125,26 @@ class MetadataStore:
         names = [key[len(_TOPIC_SUBS_PREFIX) :].split(b"\0", 1)[1].decode() for key, _ in self._scan(_TOPIC_SUBS_PREFIX + topic.encode() + b"\0")]
         found = (self.get_subscription(name) for name in names)
         return [sub for sub in found if sub is not None]
+
+    def page(self, prefix: bytes, start: bytes, limit: int, shape: Callable[[bytes, bytes], dict[str, Any] | None]) -> tuple[list[dict[str, Any]], bool]:
+        """The records ``shape`` makes of the keys from ``start`` on that begin with ``prefix`` (None: skip one),
+        at most ``limit`` of them and about LIST_PAGE_BYTES encoded; and whether more keys follow."""
+        records: list[dict[str, Any]] = []
+        used = 0
+        iterator = self._db.iter()
+        iterator.seek(start)
+        while iterator.valid():
+            key = iterator.key()
+            if not key.startswith(prefix):
+                break
+            if len(records) >= limit or used >= LIST_PAGE_BYTES:
+                return records, True
+            record = shape(key, iterator.value())
+            if record is not None:
+                used += len(orjson.dumps(record))
+                records.append(record)
+            iterator.next()
+        return records, False
 
     def _scan(self, prefix: bytes) -> list[tuple[bytes, bytes]]:
         out = []
@@ -333,8 +356,11 @@ class MetadataServer:
                 return self._on_topic_delete(rid, header)
             case Command.TOPIC_LIST:
                 prefix = get_field(header, "prefix", str, required=False, default="")
-                topics = [t for t in self.store.topics() if t["name"].startswith(prefix)]
-                return encode_ok(rid, {"topics": topics}), 0
+                after, limit = _page_request(header)
+                base = _TOPIC_PREFIX + prefix.encode()
+                start = base if after is None else max(base, _TOPIC_PREFIX + after.encode() + b"\0")
+                topics, more = self.store.page(base, start, limit, lambda _key, value: orjson.loads(value))
+                return encode_ok(rid, {"topics": topics, "more": more}), 0
             case Command.TOPIC_DESCRIBE:
                 name = check_name(get_field(header, "name", str), "topic")
                 found = self._lookup(name)
@@ -349,9 +375,17 @@ class MetadataServer:
                 return self._on_subscription_delete(rid, header)
             case Command.SUB_LIST:
                 topic_name = get_field(header, "topic", str, required=False)
-                if topic_name is not None:
-                    check_name(topic_name, "topic")
-                return encode_ok(rid, {"subscriptions": [self._reply_record(s) for s in self.store.subscriptions(topic_name)]}), 0
+                after, limit = _page_request(header)
+                # Ids only grow: every subscription created after this page has an id of at least this.
+                next_id = self.store.next_id
+                if topic_name is None:
+                    base = _SUB_PREFIX
+                    subscriptions, more = self.store.page(base, base if after is None else base + after.encode() + b"\0", limit, self._listed_record)
+                else:
+                    base = _TOPIC_SUBS_PREFIX + check_name(topic_name, "topic").encode() + b"\0"
+                    start = base if after is None else base + after.encode() + b"\0"
+                    subscriptions, more = self.store.page(base, start, limit, lambda key, _value: self._indexed_record(key[len(base) :]))
+                return encode_ok(rid, {"subscriptions": subscriptions, "more": more, "next_id": next_id}), 0
             case Command.SUB_DESCRIBE:
                 name = check_name(get_field(header, "name", str), "subscription")
                 sub = self.store.get_subscription(name)
@@ -384,6 +418,14 @@ class MetadataServer:
         found = {"topic": topic, "subscriptions": self.store.subscriptions(name) if topic else [], "version": self.store.version}
         self.lookups.put(name, found)
         return found
+
+    def _listed_record(self, _key: bytes, value: bytes) -> dict[str, Any]:
+        return self._reply_record(orjson.loads(value))
+
+    def _indexed_record(self, name: bytes) -> dict[str, Any] | None:
+        """The reply record of the subscription a topic's index names (None if the index outlived it)."""
+        sub = self.store.get_subscription(name.decode())
+        return self._reply_record(sub) if sub is not None else None
 
     def _reply_record(self, sub: dict[str, Any]) -> dict[str, Any]:
         """A stored subscription as clients see it: with its sender's endpoints and its effective dead-letter topic."""
@@ -533,6 +575,19 @@ class MetadataServer:
         self._announce(version, "subscription", name, sub["topic"], deleted_subscriptions=[{"name": name, "id": sub["id"]}])
         log.info("deleted subscription %r", name)
         return encode_ok(rid, {"deleted": name}), version
+
+
+def _page_request(header: dict[str, Any]) -> tuple[str | None, int]:
+    """A list request's ``after`` (list the names that sort after it, by their UTF-8 bytes) and ``limit``.
+
+    Raises:
+        ProtocolError: ``invalid_header`` for a mistyped field or a limit out of range.
+    """
+    after = get_field(header, "after", str, required=False)
+    limit = get_field(header, "limit", int, required=False, default=LIST_LIMIT_MAX)
+    if not 1 <= limit <= LIST_LIMIT_MAX:
+        raise ProtocolError("invalid_header", f"limit must be from 1 to {LIST_LIMIT_MAX}, got {limit}")
+    return after, limit
 
 
 def main(argv: list[str] | None = None) -> int:

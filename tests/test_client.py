@@ -21,7 +21,7 @@ from broker.config import free_tcp_endpoint
 from clients import AsyncClient, Client, HeraldError
 from clients._core import PUBLISH_HOLD_MAX_S, PUBLISHES_IN_FLIGHT, AckedWindow, ConsumerCore, Message, slot_constructor
 from clients.protocol import Command, DeliveredMessage, Frames, ProtocolError, decode_deliver, decode_deliver_rows, parse_acked_refs, shard_of
-from tests.conftest import PROJECT_ROOT, HeraldSystem, run_cli, stored_messages
+from tests.conftest import PROJECT_ROOT, HeraldSystem, RawClient, run_cli, stored_messages
 
 
 def test_topics_round_trip(herald: HeraldSystem) -> None:
@@ -44,6 +44,53 @@ def test_topics_round_trip(herald: HeraldSystem) -> None:
         info = client.info()
         assert info["live"].startswith("tcp://")
         assert info["version"]
+
+
+def test_lists_come_in_pages_that_join_into_the_whole_list_in_name_order(herald: HeraldSystem) -> None:
+    """TOPIC_LIST and SUB_LIST answer a page at a time (``limit``, ``after``, ``more``): a list too long for
+    one reply (about 16,000 subscriptions or 40,000 topics used to pass the 4 MiB header limit) can still
+    be read whole, and the clients do so. The 1 MiB page budget is met by
+    test_bad_input.py::test_filters_no_message_can_pass_and_topics_too_full_to_look_up_are_refused."""
+    topics = [f"paged.t{i:02d}" for i in range(23)]
+    with Client(herald.endpoint) as client:
+        for name in [*reversed(topics), "other.topic"]:
+            client.create_topic(name)
+        subscriptions = [f"paged.s{i:02d}" for i in range(12)]
+        for index, name in enumerate(subscriptions):
+            client.create_subscription(topics[index % 2], name)
+        client.create_subscription("other.topic", "other.s")
+        assert [t["name"] for t in client.list_topics("paged.", page_size=5)] == topics
+        assert [t["name"] for t in client.list_topics(page_size=1)] == ["other.topic", *topics]
+        assert [s["name"] for s in client.list_subscriptions(page_size=5)] == ["other.s", *subscriptions]
+        assert [s["name"] for s in client.list_subscriptions(topics[1], page_size=2)] == subscriptions[1::2]
+        with pytest.raises(ValueError, match="page_size"):
+            client.list_topics(page_size=0)
+
+    async def async_lists() -> tuple[list[str], list[str]]:
+        async with AsyncClient(herald.endpoint) as aclient:
+            listed_topics = [t["name"] for t in await aclient.list_topics("paged.", page_size=4)]
+            return listed_topics, [s["name"] for s in await aclient.list_subscriptions(topics[0], page_size=4)]
+
+    assert asyncio.run(async_lists()) == (topics, subscriptions[0::2])
+    raw = RawClient(herald.endpoint)
+    try:
+        first = raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "limit": 10}).header
+        assert [t["name"] for t in first["topics"]] == topics[:10] and first["more"] is True
+        last = raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "limit": 10, "after": topics[19]}).header
+        assert [t["name"] for t in last["topics"]] == topics[20:] and last["more"] is False
+        # ``after`` need not be a listed name, nor even have the prefix.
+        assert [t["name"] for t in raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "after": "paged.t05x"}).header["topics"]] == topics[6:]
+        assert [t["name"] for t in raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "after": "a"}).header["topics"]] == topics
+        assert raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "after": "z"}).header == {"topics": [], "more": False}
+        page = raw.request(Command.SUB_LIST, {"limit": 3, "after": "paged.s03"}).header
+        assert [s["name"] for s in page["subscriptions"]] == subscriptions[4:7] and page["more"] is True
+        assert page["next_id"] > max(s["id"] for s in page["subscriptions"])
+        for bad in ({"limit": 0}, {"limit": 10_001}, {"limit": "5"}, {"limit": True}, {"after": 5}):
+            for command in (Command.TOPIC_LIST, Command.SUB_LIST):
+                reply = raw.request(command, bad)
+                assert reply.command is Command.ERROR and reply.header["code"] == "invalid_header", (command, bad, reply.header)
+    finally:
+        raw.close()
 
 
 def test_publish_returns_durable_ids_and_reports_duplicates(herald: HeraldSystem) -> None:
