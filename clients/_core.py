@@ -387,12 +387,12 @@ def _page_of(header: dict[str, Any], key: str) -> ListPage:
 
 
 def _page_header(header: dict[str, Any], after: str | None, page_size: int | None) -> dict[str, Any]:
+    """A list request for a page (always: a whole list may not fit one reply)."""
     if after is not None:
         header["after"] = after
-    if page_size is not None:
-        if isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= LIST_LIMIT_MAX:
-            raise ValueError(f"page_size must be an integer from 1 to {LIST_LIMIT_MAX}, got {page_size!r}")
-        header["limit"] = page_size
+    if page_size is not None and (isinstance(page_size, bool) or not isinstance(page_size, int) or not 1 <= page_size <= LIST_LIMIT_MAX):
+        raise ValueError(f"page_size must be an integer from 1 to {LIST_LIMIT_MAX}, got {page_size!r}")
+    header["limit"] = page_size or LIST_LIMIT_MAX
     return header
 
 

@@ -165,6 +165,7 @@ ERROR_CATALOG: Final[tuple[ErrorSpec, ...]] = (
     ErrorSpec("invalid_setting", 405, False, "a topic or subscription setting is unknown or out of range"),
     ErrorSpec("payload_too_large", 406, False, "a payload exceeds the configured maximum"),
     ErrorSpec("batch_too_large", 407, False, "a publish carries more messages than allowed in one request"),
+    ErrorSpec("list_too_large", 408, False, "a TOPIC_LIST or SUB_LIST without limit or after would not fit one reply; ask for it in pages"),
     ErrorSpec("topic_not_found", 410, False, "the topic does not exist"),
     ErrorSpec("topic_exists", 411, False, "a topic with this name already exists"),
     ErrorSpec("subscription_not_found", 412, False, "the subscription does not exist"),
@@ -535,12 +536,14 @@ SUBSCRIPTION_SETTINGS: Final[dict[str, SettingSpec]] = {
 }
 
 
-# TOPIC_LIST and SUB_LIST answer in pages: at most ``limit`` records (LIST_LIMIT_MAX at most, no
-# default) and about LIST_PAGE_BYTES of them, whichever comes first; ``more`` says whether to ask
-# again with ``after`` set to the last name. Without pages, a list of ~16,000 subscriptions or
-# ~40,000 topics passed MAX_HEADER_BYTES and could not be answered at all.
+# TOPIC_LIST and SUB_LIST with ``limit`` or ``after`` answer in pages: at most ``limit`` records
+# (LIST_LIMIT_MAX at most, and by default) and about LIST_PAGE_BYTES of them, whichever comes
+# first; ``more`` says whether to ask again with ``after`` set to the last name. Without either
+# field the whole list comes in one reply, as it did before pages (~16,000 subscriptions or ~40,000
+# topics passed MAX_HEADER_BYTES), or ``list_too_large`` where it cannot: never a silent part of it.
 LIST_PAGE_BYTES: Final = 1024 * 1024
 LIST_LIMIT_MAX: Final = 10_000
+LIST_WHOLE_BYTES: Final = MAX_HEADER_BYTES - 64 * 1024  # an unpaged list's records, leaving room for the rest of the reply
 
 
 # The header fields each admin command reads, besides a credential's ``token``.

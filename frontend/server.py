@@ -38,6 +38,7 @@ from broker.metrics import SNAPSHOT_INTERVAL_S, CommitHistogram, SnapshotWriter
 from broker.runtime import Hwm, LRUCache, StopFlag, Timer, announce_ready, configure_logging, drain, make_socket, tune_gc
 from clients.protocol import (
     CLIENT_COMMANDS,
+    LIST_LIMIT_MAX,
     NOBLOCK,
     PROTOCOL_VERSION,
     RELAY_ONLY_EXISTING_FIELD,
@@ -190,6 +191,8 @@ class CommitJob:
     # the job is durable, a backlog scan cannot see them, so it must not
     # conclude that such a subscription has caught up.
     left_on_disk: set[int] = field(default_factory=set)
+    # (subscription id, seq) entries settled in the same write: originals of the dead-letter copies it carries.
+    settles: list[tuple[int, int]] = field(default_factory=list)
     error: StorageError | None = None
     submitted_at: float = 0.0
     last_seq: int = 0  # the batch's highest seq, once written
@@ -234,7 +237,9 @@ class CommitWriter:
         try:
             # Without subscriptions left on disk every entry of the write is handed out: no set of them to build.
             handed_out = None if not job.left_on_disk else [(sub_id, message.seq) for sub_id, message, _ in job.plan]
-            job.last_seq = self.store.write(job.messages, job.dedup, handed_out, every_entry_handed_out=handed_out is None, sequences=job.sequences)
+            job.last_seq = self.store.write(
+                job.messages, job.dedup, handed_out, every_entry_handed_out=handed_out is None, sequences=job.sequences, settles=job.settles
+            )
         except StorageError as exc:
             job.error = exc
 
@@ -377,6 +382,8 @@ class SubscriptionListing:
     ids: set[int] = field(default_factory=set)
     after: str | None = None
     below: int | None = None
+    version: int | None = None  # metadata's change counter when the first page was made
+    pages: int = 0
 
 
 @dataclass
@@ -436,6 +443,7 @@ class FrontendServer:
         self.batch_ids: dict[tuple[str, str], str] = {}
         self.batch_sequences: dict[bytes, tuple[list[int], int]] = {}
         self.batch_after: list[Callable[[], None]] = []
+        self.batch_settles: list[tuple[int, int]] = []  # settled by the batch's own write (see CommitJob.settles)
         self.batch_after_failure: list[Callable[[], None]] = []
         self.dead_in_progress: set[tuple[int, int]] = set()
         self.unmaterialized: list[tuple[int, int, int]] = []  # taken-back implicit entries whose write failed (see _materialize)
@@ -583,7 +591,8 @@ class FrontendServer:
         that names it, and that reply travels on the same socket as the list's, behind it when the list
         was made before the subscription was.
         """
-        self.counters["metadata_resyncs"] += 1
+        if self.meta_version:  # not the first heartbeat after this frontend's start, which sets the version
+            self.counters["metadata_resyncs"] += 1
         self.topics.clear()
         if self.subscription_list == "done":
             self._list_subscriptions()
@@ -594,7 +603,7 @@ class FrontendServer:
         """Ask for the subscription list: its first page, or the page after those ``listed`` so far."""
         self.subscription_list = "asked"
         listing = listed or SubscriptionListing()
-        header = {} if listing.after is None else {"after": listing.after}
+        header: dict[str, Any] = {"limit": LIST_LIMIT_MAX} if listing.after is None else {"limit": LIST_LIMIT_MAX, "after": listing.after}
         self.metadata.call(Command.SUB_LIST, header, lambda reply: self._on_subscription_list(reply, listing), self._on_subscription_list_failed)
 
     def _on_subscription_list_failed(self, error: HeraldError) -> None:
@@ -620,19 +629,35 @@ class FrontendServer:
                 "metadata did not list the subscriptions (%s); orphaned backlogs are not purged in this run", reply.header.get("message", reply.command.name)
             )
             return
-        if listing.below is None and isinstance(next_id := reply.header.get("next_id"), int):
-            listing.below = next_id
+        listing.pages += 1
+        if listing.pages == 1:
+            next_id, version = reply.header.get("next_id"), reply.header.get("version")
+            listing.below = next_id if isinstance(next_id, int) else None
+            listing.version = version if isinstance(version, int) else None
         listing.after = None
         for sub in listed:
-            if isinstance(sub, dict) and "id" in sub and "name" in sub:
-                listing.ids.add(int(sub["id"]))
-                listing.after = self.sub_names[int(sub["id"])] = str(sub["name"])
-        if reply.header.get("more") is True and listing.after is not None:
-            self._list_subscriptions(listing)
+            if not (isinstance(sub, dict) and isinstance(sub.get("id"), int) and isinstance(sub.get("name"), str)):
+                listing.after = None  # an id it names may be left out: no verdict on orphans from this list
+                break
+            listing.ids.add(sub["id"])
+            listing.after = self.sub_names[sub["id"]] = sub["name"]
+        else:
+            if reply.header.get("more") is not True:
+                self._purge_listed_orphans(listing)
+                return
+        if listing.after is None or listing.below is None:  # pages need next_id: one may miss a new subscription
+            self._subscription_list_done()
+            log.warning("metadata's list of subscriptions had a malformed page; orphaned backlogs are not purged in this run")
             return
+        self._list_subscriptions(listing)
+
+    def _purge_listed_orphans(self, listing: SubscriptionListing) -> None:
+        """Purge the backlogs of subscriptions the complete ``listing`` does not name."""
         # Messages accepted and not yet written hold entries too: their lookups were answered before this list.
         unwritten = (sub_id for message in self.batch_messages for sub_id in message.subscriptions)
         orphans = self.store.purge_orphans(listing.ids, unwritten, below=listing.below)
+        if self.list_again and listing.version is not None and listing.version >= self.meta_version:
+            self.list_again = False  # the gap seen meanwhile is older than this list: nothing to list again
         self._subscription_list_done()
         for sub_id in orphans:
             self.cursors.pop(sub_id, None)  # one a sender's credit created before this list came
@@ -1093,6 +1118,8 @@ class FrontendServer:
         )
         self.batch_messages, self.batch_dedup, self.batch_replies, self.batch_ids, self.batch_sequences = [], [], [], {}, {}
         self.batch_after, self.batch_after_failure = [], []
+        if self.batch_settles:
+            job.settles, self.batch_settles = self.batch_settles, []
         batch_bytes, self.batch_bytes = self.batch_bytes, 0
         job.plan, job.left_on_disk = self._plan_fast_dispatch(job.messages)
         writer.write(job)
@@ -1558,13 +1585,8 @@ class FrontendServer:
         self.dead_in_progress.add((sub_id, seq))
 
         def settle_original() -> None:
-            # Runs only once the copy is durable; if the write failed the original stays pending.
+            # Runs once the copy, and the original's settle written with it, are durable.
             self.dead_in_progress.discard((sub_id, seq))
-            try:
-                self.store.complete([(sub_id, seq)])
-            except StorageError as exc:
-                log.error("dead-letter copy of seq %d stored, but the original could not be settled: %s", seq, exc)
-                return
             cursor = self.cursors.get(sub_id)
             if cursor is not None:
                 cursor.outstanding.discard(seq)
@@ -1574,8 +1596,11 @@ class FrontendServer:
             self.dead_in_progress.discard((sub_id, seq))
             self._release(sub_id, seq)
 
-        # The copy goes through the writer like any publish, so appends stay in seq order.
+        # The copy goes through the writer like any publish, so appends stay in seq order. The original
+        # is settled by the same write: a crash between two writes left both, and the original, handed
+        # out again after the restart, was copied a second time.
         self.batch_messages.append(copy)
+        self.batch_settles.append((sub_id, seq))
         self.batch_after.append(settle_original)
         self.batch_after_failure.append(retry_later)
 

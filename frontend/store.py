@@ -60,7 +60,7 @@ from __future__ import annotations
 import logging
 import struct
 from collections import Counter, OrderedDict
-from collections.abc import Generator, Iterable
+from collections.abc import Callable, Generator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
@@ -215,6 +215,16 @@ class _Purge:
     until_seq: int  # the highest seq that may carry it
     idle_at: int = -1  # finished_seq when a pass last found nothing left but writes still to come
     implicit_swept: bool = False  # its implicit entries are settled (once every write that may hand one out is over)
+
+
+@dataclass(slots=True)
+class _Settling:
+    """Settles put in a write batch: how many, the subscriptions of those that existed, and how to undo
+    the in-memory side if the batch is not written."""
+
+    count: int
+    existed: list[int]
+    undo: Callable[[], None]
 
 
 @dataclass(slots=True)
@@ -572,6 +582,7 @@ class ShardStore:
         *,
         every_entry_handed_out: bool = False,
         sequences: dict[bytes, tuple[list[int], int]] | None = None,
+        settles: list[tuple[int, int]] | None = None,
     ) -> int:
         """Write messages, their pending entries and indexes in one batch, not yet fsync'd.
 
@@ -592,6 +603,9 @@ class ShardStore:
             sequences: per id-sequence record (:func:`sequence_key`), the
                 numbers this write stores (flat (start, end) pairs) and until
                 when to remember them (see the module docstring).
+            settles: (subscription id, seq) entries settled in the same write,
+                as :meth:`complete` would: a dead-letter copy and the end of
+                its original are one write, so no crash can leave both.
 
         Returns:
             The batch's highest seq (0 for a batch without messages).
@@ -670,12 +684,24 @@ class ShardStore:
                 batch.put(_LAST_SEQ, _U64.pack(batch_last_seq))
             self._fanout_slots += len(implicit) + sum(map(len, seqs_of.values()))  # every entry of the write
             self._trim_fanout()
+            settling: _Settling | None = None
             try:
+                if settles:
+                    try:
+                        settling = self._settle_into(batch, settles, known_pending=False)
+                    except StorageError:
+                        raise
+                    except Exception as exc:  # rocksdict's plain exceptions, from the reads an old message's settle needs
+                        raise StorageError(f"could not read what settling {len(settles)} entries needs: {exc}") from exc
                 self._write(batch, self._lazy)
             except StorageError:
+                if settling is not None:
+                    settling.undo()
                 for message in messages:  # complete() trusts the map: only stored entries may be in it
                     self._drop_fanout(message.seq)
                 raise
+            if settling is not None:
+                self._count_settled(settling.existed)
             if messages:
                 self.written_seq = max(self.written_seq, batch_last_seq)
             if updated:
@@ -893,9 +919,24 @@ class ShardStore:
         Returns:
             The number of entries settled (repeats included: deleting twice is harmless).
         """
+        batch = WriteBatch(raw_mode=True)
+        settling = self._settle_into(batch, entries, known_pending)
+        if settling is None:
+            return 0
+        try:
+            self._write(batch, self._lazy)
+        except BaseException:
+            settling.undo()
+            raise
+        self._count_settled(settling.existed)
+        return settling.count
+
+    def _settle_into(self, batch: WriteBatch, entries: Iterable[tuple[int, int]], known_pending: bool) -> _Settling | None:
+        """Put the deletions that settle ``entries`` in ``batch`` and narrow the in-memory maps as if it were
+        written (None: nothing to settle). The caller writes the batch, then counts the entries that existed
+        (:meth:`_count_settled`), or calls the result's ``undo`` if the write failed."""
         # Written out flat, with bound methods held in locals: this runs for every
         # acknowledged message on the owning frontend's poll loop.
-        batch = WriteBatch(raw_mode=True)
         delete = batch.delete
         pack_pair, pack_seq = _PAIR.pack, _U64.pack
         settled_by_seq: dict[int, list[int]] = {}
@@ -916,11 +957,19 @@ class ShardStore:
                 delete(_PENDING + pack_pair(sub_id, seq))
             settled += 1
         if not settled:
-            return 0
+            return None
         existed: list[int] = []
         unknown: list[int] = []
         fanout, bodies = self._fanout, self._bodies
         forgotten: list[tuple[tuple[int, int], int]] = []
+
+        def undo() -> None:
+            self._restore_implicit(forgotten)  # the write did not happen: still pending, still implicit
+            # The map was narrowed for a write that did not happen: forget these
+            # messages, so the next settle reads what is really left of them.
+            for seq in settled_by_seq:
+                self._drop_fanout(seq)
+
         try:
             for seq, subs in settled_by_seq.items():
                 holders = fanout.get(seq)
@@ -946,16 +995,10 @@ class ShardStore:
             # After the reads above, which count an implicit entry as existing.
             for key in implicit_settled:
                 self._forget_implicit(batch, key, forgotten)
-            self._write(batch, self._lazy)
         except BaseException:
-            self._restore_implicit(forgotten)  # the write did not happen: still pending, still implicit
-            # The map was narrowed for a write that did not happen: forget these
-            # messages, so the next settle reads what is really left of them.
-            for seq in settled_by_seq:
-                self._drop_fanout(seq)
+            undo()
             raise
-        self._count_settled(existed)
-        return settled
+        return _Settling(settled, existed, undo)
 
     def _trim_fanout(self) -> None:
         """Evict the oldest messages of the fan-out map while it is over FANOUT_CACHE_BYTES."""
@@ -1099,9 +1142,12 @@ class ShardStore:
         return orphans
 
     def subscriptions_with_entries(self) -> set[int]:
-        """The ids of subscriptions with a pending entry: implicit ones, and ``P`` keys found with one seek per subscription."""
+        """The ids of subscriptions with a pending entry: from the backlog counts, or (not counted) implicit
+        entries and ``P`` keys found with one seek per subscription (which may step over many deleted keys)."""
         self.apply_settles()
         found = {sub_id for sub_id, _ in self._implicit}
+        if self.backlog is not None:
+            return found | set(self.backlog)
         start, end = _PENDING, _prefix_end(_PENDING)
         while True:
             scan = self._scan(start, end)

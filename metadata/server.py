@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -29,6 +30,7 @@ from broker.runtime import LRUCache, StopFlag, Timer, announce_ready, configure_
 from clients.protocol import (
     LIST_LIMIT_MAX,
     LIST_PAGE_BYTES,
+    LIST_WHOLE_BYTES,
     RELAY_ONLY_EXISTING_FIELD,
     RELAY_QUOTA_FIELD,
     SERVER_VERSION,
@@ -100,6 +102,7 @@ class MetadataStore:
         counter = self._db.get(_COUNTER_KEY)
         version = self._db.get(_VERSION_KEY)
         self.next_id = int(counter) if counter else 1
+        self.stored_next_id = self.next_id  # as written by the last commit
         self.version = int(version) if version else 0
 
     def close(self) -> None:
@@ -126,9 +129,11 @@ class MetadataStore:
         found = (self.get_subscription(name) for name in names)
         return [sub for sub in found if sub is not None]
 
-    def page(self, prefix: bytes, start: bytes, limit: int, shape: Callable[[bytes, bytes], dict[str, Any] | None]) -> tuple[list[dict[str, Any]], bool]:
+    def page(
+        self, prefix: bytes, start: bytes, limit: int, budget: int, shape: Callable[[bytes, bytes], dict[str, Any] | None]
+    ) -> tuple[list[dict[str, Any]], bool]:
         """The records ``shape`` makes of the keys from ``start`` on that begin with ``prefix`` (None: skip one),
-        at most ``limit`` of them and about LIST_PAGE_BYTES encoded; and whether more keys follow."""
+        at most ``limit`` of them and about ``budget`` bytes encoded; and whether more keys follow."""
         records: list[dict[str, Any]] = []
         used = 0
         iterator = self._db.iter()
@@ -137,7 +142,7 @@ class MetadataStore:
             key = iterator.key()
             if not key.startswith(prefix):
                 break
-            if len(records) >= limit or used >= LIST_PAGE_BYTES:
+            if len(records) >= limit or used >= budget:
                 return records, True
             record = shape(key, iterator.value())
             if record is not None:
@@ -165,9 +170,13 @@ class MetadataStore:
         try:
             self._db.write(batch, self._sync)
         except Exception as exc:  # rocksdict raises plain Exception for RocksDB IO errors
-            # The version moves only with a stored change, so no event ever names a lost one.
+            # The version moves only with a stored change, so no event ever names a lost one. Nor does
+            # next_id run ahead of the stored counter: after a restart the lost id is given out again,
+            # and a SUB_LIST's next_id must bound every id given out after it (see frontends' purge).
+            self.next_id = self.stored_next_id
             raise HeraldError("storage_failed", f"the metadata store could not write ({exc}); nothing changed, retry later") from exc
         self.version = version
+        self.stored_next_id = self.next_id
         return version
 
     def _new_id(self) -> int:
@@ -356,10 +365,10 @@ class MetadataServer:
                 return self._on_topic_delete(rid, header)
             case Command.TOPIC_LIST:
                 prefix = get_field(header, "prefix", str, required=False, default="")
-                after, limit = _page_request(header)
+                after, limit, budget = _page_request(header)
                 base = _TOPIC_PREFIX + prefix.encode()
                 start = base if after is None else max(base, _TOPIC_PREFIX + after.encode() + b"\0")
-                topics, more = self.store.page(base, start, limit, lambda _key, value: orjson.loads(value))
+                topics, more = _whole_or_page(header, self.store.page(base, start, limit, budget, lambda _key, value: orjson.loads(value)))
                 return encode_ok(rid, {"topics": topics, "more": more}), 0
             case Command.TOPIC_DESCRIBE:
                 name = check_name(get_field(header, "name", str), "topic")
@@ -375,17 +384,18 @@ class MetadataServer:
                 return self._on_subscription_delete(rid, header)
             case Command.SUB_LIST:
                 topic_name = get_field(header, "topic", str, required=False)
-                after, limit = _page_request(header)
+                after, limit, budget = _page_request(header)
                 # Ids only grow: every subscription created after this page has an id of at least this.
                 next_id = self.store.next_id
                 if topic_name is None:
                     base = _SUB_PREFIX
-                    subscriptions, more = self.store.page(base, base if after is None else base + after.encode() + b"\0", limit, self._listed_record)
+                    page = self.store.page(base, base if after is None else base + after.encode() + b"\0", limit, budget, self._listed_record)
                 else:
                     base = _TOPIC_SUBS_PREFIX + check_name(topic_name, "topic").encode() + b"\0"
                     start = base if after is None else base + after.encode() + b"\0"
-                    subscriptions, more = self.store.page(base, start, limit, lambda key, _value: self._indexed_record(key[len(base) :]))
-                return encode_ok(rid, {"subscriptions": subscriptions, "more": more, "next_id": next_id}), 0
+                    page = self.store.page(base, start, limit, budget, lambda key, _value: self._indexed_record(key[len(base) :]))
+                subscriptions, more = _whole_or_page(header, page)
+                return encode_ok(rid, {"subscriptions": subscriptions, "more": more, "next_id": next_id, "version": self.store.version}), 0
             case Command.SUB_DESCRIBE:
                 name = check_name(get_field(header, "name", str), "subscription")
                 sub = self.store.get_subscription(name)
@@ -577,17 +587,35 @@ class MetadataServer:
         return encode_ok(rid, {"deleted": name}), version
 
 
-def _page_request(header: dict[str, Any]) -> tuple[str | None, int]:
-    """A list request's ``after`` (list the names that sort after it, by their UTF-8 bytes) and ``limit``.
+def _page_request(header: dict[str, Any]) -> tuple[str | None, int, int]:
+    """A list request's ``after`` (list the names that sort after it, by their UTF-8 bytes), how many records
+    at most, and about how many bytes of them: a page with ``limit`` or ``after``, else the whole list.
 
     Raises:
         ProtocolError: ``invalid_header`` for a mistyped field or a limit out of range.
     """
     after = get_field(header, "after", str, required=False)
-    limit = get_field(header, "limit", int, required=False, default=LIST_LIMIT_MAX)
-    if not 1 <= limit <= LIST_LIMIT_MAX:
+    limit = get_field(header, "limit", int, required=False)
+    if limit is not None and not 1 <= limit <= LIST_LIMIT_MAX:
         raise ProtocolError("invalid_header", f"limit must be from 1 to {LIST_LIMIT_MAX}, got {limit}")
-    return after, limit
+    if limit is None and after is None:
+        return None, sys.maxsize, LIST_WHOLE_BYTES
+    return after, limit or LIST_LIMIT_MAX, LIST_PAGE_BYTES
+
+
+def _whole_or_page(header: dict[str, Any], page: tuple[list[dict[str, Any]], bool]) -> tuple[list[dict[str, Any]], bool]:
+    """``page`` as the reply has it, or ``list_too_large`` for a whole list (no ``limit`` nor ``after``) that did not fit.
+
+    Raises:
+        HeraldError: ``list_too_large``.
+    """
+    records, more = page
+    if more and header.get("limit") is None and header.get("after") is None:
+        raise HeraldError(
+            "list_too_large",
+            f"the list has more than the {len(records):,} records one reply holds; ask for it in pages with limit and after (docs/protocol.md)",
+        )
+    return page
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,6 +82,9 @@ def test_lists_come_in_pages_that_join_into_the_whole_list_in_name_order(herald:
         assert [t["name"] for t in raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "after": "paged.t05x"}).header["topics"]] == topics[6:]
         assert [t["name"] for t in raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "after": "a"}).header["topics"]] == topics
         assert raw.request(Command.TOPIC_LIST, {"prefix": "paged.", "after": "z"}).header == {"topics": [], "more": False}
+        # Without limit or after, the whole list in one reply (list_too_large past about 4 MiB of it).
+        whole = raw.request(Command.TOPIC_LIST, {"prefix": "paged."}).header
+        assert [t["name"] for t in whole["topics"]] == topics and whole["more"] is False
         page = raw.request(Command.SUB_LIST, {"limit": 3, "after": "paged.s03"}).header
         assert [s["name"] for s in page["subscriptions"]] == subscriptions[4:7] and page["more"] is True
         assert page["next_id"] > max(s["id"] for s in page["subscriptions"])

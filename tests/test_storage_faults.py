@@ -17,6 +17,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -426,6 +427,52 @@ def test_a_message_dead_lettered_before_its_batch_is_durable_is_copied(herald_fa
             assert copied == set(acked)
             again = subscription.receive(timeout=2)
             assert again is None, f"{again.id if again else ''} came back after it was dead-lettered"
+
+
+def test_a_frontend_killed_before_its_dead_letter_copies_are_durable_copies_each_message_once(
+    herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path
+) -> None:
+    """A dead-letter copy and the settle of its original are one write. When they were two, a SIGKILL of the
+    owning frontend after the copy's write (in the OS page cache, so kept) and before the original's settle
+    left both: the restarted frontend handed the original out again, and it was dead-lettered a second time
+    (found by fault experiments, 1 of 3 owner kills). Here the copies' fsync is held, so the kill always falls
+    between the write and its fsync."""
+    from broker.metrics import read_snapshots
+
+    herald = herald_factory()
+    topic, name, count = "dead.once", "dead.once.sub", 10
+    dead_topic = f"{name}.dead"
+    owner, sender = f"frontend-{shard_of(topic, 2)}", f"sender-{shard_of(name, 2)}"
+    ids = [f"m-{i}" for i in range(count)]
+    with Client(herald.endpoint, timeout=30) as client:
+        client.create_topic(topic)
+        client.create_topic(dead_topic)
+        client.create_subscription(dead_topic, "dead.once.copies")
+        client.create_subscription(topic, name, ack_deadline=60, max_attempts=1)
+        with client.subscribe(topic, name) as subscription:
+            client.publish_batch(topic, [(b"x", None, message_id) for message_id in ids])  # durable before the hold
+            delivered = _take(subscription, count)
+            hold_wal_fsyncs.touch()
+            try:
+                for message in delivered:
+                    message.nack()  # its last attempt: the sender sends the frontend a DEAD
+                wait_for(lambda: read_snapshots(str(herald.data_dir)).get(sender, {}).get("dead_lettered", 0) >= count, timeout=15, message="DEADs sent")
+                time.sleep(1.0)  # the DEADs reach the owner, whose write of the copies then waits for its fsync
+                pid = herald.kill_child(owner)
+            finally:
+                hold_wal_fsyncs.unlink()
+            herald.wait_restarted(owner, pid)
+            # Whatever the restarted owner hands out again is refused once more, and would be copied again.
+            deadline = time.monotonic() + 8
+            while (message := subscription.receive(timeout=max(0.1, deadline - time.monotonic()))) is not None or time.monotonic() < deadline:
+                if message is not None:
+                    message.nack()
+        with client.subscribe(dead_topic, "dead.once.copies") as copies:
+            copied: Counter[str] = Counter()
+            while (copy := copies.receive(timeout=5)) is not None:
+                copied[copy.attributes["herald.original_id"]] += 1
+                copy.ack_nowait()
+    assert copied == Counter(ids), f"copies per message: {dict(copied)}"
 
 
 def test_the_live_feed_carries_a_message_before_its_publish_is_acknowledged(herald_factory: Callable[..., HeraldSystem], hold_wal_fsyncs: Path) -> None:

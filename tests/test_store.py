@@ -270,6 +270,42 @@ def test_an_implicit_entry_whose_settle_write_fails_stays_pending_and_counted(st
     assert store.backlog == {} and store.count_pending(7) == 0 and store.messages() == [] and _implicit_keys(store) == []
 
 
+def test_a_write_that_settles_entries_does_both_or_neither(tmp_path: Path) -> None:
+    """A dead-letter copy and the settle of its original are one write: a failed write leaves the original
+    pending (implicit or a P key) and stores no copy; a written one survives a reopen without the original."""
+    store = ShardStore(tmp_path / "shard", sync=False)
+    handed_out = StoredMessage(store.next_seq(), "t", "a", {}, b"x", 0.0, [7], 2**40)
+    store.append([handed_out], [], [(7, handed_out.seq)])  # implicit
+    in_backlog = _append(store, 1, [8])[0]  # a P key, of an old message the fan-out map forgot
+    store._fanout.clear()
+    store._fanout_slots = 0
+    real_write = store._write
+
+    def full_disk(batch: Any, options: Any) -> None:
+        raise StorageError("IO error: No space left on device")
+
+    def copy() -> StoredMessage:
+        return StoredMessage(store.next_seq(), "t.dead", "a", {"herald.attempts": "5"}, b"x", 0.0, [9], 2**40)
+
+    store._write = full_disk  # type: ignore[method-assign]
+    with pytest.raises(StorageError):
+        store.write([copy()], [], [], every_entry_handed_out=True, settles=[(7, handed_out.seq), (8, in_backlog)])
+    store._write = real_write  # type: ignore[method-assign]
+    assert store.is_implicit(7, handed_out.seq) and store.holds(8, in_backlog)
+    assert store.backlog == {7: 1, 8: 1} and {m.topic for m in store.messages()} == {"t"}
+    written = copy()
+    store.make_durable(store.write([written], [], [], every_entry_handed_out=True, settles=[(7, handed_out.seq), (8, in_backlog)]))
+    assert store.backlog == {9: 1}
+    store.close()
+    store = ShardStore(tmp_path / "shard", sync=False)
+    try:
+        assert not store.holds(7, handed_out.seq) and not store.holds(8, in_backlog)
+        assert [m.seq for m in store.messages()] == [written.seq]
+        assert store.backlog == {9: 1}
+    finally:
+        store.close()
+
+
 def test_a_taken_back_implicit_entry_whose_write_fails_stays_implicit_for_the_retry(store: ShardStore) -> None:
     """materialize() that cannot write leaves the entry implicit (the frontend retries it each second); the retry writes it."""
     message = StoredMessage(store.next_seq(), "t", "m", {}, b"x", 0.0, [7], 2**40)

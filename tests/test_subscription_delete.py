@@ -270,3 +270,36 @@ def test_a_refused_write_does_not_keep_a_purge_waiting(store: ShardStore) -> Non
     _purge_all(store)
     assert store.purging == 0
     assert store.count_pending(DOOMED) == 0
+
+
+def test_a_metadata_change_whose_write_fails_gives_out_no_id(tmp_path: Path) -> None:
+    """SUB_LIST's next_id must bound every id given out after it, or a frontend reading the list in pages could
+    take a subscription created meanwhile for an orphan. An id drawn for a change whose write then failed
+    must not raise it: after a restart the stored counter gives that id out again."""
+    from clients.protocol import HeraldError
+    from metadata.server import MetadataStore
+
+    store = MetadataStore(tmp_path / "metadata")
+
+    class FailingWrites:
+        def __init__(self, db: Any) -> None:
+            self.db = db
+
+        def write(self, *_args: Any) -> None:
+            raise Exception("IO error: No space left on device")
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.db, name)
+
+    try:
+        first, _ = store.create_topic("t", {})
+        real = store._db
+        store._db = FailingWrites(real)  # type: ignore[assignment]
+        with pytest.raises(HeraldError, match="storage_failed"):
+            store.create_topic("u", {})
+        store._db = real
+        assert store.next_id == first["id"] + 1
+        second, _ = store.create_topic("u", {})
+        assert second["id"] == first["id"] + 1
+    finally:
+        store.close()
