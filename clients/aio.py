@@ -42,6 +42,7 @@ from clients._core import (
     ConsumerCore,
     CurveKeys,
     ItemLike,
+    ListPage,
     MessageFields,
     PublishId,
     PublishItem,
@@ -427,13 +428,7 @@ class AsyncClient:
         Raises:
             HeraldError: ``timeout``...
         """
-        topics: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:  # page by page: a long list does not fit one reply
-            page = await self._request(list_topics_call(prefix, after, page_size))
-            topics += page.records
-            if (after := page.next_after) is None:
-                return topics
+        return await self._list_all(lambda after: list_topics_call(prefix, after, page_size))
 
     async def describe_topic(self, name: str) -> dict[str, Any]:
         """One topic's record with the names of its subscriptions.
@@ -586,13 +581,7 @@ class AsyncClient:
         Raises:
             HeraldError: ``timeout``...
         """
-        subscriptions: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:  # page by page: a long list does not fit one reply
-            page = await self._request(list_subscriptions_call(topic, after, page_size))
-            subscriptions += page.records
-            if (after := page.next_after) is None:
-                return subscriptions
+        return await self._list_all(lambda after: list_subscriptions_call(topic, after, page_size))
 
     async def describe_subscription(self, name: str) -> dict[str, Any]:
         """One subscription's record, including its endpoints.
@@ -630,6 +619,16 @@ class AsyncClient:
         return subscription
 
     # ------------------------------------------------------------------ plumbing
+
+    async def _list_all(self, page_call: Callable[[str | None], Call[ListPage]]) -> list[dict[str, Any]]:
+        """Every record of a list read in pages (a long one does not fit one reply): ``page_call(after)`` asks for one."""
+        records: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = await self._request(page_call(after))
+            records += page.records
+            if (after := page.next_after) is None:
+                return records
 
     async def _request(self, call: Call[T], *, since: float | None = None) -> T:
         """Send ``call`` and await its reply, resending on the attempt schedule, for at most

@@ -17,7 +17,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
@@ -35,6 +35,7 @@ from clients._core import (
     ConsumerCore,
     CurveKeys,
     ItemLike,
+    ListPage,
     Message,
     MessageFields,
     PublishId,
@@ -201,13 +202,7 @@ class Client:
         Raises:
             HeraldError: ``timeout``...
         """
-        topics: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:  # page by page: a long list does not fit one reply
-            page = self._request(list_topics_call(prefix, after, page_size))
-            topics += page.records
-            if (after := page.next_after) is None:
-                return topics
+        return self._list_all(lambda after: list_topics_call(prefix, after, page_size))
 
     def describe_topic(self, name: str) -> dict[str, Any]:
         """One topic's record with the names of its subscriptions (``subscriptions``).
@@ -346,13 +341,7 @@ class Client:
         Raises:
             HeraldError: ``timeout``...
         """
-        subscriptions: list[dict[str, Any]] = []
-        after: str | None = None
-        while True:  # page by page: a long list does not fit one reply
-            page = self._request(list_subscriptions_call(topic, after, page_size))
-            subscriptions += page.records
-            if (after := page.next_after) is None:
-                return subscriptions
+        return self._list_all(lambda after: list_subscriptions_call(topic, after, page_size))
 
     def describe_subscription(self, name: str) -> dict[str, Any]:
         """One subscription's record, including its endpoints.
@@ -383,6 +372,16 @@ class Client:
         return Subscription(self, info)
 
     # ------------------------------------------------------------------ plumbing
+
+    def _list_all(self, page_call: Callable[[str | None], Call[ListPage]]) -> list[dict[str, Any]]:
+        """Every record of a list read in pages (a long one does not fit one reply): ``page_call(after)`` asks for one."""
+        records: list[dict[str, Any]] = []
+        after: str | None = None
+        while True:
+            page = self._request(page_call(after))
+            records += page.records
+            if (after := page.next_after) is None:
+                return records
 
     def _request(self, call: Call[T], *, timeout: float | None = None) -> T:
         """Send ``call`` and wait for its reply, resending on the attempt schedule, for at most
