@@ -295,8 +295,12 @@ def attempt_deadline(now: float, deadline: float, attempt: int, repeatable: bool
     """
     if not repeatable:
         return deadline
-    pause: float = min(RESEND_MAX_S, RESEND_FIRST_S * 2.0**attempt)
-    return min(deadline, now + pause)
+    return min(deadline, now + resend_pause(attempt))
+
+
+def resend_pause(attempt: int) -> float:
+    """How long attempt ``attempt`` (0-based) of a repeatable request waits for its reply before it is sent again."""
+    return float(min(RESEND_MAX_S, RESEND_FIRST_S * 2.0**attempt))
 
 
 def retry_pause(error: HeraldError, call: Call[Any], attempt: int, now: float, deadline: float) -> float | None:
@@ -440,8 +444,8 @@ def info_call() -> Call[dict[str, Any]]:
 
 
 def ping_call() -> Call[dict[str, Any]]:
-    """PING."""
-    return simple_call(Command.PING, {}, _same)
+    """PING; resent like a read, so a frontend that is stopped (the proxy hands it every other request) does not fail it."""
+    return simple_call(Command.PING, {}, _same, repeatable=True)
 
 
 def status_call() -> Call[dict[str, Any]]:

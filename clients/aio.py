@@ -70,6 +70,7 @@ from clients._core import (
     publish_item,
     publish_items,
     reply_header,
+    resend_pause,
     retry_pause,
     setup_socket,
     split_batch,
@@ -1091,8 +1092,17 @@ class AsyncSubscription(SubscriptionView):
         self._awaiting[request_id] = future
         try:
             async with self._deadline(what, self._core.deliver_endpoint):
-                await self._push.send_wait(build(request_id))
-                return await future
+                frames = build(request_id)
+                await self._push.send_wait(frames)
+                resends = 0
+                while True:
+                    try:
+                        return await asyncio.wait_for(asyncio.shield(future), resend_pause(resends))
+                    except TimeoutError:
+                        # Sent again: a sender killed with the first one unanswered is back within a second or
+                        # two, and answers a message it never saw with "unknown" rather than leave it to the timeout.
+                        resends += 1
+                        await self._push.send_wait(frames)
         finally:
             self._awaiting.pop(request_id, None)
             self._core.forget_ack(request_id)

@@ -756,9 +756,13 @@ class Subscription(SubscriptionView):
         request_id = self._ids.next()
         self._awaiting[request_id] = None
         self._core.expect_ack(request_id, message)
-        deadline = time.monotonic() + self._timeout
+        frames = self._core.ack_frames([(message.ref, message.attempt)], request_id)
+        now = time.monotonic()
+        deadline = now + self._timeout
+        resends = 0
+        resend_at = attempt_deadline(now, deadline, resends, repeatable=True)
         try:
-            if not self._send(self._core.ack_frames([(message.ref, message.attempt)], request_id), deadline):
+            if not self._send(frames, deadline):
                 raise timeout_error("ACK", self._core.ack_endpoint, self._timeout)
             while (reply := self._awaiting[request_id]) is None:
                 if self._core.failure is not None:
@@ -766,7 +770,14 @@ class Subscription(SubscriptionView):
                 wait_ms = _poll_ms(deadline)
                 if wait_ms <= 0:
                     raise timeout_error("ACK", self._core.deliver_endpoint, self._timeout)
-                if self._sub.poll(wait_ms, zmq.POLLIN):
+                if time.monotonic() >= resend_at:
+                    # Sent again: a sender killed with the first one unanswered is back within a second or
+                    # two, and answers an ACK it never saw with "unknown" rather than leave it to the timeout.
+                    resends += 1
+                    resend_at = attempt_deadline(time.monotonic(), deadline, resends, repeatable=True)
+                    self._send(frames, deadline)
+                    continue
+                if self._sub.poll(min(wait_ms, _poll_ms(resend_at)), zmq.POLLIN):
                     self._drain()
         finally:
             self._awaiting.pop(request_id, None)

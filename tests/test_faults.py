@@ -528,6 +528,54 @@ def test_a_subscription_deleted_while_a_frontend_misses_its_event_still_has_its_
     assert missed, "no round made a frontend miss the deletion event: the purge after a gap was not exercised"
 
 
+def test_an_ack_in_flight_when_its_sender_is_killed_is_answered_by_the_restarted_one(herald_factory: Callable[..., HeraldSystem]) -> None:
+    """A blocking ack() whose ACK the sender never answered (killed with it unread) is sent again, so the
+    restarted sender answers it within seconds rather than the call timing out (found by fault experiments:
+    `herald subscribe --count N` quit with a timeout mid-stream). Both answers are fine: acknowledged, or
+    unknown_delivery for a delivery the new sender does not know (the message then comes again)."""
+    herald = herald_factory()
+    with Client(herald.endpoint, timeout=20) as client:
+        client.create_topic("inflight.t")
+        client.create_subscription("inflight.t", "inflight")
+        client.publish("inflight.t", b"x")
+        with client.subscribe("inflight.t", "inflight") as subscription:
+            message = subscription.receive(timeout=10)
+            assert message is not None
+            sender = f"sender-{shard_of('inflight', 2)}"
+            pid = herald.kill_child(sender, signal.SIGSTOP)  # the ACK below waits, unread, in its socket
+            outcome: list[object] = []
+
+            def acknowledge() -> None:
+                started = time.monotonic()
+                try:
+                    outcome.append(message.ack())
+                except HeraldError as error:
+                    outcome.append(error.code)
+                outcome.append(time.monotonic() - started)
+
+            acking = threading.Thread(target=acknowledge)
+            acking.start()
+            time.sleep(0.5)
+            os.kill(pid, signal.SIGKILL)
+            herald.wait_restarted(sender, pid)
+            acking.join(30)
+    assert outcome and outcome[0] in (True, "unknown_delivery"), outcome
+    assert isinstance(outcome[1], float) and outcome[1] < 15, f"ack() took {outcome[1]:.1f} s: it was not sent again"
+
+
+def test_ping_answers_while_one_frontend_is_stopped(herald_factory: Callable[..., HeraldSystem]) -> None:
+    """The proxy hands every other request to each frontend; PING is sent again like a read, so a stopped
+    frontend does not make it (and `herald status`) fail half the time (found by fault experiments)."""
+    herald = herald_factory()
+    pid = herald.kill_child("frontend-1", signal.SIGSTOP)
+    try:
+        with Client(herald.endpoint, timeout=8) as client:
+            for _ in range(6):
+                client.ping()
+    finally:
+        os.kill(pid, signal.SIGCONT)
+
+
 def _delete_until_gone(client: Client, name: str, timeout: float = 60.0) -> None:
     """Delete ``name``, again after each ``unavailable`` (metadata still restarting), until it is gone."""
     deadline = time.monotonic() + timeout
