@@ -52,7 +52,8 @@ log = logging.getLogger("herald.launcher")
 CHILD_READY_TIMEOUT_S: Final = 30.0
 STOP_GRACE_S: Final = 10.0  # SIGTERM, then SIGKILL after this long
 RESTART_BACKOFF_MIN_S: Final = 0.2
-RESTART_BACKOFF_MAX_S: Final = 10.0
+RESTART_BACKOFF_MAX_S: Final = 10.0  # the default of --restart-backoff-max
+RESTART_BACKOFF_CEILING_S: Final = 600.0
 HEALTHY_AFTER_S: Final = 30.0  # a child up this long has its backoff reset
 CRASH_LOOP_RESTARTS: Final = 8  # restarts within CRASH_LOOP_WINDOW_S that mean "give up" (backoff allows ~17)
 CRASH_LOOP_WINDOW_S: Final = 120.0
@@ -87,7 +88,10 @@ class DataDirInUse(Exception):
 class Launcher:
     """Starts, watches and stops the children of one Herald installation."""
 
-    def __init__(self, config: HeraldConfig, metrics_port: int | None = None, metrics_host: str | None = None) -> None:
+    def __init__(
+        self, config: HeraldConfig, metrics_port: int | None = None, metrics_host: str | None = None, restart_backoff_max_s: float = RESTART_BACKOFF_MAX_S
+    ) -> None:
+        self.restart_backoff_max_s = restart_backoff_max_s
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.config_path = self.data_dir / RUNTIME_CONFIG_NAME
@@ -231,7 +235,7 @@ class Launcher:
             child.process = None
             child.next_start = now + child.backoff_s
             log.warning("%s exited with code %s; restarting in %.1f s", child.name, code, child.backoff_s)
-            child.backoff_s = min(child.backoff_s * 2, RESTART_BACKOFF_MAX_S)
+            child.backoff_s = min(child.backoff_s * 2, self.restart_backoff_max_s)
 
     def processes(self) -> list[dict[str, Any]]:
         """Each child's pid, state, uptime and restarts (for the status file, metrics and health)."""
@@ -385,6 +389,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
     port = whole_number(0, 65535, "PORT")
 
+    def restart_backoff(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds (from the flag or ${ENV_PREFIX}RESTART_BACKOFF_MAX)") from None
+        if not RESTART_BACKOFF_MIN_S <= value <= RESTART_BACKOFF_CEILING_S:
+            raise argparse.ArgumentTypeError(
+                f"{value} is outside {RESTART_BACKOFF_MIN_S}..{RESTART_BACKOFF_CEILING_S:.0f} s (from the flag or ${ENV_PREFIX}RESTART_BACKOFF_MAX)"
+            )
+        return value
+
     def durability(text: str) -> str:
         # A type, not choices: argparse checks choices on flags only, never on the $HERALD_* default.
         if text not in ("fsync", "async"):
@@ -431,6 +446,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--metrics-host",
         default=env("METRICS_HOST", None),
         help="address /metrics and /health listen on (default: --host; $HERALD_METRICS_HOST). Set 127.0.0.1 to keep them off a public --host",
+    )
+    parser.add_argument(
+        "--restart-backoff-max",
+        type=restart_backoff,
+        metavar="SECONDS",
+        default=env("RESTART_BACKOFF_MAX", RESTART_BACKOFF_MAX_S),
+        help=f"longest wait before restarting a crashed process; the wait starts at {RESTART_BACKOFF_MIN_S} s and doubles per crash "
+        f"(default {RESTART_BACKOFF_MAX_S:.0f}; {RESTART_BACKOFF_MIN_S} to {RESTART_BACKOFF_CEILING_S:.0f}; $HERALD_RESTART_BACKOFF_MAX)",
     )
     return parser.parse_args(argv)
 
@@ -554,7 +577,7 @@ def main(argv: list[str] | None = None) -> int:
         return refuse(str(exc))
     if not port_is_free(config.client_endpoint):
         return refuse(f"{config.client_endpoint} is already in use (another herald, or another server); pick another --port")
-    launcher = Launcher(config, args.metrics_port, args.metrics_host)
+    launcher = Launcher(config, args.metrics_port, args.metrics_host, args.restart_backoff_max)
     try:
         code = launcher.run()
     except DataDirInUse as exc:

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -360,11 +361,14 @@ def test_internal_endpoints_listen_on_loopback_whatever_the_host(tmp_path) -> No
     assert all(endpoint.startswith("tcp://127.0.0.1:") for endpoint in internal), internal
 
 
-def test_crash_looping_child_makes_the_launcher_give_up(herald: HeraldSystem) -> None:
+def test_crash_looping_child_makes_the_launcher_give_up(herald_factory: Callable[..., HeraldSystem]) -> None:
     """A child that dies at every start is restarted with backoff, then the launcher stops
-    everything with a message naming it (about 33 s of backoff in all)."""
+    everything with a message naming it. The backoff is capped at 0.5 s here (--restart-backoff-max),
+    so the give-up comes in seconds rather than after the default's 33 s of waiting."""
     import os
     import shutil
+
+    herald = herald_factory("--restart-backoff-max", "0.5")
 
     metadata_dir = herald.data_dir / "metadata"
     # Move the store away and leave a file in its place: every restart fails to open it.
@@ -378,6 +382,7 @@ def test_crash_looping_child_makes_the_launcher_give_up(herald: HeraldSystem) ->
     assert not any(child["running"] for child in status["children"]), status
     log = herald.log_path.read_text()
     assert "metadata crashed 9 times in 120 s (restarted 8 times" in log and "giving up" in log, herald.log_tail()
+    assert "restarting in 0.5 s" in log and "restarting in 0.8 s" not in log, herald.log_tail()
     assert "herald stopped: metadata crashed" in log
     # The data is intact: put the store back and the system starts again.
     metadata_dir.unlink()
